@@ -1,0 +1,1261 @@
+//! The ledger engine: balances in memory, decisions under one lock, every change written to the
+//! store through one group-commit writer.
+//!
+//! Why this shape: a reservation must be decided in microseconds, so it never touches the disk;
+//! a settle must be durable before it returns, so it waits for the writer; and many settles in
+//! flight share one fsync, because the writer takes everything queued since its last commit.
+//! The process that opens the ledger is the store's only writer, which is what makes the
+//! in-memory balances authoritative (the store enforces that with a lock).
+//!
+//! Reservations live in memory only. A crash therefore voids every open reservation, which is
+//! exactly the product's rule: a crash can release compute, never charge it twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use serde::Serialize;
+
+use crate::account::{
+    AccountId, AccountKind, AccountRecord, Lot, LotSource, validate_account_name,
+};
+use crate::clock::Clock;
+use crate::error::LedgerError;
+use crate::policy::{Lots, StipendPolicy};
+use crate::reservation::{Reservation, ReservationId, Settlement};
+use crate::store::{AccountUpdate, Batch, Store};
+use crate::transfer::{Transfer, TransferId, TransferKind};
+use crate::units::{AMOUNT_MAX_CU, Flops};
+
+/// The issuer's account name.
+pub const ISSUER_NAME: &str = "issuer";
+
+/// How often timed-out reservations are looked for, at most.
+const SWEEP_INTERVAL_MS: i64 = 100;
+
+/// Limits and policy for one ledger.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// The stipend every person receives.
+    pub policy: StipendPolicy,
+    /// The longest a reservation may stay open.
+    pub reservation_timeout_max: Duration,
+    /// The most reservations open at once.
+    pub reservations_open_max: usize,
+    /// The most queued changes written in one commit.
+    pub commit_batch_max: usize,
+    /// The most changes waiting for the writer before new work is refused.
+    pub pending_mutations_max: usize,
+}
+
+impl LedgerOptions {
+    /// The defaults, with this policy.
+    pub fn new(policy: StipendPolicy) -> LedgerOptions {
+        LedgerOptions {
+            policy,
+            reservation_timeout_max: Duration::from_secs(3_600),
+            reservations_open_max: 1_000_000,
+            commit_batch_max: 32_768,
+            pending_mutations_max: 1 << 20,
+        }
+    }
+}
+
+/// An account as a person or operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountView {
+    /// Its id.
+    pub id: AccountId,
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: AccountKind,
+    /// Its balance, in cu.
+    pub balance_cu: i64,
+    /// What open reservations hold, in cu.
+    pub reserved_cu: u64,
+    /// What can be spent now: balance − reserved, never negative (0 for the issuer and sinks).
+    pub available_cu: u64,
+    /// When the next stipend arrives (ms since the epoch), for persons.
+    pub next_grant_at_ms: Option<i64>,
+    /// How many reservations are open.
+    pub open_reservations: u32,
+    /// The lots making up the balance, soonest expiry first.
+    pub lots: Vec<Lot>,
+}
+
+/// A transfer that was posted, or found already posted with the same content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Posted {
+    /// The transfer.
+    pub transfer: Transfer,
+    /// True when this id had been posted before and nothing changed now.
+    pub replayed: bool,
+}
+
+/// A result whose changes are queued for the store; [`Durable::wait`] returns it once they are
+/// durable. Dropping it without waiting leaves the changes queued; they are written all the same.
+#[must_use = "wait() for durability before acknowledging"]
+pub struct Durable<T> {
+    value: T,
+    seq: u64,
+    shared: Arc<Shared>,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Durable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("value", &self.value)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl<T> Durable<T> {
+    /// Blocks until the changes are durable.
+    pub fn wait(self) -> Result<T, LedgerError> {
+        self.shared.wait_durable(self.seq)?;
+        Ok(self.value)
+    }
+
+    /// The result, before it is durable: for callers that will wait some other way.
+    pub fn peek(&self) -> &T {
+        &self.value
+    }
+}
+
+/// The ledger. Share it with `Arc<Ledger>`; dropping it flushes every queued change.
+pub struct Ledger {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signals the writer that work is queued (or shutdown).
+    work: Condvar,
+    durable: Mutex<Durability>,
+    durable_changed: Condvar,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    options: LedgerOptions,
+    issuer: AccountId,
+}
+
+struct Durability {
+    seq: u64,
+    failure: Option<String>,
+}
+
+enum Mutation {
+    Create(AccountRecord),
+    Post(Transfer),
+    Update(AccountUpdate),
+}
+
+struct AccountState {
+    name: Box<str>,
+    kind: AccountKind,
+    created_at_ms: i64,
+    balance_cu: i64,
+    reserved_cu: u64,
+    open_reservations: u32,
+    lots: Lots,
+    stipend_period: Option<i64>,
+}
+
+impl AccountState {
+    fn from_record(record: AccountRecord) -> AccountState {
+        AccountState {
+            name: record.name.into_boxed_str(),
+            kind: record.kind,
+            created_at_ms: record.created_at_ms,
+            balance_cu: record.balance_cu,
+            reserved_cu: 0,
+            open_reservations: 0,
+            lots: Lots::from_vec(record.lots),
+            stipend_period: record.stipend_period,
+        }
+    }
+
+    fn available_cu(&self) -> u64 {
+        if !self.kind.holds_grants() {
+            return 0;
+        }
+        (self.balance_cu as u64).saturating_sub(self.reserved_cu)
+    }
+
+    /// The cheap per-account invariants, checked after every change to the account.
+    fn assert_invariants(&self, id: AccountId) {
+        if self.kind.holds_grants() {
+            assert!(
+                self.balance_cu >= 0,
+                "account {id}: negative balance {}",
+                self.balance_cu
+            );
+            assert!(
+                self.reserved_cu <= self.balance_cu as u64,
+                "account {id}: reserved {} exceeds balance {}",
+                self.reserved_cu,
+                self.balance_cu
+            );
+            assert_eq!(
+                self.lots.total_cu(),
+                self.balance_cu as u64,
+                "account {id}: lots do not sum to the balance"
+            );
+        } else {
+            assert_eq!(
+                self.reserved_cu, 0,
+                "account {id}: reservation on a {}",
+                self.kind
+            );
+        }
+    }
+}
+
+struct State {
+    accounts: HashMap<AccountId, AccountState>,
+    reservations: HashMap<ReservationId, Reservation>,
+    queue: Vec<(u64, Mutation)>,
+    seq_last: u64,
+    /// Transfers posted with caller-chosen ids that are not yet durable, for replay checks.
+    pending_transfers: HashMap<TransferId, (Transfer, u64)>,
+    /// Accounts created and not yet durable, for name lookups.
+    pending_names: HashMap<Box<str>, (AccountId, u64)>,
+    account_id_next: u64,
+    reservation_id_next: u64,
+    transfer_prefix: u64,
+    transfer_counter: u64,
+    sweep_next_at_ms: i64,
+    shutdown: bool,
+    failure: Option<String>,
+}
+
+impl State {
+    fn push(&mut self, mutation: Mutation) -> u64 {
+        self.seq_last += 1;
+        self.queue.push((self.seq_last, mutation));
+        self.seq_last
+    }
+
+    fn push_update(&mut self, id: AccountId) {
+        let Some(account) = self.accounts.get(&id) else {
+            return;
+        };
+        account.assert_invariants(id);
+        let update = AccountUpdate {
+            id,
+            balance_cu: account.balance_cu,
+            lots: account.lots.to_vec(),
+            stipend_period: account.stipend_period,
+        };
+        self.push(Mutation::Update(update));
+    }
+
+    fn next_transfer_id(&mut self) -> TransferId {
+        self.transfer_counter += 1;
+        TransferId((u128::from(self.transfer_prefix) << 64) | u128::from(self.transfer_counter))
+    }
+
+    fn account(&self, id: AccountId) -> Result<&AccountState, LedgerError> {
+        self.accounts
+            .get(&id)
+            .ok_or_else(|| LedgerError::UnknownAccount {
+                name: id.to_string(),
+            })
+    }
+
+    fn account_mut(&mut self, id: AccountId) -> Result<&mut AccountState, LedgerError> {
+        self.accounts
+            .get_mut(&id)
+            .ok_or_else(|| LedgerError::UnknownAccount {
+                name: id.to_string(),
+            })
+    }
+
+    /// Moves `amount_cu` between two loaded accounts' balances and queues the transfer.
+    /// Lots are the caller's business.
+    fn post(
+        &mut self,
+        kind: TransferKind,
+        id: TransferId,
+        debit: AccountId,
+        credit: AccountId,
+        amount_cu: u64,
+        now_ms: i64,
+    ) -> Transfer {
+        assert!(amount_cu > 0 && debit != credit);
+        let transfer = Transfer {
+            id,
+            kind,
+            debit,
+            credit,
+            amount_cu,
+            created_at_ms: now_ms,
+        };
+        let amount = amount_cu as i64;
+        if let Some(account) = self.accounts.get_mut(&debit) {
+            account.balance_cu -= amount;
+        }
+        if let Some(account) = self.accounts.get_mut(&credit) {
+            account.balance_cu += amount;
+        }
+        self.push(Mutation::Post(transfer));
+        transfer
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn wait_durable(&self, seq: u64) -> Result<(), LedgerError> {
+        let mut durable = self.durable.lock();
+        loop {
+            if durable.seq >= seq {
+                return Ok(());
+            }
+            if let Some(failure) = &durable.failure {
+                return Err(LedgerError::Unavailable {
+                    reason: failure.clone(),
+                });
+            }
+            self.durable_changed.wait(&mut durable);
+        }
+    }
+
+    /// Locks the state with every account in `ids` loaded from the store. Store reads happen
+    /// outside the lock, so a cold account never stalls the hot ones.
+    fn lock_with(&self, ids: &[AccountId]) -> Result<MutexGuard<'_, State>, LedgerError> {
+        let state = self.state.lock();
+        if let Some(failure) = &state.failure {
+            return Err(LedgerError::Unavailable {
+                reason: failure.clone(),
+            });
+        }
+        let missing: Vec<AccountId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !state.accounts.contains_key(id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(state);
+        }
+        drop(state);
+        let mut loaded = Vec::with_capacity(missing.len());
+        for id in missing {
+            let record = self
+                .store
+                .account(id)?
+                .ok_or_else(|| LedgerError::UnknownAccount {
+                    name: id.to_string(),
+                })?;
+            loaded.push(record);
+        }
+        let mut state = self.state.lock();
+        for record in loaded {
+            // Another thread may have loaded (and changed) it meanwhile: keep theirs.
+            state
+                .accounts
+                .entry(record.id)
+                .or_insert_with(|| AccountState::from_record(record));
+        }
+        Ok(state)
+    }
+
+    /// Applies due stipends and expiries to one loaded account.
+    fn touch(&self, state: &mut State, id: AccountId, now_ms: i64) {
+        let policy = &self.options.policy;
+        let issuer = self.issuer;
+        let Some(account) = state.accounts.get(&id) else {
+            return;
+        };
+        if !account.kind.holds_grants() {
+            return;
+        }
+        let mut changed = false;
+        if account.kind == AccountKind::Person {
+            let stipend_cu = account.lots.stipend_cu();
+            let other_cu = account.lots.total_cu() - stipend_cu;
+            let current = policy.period_index(now_ms);
+            if let Some(catch_up) = policy.catch_up(
+                account.stipend_period,
+                current,
+                stipend_cu,
+                other_cu,
+                account.reserved_cu,
+            ) {
+                if catch_up.granted_cu > 0 {
+                    let transfer_id = state.next_transfer_id();
+                    state.post(
+                        TransferKind::Stipend,
+                        transfer_id,
+                        issuer,
+                        id,
+                        catch_up.granted_cu,
+                        now_ms,
+                    );
+                }
+                if catch_up.expired_cu > 0 {
+                    let transfer_id = state.next_transfer_id();
+                    state.post(
+                        TransferKind::Expiry,
+                        transfer_id,
+                        id,
+                        issuer,
+                        catch_up.expired_cu,
+                        now_ms,
+                    );
+                }
+                if let Some(account) = state.accounts.get_mut(&id) {
+                    account
+                        .lots
+                        .set_stipend(catch_up.stipend_lot_cu, catch_up.lot_expires_at_ms);
+                    account.stipend_period = Some(catch_up.period);
+                }
+                changed = true;
+            }
+        }
+        if let Some(account) = state.accounts.get_mut(&id) {
+            let expirable = account.lots.expired_cu(now_ms);
+            if expirable > 0 {
+                let unpinned = (account.balance_cu as u64).saturating_sub(account.reserved_cu);
+                let expired = account.lots.expire(now_ms, unpinned);
+                if expired > 0 {
+                    let transfer_id = state.next_transfer_id();
+                    state.post(
+                        TransferKind::Expiry,
+                        transfer_id,
+                        id,
+                        issuer,
+                        expired,
+                        now_ms,
+                    );
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            state.push_update(id);
+            state.push_update(issuer);
+        }
+    }
+
+    /// Voids every reservation whose deadline has passed, at most every [`SWEEP_INTERVAL_MS`].
+    fn sweep(&self, state: &mut State, now_ms: i64, force: bool) -> usize {
+        if !force && now_ms < state.sweep_next_at_ms {
+            return 0;
+        }
+        state.sweep_next_at_ms = now_ms + SWEEP_INTERVAL_MS;
+        let expired: Vec<ReservationId> = state
+            .reservations
+            .values()
+            .filter(|reservation| reservation.expires_at_ms <= now_ms)
+            .map(|reservation| reservation.id)
+            .collect();
+        for id in &expired {
+            release(state, *id);
+        }
+        if !expired.is_empty() {
+            tracing::info!(n_voided = expired.len(), "timed-out reservations voided");
+        }
+        expired.len()
+    }
+
+    fn check_pending_limit(&self, state: &State) -> Result<(), LedgerError> {
+        if state.queue.len() >= self.options.pending_mutations_max {
+            return Err(LedgerError::Overloaded {
+                what: "changes waiting to be written",
+            });
+        }
+        Ok(())
+    }
+
+    /// Looks for an earlier transfer with this id: queued, or in the store.
+    fn find_posted(&self, state: &State, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
+        if let Some((transfer, _)) = state.pending_transfers.get(&id) {
+            return Ok(Some(*transfer));
+        }
+        Ok(self.store.transfer(id)?)
+    }
+
+    fn durable<T>(self: &Arc<Self>, value: T, seq: u64) -> Durable<T> {
+        Durable {
+            value,
+            seq,
+            shared: Arc::clone(self),
+        }
+    }
+}
+
+/// Removes an open reservation and gives its hold back. Returns the amount released.
+fn release(state: &mut State, id: ReservationId) -> Option<Reservation> {
+    let reservation = state.reservations.remove(&id)?;
+    if let Some(account) = state.accounts.get_mut(&reservation.account) {
+        assert!(account.reserved_cu >= reservation.amount_cu);
+        account.reserved_cu -= reservation.amount_cu;
+        account.open_reservations -= 1;
+    }
+    Some(reservation)
+}
+
+fn check_amount(amount_cu: u64) -> Result<(), LedgerError> {
+    if amount_cu == 0 {
+        return Err(LedgerError::InvalidAmount {
+            reason: "the amount must be greater than zero".to_string(),
+        });
+    }
+    if amount_cu > AMOUNT_MAX_CU {
+        return Err(LedgerError::InvalidAmount {
+            reason: format!("the amount must be at most {AMOUNT_MAX_CU} cu"),
+        });
+    }
+    Ok(())
+}
+
+impl Ledger {
+    /// Opens the ledger on a store: finds or creates the issuer and starts the writer.
+    /// Start-up reads nothing else: accounts load when first touched.
+    pub fn open(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        options: LedgerOptions,
+    ) -> Result<Ledger, LedgerError> {
+        let account_id_next = store.account_id_max()?.map_or(1, |id| id.0 + 1);
+        let existing_issuer = store.account_by_name(ISSUER_NAME)?;
+        let issuer = existing_issuer
+            .as_ref()
+            .map_or(AccountId(account_id_next), |record| record.id);
+        if let Some(record) = &existing_issuer
+            && record.kind != AccountKind::Issuer
+        {
+            return Err(LedgerError::Store(crate::store::StoreError::Corrupt(
+                format!(
+                    "account {ISSUER_NAME:?} exists but is a {} account",
+                    record.kind
+                ),
+            )));
+        }
+        let mut prefix = [0u8; 8];
+        let prefix = match getrandom::fill(&mut prefix) {
+            Ok(()) => u64::from_be_bytes(prefix),
+            Err(_) => clock.now_ms() as u64,
+        };
+        let state = State {
+            accounts: HashMap::new(),
+            reservations: HashMap::new(),
+            queue: Vec::new(),
+            seq_last: 0,
+            pending_transfers: HashMap::new(),
+            pending_names: HashMap::new(),
+            account_id_next,
+            reservation_id_next: 1,
+            transfer_prefix: prefix,
+            transfer_counter: 0,
+            sweep_next_at_ms: 0,
+            shutdown: false,
+            failure: None,
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            durable: Mutex::new(Durability {
+                seq: 0,
+                failure: None,
+            }),
+            durable_changed: Condvar::new(),
+            store,
+            clock,
+            options,
+            issuer,
+        });
+        let writer_shared = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("ledger-writer".to_string())
+            .spawn(move || run_writer(&writer_shared))
+            .map_err(|error| LedgerError::Unavailable {
+                reason: format!("cannot start the ledger writer: {error}"),
+            })?;
+        let ledger = Ledger {
+            shared,
+            writer: Some(writer),
+        };
+        // The issuer takes part in every stipend, so it is loaded once and stays loaded.
+        match existing_issuer {
+            Some(record) => {
+                let mut state = ledger.shared.state.lock();
+                state
+                    .accounts
+                    .insert(record.id, AccountState::from_record(record));
+            }
+            None => {
+                ledger
+                    .create_with_kind(ISSUER_NAME, AccountKind::Issuer)?
+                    .wait()?;
+            }
+        }
+        Ok(ledger)
+    }
+
+    /// The stipend policy.
+    pub fn policy(&self) -> &StipendPolicy {
+        &self.shared.options.policy
+    }
+
+    /// The issuer's account.
+    pub fn issuer(&self) -> AccountId {
+        self.shared.issuer
+    }
+
+    /// Now, by the ledger's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.shared.now_ms()
+    }
+
+    /// Creates a person, pool, agent or sink account.
+    pub fn create_account(
+        &self,
+        name: &str,
+        kind: AccountKind,
+    ) -> Result<Durable<AccountId>, LedgerError> {
+        if kind == AccountKind::Issuer {
+            return Err(LedgerError::WrongKind {
+                account: self.shared.issuer,
+                kind,
+                operation: "be created (there is exactly one issuer)",
+            });
+        }
+        self.create_with_kind(name, kind)
+    }
+
+    fn create_with_kind(
+        &self,
+        name: &str,
+        kind: AccountKind,
+    ) -> Result<Durable<AccountId>, LedgerError> {
+        validate_account_name(name).map_err(|reason| LedgerError::InvalidName { reason })?;
+        let shared = &self.shared;
+        let mut state = shared.lock_with(&[])?;
+        shared.check_pending_limit(&state)?;
+        if state.pending_names.contains_key(name) || shared.store.account_by_name(name)?.is_some() {
+            return Err(LedgerError::AccountExists {
+                name: name.to_string(),
+            });
+        }
+        let now_ms = shared.now_ms();
+        let id = AccountId(state.account_id_next);
+        state.account_id_next += 1;
+        let record = AccountRecord {
+            id,
+            name: name.to_string(),
+            kind,
+            balance_cu: 0,
+            lots: Vec::new(),
+            stipend_period: None,
+            created_at_ms: now_ms,
+        };
+        state
+            .accounts
+            .insert(id, AccountState::from_record(record.clone()));
+        let seq = state.push(Mutation::Create(record));
+        state.pending_names.insert(name.into(), (id, seq));
+        // A new person's first stipend arrives at once.
+        shared.touch(&mut state, id, now_ms);
+        let seq = state.seq_last;
+        drop(state);
+        shared.work.notify_one();
+        tracing::info!(account = %id, kind = %kind, "account created");
+        Ok(shared.durable(id, seq))
+    }
+
+    /// Finds an account's id by name.
+    pub fn account_id(&self, name: &str) -> Result<AccountId, LedgerError> {
+        {
+            let state = self.shared.lock_with(&[])?;
+            if let Some((id, _)) = state.pending_names.get(name) {
+                return Ok(*id);
+            }
+        }
+        self.shared
+            .store
+            .account_by_name(name)?
+            .map(|record| record.id)
+            .ok_or_else(|| LedgerError::UnknownAccount {
+                name: name.to_string(),
+            })
+    }
+
+    /// Finds or creates the sink account with this name.
+    pub fn sink(&self, name: &str) -> Result<AccountId, LedgerError> {
+        match self.account_id(name) {
+            Ok(id) => {
+                let state = self.shared.lock_with(&[id])?;
+                let kind = state.account(id)?.kind;
+                if kind != AccountKind::Sink {
+                    return Err(LedgerError::WrongKind {
+                        account: id,
+                        kind,
+                        operation: "be used as a sink",
+                    });
+                }
+                Ok(id)
+            }
+            Err(LedgerError::UnknownAccount { .. }) => {
+                match self.create_with_kind(name, AccountKind::Sink) {
+                    Ok(created) => created.wait(),
+                    // Another thread created it first.
+                    Err(LedgerError::AccountExists { .. }) => self.account_id(name),
+                    Err(error) => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// An account's balance, holds and next stipend, after applying what is due.
+    pub fn view(&self, id: AccountId) -> Result<AccountView, LedgerError> {
+        let shared = &self.shared;
+        let mut state = shared.lock_with(&[id])?;
+        let now_ms = shared.now_ms();
+        shared.sweep(&mut state, now_ms, false);
+        shared.touch(&mut state, id, now_ms);
+        let account = state.account(id)?;
+        let view = AccountView {
+            id,
+            name: account.name.to_string(),
+            kind: account.kind,
+            balance_cu: account.balance_cu,
+            reserved_cu: account.reserved_cu,
+            available_cu: account.available_cu(),
+            next_grant_at_ms: (account.kind == AccountKind::Person)
+                .then(|| shared.options.policy.next_grant_at_ms(now_ms)),
+            open_reservations: account.open_reservations,
+            lots: account.lots.to_vec(),
+        };
+        let queued = !state.queue.is_empty();
+        drop(state);
+        if queued {
+            shared.work.notify_one();
+        }
+        Ok(view)
+    }
+
+    /// Up to `limit` accounts after `after`, in id order, as [`Ledger::view`] shows them.
+    pub fn views(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountView>, LedgerError> {
+        self.flush()?;
+        let records = self.shared.store.accounts(after, limit)?;
+        records.iter().map(|record| self.view(record.id)).collect()
+    }
+
+    /// When an account was created (ms since the epoch).
+    pub fn created_at_ms(&self, id: AccountId) -> Result<i64, LedgerError> {
+        let state = self.shared.lock_with(&[id])?;
+        Ok(state.account(id)?.created_at_ms)
+    }
+
+    /// Holds `amount_cu` of `account`'s balance for a request until it is settled, voided, or
+    /// `timeout` passes. Decided in memory; nothing waits for the disk.
+    pub fn reserve(
+        &self,
+        account: AccountId,
+        sink: AccountId,
+        amount_cu: u64,
+        timeout: Duration,
+    ) -> Result<Reservation, LedgerError> {
+        check_amount(amount_cu)?;
+        let shared = &self.shared;
+        if timeout.is_zero() || timeout > shared.options.reservation_timeout_max {
+            return Err(LedgerError::InvalidTimeout {
+                reason: format!(
+                    "must be between 1ms and {}s",
+                    shared.options.reservation_timeout_max.as_secs()
+                ),
+            });
+        }
+        let mut state = shared.lock_with(&[account, sink])?;
+        let now_ms = shared.now_ms();
+        shared.sweep(&mut state, now_ms, false);
+        let kind = state.account(account)?.kind;
+        if !kind.holds_grants() {
+            return Err(LedgerError::WrongKind {
+                account,
+                kind,
+                operation: "reserve compute",
+            });
+        }
+        let sink_kind = state.account(sink)?.kind;
+        if sink_kind != AccountKind::Sink {
+            return Err(LedgerError::WrongKind {
+                account: sink,
+                kind: sink_kind,
+                operation: "receive spent compute",
+            });
+        }
+        if state.reservations.len() >= shared.options.reservations_open_max {
+            return Err(LedgerError::Overloaded {
+                what: "open reservations",
+            });
+        }
+        let queued_before = state.queue.len();
+        shared.touch(&mut state, account, now_ms);
+        let queued = state.queue.len() > queued_before;
+        let record = state.account_mut(account)?;
+        let available_cu = record.available_cu();
+        if available_cu < amount_cu {
+            let next_grant_at_ms = (kind == AccountKind::Person)
+                .then(|| shared.options.policy.next_grant_at_ms(now_ms));
+            drop(state);
+            if queued {
+                shared.work.notify_one();
+            }
+            tracing::debug!(account = %account, needed_cu = amount_cu, available_cu, "reservation refused");
+            return Err(LedgerError::InsufficientBalance {
+                account,
+                needed_cu: amount_cu,
+                available_cu,
+                next_grant_at_ms,
+            });
+        }
+        record.reserved_cu += amount_cu;
+        record.open_reservations += 1;
+        record.assert_invariants(account);
+        let id = ReservationId(state.reservation_id_next);
+        state.reservation_id_next += 1;
+        let reservation = Reservation {
+            id,
+            account,
+            sink,
+            amount_cu,
+            expires_at_ms: now_ms.saturating_add(timeout.as_millis() as i64),
+        };
+        state.reservations.insert(id, reservation);
+        drop(state);
+        if queued {
+            shared.work.notify_one();
+        }
+        Ok(reservation)
+    }
+
+    /// Charges exactly `actual_cu` for a reservation, moving it to the reservation's sink, and
+    /// releases the rest. If `actual_cu` exceeds the reservation, the excess is charged as far as
+    /// the available balance covers it and the remainder is reported as a shortfall: the balance
+    /// never goes below zero. Durable once [`Durable::wait`] returns.
+    pub fn settle(
+        &self,
+        id: ReservationId,
+        actual_cu: u64,
+    ) -> Result<Durable<Settlement>, LedgerError> {
+        if actual_cu > AMOUNT_MAX_CU {
+            return Err(LedgerError::InvalidAmount {
+                reason: format!("the amount must be at most {AMOUNT_MAX_CU} cu"),
+            });
+        }
+        let shared = &self.shared;
+        let mut state = shared.lock_with(&[])?;
+        shared.check_pending_limit(&state)?;
+        let now_ms = shared.now_ms();
+        let open = state.reservations.get(&id).copied();
+        let Some(reservation) = open.filter(|reservation| reservation.expires_at_ms > now_ms)
+        else {
+            if open.is_some() {
+                release(&mut state, id);
+            }
+            return Err(LedgerError::UnknownReservation { id });
+        };
+        let account_id = reservation.account;
+        // Apply what is due while the hold still pins its compute against expiry, then release.
+        shared.touch(&mut state, account_id, now_ms);
+        release(&mut state, id);
+        let account = state.account_mut(account_id)?;
+        let charged_cu = actual_cu.min(account.available_cu());
+        assert!(
+            charged_cu >= actual_cu.min(reservation.amount_cu),
+            "a reservation's own hold must always cover its charge"
+        );
+        if charged_cu > 0 {
+            account.lots.burn(charged_cu);
+            let transfer_id = state.next_transfer_id();
+            state.post(
+                TransferKind::Spend,
+                transfer_id,
+                account_id,
+                reservation.sink,
+                charged_cu,
+                now_ms,
+            );
+            state.push_update(account_id);
+            state.push_update(reservation.sink);
+        }
+        let settlement = Settlement {
+            reservation: id,
+            charged_cu,
+            shortfall_cu: actual_cu - charged_cu,
+            released_cu: reservation.amount_cu.saturating_sub(charged_cu),
+        };
+        if settlement.shortfall_cu > 0 {
+            tracing::warn!(
+                account = %account_id,
+                reservation = %id,
+                shortfall_cu = settlement.shortfall_cu,
+                "settle exceeded what the account could cover"
+            );
+        }
+        let seq = state.seq_last;
+        drop(state);
+        shared.work.notify_one();
+        Ok(shared.durable(settlement, seq))
+    }
+
+    /// Releases a reservation without charging anything. Returns what it held.
+    pub fn void(&self, id: ReservationId) -> Result<u64, LedgerError> {
+        let mut state = self.shared.lock_with(&[])?;
+        release(&mut state, id)
+            .map(|reservation| reservation.amount_cu)
+            .ok_or(LedgerError::UnknownReservation { id })
+    }
+
+    /// Voids every timed-out reservation now. Returns how many.
+    pub fn sweep(&self) -> Result<usize, LedgerError> {
+        let mut state = self.shared.lock_with(&[])?;
+        let now_ms = self.shared.now_ms();
+        Ok(self.shared.sweep(&mut state, now_ms, true))
+    }
+
+    /// An operator's grant of `amount_cu` from the issuer to a person, pool or agent, expiring at
+    /// `expires_at_ms` (or never). Idempotent by `id`.
+    pub fn grant(
+        &self,
+        id: TransferId,
+        to: AccountId,
+        amount_cu: u64,
+        expires_at_ms: Option<i64>,
+    ) -> Result<Durable<Posted>, LedgerError> {
+        check_amount(amount_cu)?;
+        let shared = &self.shared;
+        let issuer = shared.issuer;
+        let mut state = shared.lock_with(&[to, issuer])?;
+        shared.check_pending_limit(&state)?;
+        let now_ms = shared.now_ms();
+        let candidate = Transfer {
+            id,
+            kind: TransferKind::Grant,
+            debit: issuer,
+            credit: to,
+            amount_cu,
+            created_at_ms: now_ms,
+        };
+        if let Some(posted) = self.replay(&state, &candidate)? {
+            return Ok(posted);
+        }
+        let kind = state.account(to)?.kind;
+        if !kind.holds_grants() {
+            return Err(LedgerError::WrongKind {
+                account: to,
+                kind,
+                operation: "receive a grant",
+            });
+        }
+        if expires_at_ms.is_some_and(|expires| expires <= now_ms) {
+            return Err(LedgerError::InvalidAmount {
+                reason: "the grant's expiry is in the past".to_string(),
+            });
+        }
+        shared.touch(&mut state, to, now_ms);
+        let account = state.account_mut(to)?;
+        if !account.lots.can_credit(expires_at_ms, LotSource::Grant) {
+            return Err(LedgerError::TooManyLots { account: to });
+        }
+        account
+            .lots
+            .credit(amount_cu, expires_at_ms, LotSource::Grant);
+        let transfer = state.post(TransferKind::Grant, id, issuer, to, amount_cu, now_ms);
+        state.push_update(to);
+        state.push_update(issuer);
+        let seq = state.seq_last;
+        state.pending_transfers.insert(id, (transfer, seq));
+        drop(state);
+        shared.work.notify_one();
+        tracing::info!(account = %to, amount_cu, "operator grant");
+        Ok(shared.durable(
+            Posted {
+                transfer,
+                replayed: false,
+            },
+            seq,
+        ))
+    }
+
+    /// Gives `amount_cu` from one person (or pool) to another person or pool. The compute keeps
+    /// its expiry. Idempotent by `id`.
+    pub fn give(
+        &self,
+        id: TransferId,
+        from: AccountId,
+        to: AccountId,
+        amount_cu: u64,
+    ) -> Result<Durable<Posted>, LedgerError> {
+        check_amount(amount_cu)?;
+        if from == to {
+            return Err(LedgerError::SameAccount);
+        }
+        let shared = &self.shared;
+        let mut state = shared.lock_with(&[from, to])?;
+        shared.check_pending_limit(&state)?;
+        let now_ms = shared.now_ms();
+        shared.sweep(&mut state, now_ms, false);
+        let to_kind = state.account(to)?.kind;
+        let kind = if to_kind == AccountKind::Pool {
+            TransferKind::PoolContribution
+        } else {
+            TransferKind::Gift
+        };
+        let candidate = Transfer {
+            id,
+            kind,
+            debit: from,
+            credit: to,
+            amount_cu,
+            created_at_ms: now_ms,
+        };
+        if let Some(posted) = self.replay(&state, &candidate)? {
+            return Ok(posted);
+        }
+        for (account, operation) in [(from, "give compute"), (to, "receive a gift")] {
+            let kind = state.account(account)?.kind;
+            if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
+                return Err(LedgerError::WrongKind {
+                    account,
+                    kind,
+                    operation,
+                });
+            }
+        }
+        shared.touch(&mut state, from, now_ms);
+        shared.touch(&mut state, to, now_ms);
+        let giver = state.account_mut(from)?;
+        let available_cu = giver.available_cu();
+        if available_cu < amount_cu {
+            let next_grant_at_ms = (giver.kind == AccountKind::Person)
+                .then(|| shared.options.policy.next_grant_at_ms(now_ms));
+            return Err(LedgerError::InsufficientBalance {
+                account: from,
+                needed_cu: amount_cu,
+                available_cu,
+                next_grant_at_ms,
+            });
+        }
+        // Check the recipient can hold every slice before burning anything.
+        let mut preview = giver.lots.clone();
+        let slices = preview.burn(amount_cu);
+        let recipient = state.account(to)?;
+        let mut recipient_lots = recipient.lots.clone();
+        for slice in &slices {
+            if !recipient_lots.can_credit(slice.expires_at_ms, LotSource::Gift) {
+                return Err(LedgerError::TooManyLots { account: to });
+            }
+            recipient_lots.credit(slice.remaining_cu, slice.expires_at_ms, LotSource::Gift);
+        }
+        state.account_mut(from)?.lots = preview;
+        state.account_mut(to)?.lots = recipient_lots;
+        let transfer = state.post(kind, id, from, to, amount_cu, now_ms);
+        state.push_update(from);
+        state.push_update(to);
+        let seq = state.seq_last;
+        state.pending_transfers.insert(id, (transfer, seq));
+        drop(state);
+        shared.work.notify_one();
+        tracing::info!(from = %from, to = %to, amount_cu, "gift");
+        Ok(shared.durable(
+            Posted {
+                transfer,
+                replayed: false,
+            },
+            seq,
+        ))
+    }
+
+    /// If a transfer with the candidate's id exists: the same content is a replay (a no-op,
+    /// durable once what is queued is), different content is a conflict.
+    fn replay(
+        &self,
+        state: &State,
+        candidate: &Transfer,
+    ) -> Result<Option<Durable<Posted>>, LedgerError> {
+        match self.shared.find_posted(state, candidate.id)? {
+            None => Ok(None),
+            Some(existing) if existing.same_content(candidate) => Ok(Some(self.shared.durable(
+                Posted {
+                    transfer: existing,
+                    replayed: true,
+                },
+                state.seq_last,
+            ))),
+            Some(_) => Err(LedgerError::TransferConflict { id: candidate.id }),
+        }
+    }
+
+    /// The latest `limit` transfers of an account, newest first (durable ones: call after
+    /// [`Ledger::flush`] to include everything).
+    pub fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError> {
+        Ok(self.shared.store.transfers_of(id, limit)?)
+    }
+
+    /// Waits until every change queued so far is durable.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        let seq = {
+            let state = self.shared.lock_with(&[])?;
+            state.seq_last
+        };
+        self.shared.work.notify_one();
+        self.shared.wait_durable(seq)
+    }
+
+    /// How many reservations are open.
+    pub fn open_reservations(&self) -> usize {
+        self.shared.state.lock().reservations.len()
+    }
+
+    /// How many accounts are held in memory.
+    pub fn accounts_loaded(&self) -> usize {
+        self.shared.state.lock().accounts.len()
+    }
+
+    /// Checks the in-memory invariants over every loaded account and open reservation; returns
+    /// the violations (none when all hold). For tests and `ledger verify` on a running server.
+    pub fn check_invariants(&self) -> Vec<String> {
+        let state = self.shared.state.lock();
+        let mut violations = Vec::new();
+        let mut held: HashMap<AccountId, (u64, u32)> = HashMap::new();
+        for reservation in state.reservations.values() {
+            let entry = held.entry(reservation.account).or_default();
+            entry.0 += reservation.amount_cu;
+            entry.1 += 1;
+        }
+        for (id, account) in &state.accounts {
+            let (reserved_cu, open) = held.get(id).copied().unwrap_or_default();
+            if reserved_cu != account.reserved_cu || open != account.open_reservations {
+                violations.push(format!(
+                    "account {id}: holds {} cu in {} reservations, but its reservations sum to {reserved_cu} cu in {open}",
+                    account.reserved_cu, account.open_reservations
+                ));
+            }
+            if account.kind.holds_grants() {
+                if account.balance_cu < 0 {
+                    violations.push(format!(
+                        "account {id}: balance {} is negative",
+                        account.balance_cu
+                    ));
+                }
+                if account.reserved_cu as i128 > account.balance_cu as i128 {
+                    violations.push(format!(
+                        "account {id}: reserved {} exceeds balance {} (available would be negative)",
+                        account.reserved_cu, account.balance_cu
+                    ));
+                }
+                if account.lots.total_cu() as i128 != account.balance_cu as i128 {
+                    violations.push(format!(
+                        "account {id}: lots sum to {} but the balance is {}",
+                        account.lots.total_cu(),
+                        account.balance_cu
+                    ));
+                }
+            }
+        }
+        violations
+    }
+
+    /// A one-line summary of an amount with its "≈ N tokens" reading at a price.
+    pub fn describe(amount_cu: u64, price_cu_per_token: u64, model: &str) -> String {
+        let tokens = amount_cu / price_cu_per_token.max(1);
+        format!("{} (≈ {tokens} tokens of {model})", Flops(amount_cu as i64))
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        {
+            let mut state = self.shared.state.lock();
+            state.shutdown = true;
+        }
+        self.shared.work.notify_all();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the ledger writer panicked");
+        }
+    }
+}
+
+/// The group-commit writer: takes everything queued, writes it in one durable transaction,
+/// then wakes everyone waiting on it. A failed commit fails the ledger closed: the in-memory
+/// state is ahead of the disk, so nothing more may be decided until a restart reloads it.
+fn run_writer(shared: &Shared) {
+    loop {
+        let (items, seq_max) = {
+            let mut state = shared.state.lock();
+            while state.queue.is_empty() && !state.shutdown {
+                shared.work.wait(&mut state);
+            }
+            if state.queue.is_empty() {
+                return;
+            }
+            let n = state.queue.len().min(shared.options.commit_batch_max);
+            let items: Vec<(u64, Mutation)> = if n == state.queue.len() {
+                std::mem::take(&mut state.queue)
+            } else {
+                state.queue.drain(..n).collect()
+            };
+            let seq_max = items.last().map_or(0, |(seq, _)| *seq);
+            (items, seq_max)
+        };
+        let batch = coalesce(items);
+        match shared.store.commit(&batch) {
+            Ok(()) => {
+                shared.durable.lock().seq = seq_max;
+                shared.durable_changed.notify_all();
+                let mut state = shared.state.lock();
+                state.pending_transfers.retain(|_, (_, seq)| *seq > seq_max);
+                state.pending_names.retain(|_, (_, seq)| *seq > seq_max);
+            }
+            Err(error) => {
+                tracing::error!(%error, "ledger commit failed; refusing all work until restart");
+                let reason = format!("a commit to the store failed ({error}); restart to recover");
+                shared.durable.lock().failure = Some(reason.clone());
+                shared.durable_changed.notify_all();
+                let mut state = shared.state.lock();
+                state.failure = Some(reason);
+                state.queue.clear();
+                return;
+            }
+        }
+    }
+}
+
+/// Turns queued changes into one batch: creations and transfers in order, and only the last
+/// state of each account.
+fn coalesce(items: Vec<(u64, Mutation)>) -> Batch {
+    let mut batch = Batch::default();
+    let mut update_index: HashMap<AccountId, usize> = HashMap::new();
+    for (_, mutation) in items {
+        match mutation {
+            Mutation::Create(record) => batch.created.push(record),
+            Mutation::Post(transfer) => batch.transfers.push(transfer),
+            Mutation::Update(update) => match update_index.get(&update.id) {
+                Some(&index) => batch.updates[index] = update,
+                None => {
+                    update_index.insert(update.id, batch.updates.len());
+                    batch.updates.push(update);
+                }
+            },
+        }
+    }
+    batch
+}

@@ -1,0 +1,115 @@
+//! The storage trait: what the ledger needs from a durable store, in the ledger's own types.
+//!
+//! Each backend (SQLite now, PostgreSQL later) implements [`Store`] with its own schema and
+//! migrations; the ledger logic never sees a driver type.
+
+use crate::account::{AccountId, AccountRecord, Lot};
+use crate::transfer::{Transfer, TransferId};
+
+/// Why the store failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the store for writing.
+    #[error("the store at {path} is in use by another process (a running `stipend serve`?)")]
+    Locked {
+        /// The store's path.
+        path: String,
+    },
+    /// Reading or writing failed: a full disk, a lost connection, a permission.
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    /// The stored data does not decode: a bug or a corrupted file.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The data was written by a newer version of Stipend.
+    #[error("the store's schema version {found} is newer than this binary's {supported}")]
+    SchemaTooNew {
+        /// What the store holds.
+        found: i64,
+        /// What this binary knows.
+        supported: i64,
+    },
+}
+
+/// A change to an account's balance state, written as a whole (the last in a batch wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountUpdate {
+    /// Which account.
+    pub id: AccountId,
+    /// Its balance afterwards.
+    pub balance_cu: i64,
+    /// Its lots afterwards.
+    pub lots: Vec<Lot>,
+    /// The last period whose stipend is applied.
+    pub stipend_period: Option<i64>,
+}
+
+/// Everything one group commit writes, in one atomic, durable transaction.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// New accounts.
+    pub created: Vec<AccountRecord>,
+    /// New transfers, in order.
+    pub transfers: Vec<Transfer>,
+    /// The final state of every account the batch touched.
+    pub updates: Vec<AccountUpdate>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.created.is_empty() && self.transfers.is_empty() && self.updates.is_empty()
+    }
+}
+
+/// One account as the audit sees it: its stored state and the sums of the transfers that name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// The stored account.
+    pub account: AccountRecord,
+    /// The sum of transfers into it.
+    pub credits_cu: i128,
+    /// The sum of transfers out of it.
+    pub debits_cu: i128,
+}
+
+/// Facts about all transfers, for the audit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferAudit {
+    /// How many transfers there are.
+    pub n_transfers: u64,
+    /// Transfers whose amount is not positive.
+    pub n_amount_not_positive: u64,
+    /// Transfers from an account to itself.
+    pub n_self: u64,
+    /// Transfers naming an account that does not exist.
+    pub n_unknown_account: u64,
+}
+
+/// A durable store for the ledger.
+///
+/// Reads may run on any thread; [`Store::commit`] is called by one writer at a time. A commit is
+/// atomic and durable (fsync'd) when it returns `Ok`.
+pub trait Store: Send + Sync {
+    /// One account by id.
+    fn account(&self, id: AccountId) -> Result<Option<AccountRecord>, StoreError>;
+    /// One account by name.
+    fn account_by_name(&self, name: &str) -> Result<Option<AccountRecord>, StoreError>;
+    /// Up to `limit` accounts with ids above `after`, in id order.
+    fn accounts(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError>;
+    /// The highest account id in use.
+    fn account_id_max(&self) -> Result<Option<AccountId>, StoreError>;
+    /// One transfer by id.
+    fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StoreError>;
+    /// The latest `limit` transfers that debit or credit `account`, newest first.
+    fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError>;
+    /// Writes a batch atomically and durably.
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Visits every account with its transfer sums, from one consistent snapshot, and returns
+    /// facts about the transfers of that same snapshot.
+    fn audit(&self, visit: &mut dyn FnMut(AuditRow)) -> Result<TransferAudit, StoreError>;
+}

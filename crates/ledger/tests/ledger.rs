@@ -1,0 +1,511 @@
+//! The ledger's behaviour on the real SQLite store: reserve, settle, void, stipends, gifts,
+//! grants, idempotency, bad input, timeouts and restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{DAY_MS, Harness, T0, policy};
+use stipend_ledger::{AccountKind, LedgerError, LotSource, TransferId, TransferKind};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_new_person_receives_the_stipend_at_once() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ann = h
+        .ledger()
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let view = h.ledger().view(ann).unwrap();
+    assert_eq!(view.balance_cu, 1_000);
+    assert_eq!(view.available_cu, 1_000);
+    assert_eq!(view.reserved_cu, 0);
+    assert_eq!(view.next_grant_at_ms, Some((T0 / DAY_MS + 1) * DAY_MS));
+    assert!(h.verify().ok());
+}
+
+#[test]
+fn reserve_settle_charges_exactly_and_releases_the_rest() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let reservation = ledger.reserve(ann, sink, 400, MINUTE).unwrap();
+    let view = ledger.view(ann).unwrap();
+    assert_eq!(
+        (view.balance_cu, view.reserved_cu, view.available_cu),
+        (1_000, 400, 600)
+    );
+    let settlement = ledger
+        .settle(reservation.id(), 150)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(settlement.charged_cu, 150);
+    assert_eq!(settlement.released_cu, 250);
+    assert_eq!(settlement.shortfall_cu, 0);
+    let view = ledger.view(ann).unwrap();
+    assert_eq!(
+        (view.balance_cu, view.reserved_cu, view.available_cu),
+        (850, 0, 850)
+    );
+    assert_eq!(ledger.view(sink).unwrap().balance_cu, 150);
+    let history = ledger.history(ann, 10).unwrap();
+    assert_eq!(history[0].kind, TransferKind::Spend);
+    assert_eq!(history[0].amount_cu, 150);
+    assert!(h.verify().ok(), "{:?}", h.verify());
+}
+
+#[test]
+fn refusal_carries_the_available_balance_and_next_grant_and_changes_nothing() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let _held = ledger.reserve(ann, sink, 900, MINUTE).unwrap();
+    let error = ledger.reserve(ann, sink, 101, MINUTE).unwrap_err();
+    assert_eq!(
+        error,
+        LedgerError::InsufficientBalance {
+            account: ann,
+            needed_cu: 101,
+            available_cu: 100,
+            next_grant_at_ms: Some((T0 / DAY_MS + 1) * DAY_MS),
+        }
+    );
+    assert!(error.to_string().contains("100 GFLOP available"), "{error}");
+    let view = ledger.view(ann).unwrap();
+    assert_eq!((view.reserved_cu, view.available_cu), (900, 100));
+    ledger.reserve(ann, sink, 100, MINUTE).unwrap();
+    assert_eq!(ledger.view(ann).unwrap().available_cu, 0);
+}
+
+#[test]
+fn settling_more_than_reserved_charges_what_the_balance_covers_and_reports_the_shortfall() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let small = ledger.reserve(ann, sink, 100, MINUTE).unwrap();
+    let other = ledger.reserve(ann, sink, 700, MINUTE).unwrap();
+    // 100 reserved, 200 free beyond both holds; asking 5000 charges 300.
+    let settlement = ledger.settle(small.id(), 5_000).unwrap().wait().unwrap();
+    assert_eq!(settlement.charged_cu, 300);
+    assert_eq!(settlement.shortfall_cu, 4_700);
+    let view = ledger.view(ann).unwrap();
+    assert_eq!(
+        (view.balance_cu, view.reserved_cu, view.available_cu),
+        (700, 700, 0)
+    );
+    // The other hold is intact and still fully settleable.
+    let settlement = ledger.settle(other.id(), 700).unwrap().wait().unwrap();
+    assert_eq!(settlement.charged_cu, 700);
+    assert_eq!(ledger.view(ann).unwrap().balance_cu, 0);
+    assert!(h.verify().ok());
+}
+
+#[test]
+fn void_and_double_settle_are_handled() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let reservation = ledger.reserve(ann, sink, 300, MINUTE).unwrap();
+    assert_eq!(ledger.void(reservation.id()).unwrap(), 300);
+    assert_eq!(ledger.view(ann).unwrap().available_cu, 1_000);
+    assert!(matches!(
+        ledger.settle(reservation.id(), 10),
+        Err(LedgerError::UnknownReservation { .. })
+    ));
+    assert!(matches!(
+        ledger.void(reservation.id()),
+        Err(LedgerError::UnknownReservation { .. })
+    ));
+    let reservation = ledger.reserve(ann, sink, 300, MINUTE).unwrap();
+    ledger.settle(reservation.id(), 10).unwrap().wait().unwrap();
+    assert!(matches!(
+        ledger.settle(reservation.id(), 10),
+        Err(LedgerError::UnknownReservation { .. })
+    ));
+    assert_eq!(ledger.view(ann).unwrap().balance_cu, 990);
+    assert!(h.verify().ok());
+}
+
+#[test]
+fn timed_out_reservations_are_voided() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let reservation = ledger
+        .reserve(ann, sink, 800, Duration::from_secs(5))
+        .unwrap();
+    h.clock.advance_ms(4_999);
+    assert_eq!(ledger.view(ann).unwrap().available_cu, 200);
+    h.clock.advance_ms(1);
+    // The deadline has passed: the next touch of the ledger voids it.
+    assert_eq!(ledger.sweep().unwrap(), 1);
+    assert_eq!(ledger.view(ann).unwrap().available_cu, 1_000);
+    assert!(matches!(
+        ledger.settle(reservation.id(), 1),
+        Err(LedgerError::UnknownReservation { .. })
+    ));
+    // A settle after the deadline but before any sweep is refused too, and releases the hold.
+    let late = ledger
+        .reserve(ann, sink, 500, Duration::from_secs(1))
+        .unwrap();
+    h.clock.advance_ms(1_000);
+    assert!(ledger.settle(late.id(), 1).is_err());
+    assert_eq!(ledger.view(ann).unwrap().available_cu, 1_000);
+    assert_eq!(ledger.open_reservations(), 0);
+}
+
+#[test]
+fn stipends_arrive_lazily_with_the_rollover_cap_across_many_periods() {
+    let mut h = Harness::new(policy(1_000, 1_500));
+    let ann = h
+        .ledger()
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = h.ledger().sink("sink:model").unwrap();
+    let spend = |h: &Harness, amount| {
+        let r = h.ledger().reserve(ann, sink, amount, MINUTE).unwrap();
+        h.ledger().settle(r.id(), amount).unwrap().wait().unwrap();
+    };
+    spend(&h, 400);
+    assert_eq!(h.ledger().view(ann).unwrap().balance_cu, 600);
+    // Next period: 600 carried (under the 1500 cap) + 1000.
+    h.clock.advance_ms(DAY_MS);
+    assert_eq!(h.ledger().view(ann).unwrap().balance_cu, 1_600);
+    // Next: 1500 carried at most + 1000.
+    h.clock.advance_ms(DAY_MS);
+    assert_eq!(h.ledger().view(ann).unwrap().balance_cu, 2_500);
+    // A year idle changes nothing beyond the cap, and survives a restart.
+    h.clock.advance_ms(365 * DAY_MS);
+    h.reopen();
+    let view = h.ledger().view(ann).unwrap();
+    assert_eq!(view.balance_cu, 2_500);
+    assert_eq!(view.lots.len(), 1);
+    assert_eq!(view.lots[0].source, LotSource::Stipend);
+    let report = h.verify();
+    assert!(report.ok(), "{report:?}");
+}
+
+#[test]
+fn a_grant_expires_and_spending_burns_the_soonest_expiry_first() {
+    let h = Harness::new(policy(1_000, 0));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let late = T0 + 10 * DAY_MS;
+    ledger
+        .grant(TransferId(1), ann, 500, Some(late))
+        .unwrap()
+        .wait()
+        .unwrap();
+    ledger
+        .grant(TransferId(2), ann, 300, None)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(ledger.view(ann).unwrap().balance_cu, 1_800);
+    // 1200 spent: the stipend (expires tonight) first, then 200 of the dated grant.
+    let r = ledger.reserve(ann, sink, 1_200, MINUTE).unwrap();
+    ledger.settle(r.id(), 1_200).unwrap().wait().unwrap();
+    let lots = ledger.view(ann).unwrap().lots;
+    assert_eq!(lots.len(), 2);
+    assert_eq!(
+        (lots[0].remaining_cu, lots[0].expires_at_ms),
+        (300, Some(late))
+    );
+    assert_eq!((lots[1].remaining_cu, lots[1].expires_at_ms), (300, None));
+    // Past the grant's expiry: it goes, the undated one stays, a fresh stipend arrives.
+    h.clock.set_ms(late);
+    let view = ledger.view(ann).unwrap();
+    assert_eq!(view.balance_cu, 300 + 1_000);
+    assert!(h.verify().ok());
+}
+
+#[test]
+fn gifts_keep_their_expiry_and_pools_receive_contributions() {
+    let h = Harness::new(policy(1_000, 0));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let bo = ledger
+        .create_account("bo", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let pool = ledger
+        .create_account("lab", AccountKind::Pool)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let gift = ledger
+        .give(TransferId(10), ann, bo, 400)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(gift.transfer.kind, TransferKind::Gift);
+    assert!(!gift.replayed);
+    let contribution = ledger
+        .give(TransferId(11), ann, pool, 100)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(contribution.transfer.kind, TransferKind::PoolContribution);
+    assert_eq!(ledger.view(ann).unwrap().balance_cu, 500);
+    let bo_view = ledger.view(bo).unwrap();
+    assert_eq!(bo_view.balance_cu, 1_400);
+    let gifted = bo_view
+        .lots
+        .iter()
+        .find(|lot| lot.source == LotSource::Gift)
+        .unwrap();
+    let tonight = (T0 / DAY_MS + 1) * DAY_MS;
+    assert_eq!(
+        gifted.expires_at_ms,
+        Some(tonight),
+        "a gift of stipend expires with it"
+    );
+    // Tomorrow (no rollover) the gifted stipend is gone like the rest.
+    h.clock.set_ms(tonight);
+    assert_eq!(ledger.view(bo).unwrap().balance_cu, 1_000);
+    assert_eq!(ledger.view(pool).unwrap().balance_cu, 0);
+    assert!(h.verify().ok());
+}
+
+#[test]
+fn replaying_a_transfer_id_is_a_no_op_and_reusing_it_is_a_conflict() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let ann = h
+        .ledger()
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let bo = h
+        .ledger()
+        .create_account("bo", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let id = TransferId(77);
+    let first = h.ledger().give(id, ann, bo, 100).unwrap();
+    // Replayed before the first is durable, and again after.
+    let again = h.ledger().give(id, ann, bo, 100).unwrap().wait().unwrap();
+    assert!(again.replayed);
+    assert!(!first.wait().unwrap().replayed);
+    assert_eq!(h.ledger().view(ann).unwrap().balance_cu, 900);
+    h.reopen();
+    assert!(
+        h.ledger()
+            .give(id, ann, bo, 100)
+            .unwrap()
+            .wait()
+            .unwrap()
+            .replayed
+    );
+    assert_eq!(
+        h.ledger().give(id, ann, bo, 101).unwrap_err(),
+        LedgerError::TransferConflict { id }
+    );
+    assert_eq!(
+        h.ledger().grant(id, ann, 100, None).unwrap_err(),
+        LedgerError::TransferConflict { id }
+    );
+    let grant = TransferId(78);
+    h.ledger()
+        .grant(grant, ann, 5, None)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(
+        h.ledger()
+            .grant(grant, ann, 5, None)
+            .unwrap()
+            .wait()
+            .unwrap()
+            .replayed
+    );
+    assert_eq!(h.ledger().view(ann).unwrap().balance_cu, 905);
+    assert_eq!(h.ledger().view(bo).unwrap().balance_cu, 1_100);
+    assert!(h.verify().ok());
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let pool = ledger
+        .create_account("lab", AccountKind::Pool)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let issuer = ledger.issuer();
+    let before = ledger.view(ann).unwrap();
+    let stranger = stipend_ledger::AccountId(9_999);
+    let cases: Vec<(&str, Result<(), LedgerError>)> = vec![
+        (
+            "zero reserve",
+            ledger.reserve(ann, sink, 0, MINUTE).map(drop),
+        ),
+        (
+            "huge reserve",
+            ledger.reserve(ann, sink, u64::MAX, MINUTE).map(drop),
+        ),
+        (
+            "zero timeout",
+            ledger.reserve(ann, sink, 1, Duration::ZERO).map(drop),
+        ),
+        (
+            "long timeout",
+            ledger
+                .reserve(ann, sink, 1, Duration::from_secs(86_400))
+                .map(drop),
+        ),
+        (
+            "unknown account",
+            ledger.reserve(stranger, sink, 1, MINUTE).map(drop),
+        ),
+        (
+            "sink as spender",
+            ledger.reserve(sink, sink, 1, MINUTE).map(drop),
+        ),
+        (
+            "person as sink",
+            ledger.reserve(ann, pool, 1, MINUTE).map(drop),
+        ),
+        (
+            "unknown reservation",
+            ledger
+                .settle(stipend_ledger::ReservationId(12345), 1)
+                .map(drop),
+        ),
+        (
+            "zero gift",
+            ledger.give(TransferId(1), ann, pool, 0).map(drop),
+        ),
+        (
+            "self gift",
+            ledger.give(TransferId(2), ann, ann, 1).map(drop),
+        ),
+        (
+            "gift too large",
+            ledger.give(TransferId(3), ann, pool, 1_001).map(drop),
+        ),
+        (
+            "gift to sink",
+            ledger.give(TransferId(4), ann, sink, 1).map(drop),
+        ),
+        (
+            "gift from issuer",
+            ledger.give(TransferId(5), issuer, ann, 1).map(drop),
+        ),
+        (
+            "zero grant",
+            ledger.grant(TransferId(6), ann, 0, None).map(drop),
+        ),
+        (
+            "grant to sink",
+            ledger.grant(TransferId(7), sink, 1, None).map(drop),
+        ),
+        (
+            "grant expired",
+            ledger.grant(TransferId(8), ann, 1, Some(T0 - 1)).map(drop),
+        ),
+        (
+            "duplicate name",
+            ledger.create_account("ann", AccountKind::Person).map(drop),
+        ),
+        (
+            "empty name",
+            ledger.create_account("", AccountKind::Person).map(drop),
+        ),
+        (
+            "bad name",
+            ledger.create_account("a b", AccountKind::Person).map(drop),
+        ),
+        (
+            "second issuer",
+            ledger.create_account("x", AccountKind::Issuer).map(drop),
+        ),
+    ];
+    for (what, result) in cases {
+        let error = result.expect_err(what);
+        assert!(!error.to_string().is_empty(), "{what}");
+    }
+    assert_eq!(ledger.view(ann).unwrap(), before);
+    assert_eq!(ledger.view(pool).unwrap().balance_cu, 0);
+    assert_eq!(ledger.open_reservations(), 0);
+    let report = h.verify();
+    assert!(report.ok(), "{report:?}");
+    // Only the issuer, ann's stipend and the accounts' creation were ever written.
+    assert_eq!(report.n_transfers, 1);
+}
+
+#[test]
+fn a_restart_keeps_every_settle_and_voids_open_reservations() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let ann = h
+        .ledger()
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = h.ledger().sink("sink:model").unwrap();
+    let settled = h.ledger().reserve(ann, sink, 100, MINUTE).unwrap();
+    h.ledger().settle(settled.id(), 60).unwrap().wait().unwrap();
+    let open = h.ledger().reserve(ann, sink, 500, MINUTE).unwrap();
+    h.reopen();
+    let view = h.ledger().view(ann).unwrap();
+    assert_eq!(
+        (view.balance_cu, view.reserved_cu, view.available_cu),
+        (940, 0, 940)
+    );
+    assert!(matches!(
+        h.ledger().settle(open.id(), 1),
+        Err(LedgerError::UnknownReservation { .. })
+    ));
+    assert_eq!(h.ledger().view(sink).unwrap().balance_cu, 60);
+    assert!(h.verify().ok());
+}

@@ -1,0 +1,632 @@
+//! The embedded store: SQLite in WAL mode, one file in the data directory.
+//!
+//! One process writes (it holds `<file>.lock`); any number read, also while it runs, because WAL
+//! readers see a consistent snapshot without blocking the writer. Every commit is fsync'd
+//! (`synchronous = FULL`) before it returns; the ledger's writer batches many changes into each.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use stipend_ledger::{
+    AccountId, AccountKind, AccountRecord, AuditRow, Batch, Lot, Store, StoreError, Transfer,
+    TransferAudit, TransferId, TransferKind,
+};
+
+/// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id             INTEGER PRIMARY KEY,
+    name           TEXT    NOT NULL UNIQUE,
+    kind           TEXT    NOT NULL,
+    balance_cu     INTEGER NOT NULL,
+    lots           TEXT    NOT NULL,
+    stipend_period INTEGER,
+    created_at_ms  INTEGER NOT NULL
+);
+CREATE TABLE transfers (
+    seq            INTEGER PRIMARY KEY,
+    id             BLOB    NOT NULL UNIQUE,
+    kind           TEXT    NOT NULL,
+    debit_account  INTEGER NOT NULL,
+    credit_account INTEGER NOT NULL,
+    amount_cu      INTEGER NOT NULL,
+    created_at_ms  INTEGER NOT NULL
+);
+CREATE INDEX transfers_by_debit ON transfers (debit_account, seq);
+CREATE INDEX transfers_by_credit ON transfers (credit_account, seq);
+"#];
+
+/// How many idle read connections are kept.
+const READERS_IDLE_MAX: usize = 8;
+
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// The SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    /// The write connection; `None` for a read-only store.
+    writer: Option<Mutex<Connection>>,
+    readers: Mutex<Vec<Connection>>,
+    /// Held for the store's lifetime: the writer's exclusive claim on the file.
+    _lock: Option<File>,
+}
+
+fn io(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(error.to_string())
+}
+
+fn corrupt(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(error.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` for writing. Fails with
+    /// [`StoreError::Locked`] if another process has it open for writing.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|error| io(format!("cannot create {}: {error}", parent.display())))?;
+        }
+        let lock_path = lock_path(path);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|error| io(format!("cannot open {}: {error}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: path.display().to_string(),
+                });
+            }
+            Err(TryLockError::Error(error)) => {
+                return Err(io(format!("cannot lock {}: {error}", lock_path.display())));
+            }
+        }
+        let mut connection = Connection::open(path)
+            .map_err(|error| io(format!("cannot open {}: {error}", path.display())))?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = OFF;",
+            )
+            .map_err(io)?;
+        connection
+            .busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+            .map_err(io)?;
+        migrate(&mut connection)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Some(Mutex::new(connection)),
+            readers: Mutex::new(Vec::new()),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens an existing store for reading only, without claiming it: for audits and listings
+    /// while a server holds it.
+    pub fn open_read_only(path: &Path) -> Result<SqliteStore, StoreError> {
+        if !path.exists() {
+            return Err(io(format!("no store at {}", path.display())));
+        }
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            writer: None,
+            readers: Mutex::new(Vec::new()),
+            _lock: None,
+        };
+        let reader = store.reader()?;
+        let version: i64 = reader
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(io)?;
+        check_version(version)?;
+        store.give_back(reader);
+        Ok(store)
+    }
+
+    /// Whether a process holds the store at `path` for writing right now.
+    pub fn is_locked(path: &Path) -> bool {
+        let Ok(lock) = OpenOptions::new().write(true).open(lock_path(path)) else {
+            return false;
+        };
+        match lock.try_lock() {
+            Ok(()) => {
+                // Dropping the file releases the lock we just took.
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn reader(&self) -> Result<Connection, StoreError> {
+        if let Some(connection) = self.readers.lock().pop() {
+            return Ok(connection);
+        }
+        let connection = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|error| io(format!("cannot open {}: {error}", self.path.display())))?;
+        connection
+            .busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+            .map_err(io)?;
+        Ok(connection)
+    }
+
+    fn give_back(&self, connection: Connection) {
+        let mut readers = self.readers.lock();
+        if readers.len() < READERS_IDLE_MAX {
+            readers.push(connection);
+        }
+    }
+
+    fn with_reader<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let connection = self.reader()?;
+        let result = read(&connection);
+        self.give_back(connection);
+        result
+    }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+fn check_version(version: i64) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            supported,
+        });
+    }
+    Ok(())
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(io)?;
+    check_version(version)?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let transaction = connection.transaction().map_err(io)?;
+        transaction.execute_batch(migration).map_err(io)?;
+        transaction
+            .execute_batch(&format!("PRAGMA user_version = {}", index + 1))
+            .map_err(io)?;
+        transaction.commit().map_err(io)?;
+        tracing::info!(version = index + 1, "store migrated");
+    }
+    Ok(())
+}
+
+const ACCOUNT_COLUMNS: &str = "id, name, kind, balance_cu, lots, stipend_period, created_at_ms";
+const TRANSFER_COLUMNS: &str = "id, kind, debit_account, credit_account, amount_cu, created_at_ms";
+
+fn account_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Result<AccountRecord, StoreError>> {
+    let id: i64 = row.get(0)?;
+    let name: String = row.get(1)?;
+    let kind: String = row.get(2)?;
+    let balance_cu: i64 = row.get(3)?;
+    let lots: String = row.get(4)?;
+    let stipend_period: Option<i64> = row.get(5)?;
+    let created_at_ms: i64 = row.get(6)?;
+    Ok((|| {
+        let kind = AccountKind::parse(&kind)
+            .ok_or_else(|| corrupt(format!("account {id}: unknown kind {kind:?}")))?;
+        let lots: Vec<Lot> = serde_json::from_str(&lots)
+            .map_err(|error| corrupt(format!("account {id}: lots do not decode: {error}")))?;
+        Ok(AccountRecord {
+            id: AccountId(id as u64),
+            name,
+            kind,
+            balance_cu,
+            lots,
+            stipend_period,
+            created_at_ms,
+        })
+    })())
+}
+
+fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Transfer, StoreError>> {
+    let id: Vec<u8> = row.get(0)?;
+    let kind: String = row.get(1)?;
+    let debit: i64 = row.get(2)?;
+    let credit: i64 = row.get(3)?;
+    let amount_cu: i64 = row.get(4)?;
+    let created_at_ms: i64 = row.get(5)?;
+    Ok((|| {
+        let bytes: [u8; 16] = id
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("a transfer id is not 16 bytes"))?;
+        let id = TransferId(u128::from_be_bytes(bytes));
+        let kind = TransferKind::parse(&kind)
+            .ok_or_else(|| corrupt(format!("transfer {id}: unknown kind {kind:?}")))?;
+        Ok(Transfer {
+            id,
+            kind,
+            debit: AccountId(debit as u64),
+            credit: AccountId(credit as u64),
+            amount_cu: u64::try_from(amount_cu)
+                .map_err(|_| corrupt(format!("transfer {id}: negative amount")))?,
+            created_at_ms,
+        })
+    })())
+}
+
+fn lots_json(lots: &[Lot]) -> Result<String, StoreError> {
+    serde_json::to_string(lots).map_err(corrupt)
+}
+
+impl Store for SqliteStore {
+    fn account(&self, id: AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"
+                ))
+                .map_err(io)?;
+            statement
+                .query_row([id.0 as i64], account_from_row)
+                .optional()
+                .map_err(io)?
+                .transpose()
+        })
+    }
+
+    fn account_by_name(&self, name: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?1"
+                ))
+                .map_err(io)?;
+            statement
+                .query_row([name], account_from_row)
+                .optional()
+                .map_err(io)?
+                .transpose()
+        })
+    }
+
+    fn accounts(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ))
+                .map_err(io)?;
+            let after = after.map_or(0, |id| id.0 as i64);
+            let rows = statement
+                .query_map(params![after, limit as i64], account_from_row)
+                .map_err(io)?;
+            let mut records = Vec::new();
+            for row in rows {
+                records.push(row.map_err(io)??);
+            }
+            Ok(records)
+        })
+    }
+
+    fn account_id_max(&self) -> Result<Option<AccountId>, StoreError> {
+        self.with_reader(|connection| {
+            let max: Option<i64> = connection
+                .query_row("SELECT MAX(id) FROM accounts", [], |row| row.get(0))
+                .map_err(io)?;
+            Ok(max.map(|id| AccountId(id as u64)))
+        })
+    }
+
+    fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ?1"
+                ))
+                .map_err(io)?;
+            statement
+                .query_row([id.0.to_be_bytes().as_slice()], transfer_from_row)
+                .optional()
+                .map_err(io)?
+                .transpose()
+        })
+    }
+
+    fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM (
+                        SELECT seq, {TRANSFER_COLUMNS} FROM transfers WHERE debit_account = ?1
+                        UNION ALL
+                        SELECT seq, {TRANSFER_COLUMNS} FROM transfers WHERE credit_account = ?1
+                     ) ORDER BY seq DESC LIMIT ?2"
+                ))
+                .map_err(io)?;
+            let rows = statement
+                .query_map(params![account.0 as i64, limit as i64], transfer_from_row)
+                .map_err(io)?;
+            let mut transfers = Vec::new();
+            for row in rows {
+                transfers.push(row.map_err(io)??);
+            }
+            Ok(transfers)
+        })
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        let Some(writer) = &self.writer else {
+            return Err(io("this store was opened read-only"));
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut connection = writer.lock();
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(io)?;
+        {
+            let mut insert_account = transaction
+                .prepare_cached(&format!(
+                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ))
+                .map_err(io)?;
+            for record in &batch.created {
+                insert_account
+                    .execute(params![
+                        record.id.0 as i64,
+                        record.name,
+                        record.kind.as_str(),
+                        record.balance_cu,
+                        lots_json(&record.lots)?,
+                        record.stipend_period,
+                        record.created_at_ms,
+                    ])
+                    .map_err(io)?;
+            }
+            let mut insert_transfer = transaction
+                .prepare_cached(&format!(
+                    "INSERT INTO transfers ({TRANSFER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                ))
+                .map_err(io)?;
+            for transfer in &batch.transfers {
+                insert_transfer
+                    .execute(params![
+                        transfer.id.0.to_be_bytes().as_slice(),
+                        transfer.kind.as_str(),
+                        transfer.debit.0 as i64,
+                        transfer.credit.0 as i64,
+                        transfer.amount_cu as i64,
+                        transfer.created_at_ms,
+                    ])
+                    .map_err(io)?;
+            }
+            let mut update_account = transaction
+                .prepare_cached(
+                    "UPDATE accounts SET balance_cu = ?2, lots = ?3, stipend_period = ?4 WHERE id = ?1",
+                )
+                .map_err(io)?;
+            for update in &batch.updates {
+                let changed = update_account
+                    .execute(params![
+                        update.id.0 as i64,
+                        update.balance_cu,
+                        lots_json(&update.lots)?,
+                        update.stipend_period,
+                    ])
+                    .map_err(io)?;
+                if changed != 1 {
+                    return Err(corrupt(format!("update of missing account {}", update.id)));
+                }
+            }
+        }
+        transaction.commit().map_err(io)
+    }
+
+    fn audit(&self, visit: &mut dyn FnMut(AuditRow)) -> Result<TransferAudit, StoreError> {
+        self.with_reader(|connection| {
+            // One read transaction, so the accounts and transfers come from the same snapshot.
+            connection.execute_batch("BEGIN").map_err(io)?;
+            let result = audit_in_snapshot(connection, visit);
+            let end = connection.execute_batch("COMMIT").map_err(io);
+            let audit = result?;
+            end?;
+            Ok(audit)
+        })
+    }
+}
+
+fn audit_in_snapshot(
+    connection: &Connection,
+    visit: &mut dyn FnMut(AuditRow),
+) -> Result<TransferAudit, StoreError> {
+    let mut statement = connection
+        .prepare(&format!(
+            "SELECT {ACCOUNT_COLUMNS},
+                    (SELECT COALESCE(SUM(amount_cu), 0) FROM transfers WHERE credit_account = accounts.id),
+                    (SELECT COALESCE(SUM(amount_cu), 0) FROM transfers WHERE debit_account = accounts.id)
+             FROM accounts ORDER BY id"
+        ))
+        .map_err(io)?;
+    let mut rows = statement.query([]).map_err(io)?;
+    while let Some(row) = rows.next().map_err(io)? {
+        let account = account_from_row(row).map_err(io)??;
+        let credits_cu: i64 = row.get(7).map_err(io)?;
+        let debits_cu: i64 = row.get(8).map_err(io)?;
+        visit(AuditRow {
+            account,
+            credits_cu: i128::from(credits_cu),
+            debits_cu: i128::from(debits_cu),
+        });
+    }
+    let audit = connection
+        .query_row(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(amount_cu <= 0), 0),
+                    COALESCE(SUM(debit_account = credit_account), 0),
+                    COALESCE(SUM(
+                        NOT EXISTS (SELECT 1 FROM accounts WHERE id = debit_account)
+                        OR NOT EXISTS (SELECT 1 FROM accounts WHERE id = credit_account)
+                    ), 0)
+             FROM transfers",
+            [],
+            |row| {
+                Ok(TransferAudit {
+                    n_transfers: row.get::<_, i64>(0)? as u64,
+                    n_amount_not_positive: row.get::<_, i64>(1)? as u64,
+                    n_self: row.get::<_, i64>(2)? as u64,
+                    n_unknown_account: row.get::<_, i64>(3)? as u64,
+                })
+            },
+        )
+        .map_err(io)?;
+    Ok(audit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stipend_ledger::{AccountUpdate, LotSource};
+
+    fn record(id: u64, name: &str) -> AccountRecord {
+        AccountRecord {
+            id: AccountId(id),
+            name: name.to_string(),
+            kind: AccountKind::Person,
+            balance_cu: 0,
+            lots: Vec::new(),
+            stipend_period: None,
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn commit_round_trips_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let transfer = Transfer {
+            id: TransferId(42),
+            kind: TransferKind::Gift,
+            debit: AccountId(1),
+            credit: AccountId(2),
+            amount_cu: 5,
+            created_at_ms: 9,
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let batch = Batch {
+                created: vec![record(1, "ann"), record(2, "bo")],
+                transfers: vec![transfer],
+                updates: vec![
+                    AccountUpdate {
+                        id: AccountId(1),
+                        balance_cu: -5,
+                        lots: vec![],
+                        stipend_period: None,
+                    },
+                    AccountUpdate {
+                        id: AccountId(2),
+                        balance_cu: 5,
+                        lots: vec![Lot {
+                            remaining_cu: 5,
+                            expires_at_ms: Some(100),
+                            source: LotSource::Gift,
+                        }],
+                        stipend_period: Some(3),
+                    },
+                ],
+            };
+            store.commit(&batch).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let bo = store.account_by_name("bo").unwrap().unwrap();
+        assert_eq!(bo.balance_cu, 5);
+        assert_eq!(bo.stipend_period, Some(3));
+        assert_eq!(bo.lots[0].expires_at_ms, Some(100));
+        assert_eq!(store.transfer(TransferId(42)).unwrap(), Some(transfer));
+        assert_eq!(store.transfer(TransferId(43)).unwrap(), None);
+        assert_eq!(
+            store.transfers_of(AccountId(2), 10).unwrap(),
+            vec![transfer]
+        );
+        assert_eq!(store.account_id_max().unwrap(), Some(AccountId(2)));
+        assert_eq!(store.accounts(Some(AccountId(1)), 10).unwrap().len(), 1);
+        let mut rows = Vec::new();
+        let audit = store.audit(&mut |row| rows.push(row)).unwrap();
+        assert_eq!(audit.n_transfers, 1);
+        assert_eq!(rows[0].debits_cu, 5);
+        assert_eq!(rows[1].credits_cu, 5);
+    }
+
+    #[test]
+    fn a_failed_batch_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("ledger.db")).unwrap();
+        store
+            .commit(&Batch {
+                created: vec![record(1, "ann")],
+                ..Batch::default()
+            })
+            .unwrap();
+        // The duplicate name fails the second insert; the first must roll back with it.
+        let error = store
+            .commit(&Batch {
+                created: vec![record(2, "cy"), record(3, "ann")],
+                ..Batch::default()
+            })
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Io(_)), "{error:?}");
+        assert_eq!(store.account_by_name("cy").unwrap(), None);
+    }
+
+    #[test]
+    fn one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let first = SqliteStore::open(&path).unwrap();
+        assert!(SqliteStore::is_locked(&path));
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Locked { .. })
+        ));
+        // Readers are welcome while the writer runs.
+        let reader = SqliteStore::open_read_only(&path).unwrap();
+        assert_eq!(reader.account_id_max().unwrap(), None);
+        assert!(
+            reader
+                .commit(&Batch {
+                    created: vec![record(1, "x")],
+                    ..Batch::default()
+                })
+                .is_err()
+        );
+        drop(first);
+        assert!(!SqliteStore::is_locked(&path));
+        SqliteStore::open(&path).unwrap();
+    }
+}
