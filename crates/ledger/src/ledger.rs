@@ -827,7 +827,9 @@ impl Ledger {
         record.reserved_cu += amount_cu;
         record.open_reservations += 1;
         record.assert_invariants(account);
-        let id = ReservationId(state.reservation_id_next);
+        let id = ReservationId(
+            (u128::from(state.transfer_prefix) << 64) | u128::from(state.reservation_id_next),
+        );
         state.reservation_id_next += 1;
         let reservation = Reservation {
             id,
@@ -880,9 +882,11 @@ impl Ledger {
             charged_cu >= actual_cu.min(reservation.amount_cu),
             "a reservation's own hold must always cover its charge"
         );
+        let mut transfer = None;
         if charged_cu > 0 {
             account.lots.burn(charged_cu);
             let transfer_id = state.next_transfer_id();
+            transfer = Some(transfer_id);
             state.post(
                 TransferKind::Spend,
                 transfer_id,
@@ -899,6 +903,7 @@ impl Ledger {
             charged_cu,
             shortfall_cu: actual_cu - charged_cu,
             released_cu: reservation.amount_cu.saturating_sub(charged_cu),
+            transfer,
         };
         if settlement.shortfall_cu > 0 {
             tracing::warn!(

@@ -5,15 +5,31 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::account::AccountId;
+use crate::transfer::TransferId;
 
-/// A reservation's number, unique within one ledger's lifetime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ReservationId(pub u64);
+/// A reservation's id: a random per-start prefix and a counter, so that an id from before a
+/// restart never names a reservation made after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReservationId(pub u128);
 
 impl fmt::Display for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl Serialize for ReservationId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ReservationId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        u128::from_str_radix(&text, 16)
+            .map(ReservationId)
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a reservation id")))
     }
 }
 
@@ -62,4 +78,6 @@ pub struct Settlement {
     pub shortfall_cu: u64,
     /// What was held and given back, in cu.
     pub released_cu: u64,
+    /// The spend transfer, when anything was charged.
+    pub transfer: Option<TransferId>,
 }

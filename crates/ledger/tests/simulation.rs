@@ -1,0 +1,438 @@
+//! A seeded simulation of the ledger on the real SQLite store: random interleavings of reserve,
+//! settle (for less, equal and more), void, timeouts, stipend periods, gifts, grants, replays,
+//! crashes and reopens, with every invariant checked after every step.
+//!
+//! `STIPEND_SIM_STEPS` sets the total number of steps (default 20 000), `STIPEND_SIM_SEED` runs
+//! one seed only (to replay a failure, which prints its seed).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stipend_ledger::{
+    AccountId, AccountKind, Ledger, LedgerError, LedgerOptions, ManualClock, Reservation,
+    StipendPolicy, Store, TransferId, verify,
+};
+use stipend_store_sqlite::SqliteStore;
+
+/// SplitMix64: small, fast, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+struct Sim {
+    rng: Rng,
+    path: PathBuf,
+    clock: Arc<ManualClock>,
+    policy: StipendPolicy,
+    ledger: Option<Ledger>,
+    spenders: Vec<AccountId>,
+    givers: Vec<AccountId>,
+    sinks: Vec<AccountId>,
+    open: Vec<Reservation>,
+    closed: Vec<Reservation>,
+    /// Transfer ids used for gifts and grants, with what they were used for.
+    used_ids: Vec<(TransferId, Op)>,
+    charged_total_cu: u64,
+    step: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Give {
+        from: AccountId,
+        to: AccountId,
+        amount_cu: u64,
+    },
+    Grant {
+        to: AccountId,
+        amount_cu: u64,
+    },
+}
+
+fn open_ledger(path: &Path, clock: Arc<ManualClock>, policy: StipendPolicy) -> Ledger {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).unwrap());
+    let mut options = LedgerOptions::new(policy);
+    options.commit_batch_max = 7; // small batches, so commits split mid-sequence
+    Ledger::open(store, clock, options).unwrap()
+}
+
+impl Sim {
+    fn ledger(&self) -> &Ledger {
+        self.ledger.as_ref().unwrap()
+    }
+
+    fn available(&self, account: AccountId) -> u64 {
+        self.ledger().view(account).unwrap().available_cu
+    }
+
+    fn check(&self, what: &str) {
+        let violations = self.ledger().check_invariants();
+        assert!(
+            violations.is_empty(),
+            "step {} ({what}): {violations:?}",
+            self.step
+        );
+        let sinks_cu: i64 = self
+            .sinks
+            .iter()
+            .map(|sink| self.ledger().view(*sink).unwrap().balance_cu)
+            .sum();
+        assert_eq!(
+            sinks_cu, self.charged_total_cu as i64,
+            "step {} ({what}): sinks hold what was charged",
+            self.step
+        );
+    }
+
+    fn audit(&self) {
+        self.ledger().flush().unwrap();
+        let store = SqliteStore::open_read_only(&self.path).unwrap();
+        let report = verify(&store).unwrap();
+        assert!(report.ok(), "step {}: {:?}", self.step, report.violations);
+    }
+
+    fn reserve(&mut self) {
+        let account = *self.rng.pick(&self.spenders);
+        let sink = *self.rng.pick(&self.sinks);
+        let amount_cu = 1 + self.rng.below(700);
+        let timeout = Duration::from_millis(1 + self.rng.below(120_000));
+        let available = self.available(account);
+        match self.ledger().reserve(account, sink, amount_cu, timeout) {
+            Ok(reservation) => {
+                assert!(
+                    amount_cu <= available,
+                    "step {}: reserved beyond available",
+                    self.step
+                );
+                self.open.push(reservation);
+            }
+            Err(LedgerError::InsufficientBalance { available_cu, .. }) => {
+                assert!(
+                    amount_cu > available,
+                    "step {}: refused within available",
+                    self.step
+                );
+                assert_eq!(available_cu, available);
+            }
+            Err(error) => panic!("step {}: reserve failed: {error}", self.step),
+        }
+    }
+
+    fn settle(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let index = self.rng.below(self.open.len() as u64) as usize;
+        let reservation = self.open.swap_remove(index);
+        let held = reservation.amount_cu();
+        let actual = match self.rng.below(3) {
+            0 => self.rng.below(held + 1),
+            1 => held,
+            _ => held + 1 + self.rng.below(500),
+        };
+        let expired = reservation.expires_at_ms() <= self.ledger().now_ms();
+        // What the account could cover beyond this hold, seen just before.
+        let free = self.available(reservation.account());
+        let result = self.ledger().settle(reservation.id(), actual);
+        self.closed.push(reservation);
+        match result {
+            Ok(durable) => {
+                assert!(
+                    !expired,
+                    "step {}: settled a timed-out reservation",
+                    self.step
+                );
+                let settlement = durable.wait().unwrap();
+                let expected = actual.min(held + free);
+                assert_eq!(settlement.charged_cu, expected, "step {}", self.step);
+                assert_eq!(settlement.shortfall_cu, actual - expected);
+                self.charged_total_cu += settlement.charged_cu;
+            }
+            Err(LedgerError::UnknownReservation { .. }) => {
+                assert!(
+                    expired,
+                    "step {}: an open reservation was unknown",
+                    self.step
+                );
+            }
+            Err(error) => panic!("step {}: settle failed: {error}", self.step),
+        }
+    }
+
+    fn void(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let index = self.rng.below(self.open.len() as u64) as usize;
+        let reservation = self.open.swap_remove(index);
+        let expired = reservation.expires_at_ms() <= self.ledger().now_ms();
+        let result = self.ledger().void(reservation.id());
+        self.closed.push(reservation);
+        match result {
+            Ok(released) => assert_eq!(released, reservation.amount_cu()),
+            // A timed-out reservation may already have been swept.
+            Err(LedgerError::UnknownReservation { .. }) => assert!(expired, "step {}", self.step),
+            Err(error) => panic!("step {}: void failed: {error}", self.step),
+        }
+    }
+
+    fn reuse_closed(&mut self) {
+        if self.closed.is_empty() {
+            return;
+        }
+        let reservation = *self.rng.pick(&self.closed);
+        let before = self.available(reservation.account());
+        let settle = self.ledger().settle(reservation.id(), 1).map(drop);
+        let void = self.ledger().void(reservation.id()).map(drop);
+        for result in [settle, void] {
+            assert!(
+                matches!(result, Err(LedgerError::UnknownReservation { .. })),
+                "step {}: {result:?}",
+                self.step
+            );
+        }
+        assert_eq!(self.available(reservation.account()), before);
+    }
+
+    fn give(&mut self) {
+        if !self.used_ids.is_empty() && self.rng.below(4) == 0 {
+            return self.replay();
+        }
+        let from = *self.rng.pick(&self.givers);
+        let to = *self.rng.pick(&self.givers);
+        let amount_cu = 1 + self.rng.below(400);
+        let id = TransferId(u128::from(self.rng.next()) << 1);
+        let available = self.available(from);
+        match self.ledger().give(id, from, to, amount_cu) {
+            Ok(durable) => {
+                assert!(from != to && amount_cu <= available, "step {}", self.step);
+                assert!(!durable.wait().unwrap().replayed);
+                self.used_ids.push((
+                    id,
+                    Op::Give {
+                        from,
+                        to,
+                        amount_cu,
+                    },
+                ));
+            }
+            Err(LedgerError::SameAccount) => assert_eq!(from, to),
+            Err(LedgerError::InsufficientBalance { .. }) => assert!(amount_cu > available),
+            Err(LedgerError::TooManyLots { .. }) => {}
+            Err(error) => panic!("step {}: give failed: {error}", self.step),
+        }
+    }
+
+    fn grant(&mut self) {
+        let to = *self.rng.pick(&self.givers);
+        let amount_cu = 1 + self.rng.below(300);
+        let now = self.ledger().now_ms();
+        let expires = match self.rng.below(3) {
+            0 => None,
+            _ => Some(now + 1 + self.rng.below(3 * DAY_MS as u64) as i64),
+        };
+        let id = TransferId((u128::from(self.rng.next()) << 1) | 1);
+        match self.ledger().grant(id, to, amount_cu, expires) {
+            Ok(durable) => {
+                durable.wait().unwrap();
+                self.used_ids.push((id, Op::Grant { to, amount_cu }));
+            }
+            Err(LedgerError::TooManyLots { .. }) => {}
+            Err(error) => panic!("step {}: grant failed: {error}", self.step),
+        }
+    }
+
+    /// Replays an earlier id: the same content is a no-op, other content a conflict.
+    fn replay(&mut self) {
+        let (id, op) = *self.rng.pick(&self.used_ids);
+        let tamper = self.rng.below(2) == 0;
+        let result = match op {
+            Op::Give {
+                from,
+                to,
+                amount_cu,
+            } => self
+                .ledger()
+                .give(id, from, to, amount_cu + u64::from(tamper)),
+            Op::Grant { to, amount_cu } => {
+                self.ledger()
+                    .grant(id, to, amount_cu + u64::from(tamper), None)
+            }
+        };
+        match result {
+            Ok(durable) => {
+                assert!(!tamper, "step {}: a changed replay was accepted", self.step);
+                assert!(durable.wait().unwrap().replayed, "step {}", self.step);
+            }
+            Err(LedgerError::TransferConflict { .. }) => assert!(tamper, "step {}", self.step),
+            Err(error) => panic!("step {}: replay failed: {error}", self.step),
+        }
+    }
+
+    fn advance(&mut self) {
+        let delta = match self.rng.below(10) {
+            0 => DAY_MS * (1 + self.rng.below(3) as i64),
+            1 => DAY_MS / 3,
+            _ => self.rng.below(30_000) as i64,
+        };
+        self.clock.advance_ms(delta);
+    }
+
+    fn crash(&mut self) {
+        let balances: HashMap<AccountId, i64> = self
+            .spenders
+            .iter()
+            .chain(&self.sinks)
+            .map(|id| (*id, self.ledger().view(*id).unwrap().balance_cu))
+            .collect();
+        self.ledger = None;
+        self.ledger = Some(open_ledger(&self.path, self.clock.clone(), self.policy));
+        for (id, balance) in balances {
+            let view = self.ledger().view(id).unwrap();
+            assert_eq!(
+                view.balance_cu, balance,
+                "step {}: balance after reopen",
+                self.step
+            );
+            assert_eq!(
+                view.reserved_cu, 0,
+                "step {}: reservations survive a restart",
+                self.step
+            );
+        }
+        self.closed.append(&mut self.open);
+        self.audit();
+    }
+}
+
+fn run(seed: u64, steps: u64, dir: &Path) {
+    let path = dir.join(format!("sim-{seed}.db"));
+    let clock = Arc::new(ManualClock::new(
+        20_000 * DAY_MS + (seed % 1_000) as i64 * 60_000,
+    ));
+    let policy = StipendPolicy::new(1_000, Duration::from_millis(DAY_MS as u64), 1_500).unwrap();
+    let ledger = open_ledger(&path, clock.clone(), policy);
+    let mut spenders = Vec::new();
+    for name in ["ann", "bo", "cy", "di"] {
+        spenders.push(
+            ledger
+                .create_account(name, AccountKind::Person)
+                .unwrap()
+                .wait()
+                .unwrap(),
+        );
+    }
+    let pool = ledger
+        .create_account("lab", AccountKind::Pool)
+        .unwrap()
+        .wait()
+        .unwrap();
+    spenders.push(pool);
+    let givers = spenders.clone();
+    let sinks = vec![
+        ledger.sink("sink:a").unwrap(),
+        ledger.sink("sink:b").unwrap(),
+    ];
+    let mut sim = Sim {
+        rng: Rng(seed),
+        path,
+        clock,
+        policy,
+        ledger: Some(ledger),
+        spenders,
+        givers,
+        sinks,
+        open: Vec::new(),
+        closed: Vec::new(),
+        used_ids: Vec::new(),
+        charged_total_cu: 0,
+        step: 0,
+    };
+    for step in 0..steps {
+        sim.step = step;
+        let choice = sim.rng.below(100);
+        let what = match choice {
+            0..=29 => {
+                sim.reserve();
+                "reserve"
+            }
+            30..=54 => {
+                sim.settle();
+                "settle"
+            }
+            55..=61 => {
+                sim.void();
+                "void"
+            }
+            62..=65 => {
+                sim.reuse_closed();
+                "reuse"
+            }
+            66..=77 => {
+                sim.give();
+                "give"
+            }
+            78..=83 => {
+                sim.grant();
+                "grant"
+            }
+            84..=97 => {
+                sim.advance();
+                "advance"
+            }
+            _ => {
+                sim.crash();
+                "crash"
+            }
+        };
+        sim.check(what);
+        if step % 97 == 0 {
+            sim.audit();
+        }
+    }
+    sim.audit();
+}
+
+#[test]
+fn random_interleavings_keep_every_invariant() {
+    let steps: u64 = std::env::var("STIPEND_SIM_STEPS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(20_000);
+    let seeds: Vec<u64> = match std::env::var("STIPEND_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("STIPEND_SIM_SEED is a number")],
+        Err(_) => (1..=20).collect(),
+    };
+    // fsync costs nothing on tmpfs; durability itself is the crash test's subject.
+    let base = if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm").unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let per_seed = (steps / seeds.len() as u64).max(1);
+    for seed in seeds {
+        let outcome = std::panic::catch_unwind(|| run(seed, per_seed, base.path()));
+        if let Err(panic) = outcome {
+            eprintln!("simulation failed with STIPEND_SIM_SEED={seed} ({per_seed} steps)");
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
