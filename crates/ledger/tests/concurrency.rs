@@ -1,5 +1,7 @@
 //! Many threads against one account: no overspend, exact charges, a clean audit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The ledger's behaviour on the real SQLite store: reserve, settle, void, stipends, gifts,
 //! grants, idempotency, bad input, timeouts and restarts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::Duration;

@@ -5,6 +5,8 @@
 //! `STIPEND_SIM_STEPS` sets the total number of steps (default 20 000), `STIPEND_SIM_SEED` runs
 //! one seed only (to replay a failure, which prints its seed).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,1 +1,271 @@
-fn main() {}
+//! `stipend`: the command line. Parses arguments, loads and checks the config, and hands over to
+//! the library: the server, or one operator command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stipend::commands::{Request, Response, execute, render};
+use stipend::config::Config;
+use stipend::{control, serve};
+use stipend_ledger::units::{parse_amount_cu, parse_duration};
+use stipend_ledger::{AccountKind, StoreError, TransferId, verify};
+use stipend_store_sqlite::SqliteStore;
+
+/// A fair, private compute budget for everyone, in front of your AI models.
+#[derive(Debug, Parser)]
+#[command(name = "stipend", version, about, long_about = None)]
+struct Cli {
+    /// The config file (default: ./stipend.toml if present, else built-in defaults).
+    #[arg(long, global = true, value_name = "FILE", env = "STIPEND_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server on the configured store (embedded SQLite by default).
+    Serve,
+    /// Create, list and show accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Grant extra compute from the issuer to an account.
+    Grant(GrantArgs),
+    /// Give compute from one person to another person or a pool.
+    Give(GiveArgs),
+    /// Check the ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Create an account; a person receives the current period's stipend at once.
+    Create {
+        /// The account's name (letters, digits, - _ . @ :).
+        name: String,
+        /// What kind of account.
+        #[arg(long, value_enum, default_value_t = KindArg::Person)]
+        kind: KindArg,
+    },
+    /// List accounts with their balances.
+    List {
+        /// Start after this account id (for paging).
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many accounts.
+        #[arg(long, default_value_t = 1_000)]
+        limit: usize,
+    },
+    /// Show one account: balance, reserved, available, next grant, grants and recent history.
+    Show {
+        /// The account's name.
+        name: String,
+        /// How many recent transfers to show.
+        #[arg(long, default_value_t = 10)]
+        history: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    Person,
+    Pool,
+}
+
+#[derive(Debug, Args)]
+struct GrantArgs {
+    /// The account receiving the grant.
+    name: String,
+    /// How much: cu, or FLOP with an SI prefix ("1 PFLOP", "250 GFLOP").
+    #[arg(allow_hyphen_values = true)]
+    amount: String,
+    /// A transfer id (up to 32 hex digits) so that a retry cannot grant twice.
+    #[arg(long)]
+    id: Option<String>,
+    /// Let the grant expire after this long ("30d", "12h"); by default it never expires.
+    #[arg(long, value_name = "DURATION")]
+    expires_in: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct GiveArgs {
+    /// The giver.
+    from: String,
+    /// The recipient (a person or a pool).
+    to: String,
+    /// How much: cu, or FLOP with an SI prefix.
+    #[arg(allow_hyphen_values = true)]
+    amount: String,
+    /// A transfer id (up to 32 hex digits) so that a retry cannot give twice.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Check every invariant over the whole store (and a running server's memory).
+    /// Exits 0 when all hold, 1 with the violations otherwise.
+    Verify,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STIPEND_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    let request = match cli.command {
+        Command::Serve => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(serve::run(config))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Ledger(LedgerCommand::Verify) => return verify_command(&config, cli.json),
+        Command::Account(AccountCommand::Create { name, kind }) => Request::CreateAccount {
+            name,
+            kind: match kind {
+                KindArg::Person => AccountKind::Person,
+                KindArg::Pool => AccountKind::Pool,
+            },
+        },
+        Command::Account(AccountCommand::List { after, limit }) => {
+            Request::ListAccounts { after, limit }
+        }
+        Command::Account(AccountCommand::Show { name, history }) => {
+            Request::ShowAccount { name, history }
+        }
+        Command::Grant(args) => Request::Grant {
+            name: args.name,
+            amount_cu: parse_positive_amount(&args.amount)?,
+            id: args.id.as_deref().map(parse_transfer_id).transpose()?,
+            expires_at_ms: match args.expires_in.as_deref() {
+                None => None,
+                Some(text) => {
+                    let duration = parse_duration(text).context("--expires-in")?;
+                    if duration.is_zero() {
+                        anyhow::bail!("--expires-in must be longer than zero");
+                    }
+                    Some(now_ms() + duration.as_millis() as i64)
+                }
+            },
+        },
+        Command::Give(args) => Request::Give {
+            from: args.from,
+            to: args.to,
+            amount_cu: parse_positive_amount(&args.amount)?,
+            id: args.id.as_deref().map(parse_transfer_id).transpose()?,
+        },
+    };
+    let response = send(&config, request)?;
+    print(&response, cli.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn parse_positive_amount(text: &str) -> anyhow::Result<u64> {
+    let cu = parse_amount_cu(text).with_context(|| format!("amount {text:?}"))?;
+    if cu == 0 {
+        anyhow::bail!("amount {text:?}: must be greater than zero");
+    }
+    Ok(cu)
+}
+
+fn parse_transfer_id(text: &str) -> anyhow::Result<TransferId> {
+    TransferId::parse(text)
+        .with_context(|| format!("--id {text:?} is not a transfer id (up to 32 hex digits)"))
+}
+
+/// Runs a command on the store directly, or, while a server holds the store, through the
+/// server's control socket.
+fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
+    match serve::open_ledger(config) {
+        Ok(ledger) => Ok(execute(&ledger, request)?),
+        Err(error)
+            if matches!(
+                error.downcast_ref::<StoreError>(),
+                Some(StoreError::Locked { .. })
+            ) =>
+        {
+            match control::call(&config.socket_path(), &request)? {
+                control::Reply::Ok(response) => Ok(response),
+                control::Reply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn print(response: &Response, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(response)?);
+    } else {
+        print!("{}", render(response));
+    }
+    Ok(())
+}
+
+fn verify_command(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let path = config.store_path();
+    if !path.exists() {
+        anyhow::bail!("no ledger at {} (nothing has run yet)", path.display());
+    }
+    let store = SqliteStore::open_read_only(&path)?;
+    let mut report = verify(&store)?;
+    // A running server also holds reservations in memory: check those too.
+    if SqliteStore::is_locked(&path) {
+        match control::call(&config.socket_path(), &Request::CheckInvariants)? {
+            control::Reply::Ok(Response::Invariants { violations }) => {
+                report.violations.extend(violations)
+            }
+            control::Reply::Ok(_) => anyhow::bail!("the server answered something else"),
+            control::Reply::Error { message } => anyhow::bail!("{message}"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.ok() {
+        println!(
+            "ok: {} accounts and {} transfers; every invariant holds (balances sum to {} cu)",
+            report.n_accounts, report.n_transfers, report.balance_sum_cu
+        );
+    } else {
+        println!("{} violations:", report.violations.len());
+        for violation in &report.violations {
+            println!("  {violation}");
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,5 +1,5 @@
 //! Shared helpers for the ledger's integration tests: a real SQLite store in a temp dir.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,437 @@
+//! The operator's commands, as data: the CLI builds a [`Request`], which runs either directly on
+//! the store or, while a server holds the store, inside that server through its control socket.
+//! Either way the same [`execute`] runs it, so the two paths cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+use stipend_ledger::{
+    AccountId, AccountKind, Flops, Ledger, LedgerError, Lot, LotSource, Transfer, TransferId,
+    TransferKind,
+};
+
+/// The most accounts one listing returns.
+pub const LIST_LIMIT_MAX: usize = 10_000;
+/// The most history entries one `account show` returns.
+pub const HISTORY_LIMIT_MAX: usize = 1_000;
+
+/// An operator command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Create a person or pool account.
+    CreateAccount {
+        /// Its name.
+        name: String,
+        /// Its kind.
+        kind: AccountKind,
+    },
+    /// List accounts in id order.
+    ListAccounts {
+        /// Start after this id.
+        after: Option<u64>,
+        /// At most this many.
+        limit: usize,
+    },
+    /// Show one account.
+    ShowAccount {
+        /// Its name.
+        name: String,
+        /// How many recent transfers to include.
+        history: usize,
+    },
+    /// An operator grant from the issuer.
+    Grant {
+        /// The recipient.
+        name: String,
+        /// How much.
+        amount_cu: u64,
+        /// The transfer id (for idempotent retries); random if absent.
+        id: Option<TransferId>,
+        /// When the grant expires (ms since the epoch); never if absent.
+        expires_at_ms: Option<i64>,
+    },
+    /// A gift or pool contribution.
+    Give {
+        /// The giver.
+        from: String,
+        /// The recipient.
+        to: String,
+        /// How much.
+        amount_cu: u64,
+        /// The transfer id (for idempotent retries); random if absent.
+        id: Option<TransferId>,
+    },
+    /// Check the in-memory invariants of a running ledger.
+    CheckInvariants,
+}
+
+/// A lot, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LotInfo {
+    /// What is left, in cu.
+    pub remaining_cu: u64,
+    /// Where it came from.
+    pub source: LotSource,
+    /// When it expires (RFC 3339, UTC), if ever.
+    pub expires_at: Option<String>,
+}
+
+/// A transfer, for display, from one account's point of view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferInfo {
+    /// Its id.
+    pub id: TransferId,
+    /// What it was for.
+    pub kind: TransferKind,
+    /// Positive when it came in, negative when it went out, in cu.
+    pub amount_cu: i64,
+    /// The account on the other side.
+    pub counterparty: String,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+}
+
+/// An account, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountInfo {
+    /// Its id.
+    pub id: AccountId,
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: AccountKind,
+    /// Its balance, in cu.
+    pub balance_cu: i64,
+    /// Held by open reservations, in cu.
+    pub reserved_cu: u64,
+    /// Spendable now, in cu.
+    pub available_cu: u64,
+    /// When the next stipend arrives (RFC 3339, UTC), for persons.
+    pub next_grant_at: Option<String>,
+    /// How much that stipend is, in cu, for persons.
+    pub next_grant_cu: Option<u64>,
+    /// The lots making up the balance.
+    pub lots: Vec<LotInfo>,
+    /// Recent transfers, newest first (only in `account show`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<TransferInfo>,
+}
+
+/// A posted (or replayed) transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostedInfo {
+    /// Its id: pass it again to retry safely.
+    pub id: TransferId,
+    /// What it was for.
+    pub kind: TransferKind,
+    /// From.
+    pub from: String,
+    /// To.
+    pub to: String,
+    /// How much, in cu.
+    pub amount_cu: u64,
+    /// True when this id had been posted already and nothing changed.
+    pub replayed: bool,
+}
+
+/// A command's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// One account.
+    Account(AccountInfo),
+    /// A page of accounts.
+    Accounts {
+        /// The accounts.
+        accounts: Vec<AccountInfo>,
+        /// Pass as `--after` for the next page, if there may be one.
+        next_after: Option<u64>,
+    },
+    /// A transfer.
+    Posted(PostedInfo),
+    /// In-memory invariant violations (empty when all hold).
+    Invariants {
+        /// The violations.
+        violations: Vec<String>,
+    },
+}
+
+/// Shows ms since the epoch as RFC 3339 UTC.
+pub fn rfc3339(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn account_info(
+    ledger: &Ledger,
+    id: AccountId,
+    history: usize,
+) -> Result<AccountInfo, LedgerError> {
+    let view = ledger.view(id)?;
+    let person = view.kind == AccountKind::Person;
+    let mut info = AccountInfo {
+        id,
+        name: view.name,
+        kind: view.kind,
+        balance_cu: view.balance_cu,
+        reserved_cu: view.reserved_cu,
+        available_cu: view.available_cu,
+        next_grant_at: view.next_grant_at_ms.map(rfc3339),
+        next_grant_cu: person.then(|| ledger.policy().amount_cu()),
+        lots: view.lots.iter().map(lot_info).collect(),
+        history: Vec::new(),
+    };
+    if history > 0 {
+        ledger.flush()?;
+        for transfer in ledger.history(id, history.min(HISTORY_LIMIT_MAX))? {
+            info.history.push(transfer_info(ledger, id, &transfer)?);
+        }
+    }
+    Ok(info)
+}
+
+fn lot_info(lot: &Lot) -> LotInfo {
+    LotInfo {
+        remaining_cu: lot.remaining_cu,
+        source: lot.source,
+        expires_at: lot.expires_at_ms.map(rfc3339),
+    }
+}
+
+fn transfer_info(
+    ledger: &Ledger,
+    account: AccountId,
+    transfer: &Transfer,
+) -> Result<TransferInfo, LedgerError> {
+    let incoming = transfer.credit == account;
+    let other = if incoming {
+        transfer.debit
+    } else {
+        transfer.credit
+    };
+    let amount = transfer.amount_cu as i64;
+    Ok(TransferInfo {
+        id: transfer.id,
+        kind: transfer.kind,
+        amount_cu: if incoming { amount } else { -amount },
+        counterparty: ledger.view(other)?.name,
+        at: rfc3339(transfer.created_at_ms),
+    })
+}
+
+/// Runs one command against the ledger.
+pub fn execute(ledger: &Ledger, request: Request) -> Result<Response, LedgerError> {
+    match request {
+        Request::CreateAccount { name, kind } => {
+            if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
+                return Err(LedgerError::WrongKind {
+                    account: AccountId(0),
+                    kind,
+                    operation: "be created from the command line (use person or pool)",
+                });
+            }
+            let id = ledger.create_account(&name, kind)?.wait()?;
+            Ok(Response::Account(account_info(ledger, id, 0)?))
+        }
+        Request::ListAccounts { after, limit } => {
+            let limit = limit.clamp(1, LIST_LIMIT_MAX);
+            let views = ledger.views(after.map(AccountId), limit)?;
+            let next_after = (views.len() == limit)
+                .then(|| views.last().map(|v| v.id.0))
+                .flatten();
+            let mut accounts = Vec::with_capacity(views.len());
+            for view in views {
+                accounts.push(account_info(ledger, view.id, 0)?);
+            }
+            Ok(Response::Accounts {
+                accounts,
+                next_after,
+            })
+        }
+        Request::ShowAccount { name, history } => {
+            let id = ledger.account_id(&name)?;
+            Ok(Response::Account(account_info(ledger, id, history)?))
+        }
+        Request::Grant {
+            name,
+            amount_cu,
+            id,
+            expires_at_ms,
+        } => {
+            let to = ledger.account_id(&name)?;
+            let id = id.unwrap_or_else(TransferId::random);
+            let posted = ledger.grant(id, to, amount_cu, expires_at_ms)?.wait()?;
+            Ok(Response::Posted(PostedInfo {
+                id,
+                kind: posted.transfer.kind,
+                from: stipend_ledger::ISSUER_NAME.to_string(),
+                to: name,
+                amount_cu,
+                replayed: posted.replayed,
+            }))
+        }
+        Request::Give {
+            from,
+            to,
+            amount_cu,
+            id,
+        } => {
+            let from_id = ledger.account_id(&from)?;
+            let to_id = ledger.account_id(&to)?;
+            let id = id.unwrap_or_else(TransferId::random);
+            let posted = ledger.give(id, from_id, to_id, amount_cu)?.wait()?;
+            Ok(Response::Posted(PostedInfo {
+                id,
+                kind: posted.transfer.kind,
+                from,
+                to,
+                amount_cu,
+                replayed: posted.replayed,
+            }))
+        }
+        Request::CheckInvariants => Ok(Response::Invariants {
+            violations: ledger.check_invariants(),
+        }),
+    }
+}
+
+/// `12.5 TFLOP (12500 cu)`.
+pub fn amount(cu: i64) -> String {
+    format!("{} ({cu} cu)", Flops(cu))
+}
+
+fn render_account(info: &AccountInfo, out: &mut String) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "account     {} ({}, id {})",
+        info.name, info.kind, info.id
+    );
+    let _ = writeln!(out, "balance     {}", amount(info.balance_cu));
+    let _ = writeln!(out, "reserved    {}", amount(info.reserved_cu as i64));
+    let _ = writeln!(out, "available   {}", amount(info.available_cu as i64));
+    if let (Some(at), Some(cu)) = (&info.next_grant_at, info.next_grant_cu) {
+        let _ = writeln!(out, "next grant  {at} (+{})", Flops(cu as i64));
+    }
+    if !info.lots.is_empty() {
+        let _ = writeln!(out, "made of");
+        for lot in &info.lots {
+            let expiry = lot
+                .expires_at
+                .as_deref()
+                .map_or("never expires".to_string(), |at| format!("expires {at}"));
+            let _ = writeln!(
+                out,
+                "  {:>16}  {:<8} {expiry}",
+                Flops(lot.remaining_cu as i64).to_string(),
+                format!("{:?}", lot.source).to_lowercase(),
+            );
+        }
+    }
+    if !info.history.is_empty() {
+        let _ = writeln!(out, "history (newest first)");
+        for entry in &info.history {
+            let sign = if entry.amount_cu >= 0 { "+" } else { "" };
+            let _ = writeln!(
+                out,
+                "  {}  {:<17} {:>18}  {} {}",
+                entry.at,
+                entry.kind.as_str(),
+                format!("{sign}{}", Flops(entry.amount_cu)),
+                if entry.amount_cu >= 0 { "from" } else { "to" },
+                entry.counterparty,
+            );
+        }
+    }
+}
+
+/// Renders a response for a person at a terminal.
+pub fn render(response: &Response) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    match response {
+        Response::Account(info) => render_account(info, &mut out),
+        Response::Accounts {
+            accounts,
+            next_after,
+        } => {
+            let _ = writeln!(
+                out,
+                "{:>6}  {:<24} {:<7} {:>22} {:>22}",
+                "id", "name", "kind", "balance", "available"
+            );
+            for info in accounts {
+                let _ = writeln!(
+                    out,
+                    "{:>6}  {:<24} {:<7} {:>22} {:>22}",
+                    info.id.0,
+                    info.name,
+                    info.kind.as_str(),
+                    Flops(info.balance_cu).to_string(),
+                    Flops(info.available_cu as i64).to_string(),
+                );
+            }
+            if let Some(after) = next_after {
+                let _ = writeln!(out, "(more: --after {after})");
+            }
+        }
+        Response::Posted(posted) => {
+            let verb = if posted.replayed {
+                "already posted"
+            } else {
+                "posted"
+            };
+            let _ = writeln!(
+                out,
+                "{} {verb}: {} from {} to {}\ntransfer id {} (pass --id {} to retry safely)",
+                posted.kind.as_str(),
+                amount(posted.amount_cu as i64),
+                posted.from,
+                posted.to,
+                posted.id,
+                posted.id,
+            );
+        }
+        Response::Invariants { violations } => {
+            for violation in violations {
+                let _ = writeln!(out, "{violation}");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json() {
+        let requests = vec![
+            Request::CreateAccount {
+                name: "ann".into(),
+                kind: AccountKind::Pool,
+            },
+            Request::Grant {
+                name: "ann".into(),
+                amount_cu: 5,
+                id: Some(TransferId(9)),
+                expires_at_ms: Some(1),
+            },
+            Request::CheckInvariants,
+        ];
+        for request in requests {
+            let text = serde_json::to_string(&request).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Request>(&text).unwrap(),
+                request,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_764_460_800_000), "2025-11-30T00:00:00Z");
+    }
+}

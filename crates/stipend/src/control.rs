@@ -1,0 +1,122 @@
+//! The control socket: how `stipend account …`, `grant` and `give` reach a running server.
+//!
+//! The store has one writer at a time (it holds the store's lock). While `stipend serve` runs, it
+//! is that writer, so the CLI sends its command over a Unix socket in the data directory and the
+//! server runs it on its own ledger. The socket is created mode 0600: only the operator's user can
+//! use it, which is the same rule as for the store file itself. One JSON line in, one out.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use stipend_ledger::Ledger;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::commands::{Request, Response, execute};
+
+/// The longest request line accepted.
+pub const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// The longest a client waits for the server.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The command ran.
+    Ok(Response),
+    /// The command was refused; nothing changed.
+    Error {
+        /// Why, for a person.
+        message: String,
+    },
+}
+
+/// Binds the control socket, replacing a stale one (the caller holds the store's lock, so no
+/// other server can be using it).
+pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Accepts control connections until the task is dropped.
+pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ledger = Arc::clone(&ledger);
+        tokio::spawn(async move {
+            if let Err(error) = handle(stream, ledger).await {
+                tracing::warn!(%error, "control connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: tokio::net::UnixStream, ledger: Arc<Ledger>) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(read.take(REQUEST_BYTES_MAX))
+        .read_line(&mut line)
+        .await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => {
+            tracing::info!(op = ?std::mem::discriminant(&request), "control command");
+            match tokio::task::spawn_blocking(move || execute(&ledger, request)).await {
+                Ok(Ok(response)) => Reply::Ok(response),
+                Ok(Err(error)) => Reply::Error {
+                    message: error.to_string(),
+                },
+                Err(_) => Reply::Error {
+                    message: "the command failed inside the server".to_string(),
+                },
+            }
+        }
+        Err(error) => Reply::Error {
+            message: format!("malformed control request: {error}"),
+        },
+    };
+    let mut text = serde_json::to_string(&reply)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.shutdown().await?;
+    Ok(())
+}
+
+/// Sends one command to the server listening on `socket`.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "the store is in use by a running server, but its control socket {} does not answer",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    stream.write_all(text.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(16 * 1024 * 1024))
+        .read_line(&mut line)
+        .context("no reply from the server")?;
+    serde_json::from_str(&line).context("the server's reply is malformed")
+}

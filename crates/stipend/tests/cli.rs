@@ -1,0 +1,342 @@
+//! The `stipend` binary as an operator uses it: commands on the store directly, the same commands
+//! while a server holds the store, `ledger verify`, bad input, and graceful shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(config: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stipend.toml"), config).unwrap();
+        Env { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("stipend.toml")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_stipend"))
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command that must succeed and returns its JSON output.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let output = self.run(&all);
+        assert!(
+            output.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail with exit code 2 and returns its message.
+    fn refused(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stderr).to_string()
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("data/ledger.db")
+    }
+}
+
+const CONFIG: &str = r#"
+data_dir = "data"
+[stipend]
+amount = "10 PFLOP"
+period = "1d"
+rollover_max = "10 PFLOP"
+"#;
+
+/// A running `stipend serve`, killed on drop; its output is printed if a test fails.
+struct Server {
+    child: Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    fn start(env: &Env) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stipend"))
+            .arg("--config")
+            .arg(env.config())
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.contains("Press Ctrl-C") {
+                        let _ = ready_tx.send(());
+                    }
+                    output.lock().unwrap().push_str(&format!("{line}\n"));
+                }
+            });
+        }
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the server did not become ready");
+        Server { child, output }
+    }
+
+    fn stop(mut self) -> String {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "the server exited with {status}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("server output:\n{}", self.output.lock().unwrap());
+        }
+    }
+}
+
+fn exercise(env: &Env) {
+    let alice = env.json(&["account", "create", "alice"]);
+    assert_eq!(alice["balance_cu"], 10_000_000);
+    assert_eq!(alice["available_cu"], 10_000_000);
+    assert_eq!(alice["reserved_cu"], 0);
+    assert!(
+        alice["next_grant_at"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+    env.json(&["account", "create", "bob"]);
+    let lab = env.json(&["account", "create", "lab", "--kind", "pool"]);
+    assert_eq!(lab["balance_cu"], 0);
+
+    let grant = env.json(&["grant", "bob", "3.5 TFLOP", "--id", "abc123"]);
+    assert_eq!(grant["amount_cu"], 3_500);
+    assert_eq!(grant["replayed"], false);
+    // The same id again is a no-op; with another amount it is refused.
+    let again = env.json(&["grant", "bob", "3.5 TFLOP", "--id", "abc123"]);
+    assert_eq!(again["replayed"], true);
+    let message = env.refused(&["grant", "bob", "4 TFLOP", "--id", "abc123"]);
+    assert!(
+        message.contains("already used for a different transfer"),
+        "{message}"
+    );
+
+    env.json(&["give", "alice", "bob", "250 GFLOP"]);
+    let contribution = env.json(&["give", "alice", "lab", "1 PFLOP"]);
+    assert_eq!(contribution["kind"], "pool_contribution");
+
+    let bob = env.json(&["account", "show", "bob"]);
+    assert_eq!(bob["balance_cu"], 10_000_000 + 3_500 + 250);
+    let history = bob["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0]["kind"], "gift");
+    assert_eq!(history[0]["counterparty"], "alice");
+    assert_eq!(history[0]["amount_cu"], 250);
+
+    let list = env.json(&["account", "list"]);
+    let names: Vec<&str> = list["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|account| account["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["issuer", "alice", "bob", "lab"]);
+    let page = env.json(&["account", "list", "--limit", "2"]);
+    assert_eq!(page["accounts"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next_after"], 2);
+
+    // Bad input: a clear message, exit 2, nothing changed.
+    for (args, expected) in [
+        (
+            &["give", "alice", "nobody", "5"][..],
+            "no account named \"nobody\"",
+        ),
+        (&["give", "alice", "bob", "0"][..], "greater than zero"),
+        (&["give", "alice", "bob", "-5"][..], "negative"),
+        (&["give", "alice", "bob", "1.5 GFLOP"][..], "whole number"),
+        (&["give", "alice", "bob", "100 PFLOP"][..], "available"),
+        (&["give", "alice", "alice", "5"][..], "itself"),
+        (&["grant", "bob", "5 bananas"][..], "unknown unit"),
+        (
+            &["grant", "bob", "5", "--id", "xyz"][..],
+            "not a transfer id",
+        ),
+        (
+            &["grant", "bob", "5", "--expires-in", "soon"][..],
+            "--expires-in",
+        ),
+        (&["account", "create", "alice"][..], "already exists"),
+        (
+            &["account", "create", "has space"][..],
+            "invalid account name",
+        ),
+        (&["account", "show", "nobody"][..], "no account named"),
+    ] {
+        let message = env.refused(args);
+        assert!(message.contains(expected), "{args:?}: {message}");
+    }
+    let alice = env.json(&["account", "show", "alice"]);
+    assert_eq!(alice["balance_cu"], 10_000_000 - 250 - 1_000_000);
+    assert_eq!(
+        env.json(&["ledger", "verify"])["violations"],
+        Value::Array(vec![])
+    );
+}
+
+#[test]
+fn operator_commands_work_directly_on_the_store() {
+    let env = Env::new(CONFIG);
+    exercise(&env);
+    let output = env.run(&["ledger", "verify"]);
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.starts_with("ok: 4 accounts and 5 transfers"), "{text}");
+}
+
+#[test]
+fn operator_commands_work_while_the_server_runs() {
+    let env = Env::new(CONFIG);
+    let server = Server::start(&env);
+    exercise(&env);
+    // The server holds the store; the socket is private to the operator.
+    use std::os::unix::fs::PermissionsExt;
+    let socket = env.dir.path().join("data/stipend.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let data_mode = std::fs::metadata(env.dir.path().join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(data_mode & 0o777, 0o700);
+    // A second server on the same data refuses to start.
+    let second = env.run(&["serve"]);
+    assert_eq!(second.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already using"));
+    let output = server.stop();
+    assert!(output.contains("the ledger is flushed"), "{output}");
+    assert!(!socket.exists(), "the socket is removed on shutdown");
+    // Everything done through the server is in the store.
+    let bob = env.json(&["account", "show", "bob"]);
+    assert_eq!(bob["balance_cu"], 10_000_000 + 3_500 + 250);
+}
+
+#[test]
+fn verify_reports_a_tampered_store_and_exits_1() {
+    let env = Env::new(CONFIG);
+    env.json(&["account", "create", "alice"]);
+    let connection = rusqlite::Connection::open(env.db()).unwrap();
+    connection
+        .execute(
+            "UPDATE accounts SET balance_cu = balance_cu + 5 WHERE name = 'alice'",
+            [],
+        )
+        .unwrap();
+    drop(connection);
+    let output = env.run(&["ledger", "verify"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("double entry broken: balances sum to 5 cu"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lots sum to 10000000 cu but the balance is 10000005 cu"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_bad_config_stops_with_the_key_and_the_problem() {
+    for (config, expected) in [
+        ("[stipend]\namount = \"lots\"\n", "stipend.amount"),
+        ("[stipend]\nperiod = \"1 fortnight\"\n", "stipend.period"),
+        (
+            "[stipend]\nrollover_max = \"1.5 GFLOP\"\n",
+            "stipend.rollover_max",
+        ),
+        ("listen_on = 5\n", "listen_on"),
+        ("[stipend\n", "is not valid"),
+    ] {
+        let env = Env::new(config);
+        let message = env.refused(&["serve"]);
+        assert!(message.contains(expected), "{config:?}: {message}");
+        assert!(
+            !env.dir.path().join("data").exists(),
+            "nothing is created on a bad config"
+        );
+    }
+    let missing = Command::new(env!("CARGO_BIN_EXE_stipend"))
+        .args(["--config", "/nonexistent/stipend.toml", "account", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["account", "--help"],
+        &["account", "create", "--help"],
+        &["account", "list", "--help"],
+        &["account", "show", "--help"],
+        &["grant", "--help"],
+        &["give", "--help"],
+        &["ledger", "verify", "--help"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_stipend"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Usage: stipend"), "{args:?}: {text}");
+        assert!(
+            text.contains("--config") && text.contains("--json"),
+            "{args:?}: {text}"
+        );
+    }
+}
