@@ -142,6 +142,18 @@ struct Shared {
     clock: Arc<dyn Clock>,
     options: LedgerOptions,
     issuer: AccountId,
+    stats: Mutex<WriterStats>,
+}
+
+/// What the group-commit writer has done since the ledger opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WriterStats {
+    /// Commits to the store.
+    pub commits: u64,
+    /// Queued changes written by them.
+    pub mutations: u64,
+    /// Time spent inside the store's commit, in µs.
+    pub commit_us_total: u64,
 }
 
 struct Durability {
@@ -572,6 +584,7 @@ impl Ledger {
             clock,
             options,
             issuer,
+            stats: Mutex::new(WriterStats::default()),
         });
         let writer_shared = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -1123,6 +1136,11 @@ impl Ledger {
         self.shared.wait_durable(seq)
     }
 
+    /// What the group-commit writer has done so far.
+    pub fn writer_stats(&self) -> WriterStats {
+        *self.shared.stats.lock()
+    }
+
     /// How many reservations are open.
     pub fn open_reservations(&self) -> usize {
         self.shared.state.lock().reservations.len()
@@ -1221,8 +1239,17 @@ fn run_writer(shared: &Shared) {
             let seq_max = items.last().map_or(0, |(seq, _)| *seq);
             (items, seq_max)
         };
+        let n_items = items.len() as u64;
         let batch = coalesce(items);
-        match shared.store.commit(&batch) {
+        let started = std::time::Instant::now();
+        let result = shared.store.commit(&batch);
+        {
+            let mut stats = shared.stats.lock();
+            stats.commits += 1;
+            stats.mutations += n_items;
+            stats.commit_us_total += started.elapsed().as_micros() as u64;
+        }
+        match result {
             Ok(()) => {
                 shared.durable.lock().seq = seq_max;
                 shared.durable_changed.notify_all();

@@ -21,7 +21,7 @@ pub mod verify;
 pub use account::{AccountId, AccountKind, AccountRecord, Lot, LotSource};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LedgerError;
-pub use ledger::{AccountView, Durable, ISSUER_NAME, Ledger, LedgerOptions, Posted};
+pub use ledger::{AccountView, Durable, ISSUER_NAME, Ledger, LedgerOptions, Posted, WriterStats};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
 pub use store::{AccountUpdate, AuditRow, Batch, Store, StoreError, TransferAudit};

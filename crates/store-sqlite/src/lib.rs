@@ -27,13 +27,18 @@ CREATE TABLE accounts (
 );
 CREATE TABLE transfers (
     seq            INTEGER PRIMARY KEY,
-    id             BLOB    NOT NULL UNIQUE,
+    id             BLOB    NOT NULL,
     kind           TEXT    NOT NULL,
     debit_account  INTEGER NOT NULL,
     credit_account INTEGER NOT NULL,
     amount_cu      INTEGER NOT NULL,
     created_at_ms  INTEGER NOT NULL
 );
+-- Caller-chosen ids (grants, gifts) must be unique and are looked up for replays. The ledger
+-- makes every other id unique by construction (a random per-start prefix and a counter), so
+-- indexing them too would cost every settle a B-tree insert for nothing.
+CREATE UNIQUE INDEX transfers_by_chosen_id ON transfers (id)
+    WHERE kind IN ('grant', 'gift', 'pool_contribution');
 CREATE INDEX transfers_by_debit ON transfers (debit_account, seq);
 CREATE INDEX transfers_by_credit ON transfers (credit_account, seq);
 "#];
@@ -96,7 +101,9 @@ impl SqliteStore {
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = OFF;",
+                 PRAGMA foreign_keys = OFF;
+                 PRAGMA cache_size = -65536;
+                 PRAGMA wal_autocheckpoint = 16384;",
             )
             .map_err(io)?;
         connection
@@ -346,7 +353,8 @@ impl Store for SqliteStore {
         self.with_reader(|connection| {
             let mut statement = connection
                 .prepare_cached(&format!(
-                    "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ?1"
+                    "SELECT {TRANSFER_COLUMNS} FROM transfers
+                     WHERE id = ?1 AND kind IN ('grant', 'gift', 'pool_contribution')"
                 ))
                 .map_err(io)?;
             statement
