@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use stipend_ledger::{
-    AccountId, AccountKind, AccountRecord, Batch, Ledger, LedgerError, LedgerOptions,
-    Clock, StipendPolicy, Store, SystemClock,
+    AccountId, AccountKind, AccountRecord, Batch, Clock, Ledger, LedgerError, LedgerOptions,
+    StipendPolicy, Store, SystemClock,
 };
 use stipend_store_sqlite::SqliteStore;
 
@@ -34,7 +34,13 @@ fn rss_bytes() -> u64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -53,7 +59,12 @@ fn policy() -> StipendPolicy {
 fn open(path: &Path) -> (Ledger, Arc<SqliteStore>) {
     let store = Arc::new(SqliteStore::open(path).unwrap());
     let dyn_store: Arc<dyn Store> = store.clone();
-    let ledger = Ledger::open(dyn_store, Arc::new(SystemClock), LedgerOptions::new(policy())).unwrap();
+    let ledger = Ledger::open(
+        dyn_store,
+        Arc::new(SystemClock),
+        LedgerOptions::new(policy()),
+    )
+    .unwrap();
     (ledger, store)
 }
 
@@ -90,7 +101,7 @@ where
                     let start = Instant::now();
                     work(thread, count);
                     // Sample one in 16 latencies to keep memory flat on fast paths.
-                    if count % 16 == 0 {
+                    if count.is_multiple_of(16) {
                         mine.push(start.elapsed().as_nanos() as u64);
                     }
                     count += 1;
@@ -154,7 +165,9 @@ fn reserve_bench(dir: &Path, secs: f64) {
     let sink = ledger.sink("sink:bench").unwrap();
     let mut accounts = Vec::new();
     for index in 0..100_000 {
-        let created = ledger.create_account(&format!("p{index}"), AccountKind::Person).unwrap();
+        let created = ledger
+            .create_account(&format!("p{index}"), AccountKind::Person)
+            .unwrap();
         accounts.push(*created.peek());
     }
     ledger.flush().unwrap();
@@ -179,7 +192,9 @@ fn reserve_bench(dir: &Path, secs: f64) {
 
     for threads in [1usize, 2] {
         let stipend = timed(threads, secs, |_, _| {
-            let reservation = ledger.reserve(hot, sink, 100, Duration::from_secs(60)).unwrap();
+            let reservation = ledger
+                .reserve(hot, sink, 100, Duration::from_secs(60))
+                .unwrap();
             ledger.void(reservation.id()).unwrap();
         });
         let baseline = timed(threads, secs, |_, _| floor(hot.0, 100));
@@ -193,21 +208,43 @@ fn reserve_bench(dir: &Path, secs: f64) {
     let n = accounts.len() as u64;
     let stipend = timed(2, secs, |thread, count| {
         let account = accounts[((count * 7919 + thread as u64 * 104_729) % n) as usize];
-        let reservation = ledger.reserve(account, sink, 100, Duration::from_secs(60)).unwrap();
+        let reservation = ledger
+            .reserve(account, sink, 100, Duration::from_secs(60))
+            .unwrap();
         ledger.void(reservation.id()).unwrap();
     });
     let baseline = timed(2, secs, |thread, count| {
-        floor(accounts[((count * 7919 + thread as u64 * 104_729) % n) as usize].0, 100)
+        floor(
+            accounts[((count * 7919 + thread as u64 * 104_729) % n) as usize].0,
+            100,
+        )
     });
-    row("reserve+void, 100k accounts, 2 threads", &stipend, "mutex+map floor", &baseline);
+    row(
+        "reserve+void, 100k accounts, 2 threads",
+        &stipend,
+        "mutex+map floor",
+        &baseline,
+    );
     // A refused reserve is a decision too, and the one a flood of over-budget calls makes.
-    let broke = ledger.create_account("broke", AccountKind::Pool).unwrap().wait().unwrap();
+    let broke = ledger
+        .create_account("broke", AccountKind::Pool)
+        .unwrap()
+        .wait()
+        .unwrap();
     let stipend = timed(2, secs, |_, _| {
         let refused = ledger.reserve(broke, sink, 100, Duration::from_secs(60));
-        assert!(matches!(refused, Err(LedgerError::InsufficientBalance { .. })));
+        assert!(matches!(
+            refused,
+            Err(LedgerError::InsufficientBalance { .. })
+        ));
     });
     let baseline = timed(2, secs, |_, _| floor(hot.0, u64::MAX));
-    row("refused reserve, 2 threads", &stipend, "mutex+map floor", &baseline);
+    row(
+        "refused reserve, 2 threads",
+        &stipend,
+        "mutex+map floor",
+        &baseline,
+    );
 }
 
 /// The floor for durable writes: raw SQLite, same schema, same batch sizes, one thread.
@@ -240,7 +277,10 @@ fn sqlite_floor(dir: &Path, secs: f64, batch: usize) -> Run {
                 insert.execute([id.to_be_bytes().as_slice()]).unwrap();
             }
             transaction
-                .execute("UPDATE accounts SET balance_cu = balance_cu + 5 WHERE id IN (1, 2)", [])
+                .execute(
+                    "UPDATE accounts SET balance_cu = balance_cu + 5 WHERE id IN (1, 2)",
+                    [],
+                )
                 .unwrap();
         }
         transaction.commit().unwrap();
@@ -259,7 +299,12 @@ fn settle_bench(dir: &Path, secs: f64) {
     let sink = ledger.sink("sink:bench").unwrap();
     let mut accounts = Vec::new();
     for index in 0..100_000 {
-        accounts.push(*ledger.create_account(&format!("p{index}"), AccountKind::Person).unwrap().peek());
+        accounts.push(
+            *ledger
+                .create_account(&format!("p{index}"), AccountKind::Person)
+                .unwrap()
+                .peek(),
+        );
     }
     ledger.flush().unwrap();
     for account in &accounts {
@@ -268,26 +313,32 @@ fn settle_bench(dir: &Path, secs: f64) {
     ledger.flush().unwrap();
     let hot = accounts[0];
     let n = accounts.len() as u64;
-    let hot_run = timed(threads, secs, |_, _| {
-        let reservation = ledger.reserve(hot, sink, 100, Duration::from_secs(60)).unwrap();
-        ledger.settle(reservation.id(), 40).unwrap().wait().unwrap();
-    });
     let writer_line = |ledger: &Ledger, before: stipend_ledger::WriterStats, run: &Run| {
         let after = ledger.writer_stats();
         let commits = after.commits - before.commits;
         let busy = (after.commit_us_total - before.commit_us_total) as f64 / 1e6;
         eprintln!(
-            "  writer: {commits} commits, {:.0} changes per commit, {:.0}% of the time inside commit, {:.2} ms per commit",
+            "  writer: {commits} commits ({} checkpoints), {:.0} changes per commit, {:.0}% of the time inside commit, {:.2} ms per commit",
+            after.checkpoints - before.checkpoints,
             (after.mutations - before.mutations) as f64 / commits.max(1) as f64,
             100.0 * busy / run.elapsed.as_secs_f64(),
             1e3 * busy / commits.max(1) as f64,
         );
         after
     };
-    let before = writer_line(&ledger, ledger.writer_stats(), &hot_run);
+    let before = ledger.writer_stats();
+    let hot_run = timed(threads, secs, |_, _| {
+        let reservation = ledger
+            .reserve(hot, sink, 100, Duration::from_secs(60))
+            .unwrap();
+        ledger.settle(reservation.id(), 40).unwrap().wait().unwrap();
+    });
+    let before = writer_line(&ledger, before, &hot_run);
     let spread_run = timed(threads, secs, |thread, count| {
         let account = accounts[((count * 7919 + thread as u64 * 104_729) % n) as usize];
-        let reservation = ledger.reserve(account, sink, 100, Duration::from_secs(60)).unwrap();
+        let reservation = ledger
+            .reserve(account, sink, 100, Duration::from_secs(60))
+            .unwrap();
         ledger.settle(reservation.id(), 40).unwrap().wait().unwrap();
     });
     writer_line(&ledger, before, &spread_run);
@@ -304,7 +355,10 @@ fn settle_bench(dir: &Path, secs: f64) {
     row(
         &format!("durable settle, 100k accounts, {threads} threads"),
         &spread_run,
-        &format!("raw SQLite, {} rows per commit", mean_batch.max(threads / 2)),
+        &format!(
+            "raw SQLite, {} rows per commit",
+            mean_batch.max(threads / 2)
+        ),
         &batched,
     );
     drop(ledger);
@@ -389,7 +443,10 @@ fn main() {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|line| line.strip_prefix("model name").map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|line| {
+            line.strip_prefix("model name")
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".to_string());
     println!(
         "ledger benchmark: {} cores ({cpu}), store in {}, {secs}s per measurement\n",

@@ -7,25 +7,29 @@
 //! The process that opens the ledger is the store's only writer, which is what makes the
 //! in-memory balances authoritative (the store enforces that with a lock).
 //!
+//! The transfer log is the truth. A settle appends one transfer and changes no account row;
+//! account rows are checkpoints, rewritten for the accounts changed since the last checkpoint
+//! every [`LedgerOptions::checkpoint_interval`]. On open, the transfers after the last
+//! checkpoint are replayed through [`apply`], the same function that made them live.
+//!
 //! Reservations live in memory only. A crash therefore voids every open reservation, which is
 //! exactly the product's rule: a crash can release compute, never charge it twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 
-use crate::account::{
-    AccountId, AccountKind, AccountRecord, Lot, LotSource, validate_account_name,
-};
+use crate::account::{AccountId, AccountKind, AccountRecord, Lot, validate_account_name};
 use crate::clock::Clock;
 use crate::error::LedgerError;
-use crate::policy::{Lots, StipendPolicy};
+use crate::policy::StipendPolicy;
 use crate::reservation::{Reservation, ReservationId, Settlement};
-use crate::store::{AccountUpdate, Batch, Store};
+use crate::state::{Balance, apply, can_receive_gift};
+use crate::store::{AccountUpdate, Batch, Store, StoreError};
 use crate::transfer::{Transfer, TransferId, TransferKind};
 use crate::units::{AMOUNT_MAX_CU, Flops};
 
@@ -48,6 +52,14 @@ pub struct LedgerOptions {
     pub commit_batch_max: usize,
     /// The most changes waiting for the writer before new work is refused.
     pub pending_mutations_max: usize,
+    /// How often changed accounts are checkpointed. Longer means fewer writes and a longer log
+    /// tail to replay after a crash.
+    pub checkpoint_interval: Duration,
+    /// Checkpoint at once when this many accounts have changed since the last checkpoint.
+    pub checkpoint_dirty_max: usize,
+    /// Checkpoint when the ledger closes, so the next start replays nothing. Turned off only by
+    /// tests of recovery.
+    pub checkpoint_on_close: bool,
 }
 
 impl LedgerOptions {
@@ -59,6 +71,9 @@ impl LedgerOptions {
             reservations_open_max: 1_000_000,
             commit_batch_max: 32_768,
             pending_mutations_max: 1 << 20,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_dirty_max: 200_000,
+            checkpoint_on_close: true,
         }
     }
 }
@@ -152,6 +167,8 @@ pub struct WriterStats {
     pub commits: u64,
     /// Queued changes written by them.
     pub mutations: u64,
+    /// How many of the commits were checkpoints.
+    pub checkpoints: u64,
     /// Time spent inside the store's commit, in µs.
     pub commit_us_total: u64,
 }
@@ -164,65 +181,55 @@ struct Durability {
 enum Mutation {
     Create(AccountRecord),
     Post(Transfer),
-    Update(AccountUpdate),
 }
 
 struct AccountState {
     name: Box<str>,
-    kind: AccountKind,
     created_at_ms: i64,
-    balance_cu: i64,
+    balance: Balance,
     reserved_cu: u64,
     open_reservations: u32,
-    lots: Lots,
-    stipend_period: Option<i64>,
 }
 
 impl AccountState {
     fn from_record(record: AccountRecord) -> AccountState {
         AccountState {
+            balance: Balance::from_record(&record),
             name: record.name.into_boxed_str(),
-            kind: record.kind,
             created_at_ms: record.created_at_ms,
-            balance_cu: record.balance_cu,
             reserved_cu: 0,
             open_reservations: 0,
-            lots: Lots::from_vec(record.lots),
-            stipend_period: record.stipend_period,
         }
     }
 
+    fn kind(&self) -> AccountKind {
+        self.balance.kind
+    }
+
     fn available_cu(&self) -> u64 {
-        if !self.kind.holds_grants() {
+        if !self.kind().holds_grants() {
             return 0;
         }
-        (self.balance_cu as u64).saturating_sub(self.reserved_cu)
+        (self.balance.balance_cu as u64).saturating_sub(self.reserved_cu)
     }
 
     /// The cheap per-account invariants, checked after every change to the account.
     fn assert_invariants(&self, id: AccountId) {
-        if self.kind.holds_grants() {
+        let checked = self.balance.check(id);
+        assert!(checked.is_ok(), "ledger invariant broken: {checked:?}");
+        if self.kind().holds_grants() {
             assert!(
-                self.balance_cu >= 0,
-                "account {id}: negative balance {}",
-                self.balance_cu
-            );
-            assert!(
-                self.reserved_cu <= self.balance_cu as u64,
+                self.reserved_cu <= self.balance.balance_cu as u64,
                 "account {id}: reserved {} exceeds balance {}",
                 self.reserved_cu,
-                self.balance_cu
-            );
-            assert_eq!(
-                self.lots.total_cu(),
-                self.balance_cu as u64,
-                "account {id}: lots do not sum to the balance"
+                self.balance.balance_cu
             );
         } else {
             assert_eq!(
-                self.reserved_cu, 0,
+                self.reserved_cu,
+                0,
                 "account {id}: reservation on a {}",
-                self.kind
+                self.kind()
             );
         }
     }
@@ -230,6 +237,8 @@ impl AccountState {
 
 struct State {
     accounts: HashMap<AccountId, AccountState>,
+    /// Accounts changed since the last checkpoint.
+    dirty: HashSet<AccountId>,
     reservations: HashMap<ReservationId, Reservation>,
     queue: Vec<(u64, Mutation)>,
     seq_last: u64,
@@ -253,20 +262,6 @@ impl State {
         self.seq_last
     }
 
-    fn push_update(&mut self, id: AccountId) {
-        let Some(account) = self.accounts.get(&id) else {
-            return;
-        };
-        account.assert_invariants(id);
-        let update = AccountUpdate {
-            id,
-            balance_cu: account.balance_cu,
-            lots: account.lots.to_vec(),
-            stipend_period: account.stipend_period,
-        };
-        self.push(Mutation::Update(update));
-    }
-
     fn next_transfer_id(&mut self) -> TransferId {
         self.transfer_counter += 1;
         TransferId((u128::from(self.transfer_prefix) << 64) | u128::from(self.transfer_counter))
@@ -288,35 +283,60 @@ impl State {
             })
     }
 
-    /// Moves `amount_cu` between two loaded accounts' balances and queues the transfer.
-    /// Lots are the caller's business.
-    fn post(
-        &mut self,
-        kind: TransferKind,
-        id: TransferId,
-        debit: AccountId,
-        credit: AccountId,
-        amount_cu: u64,
-        now_ms: i64,
-    ) -> Transfer {
-        assert!(amount_cu > 0 && debit != credit);
-        let transfer = Transfer {
-            id,
-            kind,
-            debit,
-            credit,
-            amount_cu,
-            created_at_ms: now_ms,
-        };
-        let amount = amount_cu as i64;
-        if let Some(account) = self.accounts.get_mut(&debit) {
-            account.balance_cu -= amount;
-        }
-        if let Some(account) = self.accounts.get_mut(&credit) {
-            account.balance_cu += amount;
-        }
+    /// Applies a transfer to its two loaded accounts and queues it for the store. Everything
+    /// that could make it fail was checked by the caller, so a failure here is a bug.
+    fn post(&mut self, transfer: Transfer) -> Transfer {
+        self.apply_loaded(&transfer);
         self.push(Mutation::Post(transfer));
         transfer
+    }
+
+    /// Applies a transfer to in-memory state without queueing it.
+    fn apply_loaded(&mut self, transfer: &Transfer) {
+        let applied = self.try_apply_loaded(transfer);
+        assert!(applied.is_ok(), "ledger invariant broken: {applied:?}");
+    }
+
+    /// Applies a transfer to its two loaded accounts; says why not if it cannot.
+    fn try_apply_loaded(&mut self, transfer: &Transfer) -> Result<(), String> {
+        if transfer.debit == transfer.credit {
+            return Err(format!(
+                "transfer {} moves compute to its source",
+                transfer.id
+            ));
+        }
+        let [Some(debit), Some(credit)] = self
+            .accounts
+            .get_disjoint_mut([&transfer.debit, &transfer.credit])
+        else {
+            return Err(format!("transfer {} names an unknown account", transfer.id));
+        };
+        apply(&mut debit.balance, &mut credit.balance, transfer).map_err(|e| e.to_string())?;
+        debit.balance.check(transfer.debit)?;
+        credit.balance.check(transfer.credit)?;
+        self.dirty.insert(transfer.debit);
+        self.dirty.insert(transfer.credit);
+        Ok(())
+    }
+}
+
+fn transfer(
+    kind: TransferKind,
+    id: TransferId,
+    debit: AccountId,
+    credit: AccountId,
+    amount_cu: u64,
+    now_ms: i64,
+) -> Transfer {
+    Transfer {
+        id,
+        kind,
+        debit,
+        credit,
+        amount_cu,
+        created_at_ms: now_ms,
+        lot_expires_at_ms: None,
+        period: None,
     }
 }
 
@@ -386,74 +406,67 @@ impl Shared {
         let Some(account) = state.accounts.get(&id) else {
             return;
         };
-        if !account.kind.holds_grants() {
+        if !account.kind().holds_grants() {
             return;
         }
-        let mut changed = false;
-        if account.kind == AccountKind::Person {
-            let stipend_cu = account.lots.stipend_cu();
-            let other_cu = account.lots.total_cu() - stipend_cu;
+        if account.kind() == AccountKind::Person {
+            let lots = &account.balance.lots;
+            let stipend_cu = lots.stipend_cu();
+            let other_cu = lots.total_cu() - stipend_cu;
             let current = policy.period_index(now_ms);
             if let Some(catch_up) = policy.catch_up(
-                account.stipend_period,
+                account.balance.stipend_period,
                 current,
                 stipend_cu,
                 other_cu,
                 account.reserved_cu,
             ) {
-                if catch_up.granted_cu > 0 {
-                    let transfer_id = state.next_transfer_id();
-                    state.post(
-                        TransferKind::Stipend,
-                        transfer_id,
-                        issuer,
-                        id,
-                        catch_up.granted_cu,
-                        now_ms,
-                    );
-                }
+                // The stipend arrives (joining what is left of the last one), then whatever is
+                // over the rollover cap goes back: two transfers, replayable one by one.
+                let stipend_id = state.next_transfer_id();
+                let mut stipend = transfer(
+                    TransferKind::Stipend,
+                    stipend_id,
+                    issuer,
+                    id,
+                    catch_up.granted_cu,
+                    now_ms,
+                );
+                stipend.lot_expires_at_ms = Some(catch_up.lot_expires_at_ms);
+                stipend.period = Some(catch_up.period);
+                state.post(stipend);
                 if catch_up.expired_cu > 0 {
-                    let transfer_id = state.next_transfer_id();
-                    state.post(
-                        TransferKind::Expiry,
-                        transfer_id,
+                    let rollover_id = state.next_transfer_id();
+                    state.post(transfer(
+                        TransferKind::Rollover,
+                        rollover_id,
                         id,
                         issuer,
                         catch_up.expired_cu,
                         now_ms,
-                    );
-                }
-                if let Some(account) = state.accounts.get_mut(&id) {
-                    account
-                        .lots
-                        .set_stipend(catch_up.stipend_lot_cu, catch_up.lot_expires_at_ms);
-                    account.stipend_period = Some(catch_up.period);
-                }
-                changed = true;
-            }
-        }
-        if let Some(account) = state.accounts.get_mut(&id) {
-            let expirable = account.lots.expired_cu(now_ms);
-            if expirable > 0 {
-                let unpinned = (account.balance_cu as u64).saturating_sub(account.reserved_cu);
-                let expired = account.lots.expire(now_ms, unpinned);
-                if expired > 0 {
-                    let transfer_id = state.next_transfer_id();
-                    state.post(
-                        TransferKind::Expiry,
-                        transfer_id,
-                        id,
-                        issuer,
-                        expired,
-                        now_ms,
-                    );
-                    changed = true;
+                    ));
                 }
             }
         }
-        if changed {
-            state.push_update(id);
-            state.push_update(issuer);
+        let Some(account) = state.accounts.get(&id) else {
+            return;
+        };
+        let expirable = account.balance.lots.expired_cu(now_ms);
+        if expirable > 0 {
+            // Compute held by open reservations is pinned: it cannot expire under them.
+            let unpinned = (account.balance.balance_cu as u64).saturating_sub(account.reserved_cu);
+            let expired = expirable.min(unpinned);
+            if expired > 0 {
+                let expiry_id = state.next_transfer_id();
+                state.post(transfer(
+                    TransferKind::Expiry,
+                    expiry_id,
+                    id,
+                    issuer,
+                    expired,
+                    now_ms,
+                ));
+            }
         }
     }
 
@@ -559,6 +572,7 @@ impl Ledger {
         };
         let state = State {
             accounts: HashMap::new(),
+            dirty: HashSet::new(),
             reservations: HashMap::new(),
             queue: Vec::new(),
             seq_last: 0,
@@ -611,7 +625,36 @@ impl Ledger {
                     .wait()?;
             }
         }
+        ledger.recover()?;
         Ok(ledger)
+    }
+
+    /// Replays the transfers after the last checkpoint onto the accounts they name, through the
+    /// same [`apply`] that made them live. The accounts they touch are then loaded and dirty, so
+    /// the next checkpoint (within one interval) brings their rows up to date.
+    fn recover(&self) -> Result<(), LedgerError> {
+        let started = Instant::now();
+        let mut tail = Vec::new();
+        self.shared
+            .store
+            .transfers_after_checkpoint(&mut |transfer| tail.push(transfer))?;
+        for transfer in &tail {
+            let mut state = self.shared.lock_with(&[transfer.debit, transfer.credit])?;
+            state.try_apply_loaded(transfer).map_err(|reason| {
+                LedgerError::Store(StoreError::Corrupt(format!(
+                    "the log does not replay: {reason}"
+                )))
+            })?;
+        }
+        if !tail.is_empty() {
+            tracing::info!(
+                n_transfers = tail.len(),
+                replay_ms = started.elapsed().as_millis() as u64,
+                "replayed the log after the last checkpoint"
+            );
+            self.shared.work.notify_one();
+        }
+        Ok(())
     }
 
     /// The stipend policy.
@@ -707,7 +750,7 @@ impl Ledger {
         match self.account_id(name) {
             Ok(id) => {
                 let state = self.shared.lock_with(&[id])?;
-                let kind = state.account(id)?.kind;
+                let kind = state.account(id)?.kind();
                 if kind != AccountKind::Sink {
                     return Err(LedgerError::WrongKind {
                         account: id,
@@ -740,14 +783,14 @@ impl Ledger {
         let view = AccountView {
             id,
             name: account.name.to_string(),
-            kind: account.kind,
-            balance_cu: account.balance_cu,
+            kind: account.kind(),
+            balance_cu: account.balance.balance_cu,
             reserved_cu: account.reserved_cu,
             available_cu: account.available_cu(),
-            next_grant_at_ms: (account.kind == AccountKind::Person)
+            next_grant_at_ms: (account.kind() == AccountKind::Person)
                 .then(|| shared.options.policy.next_grant_at_ms(now_ms)),
             open_reservations: account.open_reservations,
-            lots: account.lots.to_vec(),
+            lots: account.balance.lots.to_vec(),
         };
         let queued = !state.queue.is_empty();
         drop(state);
@@ -796,7 +839,7 @@ impl Ledger {
         let mut state = shared.lock_with(&[account, sink])?;
         let now_ms = shared.now_ms();
         shared.sweep(&mut state, now_ms, false);
-        let kind = state.account(account)?.kind;
+        let kind = state.account(account)?.kind();
         if !kind.holds_grants() {
             return Err(LedgerError::WrongKind {
                 account,
@@ -804,7 +847,7 @@ impl Ledger {
                 operation: "reserve compute",
             });
         }
-        let sink_kind = state.account(sink)?.kind;
+        let sink_kind = state.account(sink)?.kind();
         if sink_kind != AccountKind::Sink {
             return Err(LedgerError::WrongKind {
                 account: sink,
@@ -889,34 +932,30 @@ impl Ledger {
         // Apply what is due while the hold still pins its compute against expiry, then release.
         shared.touch(&mut state, account_id, now_ms);
         release(&mut state, id);
-        let account = state.account_mut(account_id)?;
-        let charged_cu = actual_cu.min(account.available_cu());
+        let charged_cu = actual_cu.min(state.account(account_id)?.available_cu());
         assert!(
             charged_cu >= actual_cu.min(reservation.amount_cu),
             "a reservation's own hold must always cover its charge"
         );
-        let mut transfer = None;
+        let mut spend = None;
         if charged_cu > 0 {
-            account.lots.burn(charged_cu);
-            let transfer_id = state.next_transfer_id();
-            transfer = Some(transfer_id);
-            state.post(
+            let spend_id = state.next_transfer_id();
+            spend = Some(spend_id);
+            state.post(transfer(
                 TransferKind::Spend,
-                transfer_id,
+                spend_id,
                 account_id,
                 reservation.sink,
                 charged_cu,
                 now_ms,
-            );
-            state.push_update(account_id);
-            state.push_update(reservation.sink);
+            ));
         }
         let settlement = Settlement {
             reservation: id,
             charged_cu,
             shortfall_cu: actual_cu - charged_cu,
             released_cu: reservation.amount_cu.saturating_sub(charged_cu),
-            transfer,
+            transfer: spend,
         };
         if settlement.shortfall_cu > 0 {
             tracing::warn!(
@@ -962,18 +1001,12 @@ impl Ledger {
         let mut state = shared.lock_with(&[to, issuer])?;
         shared.check_pending_limit(&state)?;
         let now_ms = shared.now_ms();
-        let candidate = Transfer {
-            id,
-            kind: TransferKind::Grant,
-            debit: issuer,
-            credit: to,
-            amount_cu,
-            created_at_ms: now_ms,
-        };
+        let mut candidate = transfer(TransferKind::Grant, id, issuer, to, amount_cu, now_ms);
+        candidate.lot_expires_at_ms = expires_at_ms;
         if let Some(posted) = self.replay(&state, &candidate)? {
             return Ok(posted);
         }
-        let kind = state.account(to)?.kind;
+        let kind = state.account(to)?.kind();
         if !kind.holds_grants() {
             return Err(LedgerError::WrongKind {
                 account: to,
@@ -987,24 +1020,19 @@ impl Ledger {
             });
         }
         shared.touch(&mut state, to, now_ms);
-        let account = state.account_mut(to)?;
-        if !account.lots.can_credit(expires_at_ms, LotSource::Grant) {
+        let lots = &state.account(to)?.balance.lots;
+        if !lots.can_credit(expires_at_ms, crate::account::LotSource::Grant) {
             return Err(LedgerError::TooManyLots { account: to });
         }
-        account
-            .lots
-            .credit(amount_cu, expires_at_ms, LotSource::Grant);
-        let transfer = state.post(TransferKind::Grant, id, issuer, to, amount_cu, now_ms);
-        state.push_update(to);
-        state.push_update(issuer);
+        let posted = state.post(candidate);
         let seq = state.seq_last;
-        state.pending_transfers.insert(id, (transfer, seq));
+        state.pending_transfers.insert(id, (posted, seq));
         drop(state);
         shared.work.notify_one();
         tracing::info!(account = %to, amount_cu, "operator grant");
         Ok(shared.durable(
             Posted {
-                transfer,
+                transfer: posted,
                 replayed: false,
             },
             seq,
@@ -1029,25 +1057,18 @@ impl Ledger {
         shared.check_pending_limit(&state)?;
         let now_ms = shared.now_ms();
         shared.sweep(&mut state, now_ms, false);
-        let to_kind = state.account(to)?.kind;
+        let to_kind = state.account(to)?.kind();
         let kind = if to_kind == AccountKind::Pool {
             TransferKind::PoolContribution
         } else {
             TransferKind::Gift
         };
-        let candidate = Transfer {
-            id,
-            kind,
-            debit: from,
-            credit: to,
-            amount_cu,
-            created_at_ms: now_ms,
-        };
+        let candidate = transfer(kind, id, from, to, amount_cu, now_ms);
         if let Some(posted) = self.replay(&state, &candidate)? {
             return Ok(posted);
         }
         for (account, operation) in [(from, "give compute"), (to, "receive a gift")] {
-            let kind = state.account(account)?.kind;
+            let kind = state.account(account)?.kind();
             if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
                 return Err(LedgerError::WrongKind {
                     account,
@@ -1058,10 +1079,10 @@ impl Ledger {
         }
         shared.touch(&mut state, from, now_ms);
         shared.touch(&mut state, to, now_ms);
-        let giver = state.account_mut(from)?;
+        let giver = state.account(from)?;
         let available_cu = giver.available_cu();
         if available_cu < amount_cu {
-            let next_grant_at_ms = (giver.kind == AccountKind::Person)
+            let next_grant_at_ms = (giver.kind() == AccountKind::Person)
                 .then(|| shared.options.policy.next_grant_at_ms(now_ms));
             return Err(LedgerError::InsufficientBalance {
                 account: from,
@@ -1070,30 +1091,20 @@ impl Ledger {
                 next_grant_at_ms,
             });
         }
-        // Check the recipient can hold every slice before burning anything.
-        let mut preview = giver.lots.clone();
-        let slices = preview.burn(amount_cu);
-        let recipient = state.account(to)?;
-        let mut recipient_lots = recipient.lots.clone();
-        for slice in &slices {
-            if !recipient_lots.can_credit(slice.expires_at_ms, LotSource::Gift) {
-                return Err(LedgerError::TooManyLots { account: to });
-            }
-            recipient_lots.credit(slice.remaining_cu, slice.expires_at_ms, LotSource::Gift);
+        // The gift keeps the expiry of the compute it is made from; check the recipient can hold
+        // every slice before anything moves.
+        if !can_receive_gift(&giver.balance, &state.account(to)?.balance, amount_cu) {
+            return Err(LedgerError::TooManyLots { account: to });
         }
-        state.account_mut(from)?.lots = preview;
-        state.account_mut(to)?.lots = recipient_lots;
-        let transfer = state.post(kind, id, from, to, amount_cu, now_ms);
-        state.push_update(from);
-        state.push_update(to);
+        let posted = state.post(candidate);
         let seq = state.seq_last;
-        state.pending_transfers.insert(id, (transfer, seq));
+        state.pending_transfers.insert(id, (posted, seq));
         drop(state);
         shared.work.notify_one();
         tracing::info!(from = %from, to = %to, amount_cu, "gift");
         Ok(shared.durable(
             Posted {
-                transfer,
+                transfer: posted,
                 replayed: false,
             },
             seq,
@@ -1170,26 +1181,16 @@ impl Ledger {
                     account.reserved_cu, account.open_reservations
                 ));
             }
-            if account.kind.holds_grants() {
-                if account.balance_cu < 0 {
-                    violations.push(format!(
-                        "account {id}: balance {} is negative",
-                        account.balance_cu
-                    ));
-                }
-                if account.reserved_cu as i128 > account.balance_cu as i128 {
-                    violations.push(format!(
-                        "account {id}: reserved {} exceeds balance {} (available would be negative)",
-                        account.reserved_cu, account.balance_cu
-                    ));
-                }
-                if account.lots.total_cu() as i128 != account.balance_cu as i128 {
-                    violations.push(format!(
-                        "account {id}: lots sum to {} but the balance is {}",
-                        account.lots.total_cu(),
-                        account.balance_cu
-                    ));
-                }
+            if let Err(violation) = account.balance.check(*id) {
+                violations.push(violation);
+            }
+            if account.kind().holds_grants()
+                && i128::from(account.reserved_cu) > i128::from(account.balance.balance_cu)
+            {
+                violations.push(format!(
+                    "account {id}: reserved {} exceeds balance {} (available would be negative)",
+                    account.reserved_cu, account.balance.balance_cu
+                ));
             }
         }
         violations
@@ -1218,44 +1219,94 @@ impl Drop for Ledger {
 }
 
 /// The group-commit writer: takes everything queued, writes it in one durable transaction,
-/// then wakes everyone waiting on it. A failed commit fails the ledger closed: the in-memory
-/// state is ahead of the disk, so nothing more may be decided until a restart reloads it.
+/// then wakes everyone waiting on it. Every checkpoint interval (or when many accounts have
+/// changed, or on close) the batch also carries the state of every account changed since the
+/// last checkpoint, taken under the same lock as the queue, so it reflects exactly the
+/// transfers up to the batch's end.
+///
+/// A failed commit fails the ledger closed: the in-memory state is ahead of the disk, so nothing
+/// more may be decided until a restart reloads it.
 fn run_writer(shared: &Shared) {
+    let options = &shared.options;
+    let mut last_checkpoint = Instant::now();
+    let checkpoint_due = |state: &State, last_checkpoint: Instant| {
+        !state.dirty.is_empty()
+            && ((state.shutdown && options.checkpoint_on_close)
+                || last_checkpoint.elapsed() >= options.checkpoint_interval
+                || state.dirty.len() >= options.checkpoint_dirty_max)
+    };
     loop {
-        let (items, seq_max) = {
-            let mut state = shared.state.lock();
-            while state.queue.is_empty() && !state.shutdown {
+        let mut state = shared.state.lock();
+        while state.queue.is_empty() && !state.shutdown && !checkpoint_due(&state, last_checkpoint)
+        {
+            if state.dirty.is_empty() {
                 shared.work.wait(&mut state);
+            } else {
+                let left = options
+                    .checkpoint_interval
+                    .saturating_sub(last_checkpoint.elapsed())
+                    .max(Duration::from_millis(1));
+                shared.work.wait_for(&mut state, left);
             }
-            if state.queue.is_empty() {
-                return;
-            }
-            let n = state.queue.len().min(shared.options.commit_batch_max);
-            let items: Vec<(u64, Mutation)> = if n == state.queue.len() {
+        }
+        let checkpoint = checkpoint_due(&state, last_checkpoint);
+        if state.queue.is_empty() && !checkpoint {
+            return; // shut down, with nothing left to write
+        }
+        let items: Vec<(u64, Mutation)> =
+            if checkpoint || state.queue.len() <= options.commit_batch_max {
                 std::mem::take(&mut state.queue)
             } else {
-                state.queue.drain(..n).collect()
+                state.queue.drain(..options.commit_batch_max).collect()
             };
-            let seq_max = items.last().map_or(0, |(seq, _)| *seq);
-            (items, seq_max)
-        };
+        let updates = checkpoint.then(|| {
+            let dirty = std::mem::take(&mut state.dirty);
+            dirty
+                .into_iter()
+                .filter_map(|id| {
+                    state.accounts.get(&id).map(|account| AccountUpdate {
+                        id,
+                        balance_cu: account.balance.balance_cu,
+                        lots: account.balance.lots.to_vec(),
+                        stipend_period: account.balance.stipend_period,
+                    })
+                })
+                .collect::<Vec<_>>()
+        });
+        drop(state);
+        let seq_max = items.last().map(|(seq, _)| *seq);
         let n_items = items.len() as u64;
-        let batch = coalesce(items);
-        let started = std::time::Instant::now();
+        let mut batch = Batch {
+            checkpoint: updates,
+            ..Batch::default()
+        };
+        for (_, mutation) in items {
+            match mutation {
+                Mutation::Create(record) => batch.created.push(record),
+                Mutation::Post(transfer) => batch.transfers.push(transfer),
+            }
+        }
+        let started = Instant::now();
         let result = shared.store.commit(&batch);
         {
             let mut stats = shared.stats.lock();
             stats.commits += 1;
             stats.mutations += n_items;
+            stats.checkpoints += u64::from(batch.checkpoint.is_some());
             stats.commit_us_total += started.elapsed().as_micros() as u64;
         }
         match result {
             Ok(()) => {
-                shared.durable.lock().seq = seq_max;
-                shared.durable_changed.notify_all();
-                let mut state = shared.state.lock();
-                state.pending_transfers.retain(|_, (_, seq)| *seq > seq_max);
-                state.pending_names.retain(|_, (_, seq)| *seq > seq_max);
+                if checkpoint {
+                    last_checkpoint = Instant::now();
+                }
+                if let Some(seq_max) = seq_max {
+                    shared.durable.lock().seq = seq_max;
+                    shared.durable_changed.notify_all();
+                    let mut state = shared.state.lock();
+                    state.pending_transfers.retain(|_, (_, seq)| *seq > seq_max);
+                    state.pending_names.retain(|_, (_, seq)| *seq > seq_max);
+                }
             }
             Err(error) => {
                 tracing::error!(%error, "ledger commit failed; refusing all work until restart");
@@ -1269,25 +1320,4 @@ fn run_writer(shared: &Shared) {
             }
         }
     }
-}
-
-/// Turns queued changes into one batch: creations and transfers in order, and only the last
-/// state of each account.
-fn coalesce(items: Vec<(u64, Mutation)>) -> Batch {
-    let mut batch = Batch::default();
-    let mut update_index: HashMap<AccountId, usize> = HashMap::new();
-    for (_, mutation) in items {
-        match mutation {
-            Mutation::Create(record) => batch.created.push(record),
-            Mutation::Post(transfer) => batch.transfers.push(transfer),
-            Mutation::Update(update) => match update_index.get(&update.id) {
-                Some(&index) => batch.updates[index] = update,
-                None => {
-                    update_index.insert(update.id, batch.updates.len());
-                    batch.updates.push(update);
-                }
-            },
-        }
-    }
-    batch
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ledger;
 pub mod policy;
 pub mod reservation;
+pub mod state;
 pub mod store;
 pub mod transfer;
 pub mod units;

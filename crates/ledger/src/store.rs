@@ -31,7 +31,7 @@ pub enum StoreError {
     },
 }
 
-/// A change to an account's balance state, written as a whole (the last in a batch wins).
+/// An account's balance state at a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountUpdate {
     /// Which account.
@@ -45,37 +45,45 @@ pub struct AccountUpdate {
 }
 
 /// Everything one group commit writes, in one atomic, durable transaction.
+///
+/// The transfer log is the truth; account rows are checkpoints of it. A batch appends accounts
+/// and transfers; a batch that carries a checkpoint also rewrites the accounts changed since the
+/// last one and records that every transfer up to its own last one is reflected in them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Batch {
-    /// New accounts.
+    /// New accounts, in their initial state.
     pub created: Vec<AccountRecord>,
     /// New transfers, in order.
     pub transfers: Vec<Transfer>,
-    /// The final state of every account the batch touched.
-    pub updates: Vec<AccountUpdate>,
+    /// With a checkpoint: the state of every account changed since the previous checkpoint,
+    /// as of the end of this batch.
+    pub checkpoint: Option<Vec<AccountUpdate>>,
 }
 
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.created.is_empty() && self.transfers.is_empty() && self.updates.is_empty()
+        self.created.is_empty() && self.transfers.is_empty() && self.checkpoint.is_none()
     }
 }
 
-/// One account as the audit sees it: its stored state and the sums of the transfers that name it.
+/// One account as the audit sees it: its stored (checkpointed) state and the sums of the
+/// transfers up to the checkpoint that name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRow {
     /// The stored account.
     pub account: AccountRecord,
-    /// The sum of transfers into it.
+    /// The sum of transfers into it, up to the checkpoint.
     pub credits_cu: i128,
-    /// The sum of transfers out of it.
+    /// The sum of transfers out of it, up to the checkpoint.
     pub debits_cu: i128,
 }
 
 /// Facts about all transfers, for the audit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransferAudit {
+    /// The last transfer reflected in the account rows.
+    pub checkpoint_seq: i64,
     /// How many transfers there are.
     pub n_transfers: u64,
     /// Transfers whose amount is not positive.
@@ -105,11 +113,21 @@ pub trait Store: Send + Sync {
     fn account_id_max(&self) -> Result<Option<AccountId>, StoreError>;
     /// One transfer by id.
     fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StoreError>;
-    /// The latest `limit` transfers that debit or credit `account`, newest first.
+    /// The latest `limit` transfers other than spends that debit or credit `account`, newest
+    /// first. (Spends are the bulk of the log and are not indexed by account.)
     fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError>;
+    /// The last transfer reflected in the account rows.
+    fn checkpoint_seq(&self) -> Result<i64, StoreError>;
+    /// Visits, in order, every transfer after the checkpoint: the tail that recovery replays.
+    fn transfers_after_checkpoint(&self, visit: &mut dyn FnMut(Transfer))
+    -> Result<(), StoreError>;
     /// Writes a batch atomically and durably.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
-    /// Visits every account with its transfer sums, from one consistent snapshot, and returns
-    /// facts about the transfers of that same snapshot.
-    fn audit(&self, visit: &mut dyn FnMut(AuditRow)) -> Result<TransferAudit, StoreError>;
+    /// From one consistent snapshot: visits every account with its transfer sums up to the
+    /// checkpoint, then every transfer after it, in order; and returns facts about all transfers.
+    fn audit(
+        &self,
+        visit_account: &mut dyn FnMut(AuditRow),
+        visit_tail: &mut dyn FnMut(Transfer),
+    ) -> Result<TransferAudit, StoreError>;
 }

@@ -67,8 +67,10 @@ pub enum TransferKind {
     Stipend,
     /// An operator's extra grant, issuer → account.
     Grant,
-    /// Unspent compute past its expiry or over the rollover cap, account → issuer.
+    /// Unspent compute past its expiry, account → issuer.
     Expiry,
+    /// Unspent stipend over the rollover cap at a period boundary, person → issuer.
+    Rollover,
     /// Compute spent on a model call, account → sink.
     Spend,
     /// A gift from one person (or pool) to another.
@@ -84,6 +86,7 @@ impl TransferKind {
             TransferKind::Stipend => "stipend",
             TransferKind::Grant => "grant",
             TransferKind::Expiry => "expiry",
+            TransferKind::Rollover => "rollover",
             TransferKind::Spend => "spend",
             TransferKind::Gift => "gift",
             TransferKind::PoolContribution => "pool_contribution",
@@ -96,6 +99,7 @@ impl TransferKind {
             "stipend" => TransferKind::Stipend,
             "grant" => TransferKind::Grant,
             "expiry" => TransferKind::Expiry,
+            "rollover" => TransferKind::Rollover,
             "spend" => TransferKind::Spend,
             "gift" => TransferKind::Gift,
             "pool_contribution" => TransferKind::PoolContribution,
@@ -119,11 +123,16 @@ pub struct Transfer {
     pub amount_cu: u64,
     /// When it was posted (ms since the UNIX epoch).
     pub created_at_ms: i64,
+    /// For a grant or a stipend: when the lot it creates expires (`None`: never).
+    pub lot_expires_at_ms: Option<i64>,
+    /// For a stipend: the period it brings the account up to.
+    pub period: Option<i64>,
 }
 
 impl Transfer {
     /// Whether two transfers with the same id describe the same movement, so that replaying
-    /// one is a no-op rather than a conflict. The time is not part of the content.
+    /// one is a no-op rather than a conflict. Times are not part of the content: a retried
+    /// `grant --expires-in 30d` computes a later expiry, and is still the same grant.
     pub fn same_content(&self, other: &Transfer) -> bool {
         self.id == other.id
             && self.kind == other.kind

@@ -44,6 +44,7 @@ struct Sim {
     path: PathBuf,
     clock: Arc<ManualClock>,
     policy: StipendPolicy,
+    checkpoints: Checkpoints,
     ledger: Option<Ledger>,
     spenders: Vec<AccountId>,
     givers: Vec<AccountId>,
@@ -69,10 +70,25 @@ enum Op {
     },
 }
 
-fn open_ledger(path: &Path, clock: Arc<ManualClock>, policy: StipendPolicy) -> Ledger {
+/// How a seed checkpoints: every commit, often, or (practically) never; and whether closing
+/// checkpoints, so that reopening replays anything from nothing to the whole log.
+#[derive(Clone, Copy)]
+struct Checkpoints {
+    interval: Duration,
+    on_close: bool,
+}
+
+fn open_ledger(
+    path: &Path,
+    clock: Arc<ManualClock>,
+    policy: StipendPolicy,
+    checkpoints: Checkpoints,
+) -> Ledger {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).unwrap());
     let mut options = LedgerOptions::new(policy);
     options.commit_batch_max = 7; // small batches, so commits split mid-sequence
+    options.checkpoint_interval = checkpoints.interval;
+    options.checkpoint_on_close = checkpoints.on_close;
     Ledger::open(store, clock, options).unwrap()
 }
 
@@ -306,7 +322,12 @@ impl Sim {
             .map(|id| (*id, self.ledger().view(*id).unwrap().balance_cu))
             .collect();
         self.ledger = None;
-        self.ledger = Some(open_ledger(&self.path, self.clock.clone(), self.policy));
+        self.ledger = Some(open_ledger(
+            &self.path,
+            self.clock.clone(),
+            self.policy,
+            self.checkpoints,
+        ));
         for (id, balance) in balances {
             let view = self.ledger().view(id).unwrap();
             assert_eq!(
@@ -331,7 +352,15 @@ fn run(seed: u64, steps: u64, dir: &Path) {
         20_000 * DAY_MS + (seed % 1_000) as i64 * 60_000,
     ));
     let policy = StipendPolicy::new(1_000, Duration::from_millis(DAY_MS as u64), 1_500).unwrap();
-    let ledger = open_ledger(&path, clock.clone(), policy);
+    let checkpoints = Checkpoints {
+        interval: match seed % 3 {
+            0 => Duration::ZERO,
+            1 => Duration::from_millis(20),
+            _ => Duration::from_secs(3_600),
+        },
+        on_close: seed.is_multiple_of(2),
+    };
+    let ledger = open_ledger(&path, clock.clone(), policy, checkpoints);
     let mut spenders = Vec::new();
     for name in ["ann", "bo", "cy", "di"] {
         spenders.push(
@@ -358,6 +387,7 @@ fn run(seed: u64, steps: u64, dir: &Path) {
         path,
         clock,
         policy,
+        checkpoints,
         ledger: Some(ledger),
         spenders,
         givers,

@@ -16,6 +16,13 @@ use stipend_ledger::{
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('checkpoint_seq', 0);
+-- Checkpoints of each account's state: every transfer up to meta.checkpoint_seq is reflected
+-- here; recovery replays the ones after it.
 CREATE TABLE accounts (
     id             INTEGER PRIMARY KEY,
     name           TEXT    NOT NULL UNIQUE,
@@ -25,22 +32,27 @@ CREATE TABLE accounts (
     stipend_period INTEGER,
     created_at_ms  INTEGER NOT NULL
 );
+-- The log, and the truth. Appended to; never updated.
 CREATE TABLE transfers (
-    seq            INTEGER PRIMARY KEY,
-    id             BLOB    NOT NULL,
-    kind           TEXT    NOT NULL,
-    debit_account  INTEGER NOT NULL,
-    credit_account INTEGER NOT NULL,
-    amount_cu      INTEGER NOT NULL,
-    created_at_ms  INTEGER NOT NULL
+    seq               INTEGER PRIMARY KEY,
+    id                BLOB    NOT NULL,
+    kind              TEXT    NOT NULL,
+    debit_account     INTEGER NOT NULL,
+    credit_account    INTEGER NOT NULL,
+    amount_cu         INTEGER NOT NULL,
+    created_at_ms     INTEGER NOT NULL,
+    lot_expires_at_ms INTEGER,
+    period            INTEGER
 );
 -- Caller-chosen ids (grants, gifts) must be unique and are looked up for replays. The ledger
 -- makes every other id unique by construction (a random per-start prefix and a counter), so
 -- indexing them too would cost every settle a B-tree insert for nothing.
 CREATE UNIQUE INDEX transfers_by_chosen_id ON transfers (id)
     WHERE kind IN ('grant', 'gift', 'pool_contribution');
-CREATE INDEX transfers_by_debit ON transfers (debit_account, seq);
-CREATE INDEX transfers_by_credit ON transfers (credit_account, seq);
+-- An account's history of grants, gifts, stipends and expiries. Spends, the bulk of the log,
+-- stay out: indexing them by account would cost every settle a random B-tree insert.
+CREATE INDEX transfers_by_debit ON transfers (debit_account, seq) WHERE kind <> 'spend';
+CREATE INDEX transfers_by_credit ON transfers (credit_account, seq) WHERE kind <> 'spend';
 "#];
 
 /// How many idle read connections are kept.
@@ -226,7 +238,8 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
 }
 
 const ACCOUNT_COLUMNS: &str = "id, name, kind, balance_cu, lots, stipend_period, created_at_ms";
-const TRANSFER_COLUMNS: &str = "id, kind, debit_account, credit_account, amount_cu, created_at_ms";
+const TRANSFER_COLUMNS: &str =
+    "id, kind, debit_account, credit_account, amount_cu, created_at_ms, lot_expires_at_ms, period";
 
 fn account_from_row(
     row: &rusqlite::Row<'_>,
@@ -262,6 +275,8 @@ fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Transfe
     let credit: i64 = row.get(3)?;
     let amount_cu: i64 = row.get(4)?;
     let created_at_ms: i64 = row.get(5)?;
+    let lot_expires_at_ms: Option<i64> = row.get(6)?;
+    let period: Option<i64> = row.get(7)?;
     Ok((|| {
         let bytes: [u8; 16] = id
             .as_slice()
@@ -278,6 +293,8 @@ fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Transfe
             amount_cu: u64::try_from(amount_cu)
                 .map_err(|_| corrupt(format!("transfer {id}: negative amount")))?,
             created_at_ms,
+            lot_expires_at_ms,
+            period,
         })
     })())
 }
@@ -370,9 +387,11 @@ impl Store for SqliteStore {
             let mut statement = connection
                 .prepare_cached(&format!(
                     "SELECT {TRANSFER_COLUMNS} FROM (
-                        SELECT seq, {TRANSFER_COLUMNS} FROM transfers WHERE debit_account = ?1
+                        SELECT seq, {TRANSFER_COLUMNS} FROM transfers
+                        WHERE debit_account = ?1 AND kind <> 'spend'
                         UNION ALL
-                        SELECT seq, {TRANSFER_COLUMNS} FROM transfers WHERE credit_account = ?1
+                        SELECT seq, {TRANSFER_COLUMNS} FROM transfers
+                        WHERE credit_account = ?1 AND kind <> 'spend'
                      ) ORDER BY seq DESC LIMIT ?2"
                 ))
                 .map_err(io)?;
@@ -419,7 +438,7 @@ impl Store for SqliteStore {
             }
             let mut insert_transfer = transaction
                 .prepare_cached(&format!(
-                    "INSERT INTO transfers ({TRANSFER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    "INSERT INTO transfers ({TRANSFER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
                 ))
                 .map_err(io)?;
             for transfer in &batch.transfers {
@@ -431,15 +450,19 @@ impl Store for SqliteStore {
                         transfer.credit.0 as i64,
                         transfer.amount_cu as i64,
                         transfer.created_at_ms,
+                        transfer.lot_expires_at_ms,
+                        transfer.period,
                     ])
                     .map_err(io)?;
             }
+        }
+        if let Some(updates) = &batch.checkpoint {
             let mut update_account = transaction
                 .prepare_cached(
                     "UPDATE accounts SET balance_cu = ?2, lots = ?3, stipend_period = ?4 WHERE id = ?1",
                 )
                 .map_err(io)?;
-            for update in &batch.updates {
+            for update in updates {
                 let changed = update_account
                     .execute(params![
                         update.id.0 as i64,
@@ -452,59 +475,134 @@ impl Store for SqliteStore {
                     return Err(corrupt(format!("update of missing account {}", update.id)));
                 }
             }
+            transaction
+                .execute(
+                    "UPDATE meta SET value = (SELECT COALESCE(MAX(seq), 0) FROM transfers)
+                     WHERE key = 'checkpoint_seq'",
+                    [],
+                )
+                .map_err(io)?;
         }
         transaction.commit().map_err(io)
     }
 
-    fn audit(&self, visit: &mut dyn FnMut(AuditRow)) -> Result<TransferAudit, StoreError> {
+    fn checkpoint_seq(&self) -> Result<i64, StoreError> {
+        self.with_reader(read_checkpoint_seq)
+    }
+
+    fn transfers_after_checkpoint(
+        &self,
+        visit: &mut dyn FnMut(Transfer),
+    ) -> Result<(), StoreError> {
         self.with_reader(|connection| {
-            // One read transaction, so the accounts and transfers come from the same snapshot.
-            connection.execute_batch("BEGIN").map_err(io)?;
-            let result = audit_in_snapshot(connection, visit);
-            let end = connection.execute_batch("COMMIT").map_err(io);
-            let audit = result?;
-            end?;
-            Ok(audit)
+            in_snapshot(connection, |connection| {
+                let checkpoint = read_checkpoint_seq(connection)?;
+                visit_tail(connection, checkpoint, visit)
+            })
+        })
+    }
+
+    fn audit(
+        &self,
+        visit_account: &mut dyn FnMut(AuditRow),
+        visit_tail_transfer: &mut dyn FnMut(Transfer),
+    ) -> Result<TransferAudit, StoreError> {
+        self.with_reader(|connection| {
+            in_snapshot(connection, |connection| {
+                audit_in_snapshot(connection, visit_account, visit_tail_transfer)
+            })
         })
     }
 }
 
-fn audit_in_snapshot(
+/// Runs `read` inside one read transaction, so everything it reads comes from one snapshot.
+fn in_snapshot<T>(
     connection: &Connection,
-    visit: &mut dyn FnMut(AuditRow),
-) -> Result<TransferAudit, StoreError> {
+    read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    connection.execute_batch("BEGIN").map_err(io)?;
+    let result = read(connection);
+    let end = connection.execute_batch("COMMIT").map_err(io);
+    let value = result?;
+    end?;
+    Ok(value)
+}
+
+fn read_checkpoint_seq(connection: &Connection) -> Result<i64, StoreError> {
+    connection
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'checkpoint_seq'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(io)
+}
+
+fn visit_tail(
+    connection: &Connection,
+    checkpoint: i64,
+    visit: &mut dyn FnMut(Transfer),
+) -> Result<(), StoreError> {
     let mut statement = connection
-        .prepare(&format!(
-            "SELECT {ACCOUNT_COLUMNS},
-                    (SELECT COALESCE(SUM(amount_cu), 0) FROM transfers WHERE credit_account = accounts.id),
-                    (SELECT COALESCE(SUM(amount_cu), 0) FROM transfers WHERE debit_account = accounts.id)
-             FROM accounts ORDER BY id"
+        .prepare_cached(&format!(
+            "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE seq > ?1 ORDER BY seq"
         ))
         .map_err(io)?;
-    let mut rows = statement.query([]).map_err(io)?;
+    let mut rows = statement.query([checkpoint]).map_err(io)?;
+    while let Some(row) = rows.next().map_err(io)? {
+        visit(transfer_from_row(row).map_err(io)??);
+    }
+    Ok(())
+}
+
+fn audit_in_snapshot(
+    connection: &Connection,
+    visit_account: &mut dyn FnMut(AuditRow),
+    visit_tail_transfer: &mut dyn FnMut(Transfer),
+) -> Result<TransferAudit, StoreError> {
+    let checkpoint = read_checkpoint_seq(connection)?;
+    // Aggregate once per side rather than once per account: spends are not indexed by account.
+    let mut statement = connection
+        .prepare(&format!(
+            "WITH credits AS (
+                 SELECT credit_account AS account_id, SUM(amount_cu) AS total
+                 FROM transfers WHERE seq <= ?1 GROUP BY credit_account),
+             debits AS (
+                 SELECT debit_account AS account_id, SUM(amount_cu) AS total
+                 FROM transfers WHERE seq <= ?1 GROUP BY debit_account)
+             SELECT {ACCOUNT_COLUMNS}, COALESCE(credits.total, 0), COALESCE(debits.total, 0)
+             FROM accounts
+             LEFT JOIN credits ON credits.account_id = accounts.id
+             LEFT JOIN debits ON debits.account_id = accounts.id
+             ORDER BY accounts.id"
+        ))
+        .map_err(io)?;
+    let mut rows = statement.query([checkpoint]).map_err(io)?;
     while let Some(row) = rows.next().map_err(io)? {
         let account = account_from_row(row).map_err(io)??;
         let credits_cu: i64 = row.get(7).map_err(io)?;
         let debits_cu: i64 = row.get(8).map_err(io)?;
-        visit(AuditRow {
+        visit_account(AuditRow {
             account,
             credits_cu: i128::from(credits_cu),
             debits_cu: i128::from(debits_cu),
         });
     }
-    let audit = connection
+    visit_tail(connection, checkpoint, visit_tail_transfer)?;
+    let mut audit = connection
         .query_row(
             "SELECT COUNT(*),
                     COALESCE(SUM(amount_cu <= 0), 0),
                     COALESCE(SUM(debit_account = credit_account), 0),
                     COALESCE(SUM(
-                        NOT EXISTS (SELECT 1 FROM accounts WHERE id = debit_account)
-                        OR NOT EXISTS (SELECT 1 FROM accounts WHERE id = credit_account)
+                        debit_account NOT IN (SELECT id FROM accounts)
+                        OR credit_account NOT IN (SELECT id FROM accounts)
                     ), 0)
              FROM transfers",
             [],
             |row| {
                 Ok(TransferAudit {
+                    checkpoint_seq: 0,
                     n_transfers: row.get::<_, i64>(0)? as u64,
                     n_amount_not_positive: row.get::<_, i64>(1)? as u64,
                     n_self: row.get::<_, i64>(2)? as u64,
@@ -513,6 +611,7 @@ fn audit_in_snapshot(
             },
         )
         .map_err(io)?;
+    audit.checkpoint_seq = checkpoint;
     Ok(audit)
 }
 
@@ -537,20 +636,28 @@ mod tests {
     fn commit_round_trips_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let transfer = Transfer {
+        let gift = Transfer {
             id: TransferId(42),
             kind: TransferKind::Gift,
             debit: AccountId(1),
             credit: AccountId(2),
             amount_cu: 5,
             created_at_ms: 9,
+            lot_expires_at_ms: None,
+            period: None,
+        };
+        let spend = Transfer {
+            id: TransferId(43),
+            kind: TransferKind::Spend,
+            amount_cu: 1,
+            ..gift
         };
         {
             let store = SqliteStore::open(&path).unwrap();
             let batch = Batch {
                 created: vec![record(1, "ann"), record(2, "bo")],
-                transfers: vec![transfer],
-                updates: vec![
+                transfers: vec![gift],
+                checkpoint: Some(vec![
                     AccountUpdate {
                         id: AccountId(1),
                         balance_cu: -5,
@@ -567,27 +674,49 @@ mod tests {
                         }],
                         stipend_period: Some(3),
                     },
-                ],
+                ]),
             };
             store.commit(&batch).unwrap();
+            assert_eq!(store.checkpoint_seq().unwrap(), 1);
+            // A batch without a checkpoint appends to the log and leaves the rows alone.
+            store
+                .commit(&Batch {
+                    transfers: vec![spend],
+                    ..Batch::default()
+                })
+                .unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         let bo = store.account_by_name("bo").unwrap().unwrap();
-        assert_eq!(bo.balance_cu, 5);
+        assert_eq!(
+            bo.balance_cu, 5,
+            "the row is the checkpoint, not the log's end"
+        );
         assert_eq!(bo.stipend_period, Some(3));
         assert_eq!(bo.lots[0].expires_at_ms, Some(100));
-        assert_eq!(store.transfer(TransferId(42)).unwrap(), Some(transfer));
+        assert_eq!(store.checkpoint_seq().unwrap(), 1);
+        assert_eq!(store.transfer(TransferId(42)).unwrap(), Some(gift));
+        // Only caller-chosen ids (grants, gifts) are looked up by id.
         assert_eq!(store.transfer(TransferId(43)).unwrap(), None);
-        assert_eq!(
-            store.transfers_of(AccountId(2), 10).unwrap(),
-            vec![transfer]
-        );
+        assert_eq!(store.transfer(TransferId(44)).unwrap(), None);
+        // History leaves spends out.
+        assert_eq!(store.transfers_of(AccountId(2), 10).unwrap(), vec![gift]);
         assert_eq!(store.account_id_max().unwrap(), Some(AccountId(2)));
         assert_eq!(store.accounts(Some(AccountId(1)), 10).unwrap().len(), 1);
+        let mut tail = Vec::new();
+        store
+            .transfers_after_checkpoint(&mut |transfer| tail.push(transfer))
+            .unwrap();
+        assert_eq!(tail, vec![spend]);
         let mut rows = Vec::new();
-        let audit = store.audit(&mut |row| rows.push(row)).unwrap();
-        assert_eq!(audit.n_transfers, 1);
-        assert_eq!(rows[0].debits_cu, 5);
+        let mut audited_tail = Vec::new();
+        let audit = store
+            .audit(&mut |row| rows.push(row), &mut |t| audited_tail.push(t))
+            .unwrap();
+        assert_eq!(audit.n_transfers, 2);
+        assert_eq!(audit.checkpoint_seq, 1);
+        assert_eq!(audited_tail, vec![spend]);
+        assert_eq!(rows[0].debits_cu, 5, "sums stop at the checkpoint");
         assert_eq!(rows[1].credits_cu, 5);
     }
 

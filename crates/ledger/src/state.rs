@@ -1,0 +1,233 @@
+//! Account balances and the one function that changes them: [`apply`].
+//!
+//! Every change to a balance is a transfer, and every transfer's effect on its two accounts
+//! (balances and lots) is a deterministic function of the transfer and the accounts' state
+//! before it. The live ledger changes state only through [`apply`], and recovery and
+//! `ledger verify` replay the transfer log through the same function, so what was decided live
+//! and what is rebuilt from the log cannot differ.
+
+use crate::account::{AccountId, AccountKind, AccountRecord, Lot, LotSource};
+use crate::policy::Lots;
+use crate::transfer::{Transfer, TransferKind};
+
+/// A transfer that cannot apply to the accounts it names. In the live ledger this is a bug; in
+/// a stored log it is corruption.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("transfer {transfer} ({kind}) cannot apply: {reason}")]
+pub struct ApplyError {
+    /// The transfer.
+    pub transfer: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+/// One account's balance state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// The account's kind.
+    pub kind: AccountKind,
+    /// Its balance, in cu.
+    pub balance_cu: i64,
+    /// Its lots (empty for the issuer and sinks).
+    pub lots: Lots,
+    /// The last period whose stipend is applied.
+    pub stipend_period: Option<i64>,
+}
+
+impl Balance {
+    /// The state a stored record describes.
+    pub fn from_record(record: &AccountRecord) -> Balance {
+        Balance {
+            kind: record.kind,
+            balance_cu: record.balance_cu,
+            lots: Lots::from_vec(record.lots.clone()),
+            stipend_period: record.stipend_period,
+        }
+    }
+
+    /// Checks the per-account invariants; returns what is wrong.
+    pub fn check(&self, id: AccountId) -> Result<(), String> {
+        match self.kind {
+            AccountKind::Person | AccountKind::Pool | AccountKind::Agent => {
+                if self.balance_cu < 0 {
+                    return Err(format!(
+                        "account {id}: negative balance {}",
+                        self.balance_cu
+                    ));
+                }
+                let lots_cu = i128::from(self.lots.total_cu());
+                if lots_cu != i128::from(self.balance_cu) {
+                    return Err(format!(
+                        "account {id}: lots sum to {lots_cu} cu but the balance is {} cu",
+                        self.balance_cu
+                    ));
+                }
+                if self.lots.as_slice().iter().any(|lot| lot.remaining_cu == 0) {
+                    return Err(format!("account {id}: an empty lot"));
+                }
+                let stipend_lots = self
+                    .lots
+                    .as_slice()
+                    .iter()
+                    .filter(|lot| lot.source == LotSource::Stipend)
+                    .count();
+                if stipend_lots > 1 {
+                    return Err(format!("account {id}: {stipend_lots} stipend lots"));
+                }
+            }
+            AccountKind::Issuer => {
+                if self.balance_cu > 0 {
+                    return Err(format!("issuer {id}: positive balance {}", self.balance_cu));
+                }
+            }
+            AccountKind::Sink => {
+                if self.balance_cu < 0 {
+                    return Err(format!("sink {id}: negative balance {}", self.balance_cu));
+                }
+            }
+        }
+        if !self.kind.holds_grants() && !self.lots.as_slice().is_empty() {
+            return Err(format!("account {id}: a {} account holds lots", self.kind));
+        }
+        Ok(())
+    }
+}
+
+/// Which kinds may stand on each side of each kind of transfer.
+fn kinds_allowed(kind: TransferKind, debit: AccountKind, credit: AccountKind) -> bool {
+    use AccountKind::{Agent, Issuer, Person, Pool, Sink};
+    match kind {
+        TransferKind::Stipend => debit == Issuer && credit == Person,
+        TransferKind::Rollover => debit == Person && credit == Issuer,
+        TransferKind::Grant => debit == Issuer && credit.holds_grants(),
+        TransferKind::Expiry => debit.holds_grants() && credit == Issuer,
+        TransferKind::Spend => debit.holds_grants() && credit == Sink,
+        TransferKind::Gift => {
+            matches!(debit, Person | Pool | Agent) && matches!(credit, Person | Agent)
+        }
+        TransferKind::PoolContribution => matches!(debit, Person | Pool | Agent) && credit == Pool,
+    }
+}
+
+/// Applies one transfer to its two accounts. On error, the accounts may be partly changed; the
+/// live ledger checks everything that can fail before it applies, so an error there is a bug.
+pub fn apply(
+    debit: &mut Balance,
+    credit: &mut Balance,
+    transfer: &Transfer,
+) -> Result<(), ApplyError> {
+    let fail = |reason: String| ApplyError {
+        transfer: transfer.id.to_string(),
+        kind: transfer.kind.as_str(),
+        reason,
+    };
+    let amount = transfer.amount_cu;
+    if amount == 0 || amount > i64::MAX as u64 {
+        return Err(fail(format!("amount {amount} cu is out of range")));
+    }
+    if !kinds_allowed(transfer.kind, debit.kind, credit.kind) {
+        return Err(fail(format!(
+            "a {} transfer cannot go from a {} account to a {} account",
+            transfer.kind.as_str(),
+            debit.kind,
+            credit.kind
+        )));
+    }
+    // The debit side: which lots the compute leaves.
+    let mut slices: Vec<Lot> = Vec::new();
+    if debit.kind.holds_grants() {
+        match transfer.kind {
+            TransferKind::Rollover => {
+                let stipend = debit.lots.stipend_cu();
+                if stipend < amount {
+                    return Err(fail(format!("only {stipend} cu of stipend to roll over")));
+                }
+                let expires = debit
+                    .lots
+                    .as_slice()
+                    .iter()
+                    .find(|lot| lot.source == LotSource::Stipend)
+                    .and_then(|lot| lot.expires_at_ms)
+                    .unwrap_or(i64::MAX);
+                debit.lots.set_stipend(stipend - amount, expires);
+            }
+            TransferKind::Expiry => {
+                let expired = debit.lots.expire(transfer.created_at_ms, amount);
+                if expired != amount {
+                    return Err(fail(format!("only {expired} cu had expired")));
+                }
+            }
+            _ => {
+                let total = debit.lots.total_cu();
+                if total < amount {
+                    return Err(fail(format!("the lots hold only {total} cu")));
+                }
+                slices = debit.lots.burn(amount);
+            }
+        }
+    }
+    debit.balance_cu = debit
+        .balance_cu
+        .checked_sub(amount as i64)
+        .ok_or_else(|| fail("the debit balance overflows".to_string()))?;
+    // The credit side: which lots the compute joins.
+    if credit.kind.holds_grants() {
+        match transfer.kind {
+            TransferKind::Stipend => {
+                let expires = transfer
+                    .lot_expires_at_ms
+                    .ok_or_else(|| fail("a stipend without an expiry".to_string()))?;
+                let period = transfer
+                    .period
+                    .ok_or_else(|| fail("a stipend without a period".to_string()))?;
+                let stipend = credit.lots.stipend_cu();
+                credit.lots.set_stipend(stipend + amount, expires);
+                credit.stipend_period = Some(period);
+            }
+            TransferKind::Grant => {
+                if !credit
+                    .lots
+                    .can_credit(transfer.lot_expires_at_ms, LotSource::Grant)
+                {
+                    return Err(fail("the account holds too many lots".to_string()));
+                }
+                credit
+                    .lots
+                    .credit(amount, transfer.lot_expires_at_ms, LotSource::Grant);
+            }
+            _ => {
+                for slice in &slices {
+                    if !credit.lots.can_credit(slice.expires_at_ms, LotSource::Gift) {
+                        return Err(fail("the account holds too many lots".to_string()));
+                    }
+                    credit
+                        .lots
+                        .credit(slice.remaining_cu, slice.expires_at_ms, LotSource::Gift);
+                }
+            }
+        }
+    }
+    credit.balance_cu = credit
+        .balance_cu
+        .checked_add(amount as i64)
+        .ok_or_else(|| fail("the credit balance overflows".to_string()))?;
+    Ok(())
+}
+
+/// Whether `credit` could take the slices a gift of `amount_cu` from `debit` would carry.
+pub fn can_receive_gift(debit: &Balance, credit: &Balance, amount_cu: u64) -> bool {
+    let mut giver = debit.lots.clone();
+    if giver.total_cu() < amount_cu {
+        return false;
+    }
+    let mut recipient = credit.lots.clone();
+    for slice in giver.burn(amount_cu) {
+        if !recipient.can_credit(slice.expires_at_ms, LotSource::Gift) {
+            return false;
+        }
+        recipient.credit(slice.remaining_cu, slice.expires_at_ms, LotSource::Gift);
+    }
+    true
+}
