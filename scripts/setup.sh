@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and running Stipend needs on a fresh Debian machine, and nothing that is
+# already there. Safe to run again. Used by `make serve` and `make test`.
+set -euo pipefail
+
+need_apt=()
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)   # the bundled SQLite is C
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+
+if ((${#need_apt[@]})); then
+    echo "setup: installing ${need_apt[*]} (Debian packages)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo is missing; install the Rust toolchain (https://rustup.rs) and run again" >&2
+    exit 1
+fi
