@@ -38,7 +38,7 @@ pub enum LedgerError {
         "account {account} has {} available and needs {}; the next stipend arrives at {}",
         Flops(*available_cu as i64),
         Flops(*needed_cu as i64),
-        next_grant_at_ms.map(|ms| ms.to_string()).unwrap_or_else(|| "never".to_string())
+        next_grant_at_ms.map(crate::units::format_utc).unwrap_or_else(|| "never".to_string())
     )]
     InsufficientBalance {
         /// The account.

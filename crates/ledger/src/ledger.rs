@@ -31,7 +31,7 @@ use crate::reservation::{Reservation, ReservationId, Settlement};
 use crate::state::{Balance, apply, can_receive_gift};
 use crate::store::{AccountUpdate, Batch, Store, StoreError};
 use crate::transfer::{Transfer, TransferId, TransferKind};
-use crate::units::{AMOUNT_MAX_CU, Flops};
+use crate::units::AMOUNT_MAX_CU;
 
 /// The issuer's account name.
 pub const ISSUER_NAME: &str = "issuer";
@@ -1194,12 +1194,6 @@ impl Ledger {
             }
         }
         violations
-    }
-
-    /// A one-line summary of an amount with its "≈ N tokens" reading at a price.
-    pub fn describe(amount_cu: u64, price_cu_per_token: u64, model: &str) -> String {
-        let tokens = amount_cu / price_cu_per_token.max(1);
-        format!("{} (≈ {tokens} tokens of {model})", Flops(amount_cu as i64))
     }
 }
 

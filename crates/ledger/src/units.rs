@@ -313,6 +313,40 @@ pub fn format_duration(duration: Duration) -> String {
     format!("{millis}ms")
 }
 
+/// Shows ms since the UNIX epoch as RFC 3339 in UTC, to the second: `2026-11-30T00:00:00Z`.
+pub fn format_utc(ms: i64) -> String {
+    let seconds = ms.div_euclid(1_000);
+    let days = seconds.div_euclid(86_400);
+    let of_day = seconds.rem_euclid(86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        of_day / 3_600,
+        of_day % 3_600 / 60,
+        of_day % 60
+    )
+}
+
+/// An amount with what it buys of one model: `1 TFLOP (≈ 1000 tokens of smollm2-135m)`.
+pub fn describe_tokens(amount_cu: u64, price_cu_per_token: u64, model: &str) -> String {
+    let tokens = amount_cu / price_cu_per_token.max(1);
+    format!("{} (≈ {tokens} tokens of {model})", Flops(amount_cu as i64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +455,29 @@ mod tests {
         assert_eq!(default_price_cu_per_token(8_000_000_001), 17);
         assert_eq!(default_price_cu_per_token(0), 1);
         assert_eq!(default_price_cu_per_token(70_000_000_000), 140);
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(1_764_460_800_000), "2025-11-30T00:00:00Z");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_709_251_199_999), "2024-02-29T23:59:59Z");
+        assert_eq!(format_utc(-1_000), "1969-12-31T23:59:59Z");
+        assert_eq!(format_utc(4_102_444_800_000), "2100-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn tokens_of_a_model() {
+        assert_eq!(
+            describe_tokens(1_000, 1, "smollm2-135m"),
+            "1 TFLOP (≈ 1000 tokens of smollm2-135m)"
+        );
+        assert_eq!(
+            describe_tokens(100, 16, "llama-3.1-8b"),
+            "100 GFLOP (≈ 6 tokens of llama-3.1-8b)"
+        );
+        assert_eq!(describe_tokens(5, 0, "m"), "5 GFLOP (≈ 5 tokens of m)");
     }
 
     #[test]

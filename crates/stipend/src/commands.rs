@@ -157,8 +157,7 @@ pub enum Response {
 
 /// Shows ms since the epoch as RFC 3339 UTC.
 pub fn rfc3339(ms: i64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
+    stipend_ledger::units::format_utc(ms)
 }
 
 fn account_info(
