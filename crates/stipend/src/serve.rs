@@ -76,6 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
     let policy = ledger.policy();
+    let cli = cli_invocation(&config);
     tracing::info!(
         data_dir = %config.data_dir.display(),
         ready_ms = started.elapsed().as_millis() as u64,
@@ -86,11 +87,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
          data      {}\n  \
          stipend   {} per person every {}, up to {} carried over\n  \
          ready in  {} ms\n\n\
-         The ledger is live. From another terminal (same data directory or --config):\n  \
-         stipend account create alice\n  \
-         stipend account show alice\n  \
-         stipend grant alice \"1 PFLOP\"\n  \
-         stipend ledger verify\n\n\
+         The ledger is live. From another terminal, in this directory:\n  \
+         {cli} account create alice\n  \
+         {cli} account show alice\n  \
+         {cli} grant alice \"1 PFLOP\"\n  \
+         {cli} ledger verify\n\n\
          The OpenAI-compatible HTTP API is not part of this build yet.\n\
          Press Ctrl-C to stop.",
         config.data_dir.display(),
@@ -115,6 +116,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drop(ledger);
     println!("Stipend stopped; the ledger is flushed.");
     Ok(())
+}
+
+/// How to call this same binary with this same config from a shell in the current directory.
+fn cli_invocation(config: &Config) -> String {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "stipend".into());
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let exe = exe
+        .strip_prefix(&cwd)
+        .map(|relative| relative.display().to_string())
+        .unwrap_or_else(|_| exe.display().to_string());
+    match &config.source {
+        Some(path) => format!("{exe} --config {}", path.display()),
+        None => exe,
+    }
 }
 
 async fn shutdown_signal() {
