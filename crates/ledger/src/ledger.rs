@@ -662,6 +662,11 @@ impl Ledger {
         &self.shared.options.policy
     }
 
+    /// The store, for the parts of it that are not the ledger's (API keys).
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.shared.store)
+    }
+
     /// The issuer's account.
     pub fn issuer(&self) -> AccountId {
         self.shared.issuer

@@ -25,7 +25,7 @@ pub use error::LedgerError;
 pub use ledger::{AccountView, Durable, ISSUER_NAME, Ledger, LedgerOptions, Posted, WriterStats};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
-pub use store::{AccountUpdate, AuditRow, Batch, Store, StoreError, TransferAudit};
+pub use store::{AccountUpdate, AuditRow, Batch, KeyRecord, Store, StoreError, TransferAudit};
 pub use transfer::{Transfer, TransferId, TransferKind};
 pub use units::Flops;
 pub use verify::{VerifyReport, verify};

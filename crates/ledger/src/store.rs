@@ -94,6 +94,21 @@ pub struct TransferAudit {
     pub n_unknown_account: u64,
 }
 
+/// An API key as stored: only a hash of its secret, never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The key's public id (the part of the key before its secret).
+    pub id: String,
+    /// The account it spends from.
+    pub account: AccountId,
+    /// SHA-256 of the secret.
+    pub secret_sha256: [u8; 32],
+    /// When it was created (ms since the epoch).
+    pub created_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+}
+
 /// A durable store for the ledger.
 ///
 /// Reads may run on any thread; [`Store::commit`] is called by one writer at a time. A commit is
@@ -123,6 +138,14 @@ pub trait Store: Send + Sync {
     -> Result<(), StoreError>;
     /// Writes a batch atomically and durably.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Stores a new key, durably.
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// Marks a key revoked, durably. Returns false if there is no such key.
+    fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError>;
+    /// One key by its public id.
+    fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Every key of an account, oldest first.
+    fn keys_of(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError>;
     /// From one consistent snapshot: visits every account with its transfer sums up to the
     /// checkpoint, then every transfer after it, in order; and returns facts about all transfers.
     fn audit(

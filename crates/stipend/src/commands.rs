@@ -3,6 +3,7 @@
 //! Either way the same [`execute`] runs it, so the two paths cannot drift apart.
 
 use serde::{Deserialize, Serialize};
+use stipend_gateway::KeyRing;
 use stipend_ledger::{
     AccountId, AccountKind, Flops, Ledger, LedgerError, Lot, LotSource, Transfer, TransferId,
     TransferKind,
@@ -62,6 +63,37 @@ pub enum Request {
     },
     /// Check the in-memory invariants of a running ledger.
     CheckInvariants,
+    /// Create an API key for an account.
+    CreateKey {
+        /// The account's name.
+        account: String,
+    },
+    /// List an account's keys.
+    ListKeys {
+        /// The account's name.
+        account: String,
+    },
+    /// Revoke a key.
+    RevokeKey {
+        /// The key's id (`sk-stipend-<id>-…`).
+        id: String,
+    },
+}
+
+/// An API key, for display. The secret appears only in the reply to its creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// The key's id.
+    pub id: String,
+    /// The account it spends from.
+    pub account: String,
+    /// The full key: only when just created, and never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// When it was created (RFC 3339, UTC).
+    pub created_at: String,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<String>,
 }
 
 /// A lot, for display.
@@ -148,6 +180,13 @@ pub enum Response {
     },
     /// A transfer.
     Posted(PostedInfo),
+    /// One key.
+    Key(KeyInfo),
+    /// An account's keys.
+    Keys {
+        /// The keys, oldest first.
+        keys: Vec<KeyInfo>,
+    },
     /// In-memory invariant violations (empty when all hold).
     Invariants {
         /// The violations.
@@ -217,16 +256,82 @@ fn transfer_info(
     })
 }
 
-/// Runs one command against the ledger.
-pub fn execute(ledger: &Ledger, request: Request) -> Result<Response, LedgerError> {
+fn key_info(record: &stipend_ledger::KeyRecord, account: String, key: Option<String>) -> KeyInfo {
+    KeyInfo {
+        id: record.id.clone(),
+        account,
+        key,
+        created_at: rfc3339(record.created_at_ms),
+        revoked_at: record.revoked_at_ms.map(rfc3339),
+    }
+}
+
+/// Why a command was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The ledger refused.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] stipend_ledger::StoreError),
+    /// No such key.
+    #[error("no key with id {0:?}")]
+    UnknownKey(String),
+}
+
+/// Runs one command against the ledger and the key ring.
+pub fn execute(
+    ledger: &Ledger,
+    keys: &KeyRing,
+    request: Request,
+) -> Result<Response, CommandError> {
     match request {
+        Request::CreateKey { account } => {
+            let id = ledger.account_id(&account)?;
+            let kind = ledger.view(id)?.kind;
+            if !kind.holds_grants() {
+                return Err(LedgerError::WrongKind {
+                    account: id,
+                    kind,
+                    operation: "have an API key",
+                }
+                .into());
+            }
+            let new = keys.create(id, ledger.now_ms())?;
+            tracing::info!(account = %id, key = %new.record.id, "key created");
+            Ok(Response::Key(key_info(&new.record, account, Some(new.key))))
+        }
+        Request::ListKeys { account } => {
+            let id = ledger.account_id(&account)?;
+            let records = keys.list(id)?;
+            Ok(Response::Keys {
+                keys: records
+                    .iter()
+                    .map(|record| key_info(record, account.clone(), None))
+                    .collect(),
+            })
+        }
+        Request::RevokeKey { id } => {
+            if !keys.revoke(&id, ledger.now_ms())? {
+                return Err(CommandError::UnknownKey(id));
+            }
+            let record = ledger
+                .store()
+                .key(&id)?
+                .ok_or_else(|| CommandError::UnknownKey(id.clone()))?;
+            let account = ledger.view(record.account)?.name;
+            tracing::info!(key = %id, "key revoked");
+            Ok(Response::Key(key_info(&record, account, None)))
+        }
         Request::CreateAccount { name, kind } => {
             if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
                 return Err(LedgerError::WrongKind {
                     account: AccountId(0),
                     kind,
                     operation: "be created from the command line (use person or pool)",
-                });
+                }
+                .into());
             }
             let id = ledger.create_account(&name, kind)?.wait()?;
             Ok(Response::Account(account_info(ledger, id, 0)?))
@@ -389,6 +494,34 @@ pub fn render(response: &Response) -> String {
                 posted.id,
                 posted.id,
             );
+        }
+        Response::Key(key) => match &key.key {
+            Some(full) => {
+                let _ = writeln!(
+                    out,
+                    "API key for {} (id {}); it is shown once, keep it now:\n\n  {full}\n",
+                    key.account, key.id
+                );
+            }
+            None => {
+                let state = key
+                    .revoked_at
+                    .as_deref()
+                    .map_or("active".to_string(), |at| format!("revoked {at}"));
+                let _ = writeln!(out, "key {} of {}: {state}", key.id, key.account);
+            }
+        },
+        Response::Keys { keys } => {
+            if keys.is_empty() {
+                let _ = writeln!(out, "no keys");
+            }
+            for key in keys {
+                let state = key
+                    .revoked_at
+                    .as_deref()
+                    .map_or("active".to_string(), |at| format!("revoked {at}"));
+                let _ = writeln!(out, "{}  created {}  {state}", key.id, key.created_at);
+            }
         }
         Response::Invariants { violations } => {
             for violation in violations {

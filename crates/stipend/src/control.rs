@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use stipend_gateway::KeyRing;
 use stipend_ledger::Ledger;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -52,7 +53,7 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 }
 
 /// Accepts control connections until the task is dropped.
-pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>) {
+pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>, keys: KeyRing) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -63,15 +64,20 @@ pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>) {
             }
         };
         let ledger = Arc::clone(&ledger);
+        let keys = keys.clone();
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, ledger).await {
+            if let Err(error) = handle(stream, ledger, keys).await {
                 tracing::warn!(%error, "control connection failed");
             }
         });
     }
 }
 
-async fn handle(stream: tokio::net::UnixStream, ledger: Arc<Ledger>) -> anyhow::Result<()> {
+async fn handle(
+    stream: tokio::net::UnixStream,
+    ledger: Arc<Ledger>,
+    keys: KeyRing,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::io::BufReader::new(read.take(REQUEST_BYTES_MAX))
@@ -80,7 +86,7 @@ async fn handle(stream: tokio::net::UnixStream, ledger: Arc<Ledger>) -> anyhow::
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             tracing::info!(op = ?std::mem::discriminant(&request), "control command");
-            match tokio::task::spawn_blocking(move || execute(&ledger, request)).await {
+            match tokio::task::spawn_blocking(move || execute(&ledger, &keys, request)).await {
                 Ok(Ok(response)) => Reply::Ok(response),
                 Ok(Err(error)) => Reply::Error {
                     message: error.to_string(),

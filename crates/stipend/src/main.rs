@@ -38,9 +38,31 @@ enum Command {
     Grant(GrantArgs),
     /// Give compute from one person to another person or a pool.
     Give(GiveArgs),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check the ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a key for an account and print it (once: only its hash is kept).
+    Create {
+        /// The account the key spends from.
+        account: String,
+    },
+    /// List an account's keys (ids and state, never secrets).
+    List {
+        /// The account.
+        account: String,
+    },
+    /// Revoke a key; it stops working at once, also on a running server.
+    Revoke {
+        /// The key's id (from `key list`, or the part after `sk-stipend-`).
+        key_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +194,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             },
         },
+        Command::Key(KeyCommand::Create { account }) => Request::CreateKey { account },
+        Command::Key(KeyCommand::List { account }) => Request::ListKeys { account },
+        Command::Key(KeyCommand::Revoke { key_id }) => Request::RevokeKey {
+            id: key_id
+                .strip_prefix(stipend_gateway::keys::KEY_PREFIX)
+                .map(|rest| rest.split('-').next().unwrap_or_default().to_string())
+                .unwrap_or(key_id),
+        },
         Command::Give(args) => Request::Give {
             from: args.from,
             to: args.to,
@@ -208,7 +238,10 @@ fn parse_transfer_id(text: &str) -> anyhow::Result<TransferId> {
 /// server's control socket.
 fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
     match serve::open_ledger(config) {
-        Ok(ledger) => Ok(execute(&ledger, request)?),
+        Ok(ledger) => {
+            let keys = stipend_gateway::KeyRing::new(ledger.store());
+            Ok(execute(&ledger, &keys, request)?)
+        }
         Err(error)
             if matches!(
                 error.downcast_ref::<StoreError>(),

@@ -1,13 +1,16 @@
-//! `stipend serve`: owns the store, runs the ledger, and answers the control socket until it is
-//! told to stop, then drains and flushes.
+//! `stipend serve`: owns the store, runs the ledger, serves the OpenAI-compatible API and the
+//! control socket until it is told to stop, then drains (bounded) and flushes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use stipend_gateway::{Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
 use stipend_ledger::units::format_duration;
 use stipend_ledger::{Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock};
 use stipend_store_sqlite::SqliteStore;
+use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::control;
@@ -42,6 +45,48 @@ pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
     .context("cannot open the ledger")
 }
 
+/// How long in-flight requests may take to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds the gateway's models: a sink account and an upstream client each.
+fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow::Result<Gateway> {
+    let mut models = BTreeMap::new();
+    for model in &config.models {
+        let sink = ledger
+            .sink(&format!("sink:{}", model.name))
+            .with_context(|| format!("cannot open the sink of model {}", model.name))?;
+        let upstream = Upstream::new(UpstreamConfig {
+            base_url: model.base_url.clone(),
+            api_key: model.api_key.clone(),
+            timeout: model.timeout,
+        })
+        .map_err(anyhow::Error::msg)?;
+        models.insert(
+            model.name.clone(),
+            Arc::new(Model {
+                name: model.name.clone(),
+                upstream_model: model.upstream_model.clone(),
+                price_prompt_cu: model.price_prompt_cu,
+                price_completion_cu: model.price_completion_cu,
+                sink,
+                upstream,
+                permits: Arc::new(Semaphore::new(model.max_concurrency)),
+                max_concurrency: model.max_concurrency,
+            }),
+        );
+    }
+    let options = GatewayOptions {
+        max_tokens_default: config.max_tokens_default,
+        ..GatewayOptions::default()
+    };
+    Ok(Gateway {
+        ledger: Arc::clone(ledger),
+        keys,
+        models,
+        options,
+    })
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -60,9 +105,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         Err(error) => return Err(error),
     };
+    let keys = KeyRing::new(ledger.store());
+    let gateway = Arc::new(build_gateway(&config, &ledger, keys.clone())?);
+    let http = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
+    let address = http.local_addr()?;
     let socket = config.socket_path();
     let listener = control::bind(&socket)?;
-    let control_task = tokio::spawn(control::serve(listener, Arc::clone(&ledger)));
+    let control_task = tokio::spawn(control::serve(listener, Arc::clone(&ledger), keys));
     let sweeper = {
         let ledger = Arc::clone(&ledger);
         tokio::spawn(async move {
@@ -75,33 +126,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let policy = ledger.policy();
-    let cli = cli_invocation(&config);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut http_task = tokio::spawn({
+        let mut stop_rx = stop_rx.clone();
+        let router = stipend_gateway::router(Arc::clone(&gateway));
+        async move {
+            axum::serve(http, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        }
+    });
     tracing::info!(
+        %address,
         data_dir = %config.data_dir.display(),
         ready_ms = started.elapsed().as_millis() as u64,
         "stipend serving"
     );
-    println!(
-        "Stipend is running.\n  \
-         data      {}\n  \
-         stipend   {} per person every {}, up to {} carried over\n  \
-         ready in  {} ms\n\n\
-         The ledger is live. From another terminal, in this directory:\n  \
-         {cli} account create alice\n  \
-         {cli} account show alice\n  \
-         {cli} grant alice \"1 PFLOP\"\n  \
-         {cli} ledger verify\n\n\
-         The OpenAI-compatible HTTP API is not part of this build yet.\n\
-         Press Ctrl-C to stop.",
-        config.data_dir.display(),
-        Flops(policy.amount_cu() as i64),
-        format_duration(policy.period()),
-        Flops(policy.rollover_max_cu() as i64),
-        started.elapsed().as_millis(),
-    );
+    print_summary(&config, &gateway, address, started);
     shutdown_signal().await;
-    tracing::info!("shutting down: closing the control socket and flushing the ledger");
+    println!(
+        "Stopping: no new requests; waiting up to {}s for those in flight.",
+        DRAIN_TIMEOUT.as_secs()
+    );
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "the HTTP task failed"),
+        Err(_) => {
+            tracing::warn!("requests still in flight after the drain timeout; cutting them off");
+            http_task.abort();
+        }
+    }
     control_task.abort();
     sweeper.abort();
     let _ = control_task.await;
@@ -109,6 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(error) = std::fs::remove_file(&socket) {
         tracing::warn!(%error, "cannot remove the control socket");
     }
+    drop(gateway);
     let flush = Arc::clone(&ledger);
     tokio::task::spawn_blocking(move || flush.flush())
         .await
@@ -116,6 +175,54 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drop(ledger);
     println!("Stipend stopped; the ledger is flushed.");
     Ok(())
+}
+
+fn print_summary(
+    config: &Config,
+    gateway: &Gateway,
+    address: std::net::SocketAddr,
+    started: Instant,
+) {
+    let policy = gateway.ledger.policy();
+    let cli = cli_invocation(config);
+    let mut models = String::new();
+    for model in gateway.models.values() {
+        models.push_str(&format!(
+            "  {:<20} {} cu/prompt token, {} cu/completion token, {} in flight at most\n",
+            model.name, model.price_prompt_cu, model.price_completion_cu, model.max_concurrency
+        ));
+    }
+    if models.is_empty() {
+        models.push_str("  (none configured: add [[models]] to the config file)\n");
+    }
+    let example_model = gateway
+        .models
+        .keys()
+        .next()
+        .cloned()
+        .unwrap_or_else(|| "MODEL".to_string());
+    println!(
+        "Stipend is running on http://{address}/v1\n  \
+         data      {}\n  \
+         stipend   {} per person every {}, up to {} carried over\n  \
+         ready in  {} ms\n\
+         models\n{models}\n\
+         Give someone a budget and a key (from another terminal, in this directory):\n  \
+         {cli} account create alice\n  \
+         {cli} key create alice\n\n\
+         Then call it with any OpenAI client:\n  \
+         curl http://{address}/v1/chat/completions -H \"Authorization: Bearer $KEY\" \\\n    \
+         -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n  \
+         python: OpenAI(base_url=\"http://{address}/v1\", api_key=KEY)\n  \
+         curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n\n\
+         Press Ctrl-C to stop.",
+        config.data_dir.display(),
+        Flops(policy.amount_cu() as i64),
+        format_duration(policy.period()),
+        Flops(policy.rollover_max_cu() as i64),
+        started.elapsed().as_millis(),
+    );
 }
 
 /// How to call this same binary with this same config from a shell in the current directory.

@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use stipend_ledger::{
-    AccountId, AccountKind, AccountRecord, AuditRow, Batch, Lot, Store, StoreError, Transfer,
-    TransferAudit, TransferId, TransferKind,
+    AccountId, AccountKind, AccountRecord, AuditRow, Batch, KeyRecord, Lot, Store, StoreError,
+    Transfer, TransferAudit, TransferId, TransferKind,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -53,7 +54,19 @@ CREATE UNIQUE INDEX transfers_by_chosen_id ON transfers (id)
 -- stay out: indexing them by account would cost every settle a random B-tree insert.
 CREATE INDEX transfers_by_debit ON transfers (debit_account, seq) WHERE kind <> 'spend';
 CREATE INDEX transfers_by_credit ON transfers (credit_account, seq) WHERE kind <> 'spend';
-"#];
+"#,
+    r#"
+-- API keys: the secret itself is never stored, only its SHA-256.
+CREATE TABLE keys (
+    id             TEXT    PRIMARY KEY,
+    account_id     INTEGER NOT NULL,
+    secret_sha256  BLOB    NOT NULL,
+    created_at_ms  INTEGER NOT NULL,
+    revoked_at_ms  INTEGER
+);
+CREATE INDEX keys_by_account ON keys (account_id);
+"#,
+];
 
 /// How many idle read connections are kept.
 const READERS_IDLE_MAX: usize = 8;
@@ -299,6 +312,27 @@ fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Transfe
     })())
 }
 
+const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms";
+
+fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, StoreError>> {
+    let id: String = row.get(0)?;
+    let account: i64 = row.get(1)?;
+    let hash: Vec<u8> = row.get(2)?;
+    let created_at_ms: i64 = row.get(3)?;
+    let revoked_at_ms: Option<i64> = row.get(4)?;
+    Ok(hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt(format!("key {id}: the hash is not 32 bytes")))
+        .map(|secret_sha256| KeyRecord {
+            id,
+            account: AccountId(account as u64),
+            secret_sha256,
+            created_at_ms,
+            revoked_at_ms,
+        }))
+}
+
 fn lots_json(lots: &[Lot]) -> Result<String, StoreError> {
     serde_json::to_string(lots).map_err(corrupt)
 }
@@ -484,6 +518,72 @@ impl Store for SqliteStore {
                 .map_err(io)?;
         }
         transaction.commit().map_err(io)
+    }
+
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let Some(writer) = &self.writer else {
+            return Err(io("this store was opened read-only"));
+        };
+        writer
+            .lock()
+            .execute(
+                "INSERT INTO keys (id, account_id, secret_sha256, created_at_ms, revoked_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    key.id,
+                    key.account.0 as i64,
+                    key.secret_sha256.as_slice(),
+                    key.created_at_ms,
+                    key.revoked_at_ms
+                ],
+            )
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
+        let Some(writer) = &self.writer else {
+            return Err(io("this store was opened read-only"));
+        };
+        let changed = writer
+            .lock()
+            .execute(
+                "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
+                params![id, at_ms],
+            )
+            .map_err(io)?;
+        Ok(changed == 1)
+    }
+
+    fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"))
+                .map_err(io)?;
+            statement
+                .query_row([id], key_from_row)
+                .optional()
+                .map_err(io)?
+                .transpose()
+        })
+    }
+
+    fn keys_of(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLUMNS} FROM keys WHERE account_id = ?1 ORDER BY created_at_ms, id"
+                ))
+                .map_err(io)?;
+            let rows = statement
+                .query_map([account.0 as i64], key_from_row)
+                .map_err(io)?;
+            let mut keys = Vec::new();
+            for row in rows {
+                keys.push(row.map_err(io)??);
+            }
+            Ok(keys)
+        })
     }
 
     fn checkpoint_seq(&self) -> Result<i64, StoreError> {
@@ -739,6 +839,31 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, StoreError::Io(_)), "{error:?}");
         assert_eq!(store.account_by_name("cy").unwrap(), None);
+    }
+
+    #[test]
+    fn keys_store_hashes_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("ledger.db")).unwrap();
+        let key = KeyRecord {
+            id: "k1".to_string(),
+            account: AccountId(7),
+            secret_sha256: [9; 32],
+            created_at_ms: 5,
+            revoked_at_ms: None,
+        };
+        store.insert_key(&key).unwrap();
+        assert!(store.insert_key(&key).is_err(), "ids are unique");
+        assert_eq!(store.key("k1").unwrap(), Some(key.clone()));
+        assert_eq!(store.keys_of(AccountId(7)).unwrap(), vec![key]);
+        assert!(store.revoke_key("k1", 10).unwrap());
+        assert!(
+            store.revoke_key("k1", 20).unwrap(),
+            "revoking again keeps the first time"
+        );
+        assert_eq!(store.key("k1").unwrap().unwrap().revoked_at_ms, Some(10));
+        assert!(!store.revoke_key("nope", 10).unwrap());
+        assert_eq!(store.key("nope").unwrap(), None);
     }
 
     #[test]

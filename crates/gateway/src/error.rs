@@ -1,0 +1,220 @@
+//! The one API error type at the HTTP edge. Each variant maps to a status and an OpenAI-shaped
+//! body, `{"error": {"message", "type", "param", "code"}}`, which is what OpenAI clients parse.
+//! Internal details never reach the client; they go to the log.
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use stipend_ledger::units::format_utc;
+use stipend_ledger::{Flops, LedgerError};
+
+use crate::keys::KeyError;
+
+/// Why a request was refused. A refused request changed nothing in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 401: no key, a bad key, a revoked key.
+    Unauthorized(String),
+    /// 400: malformed JSON, wrong types, bad values.
+    InvalidRequest {
+        /// For a person.
+        message: String,
+        /// The offending field, if one.
+        param: Option<String>,
+    },
+    /// 404: no such model, or not for this key.
+    ModelNotFound(String),
+    /// 413: the body is over the limit.
+    PayloadTooLarge(usize),
+    /// 429 `insufficient_quota`: the budget cannot cover the request's worst case.
+    BudgetExhausted {
+        /// What the request needed, in cu.
+        needed_cu: u64,
+        /// What is available, in cu.
+        available_cu: u64,
+        /// When the next stipend arrives (ms since the epoch), if ever.
+        next_grant_at_ms: Option<i64>,
+    },
+    /// 503: the server is at a limit; try again shortly.
+    Overloaded(String),
+    /// 502: the upstream model server failed.
+    Upstream(String),
+    /// 504: the upstream model server did not answer in time.
+    UpstreamTimeout,
+    /// 503: the ledger cannot be written, so nothing is served (fail closed).
+    LedgerUnavailable,
+    /// 500: a bug.
+    Internal,
+}
+
+impl ApiError {
+    /// A 400 naming a field.
+    pub fn param(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, String) {
+        match self {
+            ApiError::Unauthorized(message) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                message.clone(),
+            ),
+            ApiError::InvalidRequest { message, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                message.clone(),
+            ),
+            ApiError::ModelNotFound(model) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                format!("The model `{model}` does not exist or you do not have access to it."),
+            ),
+            ApiError::PayloadTooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+                format!("The request body is larger than the limit of {limit} bytes."),
+            ),
+            ApiError::BudgetExhausted {
+                needed_cu,
+                available_cu,
+                next_grant_at_ms,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("budget_exhausted"),
+                format!(
+                    "Your compute budget cannot cover this request: it may need up to {} ({needed_cu} cu) and {} ({available_cu} cu) is available. {}",
+                    Flops(*needed_cu as i64),
+                    Flops(*available_cu as i64),
+                    match next_grant_at_ms {
+                        Some(at) => format!(
+                            "Your next stipend arrives at {}. Lower max_tokens to fit what is left.",
+                            format_utc(*at)
+                        ),
+                        None => "This account receives no stipend.".to_string(),
+                    }
+                ),
+            ),
+            ApiError::Overloaded(message) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("overloaded"),
+                message.clone(),
+            ),
+            ApiError::Upstream(message) => (
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                Some("upstream_error"),
+                format!("The model server failed: {message}. Nothing was charged."),
+            ),
+            ApiError::UpstreamTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "api_error",
+                Some("upstream_timeout"),
+                "The model server did not answer in time. Nothing was charged.".to_string(),
+            ),
+            ApiError::LedgerUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("ledger_unavailable"),
+                "The budget ledger is unavailable, so no request can be served right now."
+                    .to_string(),
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                "Internal error.".to_string(),
+            ),
+        }
+    }
+
+    /// The JSON body, as also sent inside a stream.
+    pub fn body(&self) -> serde_json::Value {
+        let (_, kind, code, message) = self.parts();
+        let param = match self {
+            ApiError::InvalidRequest { param, .. } => param.clone(),
+            _ => None,
+        };
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(error: KeyError) -> ApiError {
+        match error {
+            KeyError::Store(error) => {
+                tracing::error!(%error, "key lookup failed");
+                ApiError::LedgerUnavailable
+            }
+            other => ApiError::Unauthorized(other.to_string()),
+        }
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> ApiError {
+        match error {
+            LedgerError::InsufficientBalance {
+                needed_cu,
+                available_cu,
+                next_grant_at_ms,
+                ..
+            } => ApiError::BudgetExhausted {
+                needed_cu,
+                available_cu,
+                next_grant_at_ms,
+            },
+            LedgerError::InvalidAmount { reason } => ApiError::param("max_tokens", reason),
+            LedgerError::WrongKind { .. } => {
+                ApiError::Unauthorized("this key's account cannot spend compute".to_string())
+            }
+            LedgerError::Overloaded { what } => ApiError::Overloaded(format!(
+                "The server is at capacity ({what}); try again shortly."
+            )),
+            LedgerError::Unavailable { .. } | LedgerError::Store(_) => {
+                tracing::error!(%error, "ledger unavailable");
+                ApiError::LedgerUnavailable
+            }
+            other => {
+                tracing::error!(error = %other, "unexpected ledger error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, _, _) = self.parts();
+        let mut headers = HeaderMap::new();
+        if let ApiError::BudgetExhausted {
+            available_cu,
+            next_grant_at_ms,
+            ..
+        } = &self
+        {
+            // The official SDKs retry 429s unless told not to; a spent budget will not refill
+            // by retrying.
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            headers.insert("x-stipend-available-cu", HeaderValue::from(*available_cu));
+            if let Some(at) = next_grant_at_ms
+                && let Ok(value) = HeaderValue::from_str(&format_utc(*at))
+            {
+                headers.insert("x-stipend-next-grant", value);
+            }
+        }
+        if matches!(self, ApiError::Overloaded(_)) {
+            headers.insert("retry-after", HeaderValue::from_static("1"));
+        }
+        (status, headers, axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,173 @@
+//! API keys: `sk-stipend-<id>-<secret>`. The id is public (it names the key in listings and
+//! revocations); the secret is 256 random bits, shown once, stored only as its SHA-256, and
+//! compared in constant time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use sha2::{Digest, Sha256};
+use stipend_ledger::{AccountId, KeyRecord, Store, StoreError};
+use subtle::ConstantTimeEq;
+
+/// Every key starts with this.
+pub const KEY_PREFIX: &str = "sk-stipend-";
+const ID_HEX_LEN: usize = 16;
+const SECRET_HEX_LEN: usize = 64;
+
+/// A new key, before it is stored: the only moment its secret exists in full.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// The full key, to give to its person once.
+    pub key: String,
+    /// What is stored.
+    pub record: KeyRecord,
+}
+
+fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
+    let mut buffer = vec![0u8; bytes];
+    getrandom::fill(&mut buffer)?;
+    Ok(buffer.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+fn sha256(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Makes a new key for an account.
+pub fn generate(account: AccountId, now_ms: i64) -> Result<NewKey, StoreError> {
+    let random_failed = |error: getrandom::Error| StoreError::Io(format!("no randomness: {error}"));
+    let id = random_hex(ID_HEX_LEN / 2).map_err(random_failed)?;
+    let secret = random_hex(SECRET_HEX_LEN / 2).map_err(random_failed)?;
+    Ok(NewKey {
+        key: format!("{KEY_PREFIX}{id}-{secret}"),
+        record: KeyRecord {
+            id,
+            account,
+            secret_sha256: sha256(&secret),
+            created_at_ms: now_ms,
+            revoked_at_ms: None,
+        },
+    })
+}
+
+/// Splits a presented key into its id and secret, if it is shaped like one of ours.
+pub fn parse(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    let (id, secret) = rest.split_once('-')?;
+    let hex = |text: &str, len: usize| {
+        text.len() == len && text.bytes().all(|byte| byte.is_ascii_hexdigit())
+    };
+    (hex(id, ID_HEX_LEN) && hex(secret, SECRET_HEX_LEN)).then_some((id, secret))
+}
+
+/// Why a key was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// No key was presented.
+    #[error("no API key was given; send it as `Authorization: Bearer sk-stipend-…`")]
+    Missing,
+    /// The key is not one of ours, or its secret is wrong.
+    #[error("the API key is not valid")]
+    Invalid,
+    /// The key was revoked.
+    #[error("the API key was revoked")]
+    Revoked,
+    /// The key store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The keys a running server knows: read through from the store, cached, and changed in place
+/// when a key is created or revoked, so a revocation takes effect on the next request.
+#[derive(Clone)]
+pub struct KeyRing {
+    store: Arc<dyn Store>,
+    cache: Arc<RwLock<HashMap<String, KeyRecord>>>,
+}
+
+/// The most keys cached; past it the cache is cleared and refills from the store as keys are used.
+const CACHE_MAX: usize = 1_000_000;
+
+impl KeyRing {
+    /// A key ring over a store.
+    pub fn new(store: Arc<dyn Store>) -> KeyRing {
+        KeyRing {
+            store,
+            cache: Arc::new(RwLock::new(HashMap::new())),
+        }
+    }
+
+    /// Checks a presented key; returns its account.
+    pub fn authenticate(&self, presented: &str) -> Result<AccountId, KeyError> {
+        let (id, secret) = parse(presented).ok_or(KeyError::Invalid)?;
+        let cached = self.cache.read().get(id).cloned();
+        let record = match cached {
+            Some(record) => record,
+            None => {
+                let record = self.store.key(id)?.ok_or(KeyError::Invalid)?;
+                let mut cache = self.cache.write();
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(id.to_string(), record.clone());
+                record
+            }
+        };
+        // Constant time: how much of a guess matched must not show in how long the check took.
+        if !bool::from(sha256(secret).ct_eq(&record.secret_sha256)) {
+            return Err(KeyError::Invalid);
+        }
+        if record.revoked_at_ms.is_some() {
+            return Err(KeyError::Revoked);
+        }
+        Ok(record.account)
+    }
+
+    /// Creates and stores a new key for an account.
+    pub fn create(&self, account: AccountId, now_ms: i64) -> Result<NewKey, StoreError> {
+        let new = generate(account, now_ms)?;
+        self.store.insert_key(&new.record)?;
+        Ok(new)
+    }
+
+    /// Revokes a key, in the store and at once in this ring. Returns false if it does not exist.
+    pub fn revoke(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let found = self.store.revoke_key(id, now_ms)?;
+        if found {
+            self.cache.write().remove(id);
+        }
+        Ok(found)
+    }
+
+    /// The keys of an account.
+    pub fn list(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+        self.store.keys_of(account)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_only_in_our_shape() {
+        let new = generate(AccountId(3), 1).unwrap();
+        let (id, secret) = parse(&new.key).unwrap();
+        assert_eq!(id, new.record.id);
+        assert_eq!(sha256(secret), new.record.secret_sha256);
+        assert!(!new.key.contains(&format!("{:?}", new.record.secret_sha256)));
+        for bad in [
+            "",
+            "sk-other",
+            "sk-stipend-",
+            "sk-stipend-0123456789abcdef",
+            "sk-stipend-0123456789abcdef-zz",
+            &format!("sk-stipend-0123456789abcdeg-{}", "a".repeat(64)),
+            &format!("sk-stipend-0123456789abcdef-{}", "a".repeat(63)),
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_ne!(generate(AccountId(3), 1).unwrap().key, new.key);
+    }
+}

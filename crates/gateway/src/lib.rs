@@ -1,0 +1,80 @@
+//! Stipend's HTTP edge: an OpenAI-compatible API in front of the models, where every call is
+//! priced at its worst case, reserved, served, and settled for exactly what it used.
+//!
+//! This crate is where the wire ends: it knows HTTP, JSON and the OpenAI format, and turns them
+//! into ledger calls (`reserve`, `settle`, `void`) on `stipend_ledger::Ledger`, which knows
+//! none of them.
+
+pub mod error;
+pub mod keys;
+mod relay;
+mod routes;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stipend_ledger::{AccountId, Ledger};
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+pub use keys::KeyRing;
+pub use routes::router;
+pub use upstream::{Upstream, UpstreamConfig};
+
+/// One model clients can ask for.
+pub struct Model {
+    /// The name clients use.
+    pub name: String,
+    /// The name the upstream knows it by.
+    pub upstream_model: String,
+    /// cu per prompt token.
+    pub price_prompt_cu: u64,
+    /// cu per completion token.
+    pub price_completion_cu: u64,
+    /// Where its spent compute goes.
+    pub sink: AccountId,
+    /// How to reach it.
+    pub upstream: Upstream,
+    /// At most this many requests in flight upstream.
+    pub permits: Arc<Semaphore>,
+    /// The same number, for display.
+    pub max_concurrency: usize,
+}
+
+/// The gateway's limits.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Completion tokens reserved when a request gives no `max_tokens`.
+    pub max_tokens_default: u64,
+    /// The most completion tokens one request may ask for.
+    pub max_tokens_max: u64,
+    /// The largest request body.
+    pub body_bytes_max: usize,
+    /// How long a request's reservation may stay open (longer than any upstream timeout).
+    pub reservation_timeout: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> GatewayOptions {
+        GatewayOptions {
+            max_tokens_default: 1_024,
+            max_tokens_max: 131_072,
+            body_bytes_max: 4 * 1024 * 1024,
+            reservation_timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct Gateway {
+    /// The ledger.
+    pub ledger: Arc<Ledger>,
+    /// The API keys.
+    pub keys: KeyRing,
+    /// The models, by name.
+    pub models: BTreeMap<String, Arc<Model>>,
+    /// The limits.
+    pub options: GatewayOptions,
+}

@@ -1,0 +1,333 @@
+//! Streaming: pass the upstream's chunks through as they come, charge exactly what was produced,
+//! and make the charge durable before the stream's last byte (`data: [DONE]`).
+//!
+//! The relay runs in its own task and writes into a bounded channel that is the response body.
+//! When the client goes away, hyper drops the body, the channel closes, the relay stops reading
+//! the upstream (dropping the connection, so the upstream stops generating), and charges what had
+//! been produced by then.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::Value;
+use stipend_ledger::{Ledger, ReservationId, Settlement};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::routes::Checked;
+use crate::{Gateway, Model};
+
+/// Chunks buffered between the upstream and a slow client.
+const RELAY_CHANNEL_CAPACITY: usize = 64;
+/// The largest single SSE event accepted from an upstream.
+const SSE_EVENT_BYTES_MAX: usize = 1024 * 1024;
+
+/// A reservation held for a request. Settling consumes it; dropping it unsettled (an error, a
+/// client gone before any output) voids it, so nothing is ever left held or charged by accident.
+pub(crate) struct Hold {
+    ledger: Arc<Ledger>,
+    id: Option<ReservationId>,
+}
+
+impl Hold {
+    pub(crate) fn new(ledger: Arc<Ledger>, id: ReservationId) -> Hold {
+        Hold {
+            ledger,
+            id: Some(id),
+        }
+    }
+
+    /// Charges `cost_cu` and waits until the charge is durable.
+    pub(crate) async fn settle(mut self, cost_cu: u64) -> Result<Settlement, ApiError> {
+        let Some(id) = self.id.take() else {
+            return Err(ApiError::Internal);
+        };
+        let durable = self.ledger.settle(id, cost_cu)?;
+        let settlement = tokio::task::spawn_blocking(move || durable.wait())
+            .await
+            .map_err(|_| ApiError::Internal)??;
+        if settlement.shortfall_cu > 0 {
+            tracing::warn!(
+                shortfall_cu = settlement.shortfall_cu,
+                "usage beyond the reservation could not be charged in full"
+            );
+        }
+        Ok(settlement)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            // Already gone (timed out) is fine: either way nothing is held or charged.
+            let _ = self.ledger.void(id);
+        }
+    }
+}
+
+/// Token counts an upstream reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub(crate) fn from_json(usage: &Value) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
+            completion_tokens: usage.get("completion_tokens")?.as_u64()?,
+        })
+    }
+
+    /// What the usage costs, counting no more than the request could have used: the upstream was
+    /// told `max_tokens`, and the prompt cannot exceed its bound, so a report beyond either is
+    /// the upstream's error and is not charged to the person.
+    pub(crate) fn cost_cu(&self, model: &Model, checked: &Checked) -> u64 {
+        let prompt_tokens = self.prompt_tokens.min(checked.prompt_tokens_max);
+        let completion_tokens = self.completion_tokens.min(checked.max_tokens);
+        if (prompt_tokens, completion_tokens) != (self.prompt_tokens, self.completion_tokens) {
+            tracing::warn!(
+                model = %model.name,
+                prompt_tokens = self.prompt_tokens,
+                completion_tokens = self.completion_tokens,
+                "upstream reported more usage than the request allowed; charging the bound"
+            );
+        }
+        prompt_tokens
+            .saturating_mul(model.price_prompt_cu)
+            .saturating_add(completion_tokens.saturating_mul(model.price_completion_cu))
+    }
+}
+
+/// Splits an SSE byte stream into the `data:` payloads of its events.
+#[derive(Default)]
+struct SseParser {
+    buffer: Vec<u8>,
+}
+
+impl SseParser {
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, ApiError> {
+        self.buffer
+            .extend(bytes.iter().filter(|byte| **byte != b'\r'));
+        let mut events = Vec::new();
+        while let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
+            let event: Vec<u8> = self.buffer.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let data: Vec<&str> = text
+                .lines()
+                .filter_map(|line| line.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect();
+            if !data.is_empty() {
+                events.push(data.join("\n"));
+            }
+        }
+        if self.buffer.len() > SSE_EVENT_BYTES_MAX {
+            return Err(ApiError::Upstream(
+                "a stream event is too large".to_string(),
+            ));
+        }
+        Ok(events)
+    }
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn produced_output(chunk: &Value) -> bool {
+    chunk["choices"].as_array().is_some_and(|choices| {
+        choices.iter().any(|choice| {
+            let delta = &choice["delta"];
+            delta["content"]
+                .as_str()
+                .is_some_and(|text| !text.is_empty())
+                || choice["text"].as_str().is_some_and(|text| !text.is_empty())
+                || delta["tool_calls"].is_array()
+        })
+    })
+}
+
+enum Outcome {
+    Done,
+    Failed(ApiError),
+    ClientGone,
+}
+
+/// Starts relaying an upstream stream; returns the response to send.
+pub(crate) fn stream(
+    gateway: Arc<Gateway>,
+    checked: Checked,
+    hold: Hold,
+    upstream: reqwest::Response,
+    permit: OwnedSemaphorePermit,
+) -> Response {
+    let (sender, receiver) = mpsc::channel::<Bytes>(RELAY_CHANNEL_CAPACITY);
+    tokio::spawn(relay(gateway, checked, hold, upstream, sender, permit));
+    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|bytes| (Ok::<Bytes, std::io::Error>(bytes), receiver))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+async fn relay(
+    _gateway: Arc<Gateway>,
+    checked: Checked,
+    hold: Hold,
+    upstream: reqwest::Response,
+    sender: mpsc::Sender<Bytes>,
+    permit: OwnedSemaphorePermit,
+) {
+    let model = Arc::clone(&checked.model);
+    let timeout = model.upstream.timeout();
+    let mut chunks = upstream.bytes_stream();
+    let mut parser = SseParser::default();
+    let mut usage: Option<Usage> = None;
+    let mut usage_chunk: Option<Value> = None;
+    let mut chunks_with_output = 0u64;
+    let outcome = 'read: loop {
+        let next = tokio::select! {
+            _ = sender.closed() => break 'read Outcome::ClientGone,
+            next = tokio::time::timeout(timeout, chunks.next()) => next,
+        };
+        let bytes = match next {
+            Err(_) => break 'read Outcome::Failed(ApiError::UpstreamTimeout),
+            Ok(None) if usage.is_some() => break 'read Outcome::Done,
+            Ok(None) => {
+                break 'read Outcome::Failed(ApiError::Upstream(
+                    "the stream ended before it was done".to_string(),
+                ));
+            }
+            Ok(Some(Err(_))) => {
+                break 'read Outcome::Failed(ApiError::Upstream(
+                    "the stream broke off".to_string(),
+                ));
+            }
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        let events = match parser.push(&bytes) {
+            Ok(events) => events,
+            Err(error) => break 'read Outcome::Failed(error),
+        };
+        for data in events {
+            if data == "[DONE]" {
+                break 'read Outcome::Done;
+            }
+            let Ok(mut chunk) = serde_json::from_str::<Value>(&data) else {
+                break 'read Outcome::Failed(ApiError::Upstream(
+                    "a stream event is not JSON".to_string(),
+                ));
+            };
+            if chunk.get("error").is_some() {
+                break 'read Outcome::Failed(ApiError::Upstream(
+                    "it reported an error mid-stream".to_string(),
+                ));
+            }
+            if let Some(reported) = Usage::from_json(&chunk["usage"]) {
+                usage = Some(reported);
+            }
+            chunk["model"] = Value::String(model.name.clone());
+            let has_choices = chunk["choices"]
+                .as_array()
+                .is_some_and(|choices| !choices.is_empty());
+            if !has_choices {
+                // The usage chunk: sent (if asked for) only once the charge is durable.
+                usage_chunk = Some(chunk);
+                continue;
+            }
+            if produced_output(&chunk) {
+                chunks_with_output += 1;
+            }
+            if !checked.include_usage
+                && let Some(fields) = chunk.as_object_mut()
+            {
+                fields.remove("usage");
+            }
+            if sender.send(sse(&chunk)).await.is_err() {
+                break 'read Outcome::ClientGone;
+            }
+        }
+    };
+    // Close the upstream connection now: an abandoned generation stops costing anything.
+    drop(chunks);
+    drop(permit);
+    let cost_cu = match usage {
+        Some(usage) => Some(usage.cost_cu(&model, &checked)),
+        // No usage (the client left, or the upstream broke off): charge what was produced, one
+        // token per content chunk, and the prompt as its byte bound over four (the usual bytes
+        // per token), since the prompt was processed.
+        None if chunks_with_output > 0 => {
+            let prompt_tokens = checked.prompt_tokens_max.div_ceil(4);
+            Some(
+                Usage {
+                    prompt_tokens,
+                    completion_tokens: chunks_with_output,
+                }
+                .cost_cu(&model, &checked),
+            )
+        }
+        None => None,
+    };
+    let settled = match cost_cu {
+        Some(cost_cu) => hold.settle(cost_cu).await.map(Some),
+        None => {
+            drop(hold); // nothing produced: void
+            Ok(None)
+        }
+    };
+    match (outcome, settled) {
+        (Outcome::ClientGone, _) => {
+            tracing::info!(model = %model.name, chunks_with_output, "client left mid-stream");
+        }
+        (Outcome::Done, Ok(_)) => {
+            if checked.include_usage
+                && let Some(chunk) = usage_chunk
+            {
+                let _ = sender.send(sse(&chunk)).await;
+            }
+            let _ = sender.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        }
+        (Outcome::Done, Err(error)) | (Outcome::Failed(_), Err(error)) => {
+            tracing::error!(model = %model.name, ?error, "a stream's charge could not be recorded");
+            let _ = sender.send(sse(&error.body())).await;
+        }
+        (Outcome::Failed(error), Ok(_)) => {
+            tracing::warn!(model = %model.name, ?error, chunks_with_output, "upstream stream failed");
+            let _ = sender.send(sse(&error.body())).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_across_reads() {
+        let mut parser = SseParser::default();
+        assert_eq!(parser.push(b"data: {\"a\"").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            parser
+                .push(b":1}\r\n\r\ndata: [DONE]\n\n: comment\n\n")
+                .unwrap(),
+            vec!["{\"a\":1}".to_string(), "[DONE]".to_string()]
+        );
+        let mut parser = SseParser::default();
+        assert!(parser.push(&vec![b'x'; SSE_EVENT_BYTES_MAX + 1]).is_err());
+    }
+}

@@ -1,0 +1,412 @@
+//! The routes: parse and check a request, price its worst case, reserve, call the upstream,
+//! settle exactly, answer.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Map, Value, json};
+use stipend_ledger::units::{format_duration, format_utc};
+use stipend_ledger::{AccountId, AccountKind};
+
+use crate::error::ApiError;
+use crate::relay::{self, Hold, Usage};
+use crate::{Gateway, Model};
+
+/// Tokens added per chat message to the prompt's upper bound, for the role markers a chat
+/// template wraps around each message.
+const MESSAGE_OVERHEAD_TOKENS: u64 = 8;
+/// Tokens added to every prompt's upper bound (a template's preamble).
+const PROMPT_OVERHEAD_TOKENS: u64 = 16;
+/// The most stop sequences, as OpenAI allows.
+const STOP_SEQUENCES_MAX: usize = 4;
+
+/// Builds the router.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/budget", get(budget))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+/// Which OpenAI endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Completion => "/completions",
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::InvalidRequest {
+        message: "Unknown path. Stipend serves /v1/chat/completions, /v1/completions, /v1/models, /v1/budget and /healthz.".to_string(),
+        param: None,
+    }
+}
+
+async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
+    match gateway.ledger.view(gateway.ledger.issuer()) {
+        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Err(_) => ApiError::LedgerUnavailable.into_response(),
+    }
+}
+
+fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<AccountId, ApiError> {
+    let presented = headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::from(crate::keys::KeyError::Missing))?;
+    Ok(gateway.keys.authenticate(presented)?)
+}
+
+async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(error) = authenticate(&gateway, &headers) {
+        return error.into_response();
+    }
+    let data: Vec<Value> = gateway
+        .models
+        .values()
+        .map(|model| {
+            json!({
+                "id": model.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "stipend",
+                "price_prompt_cu": model.price_prompt_cu,
+                "price_completion_cu": model.price_completion_cu,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let account = match authenticate(&gateway, &headers) {
+        Ok(account) => account,
+        Err(error) => return error.into_response(),
+    };
+    let view = match gateway.ledger.view(account) {
+        Ok(view) => view,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let policy = gateway.ledger.policy();
+    let person = view.kind == AccountKind::Person;
+    Json(json!({
+        "object": "budget",
+        "account": view.name,
+        "balance_cu": view.balance_cu,
+        "reserved_cu": view.reserved_cu,
+        "available_cu": view.available_cu,
+        "next_grant_at": view.next_grant_at_ms.map(format_utc),
+        "stipend_cu": if person { Some(policy.amount_cu()) } else { None },
+        "period": format_duration(policy.period()),
+        "rollover_max_cu": policy.rollover_max_cu(),
+        "models": gateway.models.values().map(|model| json!({
+            "model": model.name,
+            "price_prompt_cu": model.price_prompt_cu,
+            "price_completion_cu": model.price_completion_cu,
+            "completion_tokens_available": view.available_cu / model.price_completion_cu.max(1),
+        })).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(gateway, headers, body, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(gateway, headers, body, Endpoint::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A checked request, ready to price and forward.
+pub(crate) struct Checked {
+    pub model: Arc<Model>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub max_tokens: u64,
+    pub prompt_tokens_max: u64,
+    pub upstream_body: Value,
+}
+
+async fn serve(
+    gateway: Arc<Gateway>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let account = authenticate(&gateway, &headers)?;
+    let limit = gateway.options.body_bytes_max;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let checked = check(&gateway, &bytes, endpoint)?;
+    let model = Arc::clone(&checked.model);
+    let worst_cu = checked
+        .prompt_tokens_max
+        .checked_mul(model.price_prompt_cu)
+        .and_then(|prompt| {
+            checked
+                .max_tokens
+                .checked_mul(model.price_completion_cu)
+                .and_then(|completion| prompt.checked_add(completion))
+        })
+        .ok_or_else(|| ApiError::param("max_tokens", "the request is too large to price"))?;
+    let reservation = gateway.ledger.reserve(
+        account,
+        model.sink,
+        worst_cu,
+        gateway.options.reservation_timeout,
+    )?;
+    let hold = Hold::new(Arc::clone(&gateway.ledger), reservation.id());
+    // Capacity: at most max_concurrency in flight upstream (a fair-share queue comes next).
+    let _permit = Arc::clone(&model.permits)
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::Overloaded("the server is shutting down".to_string()))?;
+    let response = model
+        .upstream
+        .post(endpoint.path(), &checked.upstream_body)
+        .await?;
+    if checked.stream {
+        return Ok(relay::stream(gateway, checked, hold, response, _permit));
+    }
+    let text = tokio::time::timeout(model.upstream.timeout(), response.bytes())
+        .await
+        .map_err(|_| ApiError::UpstreamTimeout)?
+        .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
+    let mut answer: Value = serde_json::from_slice(&text)
+        .map_err(|_| ApiError::Upstream("the response is not JSON".to_string()))?;
+    let usage = Usage::from_json(&answer["usage"]);
+    let cost_cu = match usage {
+        Some(usage) => usage.cost_cu(&model, &checked),
+        None => {
+            // An upstream that reports no usage is charged its worst case, which was reserved:
+            // we cannot count what we cannot see, and the budget must stay a bound.
+            tracing::warn!(model = %model.name, "upstream reported no usage; charging the reservation");
+            worst_cu
+        }
+    };
+    hold.settle(cost_cu).await?;
+    answer["model"] = Value::String(model.name.clone());
+    Ok(Json(answer).into_response())
+}
+
+fn integer(request: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
+    match request.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| ApiError::param(key, format!("`{key}` must be an integer"))),
+    }
+}
+
+fn number_in(request: &Map<String, Value>, key: &str, low: f64, high: f64) -> Result<(), ApiError> {
+    match request.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(value) => match value.as_f64() {
+            Some(number) if (low..=high).contains(&number) => Ok(()),
+            _ => Err(ApiError::param(
+                key,
+                format!("`{key}` must be a number from {low} to {high}"),
+            )),
+        },
+    }
+}
+
+/// Checks a request body and works out its bounds; the reply is a 400 naming the field.
+pub(crate) fn check(
+    gateway: &Gateway,
+    bytes: &Bytes,
+    endpoint: Endpoint,
+) -> Result<Checked, ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|error| ApiError::InvalidRequest {
+        message: format!("We could not parse the JSON body of your request: {error}"),
+        param: None,
+    })?;
+    let Value::Object(mut request) = value else {
+        return Err(ApiError::InvalidRequest {
+            message: "The request body must be a JSON object.".to_string(),
+            param: None,
+        });
+    };
+    let model_name = match request.get("model") {
+        Some(Value::String(name)) => name.clone(),
+        _ => {
+            return Err(ApiError::param(
+                "model",
+                "you must give `model` as a string",
+            ));
+        }
+    };
+    let model = gateway
+        .models
+        .get(&model_name)
+        .cloned()
+        .ok_or(ApiError::ModelNotFound(model_name))?;
+    let stream = match request.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(stream)) => *stream,
+        Some(_) => return Err(ApiError::param("stream", "`stream` must be true or false")),
+    };
+    let include_usage = match request.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(include)) => *include,
+            Some(_) => {
+                return Err(ApiError::param(
+                    "stream_options.include_usage",
+                    "`include_usage` must be true or false",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::param(
+                "stream_options",
+                "`stream_options` must be an object",
+            ));
+        }
+    };
+    if let Some(n) = integer(&request, "n")?
+        && n != 1
+    {
+        return Err(ApiError::param("n", "only n = 1 is supported"));
+    }
+    let asked = match integer(&request, "max_completion_tokens")? {
+        Some(tokens) => Some(("max_completion_tokens", tokens)),
+        None => integer(&request, "max_tokens")?.map(|tokens| ("max_tokens", tokens)),
+    };
+    let max_tokens = match asked {
+        None => gateway.options.max_tokens_default,
+        Some((key, tokens)) if tokens < 1 => {
+            return Err(ApiError::param(
+                key,
+                format!("`{key}` must be at least 1, got {tokens}"),
+            ));
+        }
+        Some((key, tokens)) if tokens as u64 > gateway.options.max_tokens_max => {
+            return Err(ApiError::param(
+                key,
+                format!(
+                    "`{key}` must be at most {}, got {tokens}",
+                    gateway.options.max_tokens_max
+                ),
+            ));
+        }
+        Some((_, tokens)) => tokens as u64,
+    };
+    number_in(&request, "temperature", 0.0, 2.0)?;
+    number_in(&request, "top_p", 0.0, 1.0)?;
+    integer(&request, "seed")?;
+    match request.get("stop") {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(Value::Array(stops))
+            if stops.len() <= STOP_SEQUENCES_MAX && stops.iter().all(Value::is_string) => {}
+        Some(_) => {
+            return Err(ApiError::param(
+                "stop",
+                format!("`stop` must be a string or up to {STOP_SEQUENCES_MAX} strings"),
+            ));
+        }
+    }
+    // A prompt's tokens are at most its bytes (byte-level tokenizers never make a token of less
+    // than one byte) plus the template's markers; the serialized JSON is longer than the text, so
+    // its length is a safe bound without a tokenizer for every upstream.
+    let prompt_tokens_max = match endpoint {
+        Endpoint::Chat => {
+            let messages = match request.get("messages") {
+                Some(Value::Array(messages)) if !messages.is_empty() => messages,
+                _ => {
+                    return Err(ApiError::param(
+                        "messages",
+                        "`messages` must be a non-empty array",
+                    ));
+                }
+            };
+            for (index, message) in messages.iter().enumerate() {
+                let role = message.get("role").and_then(Value::as_str);
+                if !matches!(
+                    role,
+                    Some("system" | "developer" | "user" | "assistant" | "tool")
+                ) {
+                    return Err(ApiError::param(
+                        &format!("messages[{index}].role"),
+                        "each message needs a `role` of system, developer, user, assistant or tool",
+                    ));
+                }
+            }
+            let bytes = serialized_len(request.get("messages").unwrap_or(&Value::Null))
+                + serialized_len(request.get("tools").unwrap_or(&Value::Null));
+            bytes + MESSAGE_OVERHEAD_TOKENS * messages.len() as u64 + PROMPT_OVERHEAD_TOKENS
+        }
+        Endpoint::Completion => match request.get("prompt") {
+            Some(prompt @ (Value::String(_) | Value::Array(_))) => {
+                serialized_len(prompt) + PROMPT_OVERHEAD_TOKENS
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "prompt",
+                    "`prompt` must be a string or an array",
+                ));
+            }
+        },
+    };
+    request.insert(
+        "model".to_string(),
+        Value::String(model.upstream_model.clone()),
+    );
+    request.remove("max_completion_tokens");
+    request.insert("max_tokens".to_string(), json!(max_tokens));
+    if stream {
+        // Ask for usage always: it is what the charge is made of. It is stripped on the way back
+        // if the client did not ask for it.
+        request.insert("stream_options".to_string(), json!({"include_usage": true}));
+    }
+    Ok(Checked {
+        model,
+        stream,
+        include_usage,
+        max_tokens,
+        prompt_tokens_max,
+        upstream_body: Value::Object(request),
+    })
+}
+
+fn serialized_len(value: &Value) -> u64 {
+    match value {
+        Value::Null => 0,
+        other => serde_json::to_vec(other).map_or(0, |bytes| bytes.len() as u64),
+    }
+}

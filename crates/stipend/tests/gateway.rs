@@ -1,0 +1,597 @@
+//! The OpenAI-compatible API end to end: the real `stipend` binary on loopback, the fake upstream
+//! (`stipend-testkit`) in front of it, a real HTTP client; every call charged exactly, every
+//! refusal OpenAI-shaped and free, every fault charged as the product design says.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, Server};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// 8B parameters: 16 cu per token, prompt and completion alike.
+const PRICE_CU: u64 = 16;
+const FAULT_MODELS: &[&str] = &[
+    "error-500",
+    "error-400",
+    "stall",
+    "drop-mid-stream",
+    "slow",
+    "odd-usage",
+    "no-usage",
+];
+
+struct Stack {
+    env: Env,
+    server: Option<Server>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Stack {
+    async fn start(stipend: &str) -> Stack {
+        let upstream = stipend_testkit::spawn().await.unwrap();
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"{stipend}\"\n\
+             [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\ntimeout = \"2s\"\nmax_concurrency = 64\n"
+        );
+        for model in FAULT_MODELS {
+            config.push_str(&format!(
+                "[[models]]\nname = \"{model}\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\ntimeout = \"2s\"\n"
+            ));
+        }
+        let env = Env::new(&config);
+        let server = Server::start(&env);
+        let base = server.base.clone();
+        Stack {
+            env,
+            server: Some(server),
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn person_with_key(&self, name: &str) -> String {
+        self.env.json(&["account", "create", name]);
+        self.env.json(&["key", "create", name])["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn post(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn budget(&self, key: &str) -> Value {
+        self.http
+            .get(format!("{}/budget", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn balance(&self, key: &str) -> i64 {
+        self.budget(key).await["balance_cu"].as_i64().unwrap()
+    }
+
+    fn verify(&self) {
+        let report = self.env.json(&["ledger", "verify"]);
+        assert_eq!(report["violations"], json!([]), "{report}");
+    }
+}
+
+fn chat(model: &str, content: &str, max_tokens: u64) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+}
+
+/// What the fake upstream reports, priced: its prompt tokens are the messages' JSON bytes / 4.
+fn exact_cost(body: &Value, completion_tokens: u64) -> i64 {
+    let prompt = stipend_testkit::prompt_tokens(body);
+    ((prompt + completion_tokens) * PRICE_CU) as i64
+}
+
+async fn error_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].clone();
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(
+        error.get("type").is_some() && error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+    (status, error)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_and_completions_are_charged_exactly() {
+    let stack = Stack::start("10 TFLOP").await;
+    let key = stack.person_with_key("alice");
+    let start = stack.balance(&key).await;
+    assert_eq!(start, 10_000);
+
+    let body = chat("echo", "What is the capital of France?", 5);
+    let response = stack.post(&key, "/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["model"], "echo");
+    assert_eq!(answer["choices"][0]["message"]["content"], "t0 t1 t2 t3 t4");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(answer["usage"]["completion_tokens"], 5);
+    let after_chat = stack.balance(&key).await;
+    assert_eq!(start - after_chat, exact_cost(&body, 5));
+
+    let body = json!({"model": "echo", "prompt": "Once upon a time", "max_tokens": 3});
+    let response = stack.post(&key, "/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["text"], "t0 t1 t2");
+    let after_completion = stack.balance(&key).await;
+    assert_eq!(after_chat - after_completion, exact_cost(&body, 3));
+
+    let budget = stack.budget(&key).await;
+    assert_eq!(budget["reserved_cu"], 0);
+    assert_eq!(budget["available_cu"], after_completion);
+    assert_eq!(budget["stipend_cu"], 10_000);
+    assert_eq!(budget["period"], "1d");
+    assert!(
+        budget["next_grant_at"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+
+    let models: Value = stack
+        .http
+        .get(format!("{}/models", stack.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"echo") && ids.contains(&"slow"), "{models}");
+    stack.verify();
+}
+
+async fn read_sse(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_pass_through_and_charge_before_done() {
+    let stack = Stack::start("10 TFLOP").await;
+    let key = stack.person_with_key("alice");
+    let start = stack.balance(&key).await;
+
+    // With usage asked for: content chunks, then the usage chunk, then [DONE].
+    let mut body = chat("echo", "Tell me a story", 4);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = stack.post(&key, "/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = read_sse(response).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "t0 t1 t2 t3");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 4);
+    assert!(chunks.iter().all(|c| c["model"] == "echo"));
+    let after = stack.balance(&key).await;
+    assert_eq!(start - after, exact_cost(&body, 4));
+
+    // Without: no usage chunk and no usage field at all, still charged exactly.
+    let mut body = chat("echo", "Tell me a story", 4);
+    body["stream"] = json!(true);
+    let events = read_sse(stack.post(&key, "/chat/completions", &body).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert!(chunk.get("usage").is_none(), "{chunk}");
+        assert!(!chunk["choices"].as_array().unwrap().is_empty(), "{chunk}");
+    }
+    assert_eq!(after - stack.balance(&key).await, exact_cost(&body, 4));
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_openai_shaped_and_change_nothing() {
+    let stack = Stack::start("10 TFLOP").await;
+    let key = stack.person_with_key("alice");
+    let start = stack.budget(&key).await;
+    let url = format!("{}/chat/completions", stack.base);
+
+    // Keys.
+    let response = stack
+        .http
+        .post(&url)
+        .json(&chat("echo", "hi", 5))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    // The same key with its last secret digit changed.
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &key[..key.len() - 1]);
+    assert_ne!(forged, key);
+    let (status, _) = error_of(
+        stack
+            .post(&forged, "/chat/completions", &chat("echo", "hi", 5))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = error_of(
+        stack
+            .post("sk-nonsense", "/chat/completions", &chat("echo", "hi", 5))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // Bodies.
+    let cases: Vec<(Value, u16, Option<&str>)> = vec![
+        (chat("no-such-model", "hi", 5), 404, None),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+            400,
+            Some("model"),
+        ),
+        (json!({"model": "echo"}), 400, Some("messages")),
+        (
+            json!({"model": "echo", "messages": []}),
+            400,
+            Some("messages"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"content": "hi"}]}),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "n": 2}),
+            400,
+            Some("n"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}),
+            400,
+            Some("temperature"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "top_p": -1}),
+            400,
+            Some("top_p"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}),
+            400,
+            Some("stream"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}),
+            400,
+            Some("stop"),
+        ),
+        (
+            json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            Some("stop"),
+        ),
+        (json!(["not", "an", "object"]), 400, None),
+    ];
+    for (body, expected_status, expected_param) in cases {
+        let (status, error) = error_of(stack.post(&key, "/chat/completions", &body).await).await;
+        assert_eq!(status, expected_status, "{body}: {error}");
+        assert_eq!(error["param"].as_str(), expected_param, "{body}: {error}");
+    }
+    let response = stack
+        .http
+        .post(&url)
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{\"model\": \"echo\", \"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!(status, 400);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("parse the JSON"),
+        "{error}"
+    );
+    let huge = json!({"model": "echo", "messages": [{"role": "user", "content": "x".repeat(5 * 1024 * 1024)}]});
+    // Its own connection: the server stops reading at the limit and closes it.
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = error_of(response).await;
+    assert_eq!(status, 413);
+    let (status, _) = error_of(
+        stack
+            .http
+            .get(format!("{}/nowhere", stack.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // A worst case beyond the budget: 429 insufficient_quota, no retries wanted, facts in headers.
+    let response = stack
+        .post(&key, "/chat/completions", &chat("echo", "hi", 100_000))
+        .await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    assert_eq!(response.headers()["x-stipend-available-cu"], "10000");
+    assert!(
+        response.headers()["x-stipend-next-grant"]
+            .to_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+    let (_, error) = error_of(response).await;
+    assert_eq!(error["type"], "insufficient_quota");
+    assert_eq!(error["code"], "budget_exhausted");
+    assert!(
+        error["message"].as_str().unwrap().contains("10 TFLOP"),
+        "{error}"
+    );
+
+    assert_eq!(
+        stack.budget(&key).await,
+        start,
+        "no refusal changed anything"
+    );
+    stack.verify();
+
+    // Revoking a key stops it at once, on the running server.
+    let id = key
+        .trim_start_matches("sk-stipend-")
+        .split('-')
+        .next()
+        .unwrap();
+    stack.env.json(&["key", "revoke", id]);
+    let (status, error) = error_of(
+        stack
+            .post(&key, "/chat/completions", &chat("echo", "hi", 5))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(
+        error["message"].as_str().unwrap().contains("revoked"),
+        "{error}"
+    );
+    let listed = stack.env.json(&["key", "list", "alice"]);
+    assert!(listed["keys"][0]["revoked_at"].is_string(), "{listed}");
+    assert!(
+        listed["keys"][0].get("key").is_none(),
+        "a secret is never shown again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_faults_charge_what_the_design_says() {
+    let stack = Stack::start("10 TFLOP").await;
+    let key = stack.person_with_key("alice");
+    let mut balance = stack.balance(&key).await;
+
+    // Failures before any output: nothing charged.
+    for (model, status) in [("error-500", 502), ("error-400", 400), ("stall", 504)] {
+        let (got, error) = error_of(
+            stack
+                .post(&key, "/chat/completions", &chat(model, "hi", 5))
+                .await,
+        )
+        .await;
+        assert_eq!(got, status, "{model}: {error}");
+        assert_eq!(
+            stack.balance(&key).await,
+            balance,
+            "{model} charged something"
+        );
+    }
+    let mut body = chat("stall", "hi", 5);
+    body["stream"] = json!(true);
+    let (got, _) = error_of(stack.post(&key, "/chat/completions", &body).await).await;
+    assert_eq!(got, 504);
+    assert_eq!(stack.balance(&key).await, balance);
+
+    // Usage reported beyond what was asked: charged at the bound, not the report.
+    let body = chat("odd-usage", "hi", 6);
+    assert_eq!(
+        stack.post(&key, "/chat/completions", &body).await.status(),
+        200
+    );
+    let now = stack.balance(&key).await;
+    assert_eq!(balance - now, exact_cost(&body, 6));
+    balance = now;
+
+    // No usage at all: the reservation (the worst case) is charged.
+    let body = chat("no-usage", "hi", 6);
+    assert_eq!(
+        stack.post(&key, "/chat/completions", &body).await.status(),
+        200
+    );
+    let now = stack.balance(&key).await;
+    let messages_bytes = body["messages"].to_string().len() as u64;
+    let worst = ((messages_bytes + 8 + 16) + 6) * PRICE_CU;
+    assert_eq!((balance - now) as u64, worst);
+    balance = now;
+
+    // A stream dropped half way: what was delivered is charged (the tokens that arrived, and the
+    // prompt's estimate), and the client is told with an error event, not [DONE].
+    let mut body = chat("drop-mid-stream", "hi", 12);
+    body["stream"] = json!(true);
+    let response = stack.post(&key, "/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let events = read_sse(response).await;
+    assert_ne!(events.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{last}");
+    // The fake sends 6 of 12 tokens and then drops; a chunk in flight may die with the connection.
+    let delivered = events.iter().filter(|e| e.contains("\"content\"")).count() as u64;
+    assert!((1..=6).contains(&delivered), "{delivered} chunks delivered");
+    let now = stack.balance(&key).await;
+    let prompt_estimate = (messages_bound(&body)).div_ceil(4);
+    assert_eq!(
+        (balance - now) as u64,
+        (prompt_estimate + delivered) * PRICE_CU
+    );
+    assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
+    stack.verify();
+}
+
+/// The gateway's prompt bound for a chat body: messages' JSON bytes + 8 per message + 16.
+fn messages_bound(body: &Value) -> u64 {
+    let messages = body["messages"].as_array().unwrap();
+    body["messages"].to_string().len() as u64 + 8 * messages.len() as u64 + 16
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_mid_stream_stops_it_and_pays_only_for_what_was_made() {
+    let stack = Stack::start("10 TFLOP").await;
+    let key = stack.person_with_key("alice");
+    let balance = stack.balance(&key).await;
+    let mut body = chat("slow", "hi", 12);
+    body["stream"] = json!(true);
+    let response = stack.post(&key, "/chat/completions", &body).await;
+    let mut stream = response.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains(" t1") {
+        seen.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
+    }
+    drop(stream); // hang up after two tokens of twelve
+    // The relay notices within a token or two, charges, and releases the rest.
+    let mut reserved = 1;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reserved = stack.budget(&key).await["reserved_cu"].as_i64().unwrap();
+        if reserved == 0 {
+            break;
+        }
+    }
+    assert_eq!(reserved, 0, "the hold was not released");
+    let charged = (balance - stack.balance(&key).await) as u64;
+    let prompt_estimate = messages_bound(&body).div_ceil(4);
+    let full = (prompt_estimate + 12) * PRICE_CU;
+    assert!(
+        charged >= (prompt_estimate + 2) * PRICE_CU,
+        "charged {charged}"
+    );
+    assert!(
+        charged < full,
+        "charged {charged}, the full answer costs {full}"
+    );
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_requests_never_overspend() {
+    // A stipend of 10 requests' worst case: each asks 10 tokens of a short prompt.
+    let body = chat("echo", "hi", 10);
+    let worst = (messages_bound(&body) + 10) * PRICE_CU;
+    let stack = Stack::start(&format!("{}", worst * 10)).await;
+    let key = stack.person_with_key("alice");
+    let start = stack.balance(&key).await;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let http = stack.http.clone();
+        let url = format!("{}/chat/completions", stack.base);
+        let key = key.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            (status, body)
+        }));
+    }
+    let mut succeeded = 0i64;
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        match status {
+            200 => succeeded += 1,
+            429 => assert_eq!(body["error"]["type"], "insufficient_quota", "{body}"),
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    let charged = start - stack.balance(&key).await;
+    assert!(succeeded >= 10, "only {succeeded} succeeded");
+    assert!(charged <= start, "charged {charged} of {start}");
+    assert_eq!(charged, succeeded * exact_cost(&body, 10));
+    stack.verify();
+    let output = stack.server.unwrap().stop();
+    assert!(output.contains("the ledger is flushed"), "{output}");
+}

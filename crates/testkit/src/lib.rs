@@ -1,0 +1,191 @@
+//! A fake OpenAI-compatible upstream, for tests and load runs only. The model name picks the
+//! behaviour, so one server covers every failure mode:
+//!
+//! - anything else (e.g. `echo`): answers `t0 t1 …`, [`REPLY_TOKENS`] tokens or `max_tokens`
+//!   if fewer (then `finish_reason: "length"`), with exact usage;
+//! - `error-500`: answers 500;
+//! - `error-400`: answers 400 with an OpenAI error;
+//! - `stall`: never answers;
+//! - `drop-mid-stream`: streams half its tokens, then drops the connection;
+//! - `slow`: waits 20 ms before each token (and before a non-stream answer);
+//! - `odd-usage`: reports ten times the completion tokens it produced;
+//! - `no-usage`: reports no usage at all.
+//!
+//! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
+//! are the tokens produced. Responses never echo the prompt.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// Tokens in a reply when `max_tokens` allows.
+pub const REPLY_TOKENS: u64 = 12;
+
+/// Serves the fake upstream on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let router = Router::new()
+        .route("/v1/chat/completions", post(|body| answer(body, true)))
+        .route("/v1/completions", post(|body| answer(body, false)));
+    axum::serve(listener, router).await
+}
+
+/// Binds 127.0.0.1 on a free port, serves in the background, and returns the base URL.
+pub async fn spawn() -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(serve(listener));
+    Ok(format!("http://{address}/v1"))
+}
+
+/// The reply's tokens for a request: what `max_tokens` allows, at most [`REPLY_TOKENS`].
+pub fn reply_tokens(max_tokens: u64) -> u64 {
+    max_tokens.min(REPLY_TOKENS)
+}
+
+/// The prompt tokens the fake reports for a body: its prompt's bytes over four.
+pub fn prompt_tokens(request: &Value) -> u64 {
+    let prompt = if request["messages"].is_null() {
+        &request["prompt"]
+    } else {
+        &request["messages"]
+    };
+    (prompt.to_string().len() as u64).div_ceil(4)
+}
+
+async fn answer(body: Bytes, chat: bool) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not json").into_response();
+    };
+    let model = request["model"].as_str().unwrap_or("echo").to_string();
+    let max_tokens = request["max_tokens"].as_u64().unwrap_or(16);
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    let prompt_tokens = prompt_tokens(&request);
+    let tokens = reply_tokens(max_tokens);
+    let delay = if model == "slow" {
+        Duration::from_millis(20)
+    } else {
+        Duration::ZERO
+    };
+    match model.as_str() {
+        "error-500" => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded").into_response();
+        }
+        "error-400" => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "prompt too long for this model", "type": "invalid_request_error"}})),
+            )
+                .into_response();
+        }
+        "stall" => {
+            tokio::time::sleep(Duration::from_secs(3_600)).await;
+        }
+        _ => {}
+    }
+    let reported_completion = if model == "odd-usage" {
+        tokens * 10
+    } else {
+        tokens
+    };
+    let usage = (model != "no-usage").then(|| {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": reported_completion,
+            "total_tokens": prompt_tokens + reported_completion,
+        })
+    });
+    let finish = if tokens < REPLY_TOKENS {
+        "length"
+    } else {
+        "stop"
+    };
+    if !stream {
+        tokio::time::sleep(delay * tokens as u32).await;
+        let text: Vec<String> = (0..tokens).map(|index| format!("t{index}")).collect();
+        let text = text.join(" ");
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish})
+        };
+        let mut body = json!({
+            "id": "fake-1",
+            "object": if chat { "chat.completion" } else { "text_completion" },
+            "created": 0,
+            "model": model,
+            "choices": [choice],
+        });
+        if let Some(usage) = usage {
+            body["usage"] = usage;
+        }
+        return axum::Json(body).into_response();
+    }
+    let include_usage = request["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let drop_after = (model == "drop-mid-stream").then_some(tokens / 2);
+    let events = futures_util::stream::unfold(0u64, move |index| {
+        let model = model.clone();
+        let usage = usage.clone();
+        async move {
+            if drop_after == Some(index) {
+                // Drop the connection: the stream ends in an error, with no [DONE].
+                return Some((Err(std::io::Error::other("dropped")), u64::MAX));
+            }
+            if index == u64::MAX {
+                return None;
+            }
+            tokio::time::sleep(delay).await;
+            let event = if index < tokens {
+                let piece = if index == 0 {
+                    "t0".to_string()
+                } else {
+                    format!(" t{index}")
+                };
+                let choice = if chat {
+                    json!({"index": 0, "delta": {"content": piece}, "finish_reason": Value::Null})
+                } else {
+                    json!({"index": 0, "text": piece, "finish_reason": Value::Null})
+                };
+                let mut chunk = json!({"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [choice]});
+                if include_usage {
+                    chunk["usage"] = Value::Null;
+                }
+                format!("data: {chunk}\n\n")
+            } else if index == tokens {
+                let choice = if chat {
+                    json!({"index": 0, "delta": {}, "finish_reason": finish})
+                } else {
+                    json!({"index": 0, "text": "", "finish_reason": finish})
+                };
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [choice]})
+                )
+            } else if index == tokens + 1 {
+                match (include_usage, usage) {
+                    (true, Some(usage)) => format!(
+                        "data: {}\n\n",
+                        json!({"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage})
+                    ),
+                    _ => String::new(),
+                }
+            } else if index == tokens + 2 {
+                "data: [DONE]\n\n".to_string()
+            } else {
+                return None;
+            };
+            Some((Ok::<Bytes, std::io::Error>(Bytes::from(event)), index + 1))
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(events),
+    )
+        .into_response()
+}
