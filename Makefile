@@ -6,6 +6,8 @@
 CARGO ?= cargo
 # Extra arguments for `stipend serve`, e.g. make serve ARGS="--config stipend.toml"
 ARGS ?=
+# The official OpenAI SDK for the end-to-end tests lives in a virtualenv beside the build.
+PYENV := $(or $(CARGO_TARGET_DIR),target)/pyenv
 
 .PHONY: serve test bench setup
 
@@ -16,10 +18,15 @@ serve: setup
 	$(CARGO) build --release --locked -p stipend
 	$(CARGO) run --release --locked -q -p stipend -- $(ARGS) serve
 
-test: setup
+$(PYENV)/.installed: tests/sdk/requirements.txt
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+	touch $@
+
+test: setup $(PYENV)/.installed
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) test --workspace --locked
+	STIPEND_PYTHON=$(abspath $(PYENV))/bin/python $(CARGO) test --workspace --locked
 
 bench: setup
 	$(CARGO) bench --locked -p stipend-ledger --bench ledger

@@ -6,6 +6,9 @@ set -euo pipefail
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)   # the bundled SQLite is C
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# The end-to-end tests run the official OpenAI SDK from a virtualenv.
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]} (Debian packages)"
