@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod keys;
+pub mod metrics;
 mod relay;
 mod routes;
 pub mod upstream;
@@ -41,6 +42,8 @@ pub struct Model {
     pub permits: Arc<Semaphore>,
     /// The same number, for display.
     pub max_concurrency: usize,
+    /// Its counters.
+    pub counters: metrics::Counters,
 }
 
 /// The gateway's limits.
@@ -77,4 +80,6 @@ pub struct Gateway {
     pub models: BTreeMap<String, Arc<Model>>,
     /// The limits.
     pub options: GatewayOptions,
+    /// Counters for requests refused before a model was known.
+    pub unrouted: metrics::Counters,
 }

@@ -284,12 +284,18 @@ async fn relay(
         None => None,
     };
     let settled = match cost_cu {
-        Some(cost_cu) => hold.settle(cost_cu).await.map(Some),
+        Some(cost_cu) => hold.settle(cost_cu).await.map(|settlement| {
+            model.counters.charged(settlement.charged_cu);
+            Some(settlement)
+        }),
         None => {
             drop(hold); // nothing produced: void
             Ok(None)
         }
     };
+    if !matches!(outcome, Outcome::Done) {
+        model.counters.stream_cut_short();
+    }
     match (outcome, settled) {
         (Outcome::ClientGone, _) => {
             tracing::info!(model = %model.name, chunks_with_output, "client left mid-stream");

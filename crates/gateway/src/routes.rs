@@ -33,6 +33,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/budget", get(budget))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(gateway)
 }
@@ -129,14 +130,46 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
     .into_response()
 }
 
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let stats = gateway.ledger.writer_stats();
+    let gauges = crate::metrics::Gauges {
+        reservations_open: gateway.ledger.open_reservations(),
+        ledger_commits: stats.commits,
+        ledger_checkpoints: stats.checkpoints,
+        ledger_commit_seconds: stats.commit_us_total as f64 / 1e6,
+        in_flight: gateway
+            .models
+            .values()
+            .map(|model| {
+                let free = model.permits.available_permits();
+                (
+                    model.name.clone(),
+                    model.max_concurrency.saturating_sub(free),
+                )
+            })
+            .collect(),
+    };
+    let models: Vec<(&str, &crate::metrics::Counters)> = gateway
+        .models
+        .values()
+        .map(|model| (model.name.as_str(), &model.counters))
+        .collect();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(&models, &gateway.unrouted, &gauges),
+    )
+        .into_response()
+}
+
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(gateway, headers, body, Endpoint::Chat)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    serve_counted(gateway, headers, body, Endpoint::Chat).await
 }
 
 async fn completions(
@@ -144,9 +177,26 @@ async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(gateway, headers, body, Endpoint::Completion)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    serve_counted(gateway, headers, body, Endpoint::Completion).await
+}
+
+/// Serves a request and counts its outcome under its model (or unrouted, if refused before one
+/// was known).
+async fn serve_counted(
+    gateway: Arc<Gateway>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Response {
+    let started = std::time::Instant::now();
+    let mut model = None;
+    let result = serve(Arc::clone(&gateway), headers, body, endpoint, &mut model).await;
+    let outcome = crate::metrics::Outcome::of(&result);
+    match &model {
+        Some(model) => model.counters.request(outcome, started.elapsed()),
+        None => gateway.unrouted.request(outcome, started.elapsed()),
+    }
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// A checked request, ready to price and forward.
@@ -164,6 +214,7 @@ async fn serve(
     headers: HeaderMap,
     body: Body,
     endpoint: Endpoint,
+    routed: &mut Option<Arc<Model>>,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&gateway, &headers)?;
     let limit = gateway.options.body_bytes_max;
@@ -172,6 +223,7 @@ async fn serve(
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
     let checked = check(&gateway, &bytes, endpoint)?;
     let model = Arc::clone(&checked.model);
+    *routed = Some(Arc::clone(&model));
     let worst_cu = checked
         .prompt_tokens_max
         .checked_mul(model.price_prompt_cu)
@@ -217,7 +269,8 @@ async fn serve(
             worst_cu
         }
     };
-    hold.settle(cost_cu).await?;
+    let settlement = hold.settle(cost_cu).await?;
+    model.counters.charged(settlement.charged_cu);
     answer["model"] = Value::String(model.name.clone());
     Ok(Json(answer).into_response())
 }

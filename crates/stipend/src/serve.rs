@@ -72,6 +72,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
                 upstream,
                 permits: Arc::new(Semaphore::new(model.max_concurrency)),
                 max_concurrency: model.max_concurrency,
+                counters: Default::default(),
             }),
         );
     }
@@ -84,6 +85,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
         keys,
         models,
         options,
+        unrouted: Default::default(),
     })
 }
 

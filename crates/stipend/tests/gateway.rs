@@ -84,6 +84,18 @@ impl Stack {
             .unwrap()
     }
 
+    async fn metrics(&self) -> String {
+        let url = self.base.trim_end_matches("/v1").to_string() + "/metrics";
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn balance(&self, key: &str) -> i64 {
         self.budget(key).await["balance_cu"].as_i64().unwrap()
     }
@@ -174,6 +186,29 @@ async fn chat_and_completions_are_charged_exactly() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert!(ids.contains(&"echo") && ids.contains(&"slow"), "{models}");
+
+    // The operator's view: counts by model and outcome, and exactly what was charged.
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics.contains("stipend_requests_total{model=\"echo\",outcome=\"ok\"} 2\n"),
+        "{metrics}"
+    );
+    let charged = start - after_completion;
+    assert!(
+        metrics.contains(&format!(
+            "stipend_charged_cu_total{{model=\"echo\"}} {charged}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stipend_request_duration_seconds_count{model=\"echo\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stipend_reservations_open 0\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("alice"), "metrics never name a person");
     stack.verify();
 }
 
@@ -406,6 +441,19 @@ async fn refusals_are_openai_shaped_and_change_nothing() {
         "no refusal changed anything"
     );
     stack.verify();
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics.contains("stipend_requests_total{model=\"\",outcome=\"unauthorized\"} 3\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stipend_requests_total{model=\"echo\",outcome=\"budget_exhausted\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stipend_charged_cu_total{model=\"echo\"} 0\n"),
+        "{metrics}"
+    );
 
     // Revoking a key stops it at once, on the running server.
     let id = key
@@ -503,6 +551,19 @@ async fn upstream_faults_charge_what_the_design_says() {
     );
     assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
     stack.verify();
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics.contains("stipend_upstream_errors_total{model=\"error-500\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stipend_upstream_errors_total{model=\"stall\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stipend_streams_cut_short_total{model=\"drop-mid-stream\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 /// The gateway's prompt bound for a chat body: messages' JSON bytes + 8 per message + 16.

@@ -33,7 +33,10 @@ async fn the_official_openai_sdk_works_unchanged() {
         .as_str()
         .unwrap()
         .to_string();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/sdk/test_openai_sdk.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/sdk/test_openai_sdk.py"
+    );
     let output = tokio::task::spawn_blocking({
         let base = server.base.clone();
         move || {
@@ -49,7 +52,10 @@ async fn the_official_openai_sdk_works_unchanged() {
     .unwrap();
     let report = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the SDK tests failed:\n{report}");
-    assert!(report.contains("Ran 7 tests") && report.contains("OK"), "{report}");
+    assert!(
+        report.contains("Ran 7 tests") && report.contains("OK"),
+        "{report}"
+    );
     let verify = env.json(&["ledger", "verify"]);
     assert_eq!(verify["violations"], serde_json::json!([]));
     server.stop();
