@@ -25,7 +25,7 @@ async fn client(base: String, key: String, stop: Arc<AtomicBool>, index: usize) 
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let stream = (index + round) % 2 == 0;
+        let stream = (index + round).is_multiple_of(2);
         let body = json!({
             "model": "slow",
             "messages": [{"role": "user", "content": format!("client {index} round {round}")}],
