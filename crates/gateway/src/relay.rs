@@ -46,10 +46,7 @@ impl Hold {
         let Some(id) = self.id.take() else {
             return Err(ApiError::Internal);
         };
-        let durable = self.ledger.settle(id, cost_cu)?;
-        let settlement = tokio::task::spawn_blocking(move || durable.wait())
-            .await
-            .map_err(|_| ApiError::Internal)??;
+        let settlement = self.ledger.settle(id, cost_cu)?.await?;
         if settlement.shortfall_cu > 0 {
             tracing::warn!(
                 shortfall_cu = settlement.shortfall_cu,

@@ -16,7 +16,10 @@
 //! exactly the product's rule: a crash can release compute, never charge it twice.
 
 use std::collections::{HashMap, HashSet};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -141,6 +144,52 @@ impl<T> Durable<T> {
     }
 }
 
+/// Awaiting a [`Durable`] waits for the same commit as [`Durable::wait`], without blocking a
+/// thread: the writer wakes the task when the commit is on disk.
+impl<T: Unpin> IntoFuture for Durable<T> {
+    type Output = Result<T, LedgerError>;
+    type IntoFuture = DurableFuture<T>;
+
+    fn into_future(self) -> DurableFuture<T> {
+        DurableFuture {
+            value: Some(self.value),
+            seq: self.seq,
+            shared: self.shared,
+        }
+    }
+}
+
+/// The future of a [`Durable`]: ready when its commit is durable.
+pub struct DurableFuture<T> {
+    value: Option<T>,
+    seq: u64,
+    shared: Arc<Shared>,
+}
+
+impl<T: Unpin> Future for DurableFuture<T> {
+    type Output = Result<T, LedgerError>;
+
+    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut durable = self.shared.durable.lock();
+        if durable.seq >= self.seq {
+            drop(durable);
+            return match self.value.take() {
+                Some(value) => Poll::Ready(Ok(value)),
+                None => Poll::Ready(Err(LedgerError::Unavailable {
+                    reason: "a durable result was awaited twice".to_string(),
+                })),
+            };
+        }
+        if let Some(failure) = &durable.failure {
+            return Poll::Ready(Err(LedgerError::Unavailable {
+                reason: failure.clone(),
+            }));
+        }
+        durable.wakers.push((self.seq, context.waker().clone()));
+        Poll::Pending
+    }
+}
+
 /// The ledger. Share it with `Arc<Ledger>`; dropping it flushes every queued change.
 pub struct Ledger {
     shared: Arc<Shared>,
@@ -176,6 +225,8 @@ pub struct WriterStats {
 struct Durability {
     seq: u64,
     failure: Option<String>,
+    /// Async waiters: woken when `seq` reaches theirs (or on failure).
+    wakers: Vec<(u64, Waker)>,
 }
 
 enum Mutation {
@@ -592,6 +643,7 @@ impl Ledger {
             durable: Mutex::new(Durability {
                 seq: 0,
                 failure: None,
+                wakers: Vec::new(),
             }),
             durable_changed: Condvar::new(),
             store,
@@ -1300,8 +1352,20 @@ fn run_writer(shared: &Shared) {
                     last_checkpoint = Instant::now();
                 }
                 if let Some(seq_max) = seq_max {
-                    shared.durable.lock().seq = seq_max;
+                    let ready: Vec<Waker> = {
+                        let mut durable = shared.durable.lock();
+                        durable.seq = seq_max;
+                        let (ready, waiting): (Vec<_>, Vec<_>) =
+                            std::mem::take(&mut durable.wakers)
+                                .into_iter()
+                                .partition(|(seq, _)| *seq <= seq_max);
+                        durable.wakers = waiting;
+                        ready.into_iter().map(|(_, waker)| waker).collect()
+                    };
                     shared.durable_changed.notify_all();
+                    for waker in ready {
+                        waker.wake();
+                    }
                     let mut state = shared.state.lock();
                     state.pending_transfers.retain(|_, (_, seq)| *seq > seq_max);
                     state.pending_names.retain(|_, (_, seq)| *seq > seq_max);
@@ -1310,8 +1374,15 @@ fn run_writer(shared: &Shared) {
             Err(error) => {
                 tracing::error!(%error, "ledger commit failed; refusing all work until restart");
                 let reason = format!("a commit to the store failed ({error}); restart to recover");
-                shared.durable.lock().failure = Some(reason.clone());
+                let wakers = {
+                    let mut durable = shared.durable.lock();
+                    durable.failure = Some(reason.clone());
+                    std::mem::take(&mut durable.wakers)
+                };
                 shared.durable_changed.notify_all();
+                for (_, waker) in wakers {
+                    waker.wake();
+                }
                 let mut state = shared.state.lock();
                 state.failure = Some(reason);
                 state.queue.clear();

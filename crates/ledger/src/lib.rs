@@ -22,7 +22,9 @@ pub mod verify;
 pub use account::{AccountId, AccountKind, AccountRecord, Lot, LotSource};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LedgerError;
-pub use ledger::{AccountView, Durable, ISSUER_NAME, Ledger, LedgerOptions, Posted, WriterStats};
+pub use ledger::{
+    AccountView, Durable, DurableFuture, ISSUER_NAME, Ledger, LedgerOptions, Posted, WriterStats,
+};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
 pub use store::{AccountUpdate, AuditRow, Batch, KeyRecord, Store, StoreError, TransferAudit};

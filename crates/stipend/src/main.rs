@@ -136,6 +136,11 @@ enum LedgerCommand {
     Verify,
 }
 
+/// mimalloc: the gateway allocates per request (JSON trees, HTTP buffers) on every core at once;
+/// glibc's malloc showed as ~10% of a load run's profile and mimalloc gave ~10% more requests/s.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

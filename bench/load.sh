@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The gateway load run: the same load against three targets in one run, so that the ratios mean
+# something on a shared machine:
+#   (a) the upstream directly: nginx answering a fixed chat completion (never the bottleneck),
+#   (b) an nginx reverse proxy in front of it (the floor for any proxy),
+#   (c) Stipend in front of it, with budgets enforced (every call reserved and settled durably).
+# Prints a markdown table, plus Stipend's RSS idle and under load and its start-up time.
+#
+# Usage: bench/load.sh [SECONDS]   (default 10 s per run; runs at 16 and 64 connections)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN="${1:-10}"
+
+need=()
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if ((${#need[@]})); then
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --locked -q -p stipend
+STIPEND="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/stipend"
+
+WORK="$(mktemp -d)"
+cleanup() {
+    [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    [ -n "${STIPEND_PID:-}" ] && kill "$STIPEND_PID" 2>/dev/null || true
+    [ -n "${STIPEND_PID:-}" ] && wait "$STIPEND_PID" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UPSTREAM_PORT=18901 PROXY_PORT=18902 STIPEND_PORT=18903
+ANSWER='{"id":"x","object":"chat.completion","created":0,"model":"fixed","choices":[{"index":0,"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":3,"total_tokens":23}}'
+mkdir -p "$WORK/nginx/logs"
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream fixed { server 127.0.0.1:$UPSTREAM_PORT; keepalive 128; }
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { default_type application/json; return 200 '$ANSWER'; }
+    }
+    server {
+        listen 127.0.0.1:$PROXY_PORT;
+        location / {
+            proxy_pass http://fixed;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CONF
+nginx -p "$WORK/nginx" -c "$WORK/nginx.conf"
+
+cat > "$WORK/stipend.toml" <<CONF
+listen = "127.0.0.1:$STIPEND_PORT"
+[stipend]
+amount = "1000000 EFLOP"
+[[models]]
+name = "fixed"
+backend = "openai"
+base_url = "http://127.0.0.1:$UPSTREAM_PORT/v1"
+params = "8B"
+max_concurrency = 1024
+CONF
+started_ns=$(date +%s%N)
+"$STIPEND" --config "$WORK/stipend.toml" serve > "$WORK/stipend.out" 2>&1 &
+STIPEND_PID=$!
+until grep -q "Press Ctrl-C" "$WORK/stipend.out" 2>/dev/null; do sleep 0.01; done
+ready_ms=$(( ($(date +%s%N) - started_ns) / 1000000 ))
+"$STIPEND" --config "$WORK/stipend.toml" account create bench > /dev/null
+KEY=$("$STIPEND" --config "$WORK/stipend.toml" --json key create bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$STIPEND_PID/status"; }
+rss_idle=$(rss_mb)
+
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"fixed","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+LUA
+
+# wrk's latency distribution: 50% and 99% lines; requests/sec.
+run() {
+    local url=$1 connections=$2
+    wrk -t2 -c"$connections" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/post.lua" "$url" > "$WORK/wrk.out"
+    local rps p50 p99 errors
+    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
+    p50=$(awk '$1 == "50%" {print $2}' "$WORK/wrk.out")
+    p99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk.out")
+    errors=$(awk '/Non-2xx/ {print $4}' "$WORK/wrk.out")
+    echo "$rps $p50 $p99 ${errors:-0}"
+}
+
+echo "gateway load run: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), ${SECONDS_PER_RUN}s per run, wrk -t2"
+echo
+echo "| connections | target | req/s | p50 | p99 | non-2xx | vs nginx proxy |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+rss_load=0
+for connections in 16 64; do
+    read -r d_rps d_p50 d_p99 d_err < <(run "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$connections")
+    read -r p_rps p_p50 p_p99 p_err < <(run "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" "$connections")
+    ( sleep $((SECONDS_PER_RUN / 2)); rss_mb > "$WORK/rss_load" ) &
+    sampler=$!
+    read -r s_rps s_p50 s_p99 s_err < <(run "http://127.0.0.1:$STIPEND_PORT/v1/chat/completions" "$connections")
+    wait "$sampler"
+    rss_now=$(cat "$WORK/rss_load")
+    rss_load=$(python3 -c "print(max($rss_load, $rss_now))")
+    ratio=$(python3 -c "print(f'{$s_rps / $p_rps:.2f}×')")
+    echo "| $connections | upstream directly | $d_rps | $d_p50 | $d_p99 | $d_err | |"
+    echo "| $connections | nginx proxy | $p_rps | $p_p50 | $p_p99 | $p_err | 1.00× |"
+    echo "| $connections | Stipend, budgets enforced | $s_rps | $s_p50 | $s_p99 | $s_err | $ratio |"
+done
+echo
+echo "Stipend: start to ready ${ready_ms} ms (no model loaded); RSS idle ${rss_idle} MB, under load ${rss_load} MB (peak sampled)."
+charged=$("$STIPEND" --config "$WORK/stipend.toml" --json account show bench | python3 -c 'import json,sys; a=json.load(sys.stdin); print(a["reserved_cu"])')
+verify=$("$STIPEND" --config "$WORK/stipend.toml" ledger verify)
+echo "After the run: reserved_cu = $charged; ledger verify: $verify"
