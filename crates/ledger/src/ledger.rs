@@ -1374,18 +1374,22 @@ fn run_writer(shared: &Shared) {
             Err(error) => {
                 tracing::error!(%error, "ledger commit failed; refusing all work until restart");
                 let reason = format!("a commit to the store failed ({error}); restart to recover");
+                // Close the state first: whoever is woken by the failure below must already find
+                // every door shut, or it could slip one more decision past a store that failed.
+                {
+                    let mut state = shared.state.lock();
+                    state.failure = Some(reason.clone());
+                    state.queue.clear();
+                }
                 let wakers = {
                     let mut durable = shared.durable.lock();
-                    durable.failure = Some(reason.clone());
+                    durable.failure = Some(reason);
                     std::mem::take(&mut durable.wakers)
                 };
                 shared.durable_changed.notify_all();
                 for (_, waker) in wakers {
                     waker.wake();
                 }
-                let mut state = shared.state.lock();
-                state.failure = Some(reason);
-                state.queue.clear();
                 return;
             }
         }

@@ -513,3 +513,155 @@ fn a_restart_keeps_every_settle_and_voids_open_reservations() {
     assert_eq!(h.ledger().view(sink).unwrap().balance_cu, 60);
     assert!(h.verify().ok());
 }
+
+/// A real store that can be told to fail its commits, as a full disk or a lost volume would.
+struct FailingStore {
+    inner: stipend_store_sqlite::SqliteStore,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl stipend_ledger::Store for FailingStore {
+    fn account(
+        &self,
+        id: stipend_ledger::AccountId,
+    ) -> Result<Option<stipend_ledger::AccountRecord>, stipend_ledger::StoreError> {
+        self.inner.account(id)
+    }
+    fn account_by_name(
+        &self,
+        name: &str,
+    ) -> Result<Option<stipend_ledger::AccountRecord>, stipend_ledger::StoreError> {
+        self.inner.account_by_name(name)
+    }
+    fn accounts(
+        &self,
+        after: Option<stipend_ledger::AccountId>,
+        limit: usize,
+    ) -> Result<Vec<stipend_ledger::AccountRecord>, stipend_ledger::StoreError> {
+        self.inner.accounts(after, limit)
+    }
+    fn account_id_max(
+        &self,
+    ) -> Result<Option<stipend_ledger::AccountId>, stipend_ledger::StoreError> {
+        self.inner.account_id_max()
+    }
+    fn transfer(
+        &self,
+        id: TransferId,
+    ) -> Result<Option<stipend_ledger::Transfer>, stipend_ledger::StoreError> {
+        self.inner.transfer(id)
+    }
+    fn transfers_of(
+        &self,
+        account: stipend_ledger::AccountId,
+        limit: usize,
+    ) -> Result<Vec<stipend_ledger::Transfer>, stipend_ledger::StoreError> {
+        self.inner.transfers_of(account, limit)
+    }
+    fn checkpoint_seq(&self) -> Result<i64, stipend_ledger::StoreError> {
+        self.inner.checkpoint_seq()
+    }
+    fn transfers_after_checkpoint(
+        &self,
+        visit: &mut dyn FnMut(stipend_ledger::Transfer),
+    ) -> Result<(), stipend_ledger::StoreError> {
+        self.inner.transfers_after_checkpoint(visit)
+    }
+    fn commit(&self, batch: &stipend_ledger::Batch) -> Result<(), stipend_ledger::StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(stipend_ledger::StoreError::Io(
+                "database or disk is full".to_string(),
+            ));
+        }
+        self.inner.commit(batch)
+    }
+    fn insert_key(
+        &self,
+        key: &stipend_ledger::KeyRecord,
+    ) -> Result<(), stipend_ledger::StoreError> {
+        self.inner.insert_key(key)
+    }
+    fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, stipend_ledger::StoreError> {
+        self.inner.revoke_key(id, at_ms)
+    }
+    fn key(
+        &self,
+        id: &str,
+    ) -> Result<Option<stipend_ledger::KeyRecord>, stipend_ledger::StoreError> {
+        self.inner.key(id)
+    }
+    fn keys_of(
+        &self,
+        account: stipend_ledger::AccountId,
+    ) -> Result<Vec<stipend_ledger::KeyRecord>, stipend_ledger::StoreError> {
+        self.inner.keys_of(account)
+    }
+    fn audit(
+        &self,
+        visit_account: &mut dyn FnMut(stipend_ledger::AuditRow),
+        visit_tail: &mut dyn FnMut(stipend_ledger::Transfer),
+    ) -> Result<stipend_ledger::TransferAudit, stipend_ledger::StoreError> {
+        self.inner.audit(visit_account, visit_tail)
+    }
+}
+
+#[test]
+fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
+    // Guards against serving uncharged: once a commit fails, memory is ahead of the disk, so
+    // nothing more may be decided until a restart reloads the store.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let clock = std::sync::Arc::new(stipend_ledger::ManualClock::new(T0));
+    let store = std::sync::Arc::new(FailingStore {
+        inner: stipend_store_sqlite::SqliteStore::open(&path).unwrap(),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let ledger = stipend_ledger::Ledger::open(
+        store.clone(),
+        clock.clone(),
+        stipend_ledger::LedgerOptions::new(policy(1_000, 1_000)),
+    )
+    .unwrap();
+    let ann = ledger
+        .create_account("ann", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sink = ledger.sink("sink:model").unwrap();
+    let kept = ledger.reserve(ann, sink, 100, MINUTE).unwrap();
+    ledger.settle(kept.id(), 100).unwrap().wait().unwrap();
+    let held = ledger.reserve(ann, sink, 200, MINUTE).unwrap();
+    store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = ledger.reserve(ann, sink, 50, MINUTE).unwrap();
+    let error = ledger.settle(lost.id(), 50).unwrap().wait().unwrap_err();
+    assert!(
+        matches!(error, LedgerError::Unavailable { .. }),
+        "{error:?}"
+    );
+    // Everything after is refused, reads included.
+    assert!(matches!(
+        ledger.reserve(ann, sink, 1, MINUTE),
+        Err(LedgerError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        ledger.settle(held.id(), 1),
+        Err(LedgerError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        ledger.view(ann),
+        Err(LedgerError::Unavailable { .. })
+    ));
+    assert!(matches!(
+        ledger.flush(),
+        Err(LedgerError::Unavailable { .. })
+    ));
+    drop(ledger);
+    // The disk is back: a restart sees exactly what was acknowledged.
+    store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    drop(store);
+    let ledger = common::open(&path, clock, policy(1_000, 1_000));
+    let view = ledger.view(ann).unwrap();
+    assert_eq!((view.balance_cu, view.reserved_cu), (900, 0));
+    ledger.flush().unwrap();
+    assert!(common::audit(&path).ok());
+}

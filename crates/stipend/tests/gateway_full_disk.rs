@@ -1,0 +1,142 @@
+//! Fail closed: when the ledger cannot be written (here, a full disk), requests are refused with
+//! 503 and never served uncharged; after the disk is freed, a restart recovers exactly what was
+//! acknowledged. The data directory is a 2 MiB tmpfs, so this test needs root (CI runs as root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Env, Server};
+use serde_json::{Value, json};
+
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(path: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .ok()?;
+        status.success().then(|| Mount(path.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| output.stdout.starts_with(b"0"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_closed_and_a_restart_recovers() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED a_full_disk_fails_closed_and_a_restart_recovers: mounting a tmpfs needs root"
+        );
+        return;
+    }
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[stipend]\namount = \"10 PFLOP\"\n\
+         [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
+    ));
+    let data = env.dir.path().join("data");
+    let _mount = Mount::tmpfs(&data, "2m").expect("cannot mount a tmpfs as root");
+    let server = Server::start(&env);
+    env.json(&["account", "create", "alice"]);
+    let key = env.json(&["key", "create", "alice"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let http = reqwest::Client::new();
+    let body =
+        json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let call = || async {
+        let response = http
+            .post(format!("{}/chat/completions", server.base))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let cost = ((stipend_testkit::prompt_tokens(&body) + 4) * 16) as i64;
+    let start = env.json(&["account", "show", "alice"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let (status, _) = call().await;
+    assert_eq!(status, 200);
+    let mut acknowledged = 1;
+
+    // Fill the disk.
+    let mut filler = std::fs::File::create(data.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while filler.write_all(&chunk).is_ok() {}
+    while filler.write_all(&chunk[..512]).is_ok() {}
+    drop(filler);
+
+    let mut refused = None;
+    for _ in 0..200 {
+        let (status, answer) = call().await;
+        match status {
+            200 => acknowledged += 1,
+            503 => {
+                refused = Some(answer);
+                break;
+            }
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    let refused = refused.expect("a full disk never refused a request");
+    assert_eq!(refused["error"]["code"], "ledger_unavailable", "{refused}");
+    assert!(
+        refused.get("choices").is_none(),
+        "an answer was served uncharged"
+    );
+    // Closed for everything now, health included.
+    let (status, _) = call().await;
+    assert_eq!(status, 503);
+    let health = http
+        .get(server.base.trim_end_matches("/v1").to_string() + "/healthz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503);
+
+    // Free the disk and restart: exactly the acknowledged calls are charged.
+    std::fs::remove_file(data.join("filler")).unwrap();
+    server.kill();
+    let report = env.json(&["ledger", "verify"]);
+    assert_eq!(report["violations"], json!([]), "{report}");
+    let server = Server::start(&env);
+    let balance = env.json(&["account", "show", "alice"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        start - balance,
+        acknowledged * cost,
+        "{acknowledged} calls were answered"
+    );
+    server.stop();
+}
