@@ -138,3 +138,66 @@ async fn kill_9_under_load_loses_no_charge() {
     assert_eq!(env.json(&["account", "show", "alice"])["reserved_cu"], 0);
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_calls_in_flight_finish_and_charges_them() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&format!(
+        "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"10 PFLOP\"\n\
+         [[models]]\nname = \"slow\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
+    ));
+    let server = Server::start(&env);
+    env.json(&["account", "create", "alice"]);
+    let key = env.json(&["key", "create", "alice"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start = env.json(&["account", "show", "alice"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    // Twelve tokens at 20 ms each: about a quarter of a second per call.
+    let body =
+        json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12});
+    let cost = ((stipend_testkit::prompt_tokens(&body) + 12) * PRICE_CU) as i64;
+    let http = reqwest::Client::new();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let request = http
+                .post(format!("{}/chat/completions", server.base))
+                .bearer_auth(&key)
+                .json(&body);
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (
+                    response.status().as_u16(),
+                    response.json::<Value>().await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let base = server.base.clone();
+    let output = tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+    for call in calls {
+        let (status, answer) = call.await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["usage"]["completion_tokens"], 12);
+    }
+    assert!(output.contains("the ledger is flushed"), "{output}");
+    // Stopped: no new calls are accepted.
+    let refused = http
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await;
+    assert!(refused.is_err(), "a stopped server answered");
+    let balance = env.json(&["account", "show", "alice"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(start - balance, 8 * cost);
+    let report = env.json(&["ledger", "verify"]);
+    assert_eq!(report["violations"], json!([]), "{report}");
+}
