@@ -120,12 +120,19 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
         "stipend_cu": if person { Some(policy.amount_cu()) } else { None },
         "period": format_duration(policy.period()),
         "rollover_max_cu": policy.rollover_max_cu(),
-        "models": gateway.models.values().map(|model| json!({
-            "model": model.name,
-            "price_prompt_cu": model.price_prompt_cu,
-            "price_completion_cu": model.price_completion_cu,
-            "completion_tokens_available": view.available_cu / model.price_completion_cu.max(1),
-        })).collect::<Vec<_>>(),
+        "models": gateway.models.values().map(|model| {
+            let used = view.usage.iter().find(|usage| usage.sink == model.sink);
+            json!({
+                "model": model.name,
+                "price_prompt_cu": model.price_prompt_cu,
+                "price_completion_cu": model.price_completion_cu,
+                "completion_tokens_available": view.available_cu / model.price_completion_cu.max(1),
+                "usage_this_period": {
+                    "requests": used.map_or(0, |usage| usage.requests),
+                    "charged_cu": used.map_or(0, |usage| usage.charged_cu),
+                },
+            })
+        }).collect::<Vec<_>>(),
     }))
     .into_response()
 }

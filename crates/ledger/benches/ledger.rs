@@ -384,6 +384,7 @@ fn memory_bench(dir: &Path) {
                     balance_cu: 0,
                     lots: Vec::new(),
                     stipend_period: Some(period),
+                    usage: Vec::new(),
                     created_at_ms: now,
                 })
                 .collect();
@@ -405,6 +406,7 @@ fn memory_bench(dir: &Path) {
                     balance_cu: 0,
                     lots: Vec::new(),
                     stipend_period: None,
+                    usage: Vec::new(),
                     created_at_ms: now,
                 }],
                 ..Batch::default()

@@ -105,6 +105,19 @@ impl Lot {
     }
 }
 
+/// What an account spent at one sink (one model) in one period: counts, never content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The sink (one per model).
+    pub sink: AccountId,
+    /// The stipend period.
+    pub period: i64,
+    /// Calls charged.
+    pub requests: u64,
+    /// Compute charged, in cu.
+    pub charged_cu: u64,
+}
+
 /// The stored state of one account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountRecord {
@@ -120,6 +133,9 @@ pub struct AccountRecord {
     pub lots: Vec<Lot>,
     /// The last period whose stipend has been applied, for persons.
     pub stipend_period: Option<i64>,
+    /// What it spent this period, per sink.
+    #[serde(default)]
+    pub usage: Vec<Usage>,
     /// When it was created (ms since the UNIX epoch).
     pub created_at_ms: i64,
 }

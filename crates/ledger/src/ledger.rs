@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 
-use crate::account::{AccountId, AccountKind, AccountRecord, Lot, validate_account_name};
+use crate::account::{AccountId, AccountKind, AccountRecord, Lot, Usage, validate_account_name};
 use crate::clock::Clock;
 use crate::error::LedgerError;
 use crate::policy::StipendPolicy;
@@ -102,6 +102,8 @@ pub struct AccountView {
     pub open_reservations: u32,
     /// The lots making up the balance, soonest expiry first.
     pub lots: Vec<Lot>,
+    /// What it spent this period, per sink (one sink per model).
+    pub usage: Vec<Usage>,
 }
 
 /// A transfer that was posted, or found already posted with the same content.
@@ -769,6 +771,7 @@ impl Ledger {
             balance_cu: 0,
             lots: Vec::new(),
             stipend_period: None,
+            usage: Vec::new(),
             created_at_ms: now_ms,
         };
         state
@@ -848,6 +851,13 @@ impl Ledger {
                 .then(|| shared.options.policy.next_grant_at_ms(now_ms)),
             open_reservations: account.open_reservations,
             lots: account.balance.lots.to_vec(),
+            usage: account
+                .balance
+                .usage
+                .iter()
+                .filter(|usage| usage.period == shared.options.policy.period_index(now_ms))
+                .copied()
+                .collect(),
         };
         let queued = !state.queue.is_empty();
         drop(state);
@@ -998,14 +1008,17 @@ impl Ledger {
         if charged_cu > 0 {
             let spend_id = state.next_transfer_id();
             spend = Some(spend_id);
-            state.post(transfer(
+            let mut posted = transfer(
                 TransferKind::Spend,
                 spend_id,
                 account_id,
                 reservation.sink,
                 charged_cu,
                 now_ms,
-            ));
+            );
+            // The period the spend counts in, for the account's usage this period.
+            posted.period = Some(shared.options.policy.period_index(now_ms));
+            state.post(posted);
         }
         let settlement = Settlement {
             reservation: id,
@@ -1320,6 +1333,7 @@ fn run_writer(shared: &Shared) {
                         balance_cu: account.balance.balance_cu,
                         lots: account.balance.lots.to_vec(),
                         stipend_period: account.balance.stipend_period,
+                        usage: account.balance.usage.clone(),
                     })
                 })
                 .collect::<Vec<_>>()

@@ -19,7 +19,7 @@ pub mod transfer;
 pub mod units;
 pub mod verify;
 
-pub use account::{AccountId, AccountKind, AccountRecord, Lot, LotSource};
+pub use account::{AccountId, AccountKind, AccountRecord, Lot, LotSource, Usage};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LedgerError;
 pub use ledger::{

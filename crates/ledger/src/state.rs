@@ -6,7 +6,7 @@
 //! `ledger verify` replay the transfer log through the same function, so what was decided live
 //! and what is rebuilt from the log cannot differ.
 
-use crate::account::{AccountId, AccountKind, AccountRecord, Lot, LotSource};
+use crate::account::{AccountId, AccountKind, AccountRecord, Lot, LotSource, Usage};
 use crate::policy::Lots;
 use crate::transfer::{Transfer, TransferKind};
 
@@ -34,6 +34,8 @@ pub struct Balance {
     pub lots: Lots,
     /// The last period whose stipend is applied.
     pub stipend_period: Option<i64>,
+    /// What it spent in its latest period, per sink.
+    pub usage: Vec<Usage>,
 }
 
 impl Balance {
@@ -44,6 +46,28 @@ impl Balance {
             balance_cu: record.balance_cu,
             lots: Lots::from_vec(record.lots.clone()),
             stipend_period: record.stipend_period,
+            usage: record.usage.clone(),
+        }
+    }
+
+    /// Counts one spend at `sink` in `period`; older periods' counts are dropped.
+    fn count_spend(&mut self, sink: AccountId, period: i64, amount_cu: u64) {
+        self.usage.retain(|usage| usage.period >= period);
+        match self
+            .usage
+            .iter_mut()
+            .find(|usage| usage.sink == sink && usage.period == period)
+        {
+            Some(usage) => {
+                usage.requests += 1;
+                usage.charged_cu += amount_cu;
+            }
+            None => self.usage.push(Usage {
+                sink,
+                period,
+                requests: 1,
+                charged_cu: amount_cu,
+            }),
         }
     }
 
@@ -172,6 +196,11 @@ pub fn apply(
         .balance_cu
         .checked_sub(amount as i64)
         .ok_or_else(|| fail("the debit balance overflows".to_string()))?;
+    if transfer.kind == TransferKind::Spend
+        && let Some(period) = transfer.period
+    {
+        debit.count_spend(transfer.credit, period, amount);
+    }
     // The credit side: which lots the compute joins.
     if credit.kind.holds_grants() {
         match transfer.kind {

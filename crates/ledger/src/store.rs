@@ -3,7 +3,7 @@
 //! Each backend (SQLite now, PostgreSQL later) implements [`Store`] with its own schema and
 //! migrations; the ledger logic never sees a driver type.
 
-use crate::account::{AccountId, AccountRecord, Lot};
+use crate::account::{AccountId, AccountRecord, Lot, Usage};
 use crate::transfer::{Transfer, TransferId};
 
 /// Why the store failed.
@@ -42,6 +42,8 @@ pub struct AccountUpdate {
     pub lots: Vec<Lot>,
     /// The last period whose stipend is applied.
     pub stipend_period: Option<i64>,
+    /// What it spent in its latest period, per sink.
+    pub usage: Vec<Usage>,
 }
 
 /// Everything one group commit writes, in one atomic, durable transaction.

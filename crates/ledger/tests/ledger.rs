@@ -59,6 +59,16 @@ fn reserve_settle_charges_exactly_and_releases_the_rest() {
         (850, 0, 850)
     );
     assert_eq!(ledger.view(sink).unwrap().balance_cu, 150);
+    let period = T0 / DAY_MS;
+    assert_eq!(
+        ledger.view(ann).unwrap().usage,
+        vec![stipend_ledger::Usage {
+            sink,
+            period,
+            requests: 1,
+            charged_cu: 150
+        }]
+    );
     // An account's history lists grants, gifts and stipends; spends are counted, not listed.
     ledger.flush().unwrap();
     let history = ledger.history(ann, 10).unwrap();
@@ -512,6 +522,12 @@ fn a_restart_keeps_every_settle_and_voids_open_reservations() {
     ));
     assert_eq!(h.ledger().view(sink).unwrap().balance_cu, 60);
     assert!(h.verify().ok());
+    // Usage this period survives the restart; the next period starts from zero.
+    let view = h.ledger().view(ann).unwrap();
+    assert_eq!(view.usage.len(), 1);
+    assert_eq!((view.usage[0].requests, view.usage[0].charged_cu), (1, 60));
+    h.clock.advance_ms(DAY_MS);
+    assert_eq!(h.ledger().view(ann).unwrap().usage, vec![]);
 }
 
 /// A real store that can be told to fail its commits, as a full disk or a lost volume would.

@@ -143,9 +143,23 @@ pub struct AccountInfo {
     pub next_grant_cu: Option<u64>,
     /// The lots making up the balance.
     pub lots: Vec<LotInfo>,
+    /// What it spent this period, per sink (one sink per model): counts only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<UsageInfo>,
     /// Recent transfers, newest first (only in `account show`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<TransferInfo>,
+}
+
+/// Spending at one sink this period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageInfo {
+    /// The sink (`sink:MODEL`).
+    pub sink: String,
+    /// Calls charged.
+    pub requests: u64,
+    /// Compute charged, in cu.
+    pub charged_cu: u64,
 }
 
 /// A posted (or replayed) transfer.
@@ -216,8 +230,16 @@ fn account_info(
         next_grant_at: view.next_grant_at_ms.map(rfc3339),
         next_grant_cu: person.then(|| ledger.policy().amount_cu()),
         lots: view.lots.iter().map(lot_info).collect(),
+        usage: Vec::new(),
         history: Vec::new(),
     };
+    for usage in &view.usage {
+        info.usage.push(UsageInfo {
+            sink: ledger.view(usage.sink)?.name,
+            requests: usage.requests,
+            charged_cu: usage.charged_cu,
+        });
+    }
     if history > 0 {
         ledger.flush()?;
         for transfer in ledger.history(id, history.min(HISTORY_LIMIT_MAX))? {
@@ -428,6 +450,18 @@ fn render_account(info: &AccountInfo, out: &mut String) {
                 "  {:>16}  {:<8} {expiry}",
                 Flops(lot.remaining_cu as i64).to_string(),
                 format!("{:?}", lot.source).to_lowercase(),
+            );
+        }
+    }
+    if !info.usage.is_empty() {
+        let _ = writeln!(out, "used this period");
+        for usage in &info.usage {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>6} calls  {}",
+                usage.sink,
+                usage.requests,
+                Flops(usage.charged_cu as i64)
             );
         }
     }

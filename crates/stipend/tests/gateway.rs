@@ -159,6 +159,17 @@ async fn chat_and_completions_are_charged_exactly() {
 
     let budget = stack.budget(&key).await;
     assert_eq!(budget["reserved_cu"], 0);
+    let echo = budget["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|model| model["model"] == "echo")
+        .unwrap();
+    assert_eq!(echo["usage_this_period"]["requests"], 2);
+    assert_eq!(
+        echo["usage_this_period"]["charged_cu"],
+        start - after_completion
+    );
     assert_eq!(budget["available_cu"], after_completion);
     assert_eq!(budget["stipend_cu"], 10_000);
     assert_eq!(budget["period"], "1d");

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use stipend_ledger::{
     AccountId, AccountKind, AccountRecord, AuditRow, Batch, KeyRecord, Lot, Store, StoreError,
-    Transfer, TransferAudit, TransferId, TransferKind,
+    Transfer, TransferAudit, TransferId, TransferKind, Usage,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
@@ -65,6 +65,10 @@ CREATE TABLE keys (
     revoked_at_ms  INTEGER
 );
 CREATE INDEX keys_by_account ON keys (account_id);
+"#,
+    r#"
+-- What each account spent in its latest period, per sink: counts, as JSON.
+ALTER TABLE accounts ADD COLUMN usage TEXT NOT NULL DEFAULT '[]';
 "#,
 ];
 
@@ -250,7 +254,8 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-const ACCOUNT_COLUMNS: &str = "id, name, kind, balance_cu, lots, stipend_period, created_at_ms";
+const ACCOUNT_COLUMNS: &str =
+    "id, name, kind, balance_cu, lots, stipend_period, created_at_ms, usage";
 const TRANSFER_COLUMNS: &str =
     "id, kind, debit_account, credit_account, amount_cu, created_at_ms, lot_expires_at_ms, period";
 
@@ -264,11 +269,14 @@ fn account_from_row(
     let lots: String = row.get(4)?;
     let stipend_period: Option<i64> = row.get(5)?;
     let created_at_ms: i64 = row.get(6)?;
+    let usage: String = row.get(7)?;
     Ok((|| {
         let kind = AccountKind::parse(&kind)
             .ok_or_else(|| corrupt(format!("account {id}: unknown kind {kind:?}")))?;
         let lots: Vec<Lot> = serde_json::from_str(&lots)
             .map_err(|error| corrupt(format!("account {id}: lots do not decode: {error}")))?;
+        let usage: Vec<Usage> = serde_json::from_str(&usage)
+            .map_err(|error| corrupt(format!("account {id}: usage does not decode: {error}")))?;
         Ok(AccountRecord {
             id: AccountId(id as u64),
             name,
@@ -276,6 +284,7 @@ fn account_from_row(
             balance_cu,
             lots,
             stipend_period,
+            usage,
             created_at_ms,
         })
     })())
@@ -331,6 +340,10 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
             created_at_ms,
             revoked_at_ms,
         }))
+}
+
+fn usage_json(usage: &[Usage]) -> Result<String, StoreError> {
+    serde_json::to_string(usage).map_err(corrupt)
 }
 
 fn lots_json(lots: &[Lot]) -> Result<String, StoreError> {
@@ -454,7 +467,7 @@ impl Store for SqliteStore {
         {
             let mut insert_account = transaction
                 .prepare_cached(&format!(
-                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
                 ))
                 .map_err(io)?;
             for record in &batch.created {
@@ -467,6 +480,7 @@ impl Store for SqliteStore {
                         lots_json(&record.lots)?,
                         record.stipend_period,
                         record.created_at_ms,
+                        usage_json(&record.usage)?,
                     ])
                     .map_err(io)?;
             }
@@ -493,7 +507,8 @@ impl Store for SqliteStore {
         if let Some(updates) = &batch.checkpoint {
             let mut update_account = transaction
                 .prepare_cached(
-                    "UPDATE accounts SET balance_cu = ?2, lots = ?3, stipend_period = ?4 WHERE id = ?1",
+                    "UPDATE accounts SET balance_cu = ?2, lots = ?3, stipend_period = ?4, usage = ?5
+                     WHERE id = ?1",
                 )
                 .map_err(io)?;
             for update in updates {
@@ -503,6 +518,7 @@ impl Store for SqliteStore {
                         update.balance_cu,
                         lots_json(&update.lots)?,
                         update.stipend_period,
+                        usage_json(&update.usage)?,
                     ])
                     .map_err(io)?;
                 if changed != 1 {
@@ -680,8 +696,8 @@ fn audit_in_snapshot(
     let mut rows = statement.query([checkpoint]).map_err(io)?;
     while let Some(row) = rows.next().map_err(io)? {
         let account = account_from_row(row).map_err(io)??;
-        let credits_cu: i64 = row.get(7).map_err(io)?;
-        let debits_cu: i64 = row.get(8).map_err(io)?;
+        let credits_cu: i64 = row.get(8).map_err(io)?;
+        let debits_cu: i64 = row.get(9).map_err(io)?;
         visit_account(AuditRow {
             account,
             credits_cu: i128::from(credits_cu),
@@ -728,6 +744,7 @@ mod tests {
             balance_cu: 0,
             lots: Vec::new(),
             stipend_period: None,
+            usage: Vec::new(),
             created_at_ms: 1,
         }
     }
@@ -763,6 +780,7 @@ mod tests {
                         balance_cu: -5,
                         lots: vec![],
                         stipend_period: None,
+                        usage: Vec::new(),
                     },
                     AccountUpdate {
                         id: AccountId(2),
@@ -773,6 +791,12 @@ mod tests {
                             source: LotSource::Gift,
                         }],
                         stipend_period: Some(3),
+                        usage: vec![Usage {
+                            sink: AccountId(1),
+                            period: 3,
+                            requests: 2,
+                            charged_cu: 7,
+                        }],
                     },
                 ]),
             };
@@ -793,6 +817,7 @@ mod tests {
             "the row is the checkpoint, not the log's end"
         );
         assert_eq!(bo.stipend_period, Some(3));
+        assert_eq!(bo.usage[0].requests, 2);
         assert_eq!(bo.lots[0].expires_at_ms, Some(100));
         assert_eq!(store.checkpoint_seq().unwrap(), 1);
         assert_eq!(store.transfer(TransferId(42)).unwrap(), Some(gift));
