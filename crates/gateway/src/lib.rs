@@ -55,7 +55,9 @@ pub struct GatewayOptions {
     pub max_tokens_max: u64,
     /// The largest request body.
     pub body_bytes_max: usize,
-    /// How long a request's reservation may stay open (longer than any upstream timeout).
+    /// How long a request's reservation stays open. Every call ends before it can expire: a
+    /// stream still running at `reservation_timeout − RESERVATION_MARGIN` is cut off and charged
+    /// for what it produced, so nothing is ever served on a hold that timed out.
     pub reservation_timeout: Duration,
 }
 
@@ -65,10 +67,17 @@ impl Default for GatewayOptions {
             max_tokens_default: 1_024,
             max_tokens_max: 131_072,
             body_bytes_max: 4 * 1024 * 1024,
-            reservation_timeout: Duration::from_secs(900),
+            reservation_timeout: Duration::from_secs(3_600),
         }
     }
 }
+
+/// How long before its reservation would expire a call is ended.
+pub const RESERVATION_MARGIN: Duration = Duration::from_secs(60);
+
+/// The longest an upstream may be given to start answering or between chunks; well under the
+/// reservation, so a stalled upstream always times out while the hold still stands.
+pub const UPSTREAM_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 
 /// Everything a request handler needs.
 pub struct Gateway {

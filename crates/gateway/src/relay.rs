@@ -183,7 +183,7 @@ pub(crate) fn stream(
 }
 
 async fn relay(
-    _gateway: Arc<Gateway>,
+    gateway: Arc<Gateway>,
     checked: Checked,
     hold: Hold,
     upstream: reqwest::Response,
@@ -192,6 +192,12 @@ async fn relay(
 ) {
     let model = Arc::clone(&checked.model);
     let timeout = model.upstream.timeout();
+    // The whole stream ends before its hold could expire, however slowly it trickles.
+    let deadline = tokio::time::Instant::now()
+        + gateway
+            .options
+            .reservation_timeout
+            .saturating_sub(crate::RESERVATION_MARGIN);
     let mut chunks = upstream.bytes_stream();
     let mut parser = SseParser::default();
     let mut usage: Option<Usage> = None;
@@ -200,7 +206,10 @@ async fn relay(
     let outcome = 'read: loop {
         let next = tokio::select! {
             _ = sender.closed() => break 'read Outcome::ClientGone,
-            next = tokio::time::timeout(timeout, chunks.next()) => next,
+            next = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + timeout),
+                chunks.next(),
+            ) => next,
         };
         let bytes = match next {
             Err(_) => break 'read Outcome::Failed(ApiError::UpstreamTimeout),

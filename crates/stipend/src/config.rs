@@ -181,10 +181,10 @@ fn check_model(
     let timeout_text = raw.timeout.as_deref().unwrap_or(UPSTREAM_TIMEOUT_DEFAULT);
     let timeout = parse_duration(timeout_text).with_context(|| key("timeout"))?;
     if timeout < std::time::Duration::from_secs(1)
-        || timeout > std::time::Duration::from_secs(3_600)
+        || timeout > stipend_gateway::UPSTREAM_TIMEOUT_MAX
     {
         bail!(
-            "{}: must be from 1s to 1h, got {timeout_text}",
+            "{}: must be from 1s to 10m, got {timeout_text}",
             key("timeout")
         );
     }

@@ -9,7 +9,8 @@
 //! - `drop-mid-stream`: streams half its tokens, then drops the connection;
 //! - `slow`: waits 20 ms before each token (and before a non-stream answer);
 //! - `odd-usage`: reports ten times the completion tokens it produced;
-//! - `no-usage`: reports no usage at all.
+//! - `no-usage`: reports no usage at all;
+//! - `trickle`: streams a token every 50 ms and never ends.
 //!
 //! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
 //! are the tokens produced. Responses never echo the prompt.
@@ -66,10 +67,15 @@ async fn answer(body: Bytes, chat: bool) -> Response {
     let stream = request["stream"].as_bool().unwrap_or(false);
     let prompt_tokens = prompt_tokens(&request);
     let tokens = reply_tokens(max_tokens);
-    let delay = if model == "slow" {
-        Duration::from_millis(20)
+    let delay = match model.as_str() {
+        "slow" => Duration::from_millis(20),
+        "trickle" => Duration::from_millis(50),
+        _ => Duration::ZERO,
+    };
+    let tokens = if model == "trickle" {
+        u64::MAX / 4
     } else {
-        Duration::ZERO
+        tokens
     };
     match model.as_str() {
         "error-500" => {
