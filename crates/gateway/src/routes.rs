@@ -249,7 +249,7 @@ async fn serve(
     )?;
     let hold = Hold::new(Arc::clone(&gateway.ledger), reservation.id());
     // Capacity: at most max_concurrency in flight upstream (a fair-share queue comes next).
-    let _permit = Arc::clone(&model.permits)
+    let permit = Arc::clone(&model.permits)
         .acquire_owned()
         .await
         .map_err(|_| ApiError::Overloaded("the server is shutting down".to_string()))?;
@@ -258,12 +258,14 @@ async fn serve(
         .post(endpoint.path(), &checked.upstream_body)
         .await?;
     if checked.stream {
-        return Ok(relay::stream(gateway, checked, hold, response, _permit));
+        return Ok(relay::stream(gateway, checked, hold, response, permit));
     }
     let text = tokio::time::timeout(model.upstream.timeout(), response.bytes())
         .await
         .map_err(|_| ApiError::UpstreamTimeout)?
         .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
+    // The upstream is done with this call: its capacity is free while the charge is made durable.
+    drop(permit);
     let mut answer: Value = serde_json::from_slice(&text)
         .map_err(|_| ApiError::Upstream("the response is not JSON".to_string()))?;
     let usage = Usage::from_json(&answer["usage"]);

@@ -96,6 +96,23 @@ pub struct KeyInfo {
     pub revoked_at: Option<String>,
 }
 
+impl Request {
+    /// The command's name, for logs (never its arguments: names and amounts stay out of logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::CreateAccount { .. } => "account create",
+            Request::ListAccounts { .. } => "account list",
+            Request::ShowAccount { .. } => "account show",
+            Request::Grant { .. } => "grant",
+            Request::Give { .. } => "give",
+            Request::CheckInvariants => "ledger verify",
+            Request::CreateKey { .. } => "key create",
+            Request::ListKeys { .. } => "key list",
+            Request::RevokeKey { .. } => "key revoke",
+        }
+    }
+}
+
 /// A lot, for display.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LotInfo {

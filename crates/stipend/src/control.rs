@@ -85,7 +85,7 @@ async fn handle(
         .await?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
-            tracing::info!(op = ?std::mem::discriminant(&request), "control command");
+            tracing::info!(command = request.name(), "control command");
             match tokio::task::spawn_blocking(move || execute(&ledger, &keys, request)).await {
                 Ok(Ok(response)) => Reply::Ok(response),
                 Ok(Err(error)) => Reply::Error {
