@@ -15,7 +15,7 @@
 //! Reservations live in memory only. A crash therefore voids every open reservation, which is
 //! exactly the product's rule: a crash can release compute, never charge it twice.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::account::{AccountId, AccountKind, AccountRecord, Lot, Usage, validate_account_name};
@@ -289,10 +290,12 @@ impl AccountState {
 }
 
 struct State {
-    accounts: HashMap<AccountId, AccountState>,
+    // FxHash: the keys are ids we assign, not attacker-chosen strings, so a fast hash is safe
+    // here, and SipHash was a good part of the time the lock is held.
+    accounts: FxHashMap<AccountId, AccountState>,
     /// Accounts changed since the last checkpoint.
-    dirty: HashSet<AccountId>,
-    reservations: HashMap<ReservationId, Reservation>,
+    dirty: FxHashSet<AccountId>,
+    reservations: FxHashMap<ReservationId, Reservation>,
     queue: Vec<(u64, Mutation)>,
     seq_last: u64,
     /// Transfers posted with caller-chosen ids that are not yet durable, for replay checks.
@@ -624,9 +627,9 @@ impl Ledger {
             Err(_) => clock.now_ms() as u64,
         };
         let state = State {
-            accounts: HashMap::new(),
-            dirty: HashSet::new(),
-            reservations: HashMap::new(),
+            accounts: FxHashMap::default(),
+            dirty: FxHashSet::default(),
+            reservations: FxHashMap::default(),
             queue: Vec::new(),
             seq_last: 0,
             pending_transfers: HashMap::new(),
