@@ -294,6 +294,12 @@ impl Lots {
         removed
     }
 
+    /// Whether any lot (stipend included) has reached its expiry by `now_ms`. Lots are sorted by
+    /// expiry, so this reads only the first.
+    pub fn any_expired(&self, now_ms: i64) -> bool {
+        self.0.first().is_some_and(|lot| lot.expiry_key() <= now_ms)
+    }
+
     /// How much in non-stipend lots has expired by `now_ms`.
     pub fn expired_cu(&self, now_ms: i64) -> u64 {
         self.0
