@@ -6,7 +6,8 @@
 #   (c) Stipend in front of it, with budgets enforced (every call reserved and settled durably).
 # Prints a markdown table, plus Stipend's RSS idle and under load and its start-up time.
 #
-# Usage: bench/load.sh [SECONDS]   (default 10 s per run; runs at 16 and 64 connections)
+# Usage: bench/load.sh [SECONDS]   (default 10 s per run; at 1 connection, below saturation,
+# and at 16 and 64, at saturation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
@@ -90,7 +91,8 @@ LUA
 # wrk's latency distribution: 50% and 99% lines; requests/sec.
 run() {
     local url=$1 connections=$2
-    wrk -t2 -c"$connections" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/post.lua" "$url" > "$WORK/wrk.out"
+    local threads=$((connections < 2 ? 1 : 2))
+    wrk -t"$threads" -c"$connections" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/post.lua" "$url" > "$WORK/wrk.out"
     local rps p50 p99 errors
     rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
     p50=$(awk '$1 == "50%" {print $2}' "$WORK/wrk.out")
@@ -99,12 +101,12 @@ run() {
     echo "$rps $p50 $p99 ${errors:-0}"
 }
 
-echo "gateway load run: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), ${SECONDS_PER_RUN}s per run, wrk -t2"
+echo "gateway load run: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), ${SECONDS_PER_RUN}s per run, wrk -t2 (-t1 at 1 connection)"
 echo
 echo "| connections | target | req/s | p50 | p99 | non-2xx | vs nginx proxy |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 rss_load=0
-for connections in 16 64; do
+for connections in 1 16 64; do
     read -r d_rps d_p50 d_p99 d_err < <(run "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$connections")
     read -r p_rps p_p50 p_p99 p_err < <(run "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" "$connections")
     ( sleep $((SECONDS_PER_RUN / 2)); rss_mb > "$WORK/rss_load" ) &
