@@ -541,6 +541,22 @@ async fn upstream_faults_charge_what_the_design_says() {
     assert_eq!((balance - now) as u64, worst);
     balance = now;
 
+    // A stream that completes without usage: one token per delivered chunk, and the prompt's
+    // estimate.
+    let mut body = chat("no-usage", "hi", 6);
+    body["stream"] = json!(true);
+    let events = read_sse(stack.post(&key, "/chat/completions", &body).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let delivered = events.iter().filter(|e| e.contains("\"content\"")).count() as u64;
+    assert_eq!(delivered, 6);
+    let now = stack.balance(&key).await;
+    let prompt_estimate = messages_bound(&body).div_ceil(4);
+    assert_eq!(
+        (balance - now) as u64,
+        (prompt_estimate + delivered) * PRICE_CU
+    );
+    balance = now;
+
     // A stream dropped half way: what was delivered is charged (the tokens that arrived, and the
     // prompt's estimate), and the client is told with an error event, not [DONE].
     let mut body = chat("drop-mid-stream", "hi", 12);
