@@ -234,9 +234,10 @@ async fn relay(
             if data == "[DONE]" {
                 break 'read Outcome::Done;
             }
-            let Ok(mut chunk) = serde_json::from_str::<Value>(&data) else {
+            let chunk = serde_json::from_str::<Value>(&data);
+            let Ok(mut chunk @ Value::Object(_)) = chunk else {
                 break 'read Outcome::Failed(ApiError::Upstream(
-                    "a stream event is not JSON".to_string(),
+                    "a stream event is not a JSON object".to_string(),
                 ));
             };
             if chunk.get("error").is_some() {

@@ -266,8 +266,14 @@ async fn serve(
         .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
     // The upstream is done with this call: its capacity is free while the charge is made durable.
     drop(permit);
-    let mut answer: Value = serde_json::from_slice(&text)
-        .map_err(|_| ApiError::Upstream("the response is not JSON".to_string()))?;
+    let mut answer = match serde_json::from_slice::<Value>(&text) {
+        Ok(answer @ Value::Object(_)) => answer,
+        _ => {
+            return Err(ApiError::Upstream(
+                "the response is not a JSON object".to_string(),
+            ));
+        }
+    };
     let usage = Usage::from_json(&answer["usage"]);
     let cost_cu = match usage {
         Some(usage) => usage.cost_cu(&model, &checked),

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 /// 8B parameters: 16 cu per token, prompt and completion alike.
 const PRICE_CU: u64 = 16;
 const FAULT_MODELS: &[&str] = &[
+    "garbage",
     "error-500",
     "error-400",
     "stall",
@@ -499,7 +500,12 @@ async fn upstream_faults_charge_what_the_design_says() {
     let mut balance = stack.balance(&key).await;
 
     // Failures before any output: nothing charged.
-    for (model, status) in [("error-500", 502), ("error-400", 400), ("stall", 504)] {
+    for (model, status) in [
+        ("error-500", 502),
+        ("error-400", 400),
+        ("stall", 504),
+        ("garbage", 502),
+    ] {
         let (got, error) = error_of(
             stack
                 .post(&key, "/chat/completions", &chat(model, "hi", 5))
@@ -517,6 +523,13 @@ async fn upstream_faults_charge_what_the_design_says() {
     body["stream"] = json!(true);
     let (got, _) = error_of(stack.post(&key, "/chat/completions", &body).await).await;
     assert_eq!(got, 504);
+    assert_eq!(stack.balance(&key).await, balance);
+    // An upstream streaming something that is not a chunk: an error event, nothing charged.
+    let mut body = chat("garbage", "hi", 5);
+    body["stream"] = json!(true);
+    let events = read_sse(stack.post(&key, "/chat/completions", &body).await).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{last}");
     assert_eq!(stack.balance(&key).await, balance);
 
     // Usage reported beyond what was asked: charged at the bound, not the report.

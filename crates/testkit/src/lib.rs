@@ -10,7 +10,8 @@
 //! - `slow`: waits 20 ms before each token (and before a non-stream answer);
 //! - `odd-usage`: reports ten times the completion tokens it produced;
 //! - `no-usage`: reports no usage at all;
-//! - `trickle`: streams a token every 50 ms and never ends.
+//! - `trickle`: streams a token every 50 ms and never ends;
+//! - `garbage`: answers JSON that is not an object (`[1, 2]`), and streams `data: 5`.
 //!
 //! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
 //! are the tokens produced. Responses never echo the prompt.
@@ -91,6 +92,14 @@ async fn answer(body: Bytes, chat: bool) -> Response {
         "stall" => {
             tokio::time::sleep(Duration::from_secs(3_600)).await;
         }
+        "garbage" if stream => {
+            return (
+                [(header::CONTENT_TYPE, "text/event-stream")],
+                "data: 5\n\ndata: [DONE]\n\n",
+            )
+                .into_response();
+        }
+        "garbage" => return axum::Json(json!([1, 2])).into_response(),
         _ => {}
     }
     let reported_completion = if model == "odd-usage" {
