@@ -9,7 +9,7 @@ ARGS ?=
 # The official OpenAI SDK for the end-to-end tests lives in a virtualenv beside the build.
 PYENV := $(or $(CARGO_TARGET_DIR),target)/pyenv
 
-.PHONY: serve test bench setup
+.PHONY: serve test bench setup models
 
 setup:
 	@scripts/setup.sh
@@ -23,7 +23,10 @@ $(PYENV)/.installed: tests/sdk/requirements.txt
 	$(PYENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 	touch $@
 
-test: setup $(PYENV)/.installed
+models: setup
+	@scripts/fetch-model.sh models
+
+test: setup models $(PYENV)/.installed
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	STIPEND_PYTHON=$(abspath $(PYENV))/bin/python $(CARGO) test --workspace --locked
