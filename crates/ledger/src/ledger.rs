@@ -242,7 +242,6 @@ enum Mutation {
 
 struct AccountState {
     name: Box<str>,
-    created_at_ms: i64,
     balance: Balance,
     reserved_cu: u64,
     open_reservations: u32,
@@ -253,7 +252,6 @@ impl AccountState {
         AccountState {
             balance: Balance::from_record(&record),
             name: record.name.into_boxed_str(),
-            created_at_ms: record.created_at_ms,
             reserved_cu: 0,
             open_reservations: 0,
         }
@@ -895,12 +893,6 @@ impl Ledger {
         self.flush()?;
         let records = self.shared.store.accounts(after, limit)?;
         records.iter().map(|record| self.view(record.id)).collect()
-    }
-
-    /// When an account was created (ms since the epoch).
-    pub fn created_at_ms(&self, id: AccountId) -> Result<i64, LedgerError> {
-        let state = self.shared.lock_with(&[id])?;
-        Ok(state.account(id)?.created_at_ms)
     }
 
     /// Holds `amount_cu` of `account`'s balance for a request until it is settled, voided, or

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use stipend_gateway::KeyRing;
+use stipend_ledger::units::format_utc;
 use stipend_ledger::{
     AccountId, AccountKind, Flops, Ledger, LedgerError, Lot, LotSource, Transfer, TransferId,
     TransferKind,
@@ -225,11 +226,6 @@ pub enum Response {
     },
 }
 
-/// Shows ms since the epoch as RFC 3339 UTC.
-pub fn rfc3339(ms: i64) -> String {
-    stipend_ledger::units::format_utc(ms)
-}
-
 fn account_info(
     ledger: &Ledger,
     id: AccountId,
@@ -244,7 +240,7 @@ fn account_info(
         balance_cu: view.balance_cu,
         reserved_cu: view.reserved_cu,
         available_cu: view.available_cu,
-        next_grant_at: view.next_grant_at_ms.map(rfc3339),
+        next_grant_at: view.next_grant_at_ms.map(format_utc),
         next_grant_cu: person.then(|| ledger.policy().amount_cu()),
         lots: view.lots.iter().map(lot_info).collect(),
         usage: Vec::new(),
@@ -270,7 +266,7 @@ fn lot_info(lot: &Lot) -> LotInfo {
     LotInfo {
         remaining_cu: lot.remaining_cu,
         source: lot.source,
-        expires_at: lot.expires_at_ms.map(rfc3339),
+        expires_at: lot.expires_at_ms.map(format_utc),
     }
 }
 
@@ -291,7 +287,7 @@ fn transfer_info(
         kind: transfer.kind,
         amount_cu: if incoming { amount } else { -amount },
         counterparty: ledger.view(other)?.name,
-        at: rfc3339(transfer.created_at_ms),
+        at: format_utc(transfer.created_at_ms),
     })
 }
 
@@ -300,8 +296,8 @@ fn key_info(record: &stipend_ledger::KeyRecord, account: String, key: Option<Str
         id: record.id.clone(),
         account,
         key,
-        created_at: rfc3339(record.created_at_ms),
-        revoked_at: record.revoked_at_ms.map(rfc3339),
+        created_at: format_utc(record.created_at_ms),
+        revoked_at: record.revoked_at_ms.map(format_utc),
     }
 }
 
@@ -610,11 +606,5 @@ mod tests {
                 "{text}"
             );
         }
-    }
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_764_460_800_000), "2025-11-30T00:00:00Z");
     }
 }

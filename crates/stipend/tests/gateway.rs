@@ -56,11 +56,7 @@ impl Stack {
     }
 
     fn person_with_key(&self, name: &str) -> String {
-        self.env.json(&["account", "create", name]);
-        self.env.json(&["key", "create", name])["key"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.env.person_with_key(name)
     }
 
     async fn post(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {

@@ -78,11 +78,7 @@ async fn kill_9_under_load_loses_no_charge() {
          [[models]]\nname = \"slow\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
     ));
     let mut server = Server::start(&env);
-    env.json(&["account", "create", "alice"]);
-    let key = env.json(&["key", "create", "alice"])["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = env.person_with_key("alice");
     let balance = |env: &Env| {
         env.json(&["account", "show", "alice"])["balance_cu"]
             .as_i64()
@@ -147,11 +143,7 @@ async fn sigterm_lets_calls_in_flight_finish_and_charges_them() {
          [[models]]\nname = \"slow\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
     ));
     let server = Server::start(&env);
-    env.json(&["account", "create", "alice"]);
-    let key = env.json(&["key", "create", "alice"])["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = env.person_with_key("alice");
     let start = env.json(&["account", "show", "alice"])["balance_cu"]
         .as_i64()
         .unwrap();

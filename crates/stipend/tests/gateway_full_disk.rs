@@ -62,11 +62,7 @@ async fn a_full_disk_fails_closed_and_a_restart_recovers() {
     let data = env.dir.path().join("data");
     let _mount = Mount::tmpfs(&data, "2m").expect("cannot mount a tmpfs as root");
     let server = Server::start(&env);
-    env.json(&["account", "create", "alice"]);
-    let key = env.json(&["key", "create", "alice"])["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = env.person_with_key("alice");
     let http = reqwest::Client::new();
     let body =
         json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});

@@ -28,11 +28,7 @@ async fn the_official_openai_sdk_works_unchanged() {
          [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
     ));
     let server = Server::start(&env);
-    env.json(&["account", "create", "alice"]);
-    let key = env.json(&["key", "create", "alice"])["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = env.person_with_key("alice");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../tests/sdk/test_openai_sdk.py"

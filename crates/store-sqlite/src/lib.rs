@@ -202,6 +202,14 @@ impl SqliteStore {
         Ok(connection)
     }
 
+    /// The write connection, or an error for a store opened read-only.
+    fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Connection>, StoreError> {
+        self.writer
+            .as_ref()
+            .map(Mutex::lock)
+            .ok_or_else(|| io("this store was opened read-only"))
+    }
+
     fn give_back(&self, connection: Connection) {
         let mut readers = self.readers.lock();
         if readers.len() < READERS_IDLE_MAX {
@@ -454,13 +462,10 @@ impl Store for SqliteStore {
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let Some(writer) = &self.writer else {
-            return Err(io("this store was opened read-only"));
-        };
         if batch.is_empty() {
             return Ok(());
         }
-        let mut connection = writer.lock();
+        let mut connection = self.writer()?;
         let transaction = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(io)?;
@@ -537,11 +542,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        let Some(writer) = &self.writer else {
-            return Err(io("this store was opened read-only"));
-        };
-        writer
-            .lock()
+        self.writer()?
             .execute(
                 "INSERT INTO keys (id, account_id, secret_sha256, created_at_ms, revoked_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -558,11 +559,8 @@ impl Store for SqliteStore {
     }
 
     fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
-        let Some(writer) = &self.writer else {
-            return Err(io("this store was opened read-only"));
-        };
-        let changed = writer
-            .lock()
+        let changed = self
+            .writer()?
             .execute(
                 "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
                 params![id, at_ms],

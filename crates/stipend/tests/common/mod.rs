@@ -54,6 +54,15 @@ impl Env {
         String::from_utf8_lossy(&output.stderr).to_string()
     }
 
+    /// Creates a person and a key for them; returns the key.
+    pub fn person_with_key(&self, name: &str) -> String {
+        self.json(&["account", "create", name]);
+        self.json(&["key", "create", name])["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     pub fn db(&self) -> PathBuf {
         self.dir.path().join("data/ledger.db")
     }
