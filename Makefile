@@ -6,10 +6,11 @@
 CARGO ?= cargo
 # Extra arguments for `stipend serve`, e.g. make serve ARGS="--config stipend.toml"
 ARGS ?=
+TARGET := $(or $(CARGO_TARGET_DIR),target)
 # The official OpenAI SDK for the end-to-end tests lives in a virtualenv beside the build.
-PYENV := $(or $(CARGO_TARGET_DIR),target)/pyenv
+PYENV := $(TARGET)/pyenv
 
-.PHONY: serve test bench setup models
+.PHONY: serve test bench setup
 
 setup:
 	@scripts/setup.sh
@@ -23,12 +24,12 @@ $(PYENV)/.installed: tests/sdk/requirements.txt
 	$(PYENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 	touch $@
 
-models: setup
-	@scripts/fetch-model.sh models
-
-test: setup models $(PYENV)/.installed
+# The embedded model's tests need the model: the freshly built binary fetches it (once).
+test: setup $(PYENV)/.installed
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) test --workspace --locked --no-run
+	$(TARGET)/debug/stipend model fetch --dir models
 	STIPEND_PYTHON=$(abspath $(PYENV))/bin/python $(CARGO) test --workspace --locked
 
 bench: setup

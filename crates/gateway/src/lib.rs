@@ -5,6 +5,7 @@
 //! into ledger calls (`reserve`, `settle`, `void`) on `stipend_ledger::Ledger`, which knows
 //! none of them.
 
+mod embedded;
 pub mod error;
 pub mod keys;
 pub mod metrics;
@@ -24,21 +25,32 @@ pub use keys::KeyRing;
 pub use routes::router;
 pub use upstream::{Upstream, UpstreamConfig};
 
+/// Where a model runs.
+pub enum Backend {
+    /// An OpenAI-compatible server.
+    Upstream {
+        /// How to reach it.
+        upstream: Upstream,
+        /// The name it knows the model by.
+        model: String,
+    },
+    /// The embedded model, in this process.
+    Embedded(Arc<stipend_model::EmbeddedModel>),
+}
+
 /// One model clients can ask for.
 pub struct Model {
     /// The name clients use.
     pub name: String,
-    /// The name the upstream knows it by.
-    pub upstream_model: String,
     /// cu per prompt token.
     pub price_prompt_cu: u64,
     /// cu per completion token.
     pub price_completion_cu: u64,
     /// Where its spent compute goes.
     pub sink: AccountId,
-    /// How to reach it.
-    pub upstream: Upstream,
-    /// At most this many requests in flight upstream.
+    /// Where it runs.
+    pub backend: Backend,
+    /// At most this many requests in flight (for the embedded model: its slots).
     pub permits: Arc<Semaphore>,
     /// The same number, for display.
     pub max_concurrency: usize,

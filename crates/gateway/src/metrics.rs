@@ -71,6 +71,7 @@ impl Outcome {
             Err(ApiError::Unauthorized(_)) => Outcome::Unauthorized,
             Err(
                 ApiError::InvalidRequest { .. }
+                | ApiError::ContextLengthExceeded { .. }
                 | ApiError::ModelNotFound(_)
                 | ApiError::PayloadTooLarge(_),
             ) => Outcome::Invalid,
@@ -141,8 +142,10 @@ pub struct Gauges {
     pub ledger_checkpoints: u64,
     /// Time inside ledger commits so far.
     pub ledger_commit_seconds: f64,
-    /// Requests in flight upstream, by model.
+    /// Requests in flight (upstream, or in the embedded model's slots), by model.
     pub in_flight: Vec<(String, usize)>,
+    /// Embedded models' slots generating right now, by model.
+    pub slots_busy: Vec<(String, usize)>,
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -247,13 +250,22 @@ pub fn render(models: &[(&str, &Counters)], unrouted: &Counters, gauges: &Gauges
         &mut out,
         "stipend_upstream_in_flight",
         "gauge",
-        "Requests in flight upstream, by model.",
+        "Requests in flight, by model: upstream, or holding a slot of an embedded model.",
     );
     for (model, in_flight) in &gauges.in_flight {
         let _ = writeln!(
             out,
             "stipend_upstream_in_flight{{model=\"{model}\"}} {in_flight}"
         );
+    }
+    header(
+        &mut out,
+        "stipend_model_slots_busy",
+        "gauge",
+        "An embedded model's sequence slots generating right now.",
+    );
+    for (model, busy) in &gauges.slots_busy {
+        let _ = writeln!(out, "stipend_model_slots_busy{{model=\"{model}\"}} {busy}");
     }
     header(
         &mut out,

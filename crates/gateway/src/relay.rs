@@ -7,6 +7,7 @@
 //! been produced by then.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::header;
@@ -22,7 +23,7 @@ use crate::routes::Checked;
 use crate::{Gateway, Model};
 
 /// Chunks buffered between the upstream and a slow client.
-const RELAY_CHANNEL_CAPACITY: usize = 64;
+pub(crate) const RELAY_CHANNEL_CAPACITY: usize = 64;
 /// The largest single SSE event accepted from an upstream.
 const SSE_EVENT_BYTES_MAX: usize = 1024 * 1024;
 
@@ -133,7 +134,7 @@ impl SseParser {
     }
 }
 
-fn sse(value: &Value) -> Bytes {
+pub(crate) fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
@@ -162,10 +163,19 @@ pub(crate) fn stream(
     checked: Checked,
     hold: Hold,
     upstream: reqwest::Response,
+    timeout: Duration,
     permit: OwnedSemaphorePermit,
 ) -> Response {
     let (sender, receiver) = mpsc::channel::<Bytes>(RELAY_CHANNEL_CAPACITY);
-    tokio::spawn(relay(gateway, checked, hold, upstream, sender, permit));
+    tokio::spawn(relay(
+        gateway, checked, hold, upstream, timeout, sender, permit,
+    ));
+    sse_response(receiver)
+}
+
+/// A `text/event-stream` response whose body is what arrives on `receiver`; the body ends when
+/// every sender is gone, and the client leaving closes the channel.
+pub(crate) fn sse_response(receiver: mpsc::Receiver<Bytes>) -> Response {
     let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver
             .recv()
@@ -187,11 +197,11 @@ async fn relay(
     checked: Checked,
     hold: Hold,
     upstream: reqwest::Response,
+    timeout: Duration,
     sender: mpsc::Sender<Bytes>,
     permit: OwnedSemaphorePermit,
 ) {
     let model = Arc::clone(&checked.model);
-    let timeout = model.upstream.timeout();
     // The whole stream ends before its hold could expire, however slowly it trickles.
     let deadline = tokio::time::Instant::now()
         + gateway

@@ -12,10 +12,11 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 use stipend_ledger::units::{format_duration, format_utc};
 use stipend_ledger::{AccountId, AccountKind};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::ApiError;
 use crate::relay::{self, Hold, Usage};
-use crate::{Gateway, Model};
+use crate::{Backend, Gateway, Model, Upstream};
 
 /// Tokens added per chat message to the prompt's upper bound, for the role markers a chat
 /// template wraps around each message.
@@ -86,14 +87,19 @@ async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
         .models
         .values()
         .map(|model| {
-            json!({
+            let mut entry = json!({
                 "id": model.name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "stipend",
                 "price_prompt_cu": model.price_prompt_cu,
                 "price_completion_cu": model.price_completion_cu,
-            })
+            });
+            if let Backend::Embedded(engine) = &model.backend {
+                entry["context_length"] = json!(engine.info().n_ctx);
+                entry["slots"] = json!(engine.info().slots);
+            }
+            entry
         })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
@@ -155,6 +161,14 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
                 )
             })
             .collect(),
+        slots_busy: gateway
+            .models
+            .values()
+            .filter_map(|model| match &model.backend {
+                Backend::Embedded(engine) => Some((model.name.clone(), engine.busy_slots())),
+                Backend::Upstream { .. } => None,
+            })
+            .collect(),
     };
     let models: Vec<(&str, &crate::metrics::Counters)> = gateway
         .models
@@ -206,14 +220,23 @@ async fn serve_counted(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// A checked request, ready to price and forward.
+/// A request parsed and checked the same way for every backend.
+pub(crate) struct Parsed {
+    pub model: Arc<Model>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// `max_completion_tokens` or `max_tokens`, if given (checked to be 1 to the maximum).
+    pub max_tokens_asked: Option<u64>,
+    pub request: Map<String, Value>,
+}
+
+/// A checked request with its bounds, ready to price and serve.
 pub(crate) struct Checked {
     pub model: Arc<Model>,
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: u64,
     pub prompt_tokens_max: u64,
-    pub upstream_body: Value,
 }
 
 async fn serve(
@@ -228,9 +251,41 @@ async fn serve(
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
-    let checked = check(&gateway, &bytes, endpoint)?;
-    let model = Arc::clone(&checked.model);
+    let parsed = parse(&gateway, &bytes, endpoint)?;
+    let model = Arc::clone(&parsed.model);
     *routed = Some(Arc::clone(&model));
+    match &model.backend {
+        Backend::Upstream {
+            upstream,
+            model: upstream_model,
+        } => {
+            let (checked, upstream_body) = for_upstream(&gateway, parsed, endpoint, upstream_model);
+            serve_upstream(gateway, account, endpoint, checked, upstream, upstream_body).await
+        }
+        Backend::Embedded(engine) => {
+            // Rendering the template and tokenizing is CPU work: off the async threads.
+            let engine = Arc::clone(engine);
+            let default = gateway.options.max_tokens_default;
+            let (checked, generate) = tokio::task::spawn_blocking(move || {
+                crate::embedded::prepare(&engine, parsed, endpoint, default)
+            })
+            .await
+            .map_err(|_| ApiError::Internal)??;
+            let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
+            let permit = acquire(&model).await?;
+            crate::embedded::serve(gateway, checked, generate, hold, worst_cu, permit, endpoint)
+                .await
+        }
+    }
+}
+
+/// Reserves a checked request's worst case; returns the hold and the amount.
+fn reserve(
+    gateway: &Arc<Gateway>,
+    account: AccountId,
+    checked: &Checked,
+) -> Result<(Hold, u64), ApiError> {
+    let model = &checked.model;
     let worst_cu = checked
         .prompt_tokens_max
         .checked_mul(model.price_prompt_cu)
@@ -247,20 +302,43 @@ async fn serve(
         worst_cu,
         gateway.options.reservation_timeout,
     )?;
-    let hold = Hold::new(Arc::clone(&gateway.ledger), reservation.id());
-    // Capacity: at most max_concurrency in flight upstream (a fair-share queue comes next).
-    let permit = Arc::clone(&model.permits)
+    Ok((
+        Hold::new(Arc::clone(&gateway.ledger), reservation.id()),
+        worst_cu,
+    ))
+}
+
+/// Waits for one of the model's places in flight (a fair-share queue comes next).
+async fn acquire(model: &Arc<Model>) -> Result<OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&model.permits)
         .acquire_owned()
         .await
-        .map_err(|_| ApiError::Overloaded("the server is shutting down".to_string()))?;
-    let response = model
-        .upstream
-        .post(endpoint.path(), &checked.upstream_body)
-        .await?;
+        .map_err(|_| ApiError::Overloaded("the server is shutting down".to_string()))
+}
+
+async fn serve_upstream(
+    gateway: Arc<Gateway>,
+    account: AccountId,
+    endpoint: Endpoint,
+    checked: Checked,
+    upstream: &Upstream,
+    upstream_body: Value,
+) -> Result<Response, ApiError> {
+    let model = Arc::clone(&checked.model);
+    let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
+    let permit = acquire(&model).await?;
+    let response = upstream.post(endpoint.path(), &upstream_body).await?;
     if checked.stream {
-        return Ok(relay::stream(gateway, checked, hold, response, permit));
+        return Ok(relay::stream(
+            gateway,
+            checked,
+            hold,
+            response,
+            upstream.timeout(),
+            permit,
+        ));
     }
-    let text = tokio::time::timeout(model.upstream.timeout(), response.bytes())
+    let text = tokio::time::timeout(upstream.timeout(), response.bytes())
         .await
         .map_err(|_| ApiError::UpstreamTimeout)?
         .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
@@ -313,17 +391,13 @@ fn number_in(request: &Map<String, Value>, key: &str, low: f64, high: f64) -> Re
     }
 }
 
-/// Checks a request body and works out its bounds; the reply is a 400 naming the field.
-pub(crate) fn check(
-    gateway: &Gateway,
-    bytes: &Bytes,
-    endpoint: Endpoint,
-) -> Result<Checked, ApiError> {
+/// Checks what every backend needs of a request body; the reply is a 400 naming the field.
+fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|error| ApiError::InvalidRequest {
         message: format!("We could not parse the JSON body of your request: {error}"),
         param: None,
     })?;
-    let Value::Object(mut request) = value else {
+    let Value::Object(request) = value else {
         return Err(ApiError::InvalidRequest {
             message: "The request body must be a JSON object.".to_string(),
             param: None,
@@ -376,8 +450,8 @@ pub(crate) fn check(
         Some(tokens) => Some(("max_completion_tokens", tokens)),
         None => integer(&request, "max_tokens")?.map(|tokens| ("max_tokens", tokens)),
     };
-    let max_tokens = match asked {
-        None => gateway.options.max_tokens_default,
+    let max_tokens_asked = match asked {
+        None => None,
         Some((key, tokens)) if tokens < 1 => {
             return Err(ApiError::param(
                 key,
@@ -393,10 +467,12 @@ pub(crate) fn check(
                 ),
             ));
         }
-        Some((_, tokens)) => tokens as u64,
+        Some((_, tokens)) => Some(tokens as u64),
     };
     number_in(&request, "temperature", 0.0, 2.0)?;
     number_in(&request, "top_p", 0.0, 1.0)?;
+    number_in(&request, "frequency_penalty", -2.0, 2.0)?;
+    number_in(&request, "presence_penalty", -2.0, 2.0)?;
     integer(&request, "seed")?;
     match request.get("stop") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
@@ -409,10 +485,7 @@ pub(crate) fn check(
             ));
         }
     }
-    // A prompt's tokens are at most its bytes (byte-level tokenizers never make a token of less
-    // than one byte) plus the template's markers; the serialized JSON is longer than the text, so
-    // its length is a safe bound without a tokenizer for every upstream.
-    let prompt_tokens_max = match endpoint {
+    match endpoint {
         Endpoint::Chat => {
             let messages = match request.get("messages") {
                 Some(Value::Array(messages)) if !messages.is_empty() => messages,
@@ -435,25 +508,64 @@ pub(crate) fn check(
                     ));
                 }
             }
-            let bytes = serialized_len(request.get("messages").unwrap_or(&Value::Null))
-                + serialized_len(request.get("tools").unwrap_or(&Value::Null));
-            bytes + MESSAGE_OVERHEAD_TOKENS * messages.len() as u64 + PROMPT_OVERHEAD_TOKENS
         }
-        Endpoint::Completion => match request.get("prompt") {
-            Some(prompt @ (Value::String(_) | Value::Array(_))) => {
-                serialized_len(prompt) + PROMPT_OVERHEAD_TOKENS
-            }
-            _ => {
+        Endpoint::Completion => {
+            if !matches!(
+                request.get("prompt"),
+                Some(Value::String(_) | Value::Array(_))
+            ) {
                 return Err(ApiError::param(
                     "prompt",
                     "`prompt` must be a string or an array",
                 ));
             }
-        },
+        }
+    }
+    Ok(Parsed {
+        model,
+        stream,
+        include_usage,
+        max_tokens_asked,
+        request,
+    })
+}
+
+/// Bounds an upstream request and writes the body to forward.
+fn for_upstream(
+    gateway: &Gateway,
+    parsed: Parsed,
+    endpoint: Endpoint,
+    upstream_model: &str,
+) -> (Checked, Value) {
+    let Parsed {
+        model,
+        stream,
+        include_usage,
+        max_tokens_asked,
+        mut request,
+    } = parsed;
+    let max_tokens = max_tokens_asked.unwrap_or(gateway.options.max_tokens_default);
+    // A prompt's tokens are at most its bytes (byte-level tokenizers never make a token of less
+    // than one byte) plus the template's markers; the serialized JSON is longer than the text, so
+    // its length is a safe bound without a tokenizer for every upstream.
+    let prompt_tokens_max = match endpoint {
+        Endpoint::Chat => {
+            let messages = request
+                .get("messages")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len) as u64;
+            serialized_len(request.get("messages").unwrap_or(&Value::Null))
+                + serialized_len(request.get("tools").unwrap_or(&Value::Null))
+                + MESSAGE_OVERHEAD_TOKENS * messages
+                + PROMPT_OVERHEAD_TOKENS
+        }
+        Endpoint::Completion => {
+            serialized_len(request.get("prompt").unwrap_or(&Value::Null)) + PROMPT_OVERHEAD_TOKENS
+        }
     };
     request.insert(
         "model".to_string(),
-        Value::String(model.upstream_model.clone()),
+        Value::String(upstream_model.to_string()),
     );
     request.remove("max_completion_tokens");
     request.insert("max_tokens".to_string(), json!(max_tokens));
@@ -462,14 +574,16 @@ pub(crate) fn check(
         // if the client did not ask for it.
         request.insert("stream_options".to_string(), json!({"include_usage": true}));
     }
-    Ok(Checked {
-        model,
-        stream,
-        include_usage,
-        max_tokens,
-        prompt_tokens_max,
-        upstream_body: Value::Object(request),
-    })
+    (
+        Checked {
+            model,
+            stream,
+            include_usage,
+            max_tokens,
+            prompt_tokens_max,
+        },
+        Value::Object(request),
+    )
 }
 
 fn serialized_len(value: &Value) -> u64 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use stipend_gateway::{
-    Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN, Upstream, UpstreamConfig,
+    Backend, Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN, Upstream, UpstreamConfig,
 };
 use stipend_ledger::{AccountKind, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock};
 use stipend_store_sqlite::SqliteStore;
@@ -39,16 +39,18 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
     let upstream = stipend_testkit::spawn().await.unwrap();
     let model = Model {
         name: "trickle".to_string(),
-        upstream_model: "trickle".to_string(),
         price_prompt_cu: 1,
         price_completion_cu: 1,
         sink,
-        upstream: Upstream::new(UpstreamConfig {
-            base_url: upstream,
-            api_key: None,
-            timeout: Duration::from_secs(5),
-        })
-        .unwrap(),
+        backend: Backend::Upstream {
+            upstream: Upstream::new(UpstreamConfig {
+                base_url: upstream,
+                api_key: None,
+                timeout: Duration::from_secs(5),
+            })
+            .unwrap(),
+            model: "trickle".to_string(),
+        },
         permits: Arc::new(tokio::sync::Semaphore::new(4)),
         max_concurrency: 4,
         counters: Default::default(),

@@ -1,19 +1,26 @@
 //! The embedded model: a GGUF file run in-process through llama.cpp (the `llama-cpp-2` crate).
 //!
-//! One worker thread owns the model and its context; requests reach it over a bounded channel
-//! and their output comes back, piece by piece, over a channel of their own. A request whose
-//! receiver is dropped (the client left) stops at its next token, so its capacity frees at once.
+//! One worker thread owns the model's context, which holds several sequence *slots*; the
+//! generations in those slots are decoded together, one token each per step, in one batch
+//! (continuous batching): a new request joins at the next step, a finished one leaves, and its
+//! slot is free at once. A long prompt is fed in chunks that share each batch with the other
+//! slots' next tokens, so it slows them down but never stalls them. The slot count is the model's
+//! capacity; requests beyond it wait in a bounded queue (the gateway keeps it from filling).
+//!
+//! Tokenizing and rendering the chat template happen on the caller's thread: the model's
+//! vocabulary is read-only and shared.
 //!
 //! The chat template is the GGUF's own `tokenizer.chat_template`, rendered with minijinja:
 //! llama.cpp's built-in template engine drops this model family's default system message.
 //! Every length is checked before every decode, because llama.cpp aborts the whole process when a
-//! batch exceeds `n_batch` or a position exceeds `n_ctx`. Token pieces are bytes; text is emitted
-//! only up to the last complete UTF-8 character.
+//! batch exceeds `n_batch` or a position exceeds the context. Token pieces are bytes; text is
+//! emitted only up to the last complete UTF-8 character.
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -24,11 +31,16 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
+use tokio::sync::mpsc as events;
 
-/// The most requests waiting for the worker.
-pub const QUEUE_MAX: usize = 256;
+/// The most requests waiting for a slot inside the worker.
+pub const QUEUE_MAX: usize = 1_024;
 /// The most stop sequences.
 pub const STOP_SEQUENCES_MAX: usize = 4;
+/// The most slots one model may have.
+pub const SLOTS_MAX: u32 = 64;
+/// How many recent tokens the frequency and presence penalties look at.
+const PENALTY_WINDOW: i32 = 256;
 
 /// Why the model could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,12 +56,12 @@ pub enum ModelError {
     /// The chat template is missing or does not render.
     #[error("the model's chat template failed: {0}")]
     Template(String),
-    /// The prompt and the completion asked for do not fit the context.
+    /// The prompt and the completion asked for do not fit a slot's context.
     #[error(
         "this model's context is {n_ctx} tokens; the prompt has {prompt_tokens} and max_tokens asks for {max_tokens} more"
     )]
     ContextLengthExceeded {
-        /// The context size.
+        /// The context size of one slot.
         n_ctx: u32,
         /// The prompt's tokens.
         prompt_tokens: usize,
@@ -64,7 +76,7 @@ pub enum ModelError {
         /// Why.
         reason: String,
     },
-    /// The worker is at capacity.
+    /// The worker's queue is full.
     #[error("the model is at capacity; try again shortly")]
     Busy,
     /// llama.cpp failed mid-generation, or the worker is gone.
@@ -90,6 +102,10 @@ pub struct Sampling {
     pub top_p: f32,
     /// For reproducible sampling at temperature > 0.
     pub seed: u32,
+    /// Lowers a token's logit by this much per time it already appeared (−2 to 2).
+    pub frequency_penalty: f32,
+    /// Lowers a token's logit by this much if it appeared at all (−2 to 2).
+    pub presence_penalty: f32,
 }
 
 impl Default for Sampling {
@@ -98,15 +114,80 @@ impl Default for Sampling {
             temperature: 1.0,
             top_p: 1.0,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
 
-/// A generation request: a rendered prompt and its limits.
+impl Sampling {
+    fn check(&self) -> Result<(), ModelError> {
+        let invalid = |param: &'static str, reason: &str| {
+            Err(ModelError::Invalid {
+                param,
+                reason: reason.to_string(),
+            })
+        };
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return invalid("temperature", "must be from 0 to 2");
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return invalid("top_p", "must be from 0 to 1");
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return invalid("frequency_penalty", "must be from -2 to 2");
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return invalid("presence_penalty", "must be from -2 to 2");
+        }
+        Ok(())
+    }
+
+    fn sampler(&self, n_vocab: i32) -> LlamaSampler {
+        let mut chain = Vec::with_capacity(4);
+        if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                PENALTY_WINDOW,
+                1.0,
+                self.frequency_penalty,
+                self.presence_penalty,
+            ));
+        }
+        if self.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            chain.push(LlamaSampler::top_p(self.top_p, 1));
+            chain.push(LlamaSampler::temp(self.temperature));
+            chain.push(LlamaSampler::dist(self.seed));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
+/// A prompt, tokenized by the model's own tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    tokens: Vec<LlamaToken>,
+}
+
+impl Prompt {
+    /// Its exact token count.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether it has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// A generation request: a tokenized prompt and its limits.
 #[derive(Debug, Clone)]
 pub struct Generate {
-    /// The prompt (already rendered through the chat template, for chats).
-    pub prompt: String,
+    /// The prompt (rendered through the chat template first, for chats).
+    pub prompt: Prompt,
     /// The most tokens to generate.
     pub max_tokens: usize,
     /// Stop sequences (at most [`STOP_SEQUENCES_MAX`]); the answer ends before the first found.
@@ -115,7 +196,7 @@ pub struct Generate {
     pub sampling: Sampling,
 }
 
-/// Why a generation ended.
+/// Why a generation ended, as the OpenAI API names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -125,10 +206,20 @@ pub enum FinishReason {
     Length,
 }
 
-/// What a generation sends back.
+/// Tokens a generation has computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    /// Prompt tokens decoded (all of them once generation began).
+    pub prompt_tokens: usize,
+    /// Completion tokens generated (a stop sequence's tokens included: they were computed).
+    pub completion_tokens: usize,
+}
+
+/// What a generation sends back, in order: `Started`, any number of `Text`, then exactly one of
+/// `Done`, `Cancelled` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The prompt was read: its exact token count.
+    /// A slot took the request: its prompt is being read.
     Started {
         /// Prompt tokens, counted by the model's own tokenizer.
         prompt_tokens: usize,
@@ -137,13 +228,50 @@ pub enum Event {
     Text(String),
     /// The end.
     Done {
-        /// Completion tokens generated (a stop sequence's tokens included: they were computed).
-        completion_tokens: usize,
+        /// What was computed.
+        counts: TokenCounts,
         /// Why it ended.
         finish: FinishReason,
     },
+    /// [`Generation::cancel`] stopped it.
+    Cancelled {
+        /// What was computed before it stopped.
+        counts: TokenCounts,
+    },
     /// It failed; nothing more follows.
-    Failed(ModelError),
+    Failed {
+        /// Why.
+        error: ModelError,
+        /// What was computed before it failed.
+        counts: TokenCounts,
+    },
+}
+
+/// A running generation: its events, and a way to stop it.
+///
+/// Dropping it also stops the generation at the next step, but then nobody learns what was
+/// computed; [`Generation::cancel`] and reading on to the final event does.
+pub struct Generation {
+    events: events::UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Generation {
+    /// The next event; `None` after the final one.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the thread (not for async code).
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+
+    /// Asks the worker to stop this generation at its next step; a `Cancelled` event (or the
+    /// final event it had already reached) follows.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
 }
 
 /// Facts about a loaded model.
@@ -153,16 +281,20 @@ pub struct ModelInfo {
     pub path: PathBuf,
     /// Its parameter count, read from the GGUF.
     pub params: u64,
-    /// The context size requests share.
+    /// The context of one slot: the most prompt + completion tokens of one request.
     pub n_ctx: u32,
+    /// How many generations are decoded together.
+    pub slots: u32,
 }
 
 /// Options for loading.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// The context size (prompt + completion), capped at the model's training context.
+    /// The context of one slot (prompt + completion), capped at the model's training context.
     pub n_ctx: u32,
-    /// The most prompt tokens decoded in one batch.
+    /// How many generations are decoded together; each has its own `n_ctx`.
+    pub slots: u32,
+    /// The most tokens decoded in one batch (all slots together).
     pub n_batch: u32,
     /// CPU threads.
     pub n_threads: i32,
@@ -171,7 +303,8 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> LoadOptions {
         LoadOptions {
-            n_ctx: 4_096,
+            n_ctx: 2_048,
+            slots: 8,
             n_batch: 512,
             n_threads: std::thread::available_parallelism().map_or(2, |n| n.get() as i32),
         }
@@ -180,19 +313,24 @@ impl Default for LoadOptions {
 
 struct Job {
     request: Generate,
-    events: mpsc::Sender<Event>,
+    events: events::UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
 }
 
-enum Work {
-    Generate(Job),
-    Count(String, mpsc::Sender<Result<usize, ModelError>>),
+impl Job {
+    fn abandoned(&self) -> bool {
+        self.cancel.load(Ordering::Acquire) || self.events.is_closed()
+    }
 }
 
-/// A loaded embedded model and its worker.
+/// A loaded embedded model and its worker. Dropping it stops the worker once the generations in
+/// flight are done.
 pub struct EmbeddedModel {
     info: ModelInfo,
+    model: Arc<LlamaModel>,
     template: minijinja::Environment<'static>,
-    work: mpsc::SyncSender<Work>,
+    work: mpsc::SyncSender<Job>,
+    busy: Arc<AtomicUsize>,
 }
 
 fn backend() -> Result<&'static LlamaBackend, ModelError> {
@@ -218,31 +356,58 @@ impl EmbeddedModel {
         if !path.is_file() {
             return Err(load_error("no such file".to_string()));
         }
+        if !(1..=SLOTS_MAX).contains(&options.slots) {
+            return Err(load_error(format!("slots must be from 1 to {SLOTS_MAX}")));
+        }
         let backend = backend()?;
-        let (work, jobs) = mpsc::sync_channel::<Work>(QUEUE_MAX);
-        let (ready, ready_rx) = mpsc::channel::<Result<(ModelInfo, String), ModelError>>();
-        let file = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("model-worker".to_string())
-            .spawn(move || worker(backend, file, options, ready, jobs))
-            .map_err(|error| load_error(format!("cannot start the worker: {error}")))?;
-        let (info, template_source) = ready_rx
-            .recv()
-            .map_err(|_| load_error("the worker stopped while loading".to_string()))??;
+        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+            .map_err(|error| load_error(error.to_string()))?;
+        let model = Arc::new(model);
+        let template_source = model
+            .meta_val_str("tokenizer.chat_template")
+            .map_err(|error| {
+                ModelError::Template(format!("the GGUF has no tokenizer.chat_template: {error}"))
+            })?;
         let mut template = minijinja::Environment::new();
         template
             .add_template_owned("chat", template_source)
             .map_err(|error| ModelError::Template(error.to_string()))?;
+        let (work, jobs) = mpsc::sync_channel::<Job>(QUEUE_MAX);
+        let (ready, ready_rx) = mpsc::channel::<Result<u32, ModelError>>();
+        let busy = Arc::new(AtomicUsize::new(0));
+        let slots = options.slots;
+        let worker_model = Arc::clone(&model);
+        let worker_busy = Arc::clone(&busy);
+        std::thread::Builder::new()
+            .name("model-worker".to_string())
+            .spawn(move || worker(backend, &worker_model, options, ready, jobs, &worker_busy))
+            .map_err(|error| load_error(format!("cannot start the worker: {error}")))?;
+        let n_ctx = ready_rx
+            .recv()
+            .map_err(|_| load_error("the worker stopped while loading".to_string()))??;
+        let info = ModelInfo {
+            path: path.to_path_buf(),
+            params: model.n_params(),
+            n_ctx,
+            slots,
+        };
         Ok(EmbeddedModel {
             info,
+            model,
             template,
             work,
+            busy,
         })
     }
 
     /// Facts about the model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Slots generating right now.
+    pub fn busy_slots(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
     }
 
     /// Renders chat messages into a prompt with the model's own template.
@@ -256,20 +421,22 @@ impl EmbeddedModel {
             .map_err(|error| ModelError::Template(error.to_string()))
     }
 
-    /// Counts a text's tokens with the model's tokenizer.
-    pub fn count_tokens(&self, text: &str) -> Result<usize, ModelError> {
-        let (reply, answer) = mpsc::channel();
-        self.work
-            .try_send(Work::Count(text.to_string(), reply))
-            .map_err(|_| ModelError::Busy)?;
-        answer
-            .recv()
-            .map_err(|_| ModelError::Failed("the worker is gone".to_string()))?
+    /// Tokenizes a text with the model's tokenizer (special tokens in it are read as such, as
+    /// a rendered chat template needs).
+    pub fn tokenize(&self, text: &str) -> Prompt {
+        Prompt {
+            tokens: self.model.vocab().tokenize(text.as_bytes(), false, true),
+        }
     }
 
-    /// Starts a generation. Events arrive on the returned receiver; dropping it stops the
-    /// generation at its next token.
-    pub fn generate(&self, request: Generate) -> Result<mpsc::Receiver<Event>, ModelError> {
+    /// Counts a text's tokens with the model's tokenizer.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.tokenize(text).len()
+    }
+
+    /// Starts a generation. Its events arrive on the returned [`Generation`]; it waits for a free
+    /// slot if all are busy.
+    pub fn generate(&self, request: Generate) -> Result<Generation, ModelError> {
         if request.max_tokens == 0 {
             return Err(ModelError::Invalid {
                 param: "max_tokens",
@@ -282,251 +449,454 @@ impl EmbeddedModel {
                 reason: format!("at most {STOP_SEQUENCES_MAX} non-empty strings"),
             });
         }
-        let sampling = &request.sampling;
-        if !(0.0..=2.0).contains(&sampling.temperature) || !(0.0..=1.0).contains(&sampling.top_p) {
-            return Err(ModelError::Invalid {
-                param: "temperature",
-                reason: "temperature must be 0 to 2 and top_p 0 to 1".to_string(),
+        request.sampling.check()?;
+        let n_ctx = self.info.n_ctx as usize;
+        if request.prompt.is_empty() || request.prompt.len() + request.max_tokens > n_ctx {
+            return Err(ModelError::ContextLengthExceeded {
+                n_ctx: self.info.n_ctx,
+                prompt_tokens: request.prompt.len(),
+                max_tokens: request.max_tokens,
             });
         }
-        let (events, receiver) = mpsc::channel();
+        let (sender, receiver) = events::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
         self.work
-            .try_send(Work::Generate(Job { request, events }))
-            .map_err(|_| ModelError::Busy)?;
-        Ok(receiver)
+            .try_send(Job {
+                request,
+                events: sender,
+                cancel: Arc::clone(&cancel),
+            })
+            .map_err(|error| match error {
+                mpsc::TrySendError::Full(_) => ModelError::Busy,
+                mpsc::TrySendError::Disconnected(_) => {
+                    ModelError::Failed("the worker is gone".to_string())
+                }
+            })?;
+        Ok(Generation {
+            events: receiver,
+            cancel,
+        })
+    }
+}
+
+/// Text as it is generated: holds back an incomplete UTF-8 character, and whatever could still
+/// be the start of a stop sequence, and cuts the text before the first stop sequence found.
+struct TextStream {
+    stop: Vec<String>,
+    /// The most characters held back for a stop sequence that may be starting.
+    hold_chars: usize,
+    /// Bytes generated, not yet valid UTF-8.
+    bytes: Vec<u8>,
+    /// Text decoded, not yet sent.
+    text: String,
+}
+
+impl TextStream {
+    fn new(stop: Vec<String>) -> TextStream {
+        let hold_chars = stop
+            .iter()
+            .map(|stop| stop.chars().count())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        TextStream {
+            stop,
+            hold_chars,
+            bytes: Vec::new(),
+            text: String::new(),
+        }
+    }
+
+    /// Adds a token's bytes. Returns the text that is safe to send now, and whether a stop
+    /// sequence ended the generation (then the text returned is the last).
+    fn push(&mut self, piece: &[u8]) -> (String, bool) {
+        self.bytes.extend_from_slice(piece);
+        let valid = match std::str::from_utf8(&self.bytes) {
+            Ok(all) => all.len(),
+            Err(error) => error.valid_up_to(),
+        };
+        let decoded: Vec<u8> = self.bytes.drain(..valid).collect();
+        self.text.push_str(&String::from_utf8_lossy(&decoded));
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|stop| self.text.find(stop.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            self.bytes.clear();
+            return (std::mem::take(&mut self.text), true);
+        }
+        // Send all but the last `hold_chars` characters.
+        let keep_from = if self.hold_chars == 0 {
+            self.text.len()
+        } else {
+            self.text
+                .char_indices()
+                .rev()
+                .nth(self.hold_chars - 1)
+                .map_or(0, |(index, _)| index)
+        };
+        (self.text.drain(..keep_from).collect(), false)
+    }
+
+    /// What is left at the end (no stop sequence was found in it).
+    fn finish(mut self) -> String {
+        if !self.bytes.is_empty() {
+            self.text.push_str(&String::from_utf8_lossy(&self.bytes));
+        }
+        self.text
+    }
+}
+
+/// One generation in a slot.
+struct Slot {
+    seq: i32,
+    job: Job,
+    sampler: LlamaSampler,
+    /// Prompt tokens decoded so far.
+    fed: usize,
+    /// The last token sampled, to be decoded next.
+    next: Option<LlamaToken>,
+    /// The position `next` goes to.
+    position: i32,
+    completion_tokens: usize,
+    text: TextStream,
+    /// Where this slot's logits are in the batch just decoded.
+    logits_at: Option<i32>,
+}
+
+impl Slot {
+    fn counts(&self) -> TokenCounts {
+        TokenCounts {
+            prompt_tokens: self.fed,
+            completion_tokens: self.completion_tokens,
+        }
+    }
+
+    fn send(&self, event: Event) {
+        // A listener that left is noticed before the next step (`Job::abandoned`).
+        let _ = self.job.events.send(event);
+    }
+}
+
+/// The slots and the context they share.
+struct Slots<'a> {
+    model: &'a LlamaModel,
+    context: LlamaContext<'a>,
+    slots: Vec<Option<Slot>>,
+    n_ctx: u32,
+    n_batch: usize,
+    busy: &'a AtomicUsize,
+}
+
+impl Slots<'_> {
+    fn active(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.is_some()).count()
+    }
+
+    /// Takes waiting jobs into free slots; blocks when nothing is running. Returns false when
+    /// the model was dropped and nothing is left to do.
+    fn admit(&mut self, jobs: &mpsc::Receiver<Job>) -> bool {
+        while let Some(index) = self.slots.iter().position(Option::is_none) {
+            let job = if self.active() == 0 {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return false,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => return true,
+                }
+            };
+            if job.abandoned() {
+                continue; // it left while waiting: nothing was computed
+            }
+            let request = &job.request;
+            let prompt_tokens = request.prompt.len();
+            // `generate` checked this already; llama.cpp would abort on a position past the
+            // context, so it is checked again right where it matters.
+            if prompt_tokens == 0 || prompt_tokens + request.max_tokens > self.n_ctx as usize {
+                let _ = job.events.send(Event::Failed {
+                    error: ModelError::ContextLengthExceeded {
+                        n_ctx: self.n_ctx,
+                        prompt_tokens,
+                        max_tokens: request.max_tokens,
+                    },
+                    counts: TokenCounts::default(),
+                });
+                continue;
+            }
+            if job.events.send(Event::Started { prompt_tokens }).is_err() {
+                continue;
+            }
+            let sampler = request.sampling.sampler(self.model.n_vocab());
+            let text = TextStream::new(request.stop.clone());
+            self.slots[index] = Some(Slot {
+                seq: index as i32,
+                job,
+                sampler,
+                fed: 0,
+                next: None,
+                position: 0,
+                completion_tokens: 0,
+                text,
+                logits_at: None,
+            });
+            self.busy.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Ends the generation in slot `index` with `last` and frees the slot and its cache.
+    fn end(&mut self, index: usize, last: Event) {
+        if let Some(slot) = self.slots[index].take() {
+            let _ = self
+                .context
+                .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+            // Free before the last event, so whoever reads it sees the slot free.
+            self.busy.fetch_sub(1, Ordering::Release);
+            slot.send(last);
+        }
+    }
+
+    /// One step: every generating slot's next token, and as much waiting prompt as fits, in one
+    /// batch; then a token sampled for every slot that has logits.
+    fn step(&mut self, batch: &mut LlamaBatch<'_>) {
+        for index in 0..self.slots.len() {
+            if let Some(slot) = &self.slots[index]
+                && slot.job.abandoned()
+            {
+                let counts = slot.counts();
+                self.end(index, Event::Cancelled { counts });
+            }
+        }
+        batch.clear();
+        let mut room = self.n_batch;
+        for slot in self.slots.iter_mut().flatten() {
+            slot.logits_at = None;
+            if let Some(token) = slot.next.take() {
+                // Never fails: the batch holds n_batch ≥ slots tokens and these come first.
+                if batch.add(token, slot.position, &[slot.seq], true).is_ok() {
+                    slot.logits_at = Some(batch.n_tokens() - 1);
+                    slot.position += 1;
+                    room -= 1;
+                }
+            }
+        }
+        for slot in self.slots.iter_mut().flatten() {
+            let prompt = &slot.job.request.prompt.tokens;
+            if room == 0 || slot.fed == prompt.len() {
+                continue;
+            }
+            let take = room.min(prompt.len() - slot.fed);
+            for (offset, token) in prompt[slot.fed..slot.fed + take].iter().enumerate() {
+                let position = slot.fed + offset;
+                let last = position + 1 == prompt.len();
+                if batch
+                    .add(*token, position as i32, &[slot.seq], last)
+                    .is_err()
+                {
+                    break;
+                }
+                if last {
+                    slot.logits_at = Some(batch.n_tokens() - 1);
+                }
+            }
+            slot.fed += take;
+            slot.position = slot.fed as i32;
+            room -= take;
+        }
+        if batch.n_tokens() == 0 {
+            return;
+        }
+        if let Err(error) = self.context.decode(batch) {
+            // The whole batch failed: every slot in it stops, none is left half-decoded.
+            for index in 0..self.slots.len() {
+                if self.slots[index].is_some() {
+                    let counts = self.slots[index].as_ref().map(Slot::counts);
+                    self.end(
+                        index,
+                        Event::Failed {
+                            error: ModelError::Failed(error.to_string()),
+                            counts: counts.unwrap_or_default(),
+                        },
+                    );
+                }
+            }
+            return;
+        }
+        for index in 0..self.slots.len() {
+            if let Some(ending) = self.sample(index) {
+                self.end(index, ending);
+            }
+        }
+    }
+
+    /// Samples slot `index`'s next token if it has logits; returns its final event if it ended.
+    fn sample(&mut self, index: usize) -> Option<Event> {
+        let vocab = self.model.vocab();
+        let n_ctx = self.n_ctx;
+        let slot = self.slots[index].as_mut()?;
+        let at = slot.logits_at.take()?;
+        let token = slot.sampler.sample(&self.context, at);
+        let done = |slot: &mut Slot, finish| {
+            let rest = std::mem::replace(&mut slot.text, TextStream::new(Vec::new())).finish();
+            if !rest.is_empty() {
+                slot.send(Event::Text(rest));
+            }
+            Some(Event::Done {
+                counts: slot.counts(),
+                finish,
+            })
+        };
+        if vocab.is_eog(token) {
+            return done(slot, FinishReason::Stop);
+        }
+        slot.completion_tokens += 1;
+        let (ready, stopped) = slot.text.push(&vocab.token_to_piece(token, false, None));
+        if !ready.is_empty() {
+            slot.send(Event::Text(ready));
+        }
+        if stopped {
+            return Some(Event::Done {
+                counts: slot.counts(),
+                finish: FinishReason::Stop,
+            });
+        }
+        if slot.completion_tokens >= slot.job.request.max_tokens
+            || slot.position as u32 + 1 >= n_ctx
+        {
+            return done(slot, FinishReason::Length);
+        }
+        slot.next = Some(token);
+        None
     }
 }
 
 fn worker(
     backend: &'static LlamaBackend,
-    path: PathBuf,
+    model: &LlamaModel,
     options: LoadOptions,
-    ready: mpsc::Sender<Result<(ModelInfo, String), ModelError>>,
-    jobs: mpsc::Receiver<Work>,
+    ready: mpsc::Sender<Result<u32, ModelError>>,
+    jobs: mpsc::Receiver<Job>,
+    busy: &AtomicUsize,
 ) {
-    let load_error = |reason: String| ModelError::Load {
-        path: path.display().to_string(),
-        reason,
-    };
-    let model = match LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()) {
-        Ok(model) => model,
+    let slots = options.slots;
+    let n_ctx = options.n_ctx.min(model.n_ctx_train()).max(64);
+    // Every step holds one token per generating slot, so a batch is never smaller than that.
+    let n_batch = options.n_batch.max(slots).max(16);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx * slots))
+        .with_n_seq_max(slots)
+        .with_kv_unified(false)
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_threads(options.n_threads)
+        .with_n_threads_batch(options.n_threads);
+    let context = match model.new_context(backend, params) {
+        Ok(context) => context,
         Err(error) => {
-            let _ = ready.send(Err(load_error(error.to_string())));
-            return;
-        }
-    };
-    let template = match model.meta_val_str("tokenizer.chat_template") {
-        Ok(template) => template,
-        Err(error) => {
-            let _ = ready.send(Err(ModelError::Template(format!(
-                "the GGUF has no tokenizer.chat_template: {error}"
+            let _ = ready.send(Err(ModelError::Failed(format!(
+                "cannot make the model's context: {error}"
             ))));
             return;
         }
     };
-    let n_ctx = options.n_ctx.min(model.n_ctx_train()).max(64);
-    let n_batch = options.n_batch.clamp(16, n_ctx);
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_batch)
-        .with_n_threads(options.n_threads)
-        .with_n_threads_batch(options.n_threads);
-    let mut context = match model.new_context(backend, params) {
-        Ok(context) => context,
-        Err(error) => {
-            let _ = ready.send(Err(load_error(error.to_string())));
-            return;
-        }
-    };
-    let info = ModelInfo {
-        path: path.clone(),
-        params: model.n_params(),
-        n_ctx,
-    };
-    if ready.send(Ok((info, template))).is_err() {
+    // llama.cpp may round the context; each slot gets its share and no more.
+    let n_ctx = n_ctx.min(context.n_ctx() / slots);
+    if ready.send(Ok(n_ctx)).is_err() {
         return;
     }
-    while let Ok(work) = jobs.recv() {
-        match work {
-            Work::Count(text, reply) => {
-                let tokens = model.vocab().tokenize(text.as_bytes(), false, true);
-                let _ = reply.send(Ok(tokens.len()));
-            }
-            Work::Generate(job) => {
-                if let Err(error) = run(&model, &mut context, n_ctx, n_batch, &job) {
-                    let _ = job.events.send(Event::Failed(error));
-                }
-                context.clear_kv_cache();
-            }
-        }
-    }
-}
-
-/// Decodes `tokens` starting at `position`, in batches of at most `n_batch`, asking for logits
-/// of the last one only.
-fn decode_prompt(
-    context: &mut LlamaContext<'_>,
-    tokens: &[LlamaToken],
-    n_batch: u32,
-) -> Result<LlamaBatch<'static>, ModelError> {
+    let mut state = Slots {
+        model,
+        context,
+        slots: (0..slots).map(|_| None).collect(),
+        n_ctx,
+        n_batch: n_batch as usize,
+        busy,
+    };
     let mut batch = LlamaBatch::new(n_batch as usize, 1);
-    let last = tokens.len().saturating_sub(1);
-    for (start, chunk) in tokens.chunks(n_batch as usize).enumerate() {
-        batch.clear();
-        for (offset, token) in chunk.iter().enumerate() {
-            let index = start * n_batch as usize + offset;
-            batch
-                .add(*token, index as i32, &[0], index == last)
-                .map_err(|error| ModelError::Failed(error.to_string()))?;
-        }
-        context
-            .decode(&mut batch)
-            .map_err(|error| ModelError::Failed(error.to_string()))?;
+    while state.admit(&jobs) {
+        state.step(&mut batch);
     }
-    Ok(batch)
 }
 
-fn run(
-    model: &LlamaModel,
-    context: &mut LlamaContext<'_>,
-    n_ctx: u32,
-    n_batch: u32,
-    job: &Job,
-) -> Result<(), ModelError> {
-    let request = &job.request;
-    let vocab = model.vocab();
-    let prompt = vocab.tokenize(request.prompt.as_bytes(), false, true);
-    if prompt.is_empty() || prompt.len() + request.max_tokens > n_ctx as usize {
-        return Err(ModelError::ContextLengthExceeded {
-            n_ctx,
-            prompt_tokens: prompt.len(),
-            max_tokens: request.max_tokens,
-        });
-    }
-    if job
-        .events
-        .send(Event::Started {
-            prompt_tokens: prompt.len(),
-        })
-        .is_err()
-    {
-        return Ok(()); // nobody is listening any more
-    }
-    let mut batch = decode_prompt(context, &prompt, n_batch)?;
-    let sampling = &request.sampling;
-    let mut sampler = if sampling.temperature <= 0.0 {
-        LlamaSampler::greedy()
-    } else {
-        LlamaSampler::chain_simple([
-            LlamaSampler::top_p(sampling.top_p, 1),
-            LlamaSampler::temp(sampling.temperature),
-            LlamaSampler::dist(sampling.seed),
-        ])
-    };
-    let hold_chars = request
-        .stop
-        .iter()
-        .map(|stop| stop.chars().count())
-        .max()
-        .unwrap_or(1)
-        - 1;
-    let mut bytes: Vec<u8> = Vec::new(); // generated, not yet valid UTF-8 or not yet sent
-    let mut text = String::new(); // decoded, not yet sent
-    let mut completion_tokens = 0usize;
-    let mut position = prompt.len() as i32;
-    let finish = loop {
-        let token = sampler.sample(context, batch.n_tokens() - 1);
-        sampler.accept(token);
-        if vocab.is_eog(token) {
-            break FinishReason::Stop;
-        }
-        completion_tokens += 1;
-        bytes.extend(vocab.token_to_piece(token, false, None));
-        // Hold back an incomplete UTF-8 character at the end.
-        let valid = match std::str::from_utf8(&bytes) {
-            Ok(all) => all.len(),
-            Err(error) => error.valid_up_to(),
-        };
-        let decoded: Vec<u8> = bytes.drain(..valid).collect();
-        text.push_str(&String::from_utf8_lossy(&decoded));
-        if let Some(at) = request
-            .stop
-            .iter()
-            .filter_map(|stop| text.find(stop.as_str()))
-            .min()
-        {
-            text.truncate(at);
-            if !text.is_empty()
-                && job
-                    .events
-                    .send(Event::Text(std::mem::take(&mut text)))
-                    .is_err()
-            {
-                return Ok(());
-            }
-            break FinishReason::Stop;
-        }
-        // Send all but what could still be the start of a stop sequence.
-        let keep_from = text
-            .char_indices()
-            .rev()
-            .nth(hold_chars.saturating_sub(1))
-            .map_or(
-                0,
-                |(index, _)| if hold_chars == 0 { text.len() } else { index },
-            );
-        if keep_from > 0 {
-            let ready: String = text.drain(..keep_from).collect();
-            if job.events.send(Event::Text(ready)).is_err() {
-                return Ok(()); // the client left: stop now
-            }
-        }
-        if completion_tokens >= request.max_tokens {
-            break FinishReason::Length;
-        }
-        if position as u32 + 1 >= n_ctx {
-            break FinishReason::Length;
-        }
-        batch.clear();
-        batch
-            .add(token, position, &[0], true)
-            .map_err(|error| ModelError::Failed(error.to_string()))?;
-        position += 1;
-        context
-            .decode(&mut batch)
-            .map_err(|error| ModelError::Failed(error.to_string()))?;
-    };
-    if !bytes.is_empty() {
-        text.push_str(&String::from_utf8_lossy(&bytes));
-    }
-    if !text.is_empty() && job.events.send(Event::Text(text)).is_err() {
-        return Ok(());
-    }
-    let _ = job.events.send(Event::Done {
-        completion_tokens,
-        finish,
-    });
-    Ok(())
+/// What a finished generation produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The text.
+    pub text: String,
+    /// What was computed.
+    pub counts: TokenCounts,
+    /// Why it ended.
+    pub finish: FinishReason,
 }
 
-/// Collects a generation into its text, prompt tokens, completion tokens and finish reason.
-pub fn collect(
-    events: mpsc::Receiver<Event>,
-) -> Result<(String, usize, usize, FinishReason), ModelError> {
+/// Collects a generation into its text, counts and finish reason, blocking the thread.
+pub fn collect(mut generation: Generation) -> Result<Completion, ModelError> {
     let mut text = String::new();
-    let mut prompt_tokens = 0;
-    for event in events {
+    while let Some(event) = generation.blocking_recv() {
         match event {
-            Event::Started { prompt_tokens: n } => prompt_tokens = n,
+            Event::Started { .. } => {}
             Event::Text(piece) => text.push_str(&piece),
-            Event::Done {
-                completion_tokens,
-                finish,
-            } => return Ok((text, prompt_tokens, completion_tokens, finish)),
-            Event::Failed(error) => return Err(error),
+            Event::Done { counts, finish } => {
+                return Ok(Completion {
+                    text,
+                    counts,
+                    finish,
+                });
+            }
+            Event::Cancelled { .. } => {
+                return Err(ModelError::Failed(
+                    "the generation was cancelled".to_string(),
+                ));
+            }
+            Event::Failed { error, .. } => return Err(error),
         }
     }
     Err(ModelError::Failed(
         "the generation ended without finishing".to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stop: &[&str], pieces: &[&[u8]]) -> (Vec<String>, bool, String) {
+        let mut stream = TextStream::new(stop.iter().map(|s| s.to_string()).collect());
+        let mut sent = Vec::new();
+        for piece in pieces {
+            let (ready, stopped) = stream.push(piece);
+            if !ready.is_empty() {
+                sent.push(ready);
+            }
+            if stopped {
+                return (sent, true, String::new());
+            }
+        }
+        (sent, false, stream.finish())
+    }
+
+    #[test]
+    fn incomplete_utf8_is_held_back() {
+        let euro = "€".as_bytes(); // three bytes
+        let (sent, stopped, rest) = run(&[], &[b"a", &euro[..1], &euro[1..], b"b"]);
+        assert_eq!(sent, vec!["a", "€", "b"]);
+        assert!(!stopped);
+        assert_eq!(rest, "");
+    }
+
+    #[test]
+    fn a_stop_sequence_across_pieces_is_never_sent() {
+        let (sent, stopped, _) = run(&["END"], &[b"hello E", b"N", b"D more"]);
+        assert!(stopped);
+        assert_eq!(sent.concat(), "hello ");
+        // A partial match that turns out not to be one is sent after all.
+        let (sent, stopped, rest) = run(&["END"], &[b"hello E", b"NOUGH"]);
+        assert!(!stopped);
+        assert_eq!(sent.concat() + &rest, "hello ENOUGH");
+    }
 }

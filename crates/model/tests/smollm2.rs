@@ -1,4 +1,4 @@
-//! The embedded model with the real SmolLM2-135M-Instruct GGUF (`scripts/fetch-model.sh`, which
+//! The embedded model with the real SmolLM2-135M-Instruct GGUF (`stipend model fetch`, which
 //! `make test` runs; or set `STIPEND_MODEL_GGUF`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use stipend_model::{
-    ChatMessage, EmbeddedModel, Event, FinishReason, Generate, LoadOptions, ModelError, Sampling,
-    collect,
+    ChatMessage, Completion, EmbeddedModel, Event, FinishReason, Generate, LoadOptions, ModelError,
+    Sampling, collect,
 };
 
 fn gguf() -> PathBuf {
@@ -22,7 +22,7 @@ fn gguf() -> PathBuf {
         });
     assert!(
         path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh (make test does)",
+        "{} is missing: run `stipend model fetch` (make test does)",
         path.display()
     );
     path
@@ -32,9 +32,9 @@ fn load() -> EmbeddedModel {
     EmbeddedModel::load(&gguf(), LoadOptions::default()).unwrap()
 }
 
-fn greedy(prompt: String, max_tokens: usize, stop: &[&str]) -> Generate {
+fn greedy(model: &EmbeddedModel, prompt: &str, max_tokens: usize, stop: &[&str]) -> Generate {
     Generate {
-        prompt,
+        prompt: model.tokenize(prompt),
         max_tokens,
         stop: stop.iter().map(|s| s.to_string()).collect(),
         sampling: Sampling {
@@ -44,13 +44,33 @@ fn greedy(prompt: String, max_tokens: usize, stop: &[&str]) -> Generate {
     }
 }
 
-fn france(model: &EmbeddedModel) -> String {
+fn chat(model: &EmbeddedModel, content: &str) -> String {
     model
         .render_chat(&[ChatMessage {
             role: "user".to_string(),
-            content: "What is the capital of France? Answer in one sentence.".to_string(),
+            content: content.to_string(),
         }])
         .unwrap()
+}
+
+fn france(model: &EmbeddedModel) -> String {
+    chat(
+        model,
+        "What is the capital of France? Answer in one sentence.",
+    )
+}
+
+fn run(model: &EmbeddedModel, request: Generate) -> Completion {
+    collect(model.generate(request).unwrap()).unwrap()
+}
+
+/// Waits (bounded) until no slot is busy.
+fn wait_idle(model: &EmbeddedModel) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while model.busy_slots() > 0 {
+        assert!(Instant::now() < deadline, "a slot stayed busy");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -62,6 +82,7 @@ fn it_answers_paris_with_exact_token_counts() {
         "{:?}",
         model.info()
     );
+    assert_eq!(model.info().slots, LoadOptions::default().slots);
     let prompt = france(&model);
     // The model's own template, with its default system message.
     assert!(
@@ -69,38 +90,44 @@ fn it_answers_paris_with_exact_token_counts() {
         "{prompt:?}"
     );
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
-    let (text, prompt_tokens, completion_tokens, finish) =
-        collect(model.generate(greedy(prompt.clone(), 64, &[])).unwrap()).unwrap();
-    assert!(text.contains("Paris"), "{text:?}");
-    assert_eq!(finish, FinishReason::Stop);
-    assert_eq!(prompt_tokens, model.count_tokens(&prompt).unwrap());
+    let answer = run(&model, greedy(&model, &prompt, 64, &[]));
+    assert!(answer.text.contains("Paris"), "{answer:?}");
+    assert_eq!(answer.finish, FinishReason::Stop);
+    assert_eq!(answer.counts.prompt_tokens, model.count_tokens(&prompt));
     assert_eq!(
-        completion_tokens,
-        model.count_tokens(&text).unwrap(),
-        "{text:?}"
+        answer.counts.completion_tokens,
+        model.count_tokens(&answer.text),
+        "{answer:?}"
     );
     // Greedy is deterministic.
-    let again = collect(model.generate(greedy(prompt, 64, &[])).unwrap()).unwrap();
-    assert_eq!(again.0, text);
+    let again = run(&model, greedy(&model, &prompt, 64, &[]));
+    assert_eq!(again.text, answer.text);
+    wait_idle(&model);
 }
 
 #[test]
 fn max_tokens_and_stop_sequences_end_it() {
     let model = load();
     let prompt = france(&model);
-    let (text, _, completion_tokens, finish) =
-        collect(model.generate(greedy(prompt.clone(), 3, &[])).unwrap()).unwrap();
+    let short = run(&model, greedy(&model, &prompt, 3, &[]));
     assert_eq!(
-        (completion_tokens, finish),
+        (short.counts.completion_tokens, short.finish),
         (3, FinishReason::Length),
-        "{text:?}"
+        "{short:?}"
     );
-    let (full, ..) = collect(model.generate(greedy(prompt.clone(), 64, &[])).unwrap()).unwrap();
-    let at = full.find("Paris").expect("the greedy answer names Paris");
-    let (text, _, _, finish) =
-        collect(model.generate(greedy(prompt, 64, &["Paris"])).unwrap()).unwrap();
-    assert_eq!(finish, FinishReason::Stop);
-    assert_eq!(text, full[..at], "the answer ends before the stop sequence");
+    let full = run(&model, greedy(&model, &prompt, 64, &[]));
+    assert!(full.text.starts_with(&short.text), "{short:?} {full:?}");
+    let at = full
+        .text
+        .find("Paris")
+        .expect("the greedy answer names Paris");
+    let stopped = run(&model, greedy(&model, &prompt, 64, &["Paris"]));
+    assert_eq!(stopped.finish, FinishReason::Stop);
+    assert_eq!(
+        stopped.text,
+        full.text[..at],
+        "the answer ends before the stop sequence"
+    );
 }
 
 #[test]
@@ -109,64 +136,177 @@ fn a_prompt_longer_than_the_context_is_refused_and_the_model_keeps_serving() {
         &gguf(),
         LoadOptions {
             n_ctx: 128,
+            slots: 2,
             ..LoadOptions::default()
         },
     )
     .unwrap();
+    assert_eq!((model.info().n_ctx, model.info().slots), (128, 2));
     let long = "Tell me everything about France. ".repeat(40);
-    let error = collect(model.generate(greedy(long, 16, &[])).unwrap()).unwrap_err();
+    let error = model
+        .generate(greedy(&model, &long, 16, &[]))
+        .err()
+        .unwrap();
     assert!(
         matches!(error, ModelError::ContextLengthExceeded { n_ctx: 128, .. }),
         "{error:?}"
     );
     // A prompt that fits, but not with the completion asked for.
     let prompt = france(&model);
-    let error = collect(model.generate(greedy(prompt.clone(), 120, &[])).unwrap()).unwrap_err();
+    let error = model
+        .generate(greedy(&model, &prompt, 120, &[]))
+        .err()
+        .unwrap();
     assert!(
         matches!(error, ModelError::ContextLengthExceeded { .. }),
         "{error:?}"
     );
-    let (text, ..) = collect(model.generate(greedy(prompt, 32, &[])).unwrap()).unwrap();
-    assert!(text.contains("Paris"), "{text:?}");
+    // Filling a slot's context to the last token works.
+    let fits = 128 - model.count_tokens(&prompt);
+    let answer = run(&model, greedy(&model, &prompt, fits, &[]));
+    assert!(answer.counts.completion_tokens <= fits, "{answer:?}");
+    let answer = run(&model, greedy(&model, &prompt, 32, &[]));
+    assert!(answer.text.contains("Paris"), "{answer:?}");
     // Bad parameters are refused before any work.
-    assert!(matches!(
-        model.generate(greedy("x".into(), 0, &[])),
-        Err(ModelError::Invalid { .. })
-    ));
-    assert!(matches!(
-        model.generate(greedy("x".into(), 1, &["a", "b", "c", "d", "e"])),
-        Err(ModelError::Invalid { .. })
-    ));
+    for request in [
+        greedy(&model, "x", 0, &[]),
+        greedy(&model, "x", 1, &["a", "b", "c", "d", "e"]),
+        greedy(&model, "x", 1, &[""]),
+        Generate {
+            sampling: Sampling {
+                temperature: 2.5,
+                ..Sampling::default()
+            },
+            ..greedy(&model, "x", 1, &[])
+        },
+        Generate {
+            sampling: Sampling {
+                presence_penalty: -3.0,
+                ..Sampling::default()
+            },
+            ..greedy(&model, "x", 1, &[])
+        },
+    ] {
+        assert!(matches!(
+            model.generate(request),
+            Err(ModelError::Invalid { .. })
+        ));
+    }
 }
 
 #[test]
-fn a_listener_that_leaves_stops_the_generation() {
+fn cancelling_stops_at_once_and_reports_what_was_computed() {
     let model = load();
-    let prompt = model
-        .render_chat(&[ChatMessage {
-            role: "user".to_string(),
-            content: "Write a very long story about a lighthouse keeper.".to_string(),
-        }])
-        .unwrap();
-    let events = model.generate(greedy(prompt.clone(), 2_000, &[])).unwrap();
-    // Take a few pieces, then leave.
+    let story = chat(&model, "Write a very long story about a lighthouse keeper.");
+    let mut generation = model.generate(greedy(&model, &story, 1_500, &[])).unwrap();
     let mut pieces = 0;
-    for event in &events {
-        if let Event::Text(_) = event {
-            pieces += 1;
-            if pieces == 3 {
-                break;
-            }
+    while pieces < 3 {
+        match generation.blocking_recv().unwrap() {
+            Event::Text(_) => pieces += 1,
+            Event::Started { .. } => {}
+            other => panic!("{other:?}"),
         }
     }
-    drop(events);
-    // The worker is free at once: a short request is answered well before 2000 tokens could be.
-    let started = Instant::now();
-    let (text, ..) = collect(model.generate(greedy(france(&model), 32, &[])).unwrap()).unwrap();
-    assert!(text.contains("Paris"), "{text:?}");
+    generation.cancel();
+    let counts = loop {
+        match generation.blocking_recv().unwrap() {
+            Event::Text(_) => {}
+            Event::Cancelled { counts } => break counts,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(counts.prompt_tokens, model.count_tokens(&story));
+    // Stopped within a step or two of the third piece, far from 1500.
+    assert!((3..10).contains(&counts.completion_tokens), "{counts:?}");
+    assert_eq!(model.busy_slots(), 0);
+    assert!(generation.blocking_recv().is_none());
+
+    // A listener that just leaves frees its slot too.
+    let mut generation = model.generate(greedy(&model, &story, 1_500, &[])).unwrap();
+    assert!(matches!(
+        generation.blocking_recv(),
+        Some(Event::Started { .. })
+    ));
+    drop(generation);
+    wait_idle(&model);
+    let answer = run(&model, greedy(&model, &france(&model), 32, &[]));
+    assert!(answer.text.contains("Paris"), "{answer:?}");
+}
+
+#[test]
+fn batched_greedy_answers_equal_the_answers_one_at_a_time() {
+    let model = load();
+    let questions = [
+        "What is the capital of France? Answer in one sentence.",
+        "Name three colours.",
+        "What is 2 + 2?",
+        "Write a haiku about the sea.",
+        "What is the largest planet in the solar system?",
+        "Say hello in Spanish.",
+        "Give me a word that rhymes with cat.",
+        "What do bees make?",
+    ];
+    let prompts: Vec<String> = questions.iter().map(|q| chat(&model, q)).collect();
+    let alone: Vec<Completion> = prompts
+        .iter()
+        .map(|prompt| run(&model, greedy(&model, prompt, 48, &[])))
+        .collect();
+    // All eight at once, decoded together.
+    let generations: Vec<_> = prompts
+        .iter()
+        .map(|prompt| model.generate(greedy(&model, prompt, 48, &[])).unwrap())
+        .collect();
+    let together: Vec<Completion> = generations
+        .into_iter()
+        .map(|generation| collect(generation).unwrap())
+        .collect();
+    for ((question, alone), together) in questions.iter().zip(&alone).zip(&together) {
+        assert_eq!(alone, together, "{question}");
+    }
+    // More requests than slots wait for one, then run.
+    let many: Vec<_> = (0..20)
+        .map(|i| {
+            model
+                .generate(greedy(&model, &prompts[i % prompts.len()], 8, &[]))
+                .unwrap()
+        })
+        .collect();
+    for (i, generation) in many.into_iter().enumerate() {
+        let answer = collect(generation).unwrap();
+        assert!(
+            alone[i % prompts.len()].text.starts_with(&answer.text),
+            "{answer:?}"
+        );
+    }
+    wait_idle(&model);
+}
+
+#[test]
+fn a_seed_makes_sampling_reproducible() {
+    let model = load();
+    let prompt = chat(&model, "Tell me a short story about a dragon.");
+    let sampled = |seed| {
+        run(
+            &model,
+            Generate {
+                prompt: model.tokenize(&prompt),
+                max_tokens: 32,
+                stop: Vec::new(),
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_p: 0.95,
+                    seed,
+                    ..Sampling::default()
+                },
+            },
+        )
+        .text
+    };
+    let first = sampled(7);
+    assert_eq!(sampled(7), first);
+    let others: Vec<String> = (100..103).map(sampled).collect();
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
+        others.iter().any(|other| *other != first),
+        "three other seeds all gave {first:?}"
     );
 }

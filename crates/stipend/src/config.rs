@@ -61,6 +61,10 @@ struct RawModel {
     price_completion_cu: Option<i64>,
     max_concurrency: Option<i64>,
     timeout: Option<String>,
+    path: Option<PathBuf>,
+    slots: Option<i64>,
+    context: Option<i64>,
+    threads: Option<i64>,
 }
 
 /// Where clients reach the API when the config does not say.
@@ -72,25 +76,72 @@ pub const MAX_CONCURRENCY_DEFAULT: usize = 64;
 /// The longest an upstream may take, when the config does not say.
 pub const UPSTREAM_TIMEOUT_DEFAULT: &str = "60s";
 
+/// Where the embedded default model is kept when there is no config file.
+pub const MODELS_DIR_DEFAULT: &str = "models";
+/// The embedded default model's name.
+pub const EMBEDDED_DEFAULT_NAME: &str = "smollm2-135m";
+/// Sequence slots of an embedded model, when the config does not say.
+pub const SLOTS_DEFAULT: u32 = 8;
+/// Tokens of context per slot of an embedded model, when the config does not say.
+pub const CONTEXT_DEFAULT: u32 = 2_048;
+
 /// One configured model.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     /// The name clients ask for.
     pub name: String,
-    /// The upstream's base URL, e.g. `http://127.0.0.1:9000/v1`.
-    pub base_url: String,
-    /// The upstream's API key, read from the environment at start-up.
-    pub api_key: Option<String>,
-    /// The name the upstream knows.
-    pub upstream_model: String,
-    /// cu per prompt token.
-    pub price_prompt_cu: u64,
-    /// cu per completion token.
-    pub price_completion_cu: u64,
-    /// At most this many requests in flight upstream.
-    pub max_concurrency: usize,
-    /// The longest the upstream may take to start answering, and between stream chunks.
-    pub timeout: std::time::Duration,
+    /// Where it runs.
+    pub backend: BackendConfig,
+    /// cu per prompt token; `None`: from the GGUF's parameter count (embedded models only).
+    pub price_prompt_cu: Option<u64>,
+    /// cu per completion token; `None` as for the prompt.
+    pub price_completion_cu: Option<u64>,
+}
+
+/// Where a configured model runs.
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    /// An OpenAI-compatible server.
+    Upstream {
+        /// The base URL, e.g. `http://127.0.0.1:9000/v1`.
+        base_url: String,
+        /// The API key, read from the environment at start-up.
+        api_key: Option<String>,
+        /// The name the upstream knows.
+        upstream_model: String,
+        /// At most this many requests in flight upstream.
+        max_concurrency: usize,
+        /// The longest the upstream may take to start answering, and between stream chunks.
+        timeout: std::time::Duration,
+    },
+    /// A GGUF run in this process.
+    Embedded {
+        /// The file.
+        path: PathBuf,
+        /// Generations decoded together.
+        slots: u32,
+        /// Tokens of context per slot.
+        context: u32,
+        /// CPU threads (`None`: all cores).
+        threads: Option<u32>,
+    },
+}
+
+impl ModelConfig {
+    /// The embedded default: SmolLM2-135M-Instruct from `models_dir`.
+    pub fn embedded_default(models_dir: &Path) -> ModelConfig {
+        ModelConfig {
+            name: EMBEDDED_DEFAULT_NAME.to_string(),
+            backend: BackendConfig::Embedded {
+                path: models_dir.join(crate::fetch::DEFAULT_MODEL_FILE),
+                slots: SLOTS_DEFAULT,
+                context: CONTEXT_DEFAULT,
+                threads: None,
+            },
+            price_prompt_cu: None,
+            price_completion_cu: None,
+        }
+    }
 }
 
 fn model_name_ok(name: &str) -> bool {
@@ -104,6 +155,7 @@ fn model_name_ok(name: &str) -> bool {
 fn check_model(
     index: usize,
     raw: RawModel,
+    base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<ModelConfig> {
     let key = |field: &str| format!("models[{index}].{field}");
@@ -116,39 +168,127 @@ fn check_model(
             key("name")
         );
     }
-    match raw.backend.as_deref() {
-        Some("openai") => {}
-        Some("embedded") => bail!(
-            "{}: \"embedded\" is not in this build yet; use \"openai\" with an OpenAI-compatible server",
-            key("backend")
-        ),
+    let embedded = match raw.backend.as_deref() {
+        Some("openai") => false,
+        Some("embedded") => true,
         Some(other) => bail!(
-            "{}: unknown backend {other:?} (use \"openai\")",
+            "{}: unknown backend {other:?} (use \"openai\" or \"embedded\")",
             key("backend")
         ),
-        None => bail!("{} is missing (use \"openai\")", key("backend")),
-    }
-    let base_url = raw
-        .base_url
-        .with_context(|| format!("{} is missing", key("base_url")))?;
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-        bail!(
-            "{}: {base_url:?} must start with http:// or https://",
-            key("base_url")
-        );
-    }
-    let api_key = match raw.api_key_env {
-        None => None,
-        Some(variable) => Some(
-            env(&variable)
-                .filter(|value| !value.is_empty())
-                .with_context(|| {
-                    format!(
-                        "{}: the environment variable {variable} is not set",
-                        key("api_key_env")
-                    )
-                })?,
+        None => bail!(
+            "{} is missing (use \"openai\" or \"embedded\")",
+            key("backend")
         ),
+    };
+    let only = |field: &str, present: bool, backend: &str| -> anyhow::Result<()> {
+        if present {
+            bail!("{}: only for backend = \"{backend}\"", key(field));
+        }
+        Ok(())
+    };
+    let backend = if embedded {
+        for (field, present) in [
+            ("base_url", raw.base_url.is_some()),
+            ("api_key_env", raw.api_key_env.is_some()),
+            ("upstream_model", raw.upstream_model.is_some()),
+            ("max_concurrency", raw.max_concurrency.is_some()),
+            ("timeout", raw.timeout.is_some()),
+        ] {
+            only(field, present, "openai")?;
+        }
+        let path = raw
+            .path
+            .with_context(|| format!("{} is missing (the GGUF file)", key("path")))?;
+        let path = if path.is_relative() {
+            base.join(path)
+        } else {
+            path
+        };
+        let bounded = |field: &str,
+                       value: Option<i64>,
+                       default: u32,
+                       range: std::ops::RangeInclusive<i64>| {
+            match value {
+                None => Ok(default),
+                Some(n) if range.contains(&n) => Ok(n as u32),
+                Some(n) => Err(anyhow::anyhow!(
+                    "{}: must be from {} to {}, got {n}",
+                    key(field),
+                    range.start(),
+                    range.end()
+                )),
+            }
+        };
+        BackendConfig::Embedded {
+            path,
+            slots: bounded(
+                "slots",
+                raw.slots,
+                SLOTS_DEFAULT,
+                1..=i64::from(stipend_model::SLOTS_MAX),
+            )?,
+            context: bounded("context", raw.context, CONTEXT_DEFAULT, 64..=131_072)?,
+            threads: match raw.threads {
+                None => None,
+                Some(n) => Some(bounded("threads", Some(n), 0, 1..=1_024)?),
+            },
+        }
+    } else {
+        for (field, present) in [
+            ("path", raw.path.is_some()),
+            ("slots", raw.slots.is_some()),
+            ("context", raw.context.is_some()),
+            ("threads", raw.threads.is_some()),
+        ] {
+            only(field, present, "embedded")?;
+        }
+        let base_url = raw
+            .base_url
+            .with_context(|| format!("{} is missing", key("base_url")))?;
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            bail!(
+                "{}: {base_url:?} must start with http:// or https://",
+                key("base_url")
+            );
+        }
+        let api_key = match raw.api_key_env {
+            None => None,
+            Some(variable) => Some(
+                env(&variable)
+                    .filter(|value| !value.is_empty())
+                    .with_context(|| {
+                        format!(
+                            "{}: the environment variable {variable} is not set",
+                            key("api_key_env")
+                        )
+                    })?,
+            ),
+        };
+        let max_concurrency = match raw.max_concurrency {
+            None => MAX_CONCURRENCY_DEFAULT,
+            Some(n) if (1..=100_000).contains(&n) => n as usize,
+            Some(n) => bail!(
+                "{}: must be from 1 to 100000, got {n}",
+                key("max_concurrency")
+            ),
+        };
+        let timeout_text = raw.timeout.as_deref().unwrap_or(UPSTREAM_TIMEOUT_DEFAULT);
+        let timeout = parse_duration(timeout_text).with_context(|| key("timeout"))?;
+        if timeout < std::time::Duration::from_secs(1)
+            || timeout > stipend_gateway::UPSTREAM_TIMEOUT_MAX
+        {
+            bail!(
+                "{}: must be from 1s to 10m, got {timeout_text}",
+                key("timeout")
+            );
+        }
+        BackendConfig::Upstream {
+            base_url,
+            api_key,
+            upstream_model: raw.upstream_model.unwrap_or_else(|| name.clone()),
+            max_concurrency,
+            timeout,
+        }
     };
     let from_params = match &raw.params {
         None => None,
@@ -157,11 +297,13 @@ fn check_model(
             parse_params(text).with_context(|| key("params"))?,
         )),
     };
-    let price = |field: &str, explicit: Option<i64>| -> anyhow::Result<u64> {
+    let price = |field: &str, explicit: Option<i64>| -> anyhow::Result<Option<u64>> {
         match (explicit, from_params) {
-            (Some(cu), _) if cu >= 1 && cu as u64 <= STIPEND_MAX_CU => Ok(cu as u64),
+            (Some(cu), _) if cu >= 1 && cu as u64 <= STIPEND_MAX_CU => Ok(Some(cu as u64)),
             (Some(cu), _) => bail!("{}: must be at least 1 cu, got {cu}", key(field)),
-            (None, Some(cu)) => Ok(cu),
+            (None, Some(cu)) => Ok(Some(cu)),
+            // An embedded model's parameter count is read from its GGUF.
+            (None, None) if embedded => Ok(None),
             (None, None) => bail!(
                 "{}: give the model's `params` (active parameters, e.g. \"8B\") or explicit prices",
                 key(field)
@@ -170,33 +312,11 @@ fn check_model(
     };
     let price_prompt_cu = price("price_prompt_cu", raw.price_prompt_cu)?;
     let price_completion_cu = price("price_completion_cu", raw.price_completion_cu)?;
-    let max_concurrency = match raw.max_concurrency {
-        None => MAX_CONCURRENCY_DEFAULT,
-        Some(n) if (1..=100_000).contains(&n) => n as usize,
-        Some(n) => bail!(
-            "{}: must be from 1 to 100000, got {n}",
-            key("max_concurrency")
-        ),
-    };
-    let timeout_text = raw.timeout.as_deref().unwrap_or(UPSTREAM_TIMEOUT_DEFAULT);
-    let timeout = parse_duration(timeout_text).with_context(|| key("timeout"))?;
-    if timeout < std::time::Duration::from_secs(1)
-        || timeout > stipend_gateway::UPSTREAM_TIMEOUT_MAX
-    {
-        bail!(
-            "{}: must be from 1s to 10m, got {timeout_text}",
-            key("timeout")
-        );
-    }
     Ok(ModelConfig {
-        upstream_model: raw.upstream_model.unwrap_or_else(|| name.clone()),
         name,
-        base_url,
-        api_key,
+        backend,
         price_prompt_cu,
         price_completion_cu,
-        max_concurrency,
-        timeout,
     })
 }
 
@@ -252,7 +372,13 @@ impl Config {
                         .with_context(|| format!("cannot read config file {}", path.display()))?;
                     Config::parse(&text, Some(path))
                 } else {
-                    Config::parse("", None)
+                    // No config file: the defaults, with the embedded default model, so that
+                    // `stipend serve` works out of the box.
+                    let mut config = Config::parse("", None)?;
+                    config
+                        .models
+                        .push(ModelConfig::embedded_default(Path::new(MODELS_DIR_DEFAULT)));
+                    Ok(config)
                 }
             }
         }
@@ -317,8 +443,8 @@ impl Config {
         };
         let mut models = Vec::with_capacity(raw.models.len());
         for (index, raw_model) in raw.models.into_iter().enumerate() {
-            let model =
-                check_model(index, raw_model, env).with_context(|| format!("config {name}"))?;
+            let model = check_model(index, raw_model, &base, env)
+                .with_context(|| format!("config {name}"))?;
             if models
                 .iter()
                 .any(|other: &ModelConfig| other.name == model.name)
@@ -407,18 +533,109 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(config.max_tokens_default, 256);
         let first = &config.models[0];
-        assert_eq!(first.upstream_model, "llama-3.1-8b");
-        assert_eq!((first.price_prompt_cu, first.price_completion_cu), (16, 16));
-        assert_eq!(first.api_key.as_deref(), Some("secret"));
-        assert_eq!(first.max_concurrency, 8);
-        assert_eq!(first.timeout.as_secs(), 30);
+        assert_eq!(
+            (first.price_prompt_cu, first.price_completion_cu),
+            (Some(16), Some(16))
+        );
+        let BackendConfig::Upstream {
+            upstream_model,
+            api_key,
+            max_concurrency,
+            timeout,
+            ..
+        } = &first.backend
+        else {
+            panic!("{first:?}")
+        };
+        assert_eq!(upstream_model, "llama-3.1-8b");
+        assert_eq!(api_key.as_deref(), Some("secret"));
+        assert_eq!(*max_concurrency, 8);
+        assert_eq!(timeout.as_secs(), 30);
         let second = &config.models[1];
-        assert_eq!(second.upstream_model, "cheap");
-        assert_eq!((second.price_prompt_cu, second.price_completion_cu), (2, 3));
-        assert_eq!(second.max_concurrency, MAX_CONCURRENCY_DEFAULT);
+        assert_eq!(
+            (second.price_prompt_cu, second.price_completion_cu),
+            (Some(2), Some(3))
+        );
+        let BackendConfig::Upstream {
+            upstream_model,
+            max_concurrency,
+            ..
+        } = &second.backend
+        else {
+            panic!("{second:?}")
+        };
+        assert_eq!(upstream_model, "cheap");
+        assert_eq!(*max_concurrency, MAX_CONCURRENCY_DEFAULT);
         let defaults = Config::parse("", None).unwrap();
         assert_eq!(defaults.listen.to_string(), LISTEN_DEFAULT);
         assert!(defaults.models.is_empty());
+    }
+
+    #[test]
+    fn an_embedded_model_next_to_upstream_ones() {
+        let text = r#"
+            [[models]]
+            name = "local"
+            backend = "embedded"
+            path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            slots = 4
+            context = 1024
+            threads = 2
+            [[models]]
+            name = "tiny"
+            backend = "embedded"
+            path = "/srv/tiny.gguf"
+            price_completion_cu = 5
+            [[models]]
+            name = "big"
+            backend = "openai"
+            base_url = "http://127.0.0.1:9000/v1"
+            params = "70B"
+        "#;
+        let config = Config::parse(text, Some(Path::new("/etc/stipend/stipend.toml"))).unwrap();
+        let local = &config.models[0];
+        // Prices come from the GGUF when the config gives none.
+        assert_eq!(
+            (local.price_prompt_cu, local.price_completion_cu),
+            (None, None)
+        );
+        let BackendConfig::Embedded {
+            path,
+            slots,
+            context,
+            threads,
+        } = &local.backend
+        else {
+            panic!("{local:?}")
+        };
+        assert_eq!(
+            path,
+            Path::new("/etc/stipend/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
+        assert_eq!((*slots, *context, *threads), (4, 1024, Some(2)));
+        let tiny = &config.models[1];
+        assert_eq!(
+            (tiny.price_prompt_cu, tiny.price_completion_cu),
+            (None, Some(5))
+        );
+        let BackendConfig::Embedded {
+            path,
+            slots,
+            context,
+            threads,
+        } = &tiny.backend
+        else {
+            panic!("{tiny:?}")
+        };
+        assert_eq!(path, Path::new("/srv/tiny.gguf"));
+        assert_eq!(
+            (*slots, *context, *threads),
+            (SLOTS_DEFAULT, CONTEXT_DEFAULT, None)
+        );
+        assert_eq!(config.models[2].price_prompt_cu, Some(140));
+        // The default the server uses with no config file.
+        let default = ModelConfig::embedded_default(Path::new("models"));
+        assert_eq!(default.name, EMBEDDED_DEFAULT_NAME);
     }
 
     #[test]
@@ -459,6 +676,26 @@ mod tests {
             (model("max_concurrency = 0"), "models[0].max_concurrency"),
             (model("timeout = \"2h\""), "models[0].timeout"),
             (model("price_prompt_cu = 0"), "models[0].price_prompt_cu"),
+            (model("slots = 4"), "models[0].slots: only for backend = \"embedded\""),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"".to_string(),
+                "models[0].path is missing",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\nslots = 0"
+                    .to_string(),
+                "models[0].slots: must be from 1 to 64",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\ncontext = 10"
+                    .to_string(),
+                "models[0].context",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\nbase_url = \"http://x\""
+                    .to_string(),
+                "models[0].base_url: only for backend = \"openai\"",
+            ),
             (format!("{}\n{}", model(""), model("")), "used twice"),
             ("listen = \"localhost\"".to_string(), "listen"),
             ("max_tokens_default = 0".to_string(), "max_tokens_default"),

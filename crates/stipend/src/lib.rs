@@ -4,4 +4,5 @@
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod fetch;
 pub mod serve;

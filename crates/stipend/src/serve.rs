@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use stipend_gateway::{Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
-use stipend_ledger::units::format_duration;
-use stipend_ledger::{Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock};
+use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
+use stipend_ledger::units::{default_price_cu_per_token, format_duration};
+use stipend_ledger::{AccountKind, Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock};
+use stipend_model::{EmbeddedModel, LoadOptions};
 use stipend_store_sqlite::SqliteStore;
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::control;
 
 /// How often timed-out reservations are voided.
@@ -48,30 +49,95 @@ pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Builds the gateway's models: a sink account and an upstream client each.
+/// The Python that runs pip when the default model must be fetched.
+const PYTHON: &str = "python3";
+
+/// Loads an embedded model, fetching the default one first if it is missing, and says so.
+fn load_embedded(
+    name: &str,
+    path: &std::path::Path,
+    options: LoadOptions,
+) -> anyhow::Result<EmbeddedModel> {
+    if !path.is_file() && crate::fetch::is_default_model(path) {
+        crate::fetch::ensure_default_model(path, PYTHON)?;
+    }
+    let bytes = std::fs::metadata(path).map_or(0, |metadata| metadata.len());
+    print!(
+        "Loading model {name} from {} ({} MB)… ",
+        path.display(),
+        bytes / 1_000_000
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let started = Instant::now();
+    let model = EmbeddedModel::load(path, options)
+        .with_context(|| format!("model {name}: cannot load {}", path.display()))?;
+    println!("ready in {} ms", started.elapsed().as_millis());
+    Ok(model)
+}
+
+/// Builds the gateway's models: a sink account each, and an upstream client or a loaded model.
 fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow::Result<Gateway> {
     let mut models = BTreeMap::new();
     for model in &config.models {
         let sink = ledger
             .sink(&format!("sink:{}", model.name))
             .with_context(|| format!("cannot open the sink of model {}", model.name))?;
-        let upstream = Upstream::new(UpstreamConfig {
-            base_url: model.base_url.clone(),
-            api_key: model.api_key.clone(),
-            timeout: model.timeout,
-        })
-        .map_err(anyhow::Error::msg)?;
+        let (backend, capacity, params) = match &model.backend {
+            BackendConfig::Upstream {
+                base_url,
+                api_key,
+                upstream_model,
+                max_concurrency,
+                timeout,
+            } => {
+                let upstream = Upstream::new(UpstreamConfig {
+                    base_url: base_url.clone(),
+                    api_key: api_key.clone(),
+                    timeout: *timeout,
+                })
+                .map_err(anyhow::Error::msg)?;
+                let backend = Backend::Upstream {
+                    upstream,
+                    model: upstream_model.clone(),
+                };
+                (backend, *max_concurrency, None)
+            }
+            BackendConfig::Embedded {
+                path,
+                slots,
+                context,
+                threads,
+            } => {
+                let mut options = LoadOptions {
+                    n_ctx: *context,
+                    slots: *slots,
+                    ..LoadOptions::default()
+                };
+                if let Some(threads) = threads {
+                    options.n_threads = *threads as i32;
+                }
+                let engine = load_embedded(&model.name, path, options)?;
+                let params = engine.info().params;
+                let slots = engine.info().slots as usize;
+                (Backend::Embedded(Arc::new(engine)), slots, Some(params))
+            }
+        };
+        // Prices the config leaves out come from the GGUF's parameter count.
+        let price = |explicit: Option<u64>| {
+            explicit
+                .or_else(|| params.map(default_price_cu_per_token))
+                .with_context(|| format!("model {}: no price", model.name))
+        };
         models.insert(
             model.name.clone(),
             Arc::new(Model {
                 name: model.name.clone(),
-                upstream_model: model.upstream_model.clone(),
-                price_prompt_cu: model.price_prompt_cu,
-                price_completion_cu: model.price_completion_cu,
+                price_prompt_cu: price(model.price_prompt_cu)?,
+                price_completion_cu: price(model.price_completion_cu)?,
                 sink,
-                upstream,
-                permits: Arc::new(Semaphore::new(model.max_concurrency)),
-                max_concurrency: model.max_concurrency,
+                backend,
+                permits: Arc::new(Semaphore::new(capacity)),
+                max_concurrency: capacity,
                 counters: Default::default(),
             }),
         );
@@ -87,6 +153,25 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
         options,
         unrouted: Default::default(),
     })
+}
+
+/// The account made for trying Stipend out when it runs with no config file.
+pub const DEMO_ACCOUNT: &str = "demo";
+
+/// With no config file: makes the demo person and a key the first time, returning the key (it
+/// is shown once; only its hash is kept).
+fn demo_account(ledger: &Ledger, keys: &KeyRing) -> anyhow::Result<Option<String>> {
+    if ledger.account_id(DEMO_ACCOUNT).is_ok() {
+        return Ok(None);
+    }
+    let account = ledger
+        .create_account(DEMO_ACCOUNT, AccountKind::Person)?
+        .wait()
+        .context("cannot create the demo account")?;
+    let key = keys
+        .create(account, ledger.now_ms())
+        .context("cannot create the demo key")?;
+    Ok(Some(key.key))
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -108,7 +193,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(error) => return Err(error),
     };
     let keys = KeyRing::new(ledger.store());
-    let gateway = Arc::new(build_gateway(&config, &ledger, keys.clone())?);
+    let demo_key = if config.source.is_none() {
+        Some(demo_account(&ledger, &keys)?)
+    } else {
+        None
+    };
+    let gateway = {
+        let (config, ledger, keys) = (config.clone(), Arc::clone(&ledger), keys.clone());
+        // Loading a model is blocking work (and may fetch it first).
+        tokio::task::spawn_blocking(move || build_gateway(&config, &ledger, keys))
+            .await
+            .context("the model loading task failed")??
+    };
+    let gateway = Arc::new(gateway);
     let http = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
@@ -146,7 +243,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ready_ms = started.elapsed().as_millis() as u64,
         "stipend serving"
     );
-    print_summary(&config, &gateway, address, started);
+    print_summary(&config, &gateway, address, started, demo_key);
     shutdown_signal().await;
     println!(
         "Stopping: no new requests; waiting up to {}s for those in flight.",
@@ -184,14 +281,26 @@ fn print_summary(
     gateway: &Gateway,
     address: std::net::SocketAddr,
     started: Instant,
+    demo_key: Option<Option<String>>,
 ) {
     let policy = gateway.ledger.policy();
     let cli = cli_invocation(config);
     let mut models = String::new();
     for model in gateway.models.values() {
+        let capacity = match &model.backend {
+            Backend::Embedded(engine) => format!(
+                "embedded, {:.1}M parameters, {} slots of {} tokens",
+                engine.info().params as f64 / 1e6,
+                engine.info().slots,
+                engine.info().n_ctx
+            ),
+            Backend::Upstream { .. } => {
+                format!("upstream, {} in flight at most", model.max_concurrency)
+            }
+        };
         models.push_str(&format!(
-            "  {:<20} {} cu/prompt token, {} cu/completion token, {} in flight at most\n",
-            model.name, model.price_prompt_cu, model.price_completion_cu, model.max_concurrency
+            "  {:<20} {} cu/prompt token, {} cu/completion token; {capacity}\n",
+            model.name, model.price_prompt_cu, model.price_completion_cu
         ));
     }
     if models.is_empty() {
@@ -203,20 +312,40 @@ fn print_summary(
         .next()
         .cloned()
         .unwrap_or_else(|| "MODEL".to_string());
+    let key = match &demo_key {
+        Some(Some(key)) => {
+            format!(
+                "A person to try it with: account `{DEMO_ACCOUNT}`, with this key (shown once; only its hash is kept):\n  \
+                 export KEY={key}\n\n\
+                 More people and keys (from another terminal, in this directory):\n  \
+                 {cli} account create alice\n  \
+                 {cli} key create alice\n"
+            )
+        }
+        Some(None) => format!(
+            "The person to try it with is `{DEMO_ACCOUNT}`; its key was shown when it was made. Make another\n\
+             (from another terminal, in this directory) and set KEY to it:\n  \
+             {cli} key create {DEMO_ACCOUNT}\n"
+        ),
+        None => format!(
+            "Give someone a budget and a key (from another terminal, in this directory):\n  \
+             {cli} account create alice\n  \
+             {cli} key create alice\n"
+        ),
+    };
     println!(
         "Stipend is running on http://{address}/v1\n  \
          data      {}\n  \
          stipend   {} per person every {}, up to {} carried over\n  \
          ready in  {} ms\n\
          models\n{models}\n\
-         Give someone a budget and a key (from another terminal, in this directory):\n  \
-         {cli} account create alice\n  \
-         {cli} key create alice\n\n\
+         {key}\n\
          Then call it with any OpenAI client:\n  \
          curl http://{address}/v1/chat/completions -H \"Authorization: Bearer $KEY\" \\\n    \
          -H 'Content-Type: application/json' \\\n    \
-         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n  \
-         python: OpenAI(base_url=\"http://{address}/v1\", api_key=KEY)\n  \
+         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n\n  \
+         python3 -c 'from openai import OpenAI; import os; print(OpenAI(base_url=\"http://{address}/v1\", api_key=os.environ[\"KEY\"]).chat.completions.create(model=\"{example_model}\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)'\n\n\
+         Your budget:\n  \
          curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n\n\
          Press Ctrl-C to stop.",
         config.data_dir.display(),

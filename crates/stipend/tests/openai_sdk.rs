@@ -10,8 +10,8 @@ use std::process::Command;
 
 use common::{Env, Server};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_official_openai_sdk_works_unchanged() {
+/// The Python with the pinned `openai` package.
+fn python() -> String {
     let python = std::env::var("STIPEND_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let has_sdk = Command::new(&python)
         .args(["-c", "import openai"])
@@ -22,6 +22,28 @@ async fn the_official_openai_sdk_works_unchanged() {
         "{python} cannot import openai: run `make test` (it installs tests/sdk/requirements.txt \
          into a virtualenv), or set STIPEND_PYTHON to a Python that has it"
     );
+    python
+}
+
+/// Runs one of the SDK test scripts against a server; returns its report.
+async fn run_script(script: &'static str, envs: Vec<(&'static str, String)>) -> String {
+    let python = python();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(script)
+            .envs(envs)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "the SDK tests failed:\n{report}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_openai_sdk_works_unchanged() {
     let upstream = stipend_testkit::spawn().await.unwrap();
     let env = Env::new(&format!(
         "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"10 TFLOP\"\n\
@@ -29,27 +51,55 @@ async fn the_official_openai_sdk_works_unchanged() {
     ));
     let server = Server::start(&env);
     let key = env.person_with_key("alice");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/sdk/test_openai_sdk.py"
-    );
-    let output = tokio::task::spawn_blocking({
-        let base = server.base.clone();
-        move || {
-            Command::new(&python)
-                .arg(script)
-                .env("STIPEND_BASE_URL", base)
-                .env("STIPEND_KEY", key)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let report = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK tests failed:\n{report}");
+    let report = run_script(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/sdk/test_openai_sdk.py"
+        ),
+        vec![
+            ("STIPEND_BASE_URL", server.base.clone()),
+            ("STIPEND_KEY", key),
+        ],
+    )
+    .await;
     assert!(
         report.contains("Ran 7 tests") && report.contains("OK"),
+        "{report}"
+    );
+    let verify = env.json(&["ledger", "verify"]);
+    assert_eq!(verify["violations"], serde_json::json!([]));
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_openai_sdk_works_with_the_embedded_model() {
+    let gguf = std::env::var("STIPEND_MODEL_GGUF").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+        .to_string()
+    });
+    let env = Env::new(&format!(
+        "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"3 TFLOP\"\n\
+         [[models]]\nname = \"smollm2-135m\"\nbackend = \"embedded\"\npath = \"{gguf}\"\ncontext = 4096\n"
+    ));
+    let server = Server::start(&env);
+    let key = env.person_with_key("alice");
+    let report = run_script(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/sdk/test_openai_sdk_embedded.py"
+        ),
+        vec![
+            ("STIPEND_BASE_URL", server.base.clone()),
+            ("STIPEND_KEY", key),
+            ("STIPEND_MODEL", "smollm2-135m".to_string()),
+        ],
+    )
+    .await;
+    assert!(
+        report.contains("Ran 6 tests") && report.contains("OK"),
         "{report}"
     );
     let verify = env.json(&["ledger", "verify"]);

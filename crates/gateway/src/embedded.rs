@@ -1,0 +1,597 @@
+//! The embedded backend: an OpenAI request becomes a prompt for the in-process model, the
+//! model's events become an OpenAI response (plain or SSE), and the charge is exactly the tokens
+//! the model computed, counted by its own tokenizer.
+//!
+//! Each call is driven by a task of its own that holds the reservation and the model's slot, so
+//! a client that leaves (mid-stream, or while waiting for a plain answer) stops the generation at
+//! the next step and is charged for what was computed until then, never more and never nothing.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use stipend_model::{
+    ChatMessage, EmbeddedModel, Event, FinishReason, Generate, Generation, ModelError, Sampling,
+    TokenCounts,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use crate::error::ApiError;
+use crate::relay::{self, Hold, Usage};
+use crate::routes::{Checked, Endpoint, Parsed};
+use crate::{Backend, Gateway};
+
+impl From<ModelError> for ApiError {
+    fn from(error: ModelError) -> ApiError {
+        match error {
+            ModelError::ContextLengthExceeded {
+                n_ctx,
+                prompt_tokens,
+                max_tokens,
+            } => context_length(
+                n_ctx as u64,
+                prompt_tokens as u64,
+                max_tokens as u64,
+                "messages",
+            ),
+            ModelError::Invalid { param, reason } => ApiError::param(param, reason),
+            ModelError::Template(reason) => ApiError::InvalidRequest {
+                message: format!("The messages do not fit this model's chat template: {reason}"),
+                param: Some("messages".to_string()),
+            },
+            ModelError::Busy => {
+                ApiError::Overloaded("The model is at capacity; try again shortly.".to_string())
+            }
+            error @ (ModelError::Load { .. } | ModelError::Failed(_)) => {
+                tracing::error!(%error, "the embedded model failed");
+                ApiError::Upstream("the embedded model failed".to_string())
+            }
+        }
+    }
+}
+
+fn context_length(
+    n_ctx: u64,
+    prompt_tokens: u64,
+    max_tokens: u64,
+    param: &'static str,
+) -> ApiError {
+    ApiError::ContextLengthExceeded {
+        message: format!(
+            "This model's maximum context length is {n_ctx} tokens. However, you requested {} tokens ({prompt_tokens} in the {param}, {max_tokens} in the completion). Please reduce the length of the {param} or the completion.",
+            prompt_tokens + max_tokens
+        ),
+        param,
+    }
+}
+
+/// Refuses what this model cannot do, rather than quietly doing something else.
+fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
+    let given = |key: &str| match request.get(key) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(items)) => !items.is_empty(),
+        Some(Value::Object(fields)) => !fields.is_empty(),
+        Some(_) => true,
+    };
+    for (key, what) in [
+        ("tools", "tool calls"),
+        ("functions", "function calls"),
+        ("logprobs", "logprobs"),
+        ("top_logprobs", "logprobs"),
+        ("logit_bias", "logit_bias"),
+        ("echo", "echo"),
+        ("suffix", "suffix"),
+    ] {
+        if given(key) {
+            return Err(ApiError::param(
+                key,
+                format!("The embedded model does not support {what}."),
+            ));
+        }
+    }
+    if let Some(best_of) = request.get("best_of").and_then(Value::as_i64)
+        && best_of != 1
+    {
+        return Err(ApiError::param("best_of", "only best_of = 1 is supported"));
+    }
+    match request.get("response_format") {
+        None | Some(Value::Null) => Ok(()),
+        Some(format) if format.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
+        Some(_) => Err(ApiError::param(
+            "response_format",
+            "The embedded model only writes plain text (response_format type \"text\").",
+        )),
+    }
+}
+
+/// A message's text: a string, or an array of text parts.
+fn message_text(message: &Value, index: usize) -> Result<String, ApiError> {
+    let param = || format!("messages[{index}].content");
+    match message.get("content") {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for part in parts {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(text)) => texts.push(text),
+                    _ => {
+                        return Err(ApiError::param(
+                            &param(),
+                            "The embedded model reads text only: each content part must be {\"type\": \"text\", \"text\": …}.",
+                        ));
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Some(_) => Err(ApiError::param(
+            &param(),
+            "`content` must be a string or an array of text parts",
+        )),
+    }
+}
+
+fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::param("messages", "`messages` must be a non-empty array"))?;
+    messages
+        .iter()
+        .enumerate()
+        .map(|(index, message)| {
+            let role = match message.get("role").and_then(Value::as_str) {
+                // The newer name for the system role.
+                Some("developer") => "system",
+                Some(role) => role,
+                None => "user",
+            };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content: message_text(message, index)?,
+            })
+        })
+        .collect()
+}
+
+fn completion_prompt(request: &Map<String, Value>) -> Result<String, ApiError> {
+    match request.get("prompt") {
+        Some(Value::String(prompt)) => Ok(prompt.clone()),
+        Some(Value::Array(prompts)) if prompts.len() == 1 && prompts[0].is_string() => {
+            Ok(prompts[0].as_str().unwrap_or_default().to_string())
+        }
+        _ => Err(ApiError::param(
+            "prompt",
+            "The embedded model takes one prompt: a string, or an array of one string.",
+        )),
+    }
+}
+
+fn number(request: &Map<String, Value>, key: &str, default: f32) -> f32 {
+    request
+        .get(key)
+        .and_then(Value::as_f64)
+        .map_or(default, |value| value as f32)
+}
+
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    // Without the OS's randomness, the clock is still a different seed each time.
+    if getrandom::fill(&mut bytes).is_err() {
+        return SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos());
+    }
+    u32::from_le_bytes(bytes)
+}
+
+fn sampling(request: &Map<String, Value>) -> Sampling {
+    Sampling {
+        temperature: number(request, "temperature", 1.0),
+        top_p: number(request, "top_p", 1.0),
+        // Any integer is a seed; without one, every call samples differently.
+        seed: request
+            .get("seed")
+            .and_then(Value::as_i64)
+            .map_or_else(random_u32, |seed| {
+                (seed as u64 ^ (seed as u64 >> 32)) as u32
+            }),
+        frequency_penalty: number(request, "frequency_penalty", 0.0),
+        presence_penalty: number(request, "presence_penalty", 0.0),
+    }
+}
+
+fn stop_sequences(request: &Map<String, Value>) -> Vec<String> {
+    let stops: Vec<&str> = match request.get("stop") {
+        Some(Value::String(stop)) => vec![stop.as_str()],
+        Some(Value::Array(stops)) => stops.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    stops
+        .into_iter()
+        .filter(|stop| !stop.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Turns a parsed request into the model's work: renders and tokenizes the prompt (so its
+/// tokens are known exactly before anything is reserved) and fits `max_tokens` to the context.
+pub(crate) fn prepare(
+    engine: &EmbeddedModel,
+    parsed: Parsed,
+    endpoint: Endpoint,
+    max_tokens_default: u64,
+) -> Result<(Checked, Generate), ApiError> {
+    let request = &parsed.request;
+    refuse_unsupported(request)?;
+    let (text, param) = match endpoint {
+        Endpoint::Chat => (engine.render_chat(&chat_messages(request)?)?, "messages"),
+        Endpoint::Completion => (completion_prompt(request)?, "prompt"),
+    };
+    let prompt = engine.tokenize(&text);
+    if prompt.is_empty() {
+        return Err(ApiError::param(param, "The prompt must not be empty."));
+    }
+    let n_ctx = u64::from(engine.info().n_ctx);
+    let prompt_tokens = prompt.len() as u64;
+    let room = n_ctx.saturating_sub(prompt_tokens);
+    let max_tokens = match parsed.max_tokens_asked {
+        Some(asked) if prompt_tokens + asked > n_ctx => {
+            return Err(context_length(n_ctx, prompt_tokens, asked, param));
+        }
+        Some(asked) => asked,
+        None if room == 0 => return Err(context_length(n_ctx, prompt_tokens, 1, param)),
+        None => max_tokens_default.min(room),
+    };
+    let generate = Generate {
+        prompt,
+        max_tokens: max_tokens as usize,
+        stop: stop_sequences(request),
+        sampling: sampling(request),
+    };
+    let checked = Checked {
+        model: parsed.model,
+        stream: parsed.stream,
+        include_usage: parsed.include_usage,
+        max_tokens,
+        prompt_tokens_max: prompt_tokens,
+    };
+    Ok((checked, generate))
+}
+
+/// How the response is dressed: the same id and time on every chunk.
+struct Shape {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+}
+
+impl Shape {
+    fn new(model: &str, endpoint: Endpoint) -> Shape {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Completion => "cmpl-",
+        };
+        let mut bytes = [0u8; 12];
+        let _ = getrandom::fill(&mut bytes);
+        let mut id = String::with_capacity(prefix.len() + 24);
+        id.push_str(prefix);
+        for byte in bytes {
+            id.push_str(&format!("{byte:02x}"));
+        }
+        Shape {
+            id,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs()),
+            model: model.to_string(),
+            endpoint,
+        }
+    }
+
+    fn usage(counts: TokenCounts) -> Value {
+        json!({
+            "prompt_tokens": counts.prompt_tokens,
+            "completion_tokens": counts.completion_tokens,
+            "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+        })
+    }
+
+    /// The whole answer.
+    fn whole(&self, text: String, counts: TokenCounts, finish: FinishReason) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": null},
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+            Endpoint::Completion => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion",
+                Endpoint::Completion => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [choice],
+            "usage": Shape::usage(counts),
+        })
+    }
+
+    /// One stream chunk: a role (chat's first chunk), some text, or the finish reason.
+    fn chunk(&self, role: bool, text: &str, finish: Option<FinishReason>) -> Bytes {
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let delta = match (role, finish) {
+                    (true, _) => json!({"role": "assistant", "content": text}),
+                    (false, None) => json!({"content": text}),
+                    (false, Some(_)) => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Endpoint::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        relay::sse(&json!({
+            "id": self.id,
+            "object": self.object_chunk(),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [choice],
+        }))
+    }
+
+    /// The usage chunk that ends a stream whose client asked for `include_usage`.
+    fn usage_chunk(&self, counts: TokenCounts) -> Bytes {
+        relay::sse(&json!({
+            "id": self.id,
+            "object": self.object_chunk(),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [],
+            "usage": Shape::usage(counts),
+        }))
+    }
+
+    fn object_chunk(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        }
+    }
+}
+
+/// Where the answer goes.
+enum Output {
+    /// A stream's body.
+    Stream(mpsc::Sender<Bytes>),
+    /// The handler waiting for the whole answer (taken when it is sent).
+    Whole(Option<oneshot::Sender<Result<Response, ApiError>>>),
+}
+
+impl Output {
+    /// Resolves once the client has gone.
+    async fn closed(&mut self) {
+        match self {
+            Output::Stream(sender) => sender.closed().await,
+            Output::Whole(Some(reply)) => reply.closed().await,
+            Output::Whole(None) => std::future::pending().await,
+        }
+    }
+
+    /// Sends bytes down a stream; false if the client has gone.
+    async fn send(&self, bytes: Bytes) -> bool {
+        match self {
+            Output::Stream(sender) => sender.send(bytes).await.is_ok(),
+            Output::Whole(_) => true,
+        }
+    }
+
+    fn reply(&mut self, answer: Result<Response, ApiError>) {
+        if let Output::Whole(reply) = self
+            && let Some(reply) = reply.take()
+        {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// How a generation ended, from the gateway's side.
+enum End {
+    Done(TokenCounts, FinishReason),
+    ClientGone(TokenCounts),
+    TimeUp(TokenCounts),
+    Failed(ModelError, TokenCounts),
+}
+
+/// Starts the generation and answers: a stream at once, or the whole answer when it is done.
+pub(crate) async fn serve(
+    gateway: Arc<Gateway>,
+    checked: Checked,
+    generate: Generate,
+    hold: Hold,
+    worst_cu: u64,
+    permit: OwnedSemaphorePermit,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let Backend::Embedded(engine) = &checked.model.backend else {
+        return Err(ApiError::Internal);
+    };
+    let generation = engine.generate(generate)?;
+    let shape = Shape::new(&checked.model.name, endpoint);
+    if checked.stream {
+        let (sender, receiver) = mpsc::channel::<Bytes>(relay::RELAY_CHANNEL_CAPACITY);
+        tokio::spawn(drive(
+            gateway,
+            checked,
+            hold,
+            worst_cu,
+            permit,
+            generation,
+            Output::Stream(sender),
+            shape,
+        ));
+        return Ok(relay::sse_response(receiver));
+    }
+    let (reply, answer) = oneshot::channel();
+    tokio::spawn(drive(
+        gateway,
+        checked,
+        hold,
+        worst_cu,
+        permit,
+        generation,
+        Output::Whole(Some(reply)),
+        shape,
+    ));
+    answer.await.map_err(|_| ApiError::Internal)?
+}
+
+/// Runs one call from the first event to the settled charge.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    gateway: Arc<Gateway>,
+    checked: Checked,
+    hold: Hold,
+    worst_cu: u64,
+    permit: OwnedSemaphorePermit,
+    mut generation: Generation,
+    mut output: Output,
+    shape: Shape,
+) {
+    let model = Arc::clone(&checked.model);
+    // The call ends before its hold could expire.
+    let deadline = tokio::time::Instant::now()
+        + gateway
+            .options
+            .reservation_timeout
+            .saturating_sub(crate::RESERVATION_MARGIN);
+    let mut text = String::new();
+    let mut delivered = false;
+    let mut client_gone = false;
+    let mut time_up = false;
+    let end = loop {
+        let event = tokio::select! {
+            () = output.closed(), if !client_gone => {
+                generation.cancel();
+                client_gone = true;
+                continue;
+            }
+            () = tokio::time::sleep_until(deadline), if !time_up => {
+                generation.cancel();
+                time_up = true;
+                continue;
+            }
+            event = generation.recv() => event,
+        };
+        match event {
+            Some(Event::Started { .. }) => {
+                if checked.stream && shape.endpoint == Endpoint::Chat && !client_gone {
+                    // The role comes first, as OpenAI streams it.
+                    client_gone = !output.send(shape.chunk(true, "", None)).await;
+                }
+            }
+            Some(Event::Text(piece)) => {
+                delivered = true;
+                if checked.stream {
+                    if !client_gone && !output.send(shape.chunk(false, &piece, None)).await {
+                        generation.cancel();
+                        client_gone = true;
+                    }
+                } else {
+                    text.push_str(&piece);
+                }
+            }
+            Some(Event::Done { counts, finish }) => break End::Done(counts, finish),
+            Some(Event::Cancelled { counts }) if client_gone => break End::ClientGone(counts),
+            Some(Event::Cancelled { counts }) => break End::TimeUp(counts),
+            Some(Event::Failed { error, counts }) => break End::Failed(error, counts),
+            None => {
+                break End::Failed(
+                    ModelError::Failed("the model's worker is gone".to_string()),
+                    TokenCounts::default(),
+                );
+            }
+        }
+    };
+    // The slot is free: let the next call in while this one's charge is made durable.
+    drop(permit);
+    let counts = match &end {
+        End::Done(counts, _) | End::ClientGone(counts) | End::TimeUp(counts) => *counts,
+        // A failure before any output is charged nothing.
+        End::Failed(_, counts) if delivered => *counts,
+        End::Failed(..) => TokenCounts::default(),
+    };
+    let cost_cu = Usage {
+        prompt_tokens: counts.prompt_tokens as u64,
+        completion_tokens: counts.completion_tokens as u64,
+    }
+    .cost_cu(&model, &checked)
+    .min(worst_cu);
+    let settled = if counts == TokenCounts::default() {
+        drop(hold); // nothing computed: void
+        Ok(())
+    } else {
+        hold.settle(cost_cu).await.map(|settlement| {
+            model.counters.charged(settlement.charged_cu);
+        })
+    };
+    if !matches!(end, End::Done(..)) {
+        model.counters.stream_cut_short();
+    }
+    match (end, settled) {
+        (End::ClientGone(counts), _) => {
+            tracing::info!(model = %model.name, completion_tokens = counts.completion_tokens, "client left; generation stopped");
+        }
+        (End::Done(counts, finish), Ok(())) => {
+            if checked.stream {
+                let _ = output.send(shape.chunk(false, "", Some(finish))).await;
+                if checked.include_usage {
+                    let _ = output.send(shape.usage_chunk(counts)).await;
+                }
+                let _ = output.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            } else {
+                output.reply(Ok(Json(shape.whole(text, counts, finish)).into_response()));
+            }
+        }
+        (_, Err(error)) => {
+            tracing::error!(model = %model.name, ?error, "a call's charge could not be recorded");
+            fail(&mut output, error).await;
+        }
+        (End::TimeUp(_), Ok(())) => {
+            tracing::warn!(model = %model.name, "a call reached its time limit");
+            fail(&mut output, ApiError::UpstreamTimeout).await;
+        }
+        (End::Failed(error, _), Ok(())) => fail(&mut output, ApiError::from(error)).await,
+    }
+}
+
+/// Ends a call with an error: an error event in a stream, or the error as the answer.
+async fn fail(output: &mut Output, error: ApiError) {
+    match output {
+        Output::Stream(_) => {
+            let _ = output.send(relay::sse(&error.body())).await;
+        }
+        Output::Whole(_) => output.reply(Err(error)),
+    }
+}

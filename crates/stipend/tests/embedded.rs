@@ -1,0 +1,566 @@
+//! The embedded model end to end: the real `stipend` binary serving the real SmolLM2-135M-Instruct
+//! in-process, a real HTTP client on loopback. Answers, streams, usage counted by the model's own
+//! tokenizer (checked against a second copy of the model loaded here), exact charges, batching,
+//! clients that leave, prompts too long, budgets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{Env, Server};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use stipend_model::{ChatMessage, EmbeddedModel, LoadOptions};
+
+const MODEL: &str = "smollm2-135m";
+const FRANCE: &str = "What is the capital of France? Answer in one sentence.";
+
+fn gguf() -> PathBuf {
+    let path = std::env::var_os("STIPEND_MODEL_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run `stipend model fetch` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A copy of the model in the test process, to count tokens independently of the server.
+fn tokenizer() -> &'static EmbeddedModel {
+    static MODEL: OnceLock<EmbeddedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        EmbeddedModel::load(
+            &gguf(),
+            LoadOptions {
+                n_ctx: 64,
+                slots: 1,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap()
+    })
+}
+
+fn chat_prompt_tokens(content: &str) -> u64 {
+    let model = tokenizer();
+    let prompt = model
+        .render_chat(&[ChatMessage {
+            role: "user".to_string(),
+            content: content.to_string(),
+        }])
+        .unwrap();
+    model.count_tokens(&prompt) as u64
+}
+
+/// One server at a time: llama.cpp's threads busy-wait between steps, so two models decoding
+/// at once on two cores slow each other down many times over.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Stack {
+    env: Env,
+    server: Option<Server>,
+    base: String,
+    http: reqwest::Client,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Stack {
+    /// A server with the embedded model (`extra` goes into its `[[models]]` table) and a stipend.
+    async fn start(stipend: &str, extra: &str) -> Stack {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"{stipend}\"\n\
+             [[models]]\nname = \"{MODEL}\"\nbackend = \"embedded\"\npath = \"{}\"\n{extra}\n",
+            gguf().display()
+        );
+        let env = Env::new(&config);
+        let server = Server::start(&env);
+        let base = server.base.clone();
+        Stack {
+            env,
+            server: Some(server),
+            base,
+            http: reqwest::Client::new(),
+            _turn: turn,
+        }
+    }
+
+    async fn post(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn chat(&self, key: &str, body: &Value) -> Value {
+        let response = self.post(key, "/chat/completions", body).await;
+        assert_eq!(response.status(), 200, "{body}");
+        response.json().await.unwrap()
+    }
+
+    /// A chat stream, read to its end: its text, its usage chunk, its finish reason.
+    async fn stream(&self, key: &str, body: &Value) -> (String, Value, String) {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let response = self.post(key, "/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        let mut content = String::new();
+        let mut usage = Value::Null;
+        let mut finish = String::new();
+        let mut done = false;
+        for line in text.lines().filter_map(|line| line.strip_prefix("data: ")) {
+            assert!(!done, "data after [DONE]: {text}");
+            if line == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let chunk: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(chunk["model"], MODEL);
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            if let Some(choice) = chunk["choices"].get(0) {
+                content.push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+                if let Some(reason) = choice["finish_reason"].as_str() {
+                    finish = reason.to_string();
+                }
+            } else {
+                usage = chunk["usage"].clone();
+            }
+        }
+        assert!(done, "the stream did not end with [DONE]: {text}");
+        (content, usage, finish)
+    }
+
+    async fn budget(&self, key: &str) -> Value {
+        self.http
+            .get(format!("{}/budget", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn balance(&self, key: &str) -> i64 {
+        self.budget(key).await["balance_cu"].as_i64().unwrap()
+    }
+
+    async fn gauge(&self, name: &str) -> u64 {
+        let url = self.base.trim_end_matches("/v1").to_string() + "/metrics";
+        let text = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let prefix = format!("{name}{{model=\"{MODEL}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits (bounded) until no slot is busy and no request holds one.
+    async fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.gauge("stipend_model_slots_busy").await > 0
+            || self.gauge("stipend_upstream_in_flight").await > 0
+        {
+            assert!(Instant::now() < deadline, "the model stayed busy");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn verify(&self) {
+        let report = self.env.json(&["ledger", "verify"]);
+        assert_eq!(report["violations"], json!([]), "{report}");
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        drop(self.server.take());
+    }
+}
+
+fn chat(content: &str, max_tokens: u64) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn it_answers_and_charges_exactly_what_its_tokenizer_counts() {
+    let stack = Stack::start("10 TFLOP", "").await;
+    let key = stack.env.person_with_key("alice");
+    let before = stack.balance(&key).await;
+
+    let answer = stack.chat(&key, &chat(FRANCE, 64)).await;
+    let text = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("Paris"), "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], MODEL);
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    let usage = &answer["usage"];
+    let prompt_tokens = chat_prompt_tokens(FRANCE);
+    assert_eq!(usage["prompt_tokens"], prompt_tokens, "{answer}");
+    let completion_tokens = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        completion_tokens,
+        tokenizer().count_tokens(&text) as u64,
+        "{answer}"
+    );
+    // 134.5M parameters: 1 cu per token.
+    let after = stack.balance(&key).await;
+    assert_eq!(before - after, (prompt_tokens + completion_tokens) as i64);
+
+    // The stream at temperature 0 is the same answer, token by token, with the same usage.
+    let (streamed, stream_usage, finish) = stack.stream(&key, &chat(FRANCE, 64)).await;
+    assert_eq!(streamed, text);
+    assert_eq!(finish, "stop");
+    assert_eq!(stream_usage["prompt_tokens"], usage["prompt_tokens"]);
+    assert_eq!(
+        stream_usage["completion_tokens"],
+        usage["completion_tokens"]
+    );
+    assert_eq!(
+        after - stack.balance(&key).await,
+        (prompt_tokens + completion_tokens) as i64
+    );
+
+    // max_tokens ends it with "length" and is charged exactly.
+    let before = stack.balance(&key).await;
+    let short = stack.chat(&key, &chat(FRANCE, 3)).await;
+    assert_eq!(short["choices"][0]["finish_reason"], "length");
+    assert_eq!(short["usage"]["completion_tokens"], 3);
+    assert!(text.starts_with(short["choices"][0]["message"]["content"].as_str().unwrap()));
+    assert_eq!(
+        before - stack.balance(&key).await,
+        (prompt_tokens + 3) as i64
+    );
+    let (_, usage, finish) = stack.stream(&key, &chat(FRANCE, 3)).await;
+    assert_eq!(
+        (finish.as_str(), &usage["completion_tokens"]),
+        ("length", &json!(3))
+    );
+
+    // A stop sequence ends it before the sequence, in both forms.
+    let at = text.find("Paris").unwrap();
+    let mut stopped = chat(FRANCE, 64);
+    stopped["stop"] = json!(["Paris"]);
+    let answer = stack.chat(&key, &stopped).await;
+    assert_eq!(answer["choices"][0]["message"]["content"], text[..at]);
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    let (streamed, _, finish) = stack.stream(&key, &stopped).await;
+    assert_eq!((streamed.as_str(), finish.as_str()), (&text[..at], "stop"));
+
+    // The legacy completions endpoint.
+    let response = stack
+        .post(
+            &key,
+            "/completions",
+            &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let completion: Value = response.json().await.unwrap();
+    assert_eq!(completion["object"], "text_completion");
+    assert_eq!(completion["usage"]["completion_tokens"], 4);
+    assert_eq!(
+        completion["usage"]["prompt_tokens"],
+        tokenizer().count_tokens("The capital of France is")
+    );
+    assert!(
+        !completion["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+
+    // /v1/models tells the context and the price.
+    let models: Value = stack
+        .http
+        .get(format!("{}/models", stack.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = &models["data"][0];
+    assert_eq!(entry["id"], MODEL);
+    assert_eq!(
+        (&entry["price_completion_cu"], &entry["context_length"]),
+        (&json!(1), &json!(2048))
+    );
+    stack.wait_idle().await;
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sampling_follows_the_request() {
+    let stack = Stack::start("10 TFLOP", "").await;
+    let key = stack.env.person_with_key("alice");
+    let story = |seed: u64| {
+        json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a short story about a dragon."}],
+            "max_tokens": 24,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "seed": seed,
+        })
+    };
+    let text = |answer: Value| {
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = text(stack.chat(&key, &story(7)).await);
+    assert_eq!(text(stack.chat(&key, &story(7)).await), first);
+    let mut others = Vec::new();
+    for seed in [100, 101, 102] {
+        others.push(text(stack.chat(&key, &story(seed)).await));
+    }
+    assert!(others.iter().any(|other| *other != first), "{first:?}");
+    // Bad values are refused, and cost nothing.
+    let before = stack.balance(&key).await;
+    for (field, value) in [
+        ("temperature", json!(3)),
+        ("top_p", json!(-0.1)),
+        ("presence_penalty", json!(5)),
+        ("seed", json!("x")),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("logprobs", json!(true)),
+    ] {
+        let mut body = chat(FRANCE, 8);
+        body[field] = value;
+        let response = stack.post(&key, "/chat/completions", &body).await;
+        assert_eq!(response.status(), 400, "{field}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
+    let mut image = chat(FRANCE, 8);
+    image["messages"][0]["content"] = json!([{"type": "image_url", "image_url": {"url": "x"}}]);
+    let response = stack.post(&key, "/chat/completions", &image).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(stack.balance(&key).await, before);
+    // Text parts are read as text.
+    let mut parts = chat(FRANCE, 64);
+    parts["messages"][0]["content"] = json!([{"type": "text", "text": FRANCE}]);
+    let answer = stack.chat(&key, &parts).await;
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris")
+    );
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_concurrent_greedy_requests_answer_as_they_do_one_at_a_time() {
+    let stack = Stack::start("10 TFLOP", "slots = 8").await;
+    let key = stack.env.person_with_key("alice");
+    let questions = [
+        FRANCE,
+        "Name three colours.",
+        "What is 2 + 2?",
+        "Write a haiku about the sea.",
+        "What is the largest planet in the solar system?",
+        "Say hello in Spanish.",
+        "Give me a word that rhymes with cat.",
+        "What do bees make?",
+    ];
+    let mut alone = Vec::new();
+    for question in questions {
+        let answer = stack.chat(&key, &chat(question, 48)).await;
+        alone.push(answer["choices"][0]["message"]["content"].clone());
+    }
+    let bodies: Vec<Value> = questions
+        .iter()
+        .map(|question| chat(question, 48))
+        .collect();
+    let together =
+        futures_util::future::join_all(bodies.iter().map(|body| stack.chat(&key, body))).await;
+    for ((question, alone), together) in questions.iter().zip(&alone).zip(&together) {
+        assert_eq!(
+            *alone, together["choices"][0]["message"]["content"],
+            "{question}"
+        );
+    }
+    stack.wait_idle().await;
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_frees_its_slot_and_pays_only_for_what_was_computed() {
+    let stack = Stack::start("10 TFLOP", "slots = 2").await;
+    let key = stack.env.person_with_key("alice");
+    let long = "Write a very long story about a lighthouse keeper.";
+    let prompt_tokens = chat_prompt_tokens(long) as i64;
+
+    // Mid-stream: read a few chunks, then hang up.
+    let before = stack.balance(&key).await;
+    let mut body = chat(long, 1_500);
+    body["stream"] = json!(true);
+    let response = stack.post(&key, "/chat/completions", &body).await;
+    let mut chunks = response.bytes_stream();
+    let mut received = 0;
+    while received < 5 {
+        let bytes = chunks.next().await.unwrap().unwrap();
+        received += String::from_utf8_lossy(&bytes).matches("data: ").count();
+    }
+    drop(chunks);
+    stack.wait_idle().await;
+    let charged = before - stack.balance(&key).await;
+    // The prompt, and the few tokens made before the server saw the client go: far fewer than
+    // the 1500 it asked for.
+    assert!(
+        charged > prompt_tokens && charged < prompt_tokens + 300,
+        "charged {charged} for a {prompt_tokens}-token prompt"
+    );
+    assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
+
+    // Waiting for a plain answer, then hanging up: the same.
+    let before = stack.balance(&key).await;
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        stack.post(&key, "/chat/completions", &chat(long, 1_500)),
+    )
+    .await;
+    assert!(gone.is_err(), "a 1500-token answer came back in 300 ms");
+    stack.wait_idle().await;
+    let charged = before - stack.balance(&key).await;
+    assert!(
+        charged > prompt_tokens && charged < prompt_tokens + 300,
+        "charged {charged}"
+    );
+
+    // The model serves on.
+    let answer = stack.chat(&key, &chat(FRANCE, 32)).await;
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris")
+    );
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_longer_than_the_context_is_a_400_and_the_server_serves_on() {
+    let stack = Stack::start("10 TFLOP", "context = 256").await;
+    let key = stack.env.person_with_key("alice");
+    let before = stack.balance(&key).await;
+    let long = "Tell me everything about France. ".repeat(100);
+    for body in [chat(&long, 16), chat(FRANCE, 250)] {
+        let response = stack.post(&key, "/chat/completions", &body).await;
+        assert_eq!(response.status(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "context_length_exceeded", "{error}");
+        assert_eq!(error["error"]["param"], "messages");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("maximum context length is 256 tokens"),
+            "{error}"
+        );
+    }
+    let response = stack
+        .post(
+            &key,
+            "/completions",
+            &json!({"model": MODEL, "prompt": long, "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "prompt");
+    assert_eq!(stack.balance(&key).await, before, "refusals are free");
+    // Without max_tokens, the completion gets what is left of the context.
+    let mut open = chat(FRANCE, 1);
+    open.as_object_mut().unwrap().remove("max_tokens");
+    let answer = stack.chat(&key, &open).await;
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris")
+    );
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_calls_never_overspend_a_small_budget() {
+    // 1 TFLOP = 1000 cu: about ten calls of a 42-token prompt and up to 64 tokens each.
+    let stack = Stack::start("1 TFLOP", "slots = 4").await;
+    let key = stack.env.person_with_key("alice");
+    let results = futures_util::future::join_all((0..24).map(|i| {
+        let stack = &stack;
+        let key = key.clone();
+        async move {
+            let body = chat(&format!("Count from {i} to {}.", i + 20), 64);
+            let response = stack.post(&key, "/chat/completions", &body).await;
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.unwrap();
+            (status, answer)
+        }
+    }))
+    .await;
+    let mut charged = 0;
+    let mut refused = 0;
+    for (status, answer) in &results {
+        match status {
+            200 => {
+                charged += answer["usage"]["total_tokens"].as_i64().unwrap();
+            }
+            429 => {
+                refused += 1;
+                assert_eq!(answer["error"]["type"], "insufficient_quota");
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert!(refused > 0, "24 calls fit in a budget for about ten");
+    let budget = stack.budget(&key).await;
+    // Every answered call was charged exactly its usage, and nothing else was.
+    assert_eq!(budget["balance_cu"], 1_000 - charged, "{budget}");
+    assert!(budget["available_cu"].as_i64().unwrap() >= 0);
+    assert_eq!(budget["reserved_cu"], 0);
+    stack.verify();
+}
