@@ -10,7 +10,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 # The official OpenAI SDK for the end-to-end tests lives in a virtualenv beside the build.
 PYENV := $(TARGET)/pyenv
 
-.PHONY: serve test bench setup
+.PHONY: serve test bench bench-model setup
 
 setup:
 	@scripts/setup.sh
@@ -34,3 +34,9 @@ test: setup $(PYENV)/.installed
 
 bench: setup
 	$(CARGO) bench --locked -p stipend-ledger --bench ledger
+
+# The embedded model against a raw llama.cpp loop, 1/2/4/8 streams (docs/benchmarks.md).
+bench-model: setup
+	$(CARGO) build --locked -q -p stipend
+	$(TARGET)/debug/stipend model fetch --dir models
+	$(CARGO) bench --locked -p stipend --bench embedded

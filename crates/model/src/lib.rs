@@ -333,7 +333,9 @@ pub struct EmbeddedModel {
     busy: Arc<AtomicUsize>,
 }
 
-fn backend() -> Result<&'static LlamaBackend, ModelError> {
+/// llama.cpp's backend, started once per process (llama.cpp allows no second start): for code
+/// that uses llama.cpp directly beside the embedded model, such as the benchmark's raw loop.
+pub fn backend() -> Result<&'static LlamaBackend, ModelError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
