@@ -316,7 +316,11 @@ fn main() {
                 "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
             ))
         });
-    assert!(gguf.is_file(), "{} is missing: run `stipend model fetch`", gguf.display());
+    assert!(
+        gguf.is_file(),
+        "{} is missing: run `stipend model fetch`",
+        gguf.display()
+    );
     let streams: Vec<usize> = std::env::var("STIPEND_BENCH_STREAMS")
         .unwrap_or_else(|_| "1,2,4,8".to_string())
         .split(',')

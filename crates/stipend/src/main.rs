@@ -29,8 +29,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the server on the configured store (embedded SQLite by default).
-    Serve,
+    /// Run the server on the configured store (embedded SQLite by default). With no config
+    /// file: the embedded default model (fetched if missing) and a demo person.
+    Serve {
+        /// Listen here instead of the config's `listen` (port 0 picks a free port).
+        #[arg(long, value_name = "ADDRESS")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Create, list and show accounts.
     #[command(subcommand)]
     Account(AccountCommand),
@@ -185,9 +190,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
     let request = match cli.command {
-        Command::Serve => {
+        Command::Serve { listen } => {
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

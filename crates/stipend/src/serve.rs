@@ -343,7 +343,7 @@ fn print_summary(
          Then call it with any OpenAI client:\n  \
          curl http://{address}/v1/chat/completions -H \"Authorization: Bearer $KEY\" \\\n    \
          -H 'Content-Type: application/json' \\\n    \
-         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n\n  \
+         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one sentence.\"}}]}}'\n\n  \
          python3 -c 'from openai import OpenAI; import os; print(OpenAI(base_url=\"http://{address}/v1\", api_key=os.environ[\"KEY\"]).chat.completions.create(model=\"{example_model}\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)'\n\n\
          Your budget:\n  \
          curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n\n\

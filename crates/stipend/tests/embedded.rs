@@ -564,3 +564,95 @@ async fn concurrent_calls_never_overspend_a_small_budget() {
     assert_eq!(budget["reserved_cu"], 0);
     stack.verify();
 }
+
+/// `stipend serve` with no config file, as a new user runs it (the model already fetched into
+/// `./models`, linked here to spare the download).
+fn zero_config_server(dir: &std::path::Path) -> Server {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stipend"));
+    command.current_dir(dir).env_remove("STIPEND_CONFIG").args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    Server::spawn(command)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_config_file_it_serves_the_embedded_model_to_a_demo_person() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(
+        gguf(),
+        dir.path()
+            .join("models")
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    let server = zero_config_server(dir.path());
+    let output = server.output();
+    assert!(
+        output.contains("smollm2-135m")
+            && output.contains("1 cu/prompt token, 1 cu/completion token")
+            && output.contains("8 slots of 2048 tokens"),
+        "{output}"
+    );
+    let key = output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("export KEY="))
+        .unwrap_or_else(|| panic!("no key printed: {output}"))
+        .to_string();
+    assert!(output.contains("/v1/chat/completions"), "{output}");
+    let http = reqwest::Client::new();
+    let answer: Value = http
+        .post(format!("{}/chat/completions", server.base))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": FRANCE}], "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{answer}"
+    );
+    let budget: Value = http
+        .get(format!("{}/budget", server.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(budget["account"], "demo");
+    let used = &budget["models"][0]["usage_this_period"];
+    assert_eq!(used["requests"], 1);
+    assert_eq!(used["charged_cu"], answer["usage"]["total_tokens"]);
+    server.stop();
+
+    // Started again: the same demo person, its key still good, and no new key printed.
+    let server = zero_config_server(dir.path());
+    let output = server.output();
+    assert!(!output.contains("export KEY="), "{output}");
+    assert!(
+        output.contains("its key was shown when it was made"),
+        "{output}"
+    );
+    let budget: Value = http
+        .get(format!("{}/budget", server.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(budget["models"][0]["usage_this_period"]["requests"], 1);
+    server.stop();
+}

@@ -87,11 +87,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(env: &Env) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stipend"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stipend"));
+        command
             .current_dir(env.dir.path())
             .arg("--config")
             .arg(env.config())
-            .arg("serve")
+            .arg("serve");
+        Server::spawn(command)
+    }
+
+    /// Starts `command` (a `stipend … serve`) and waits until it is ready.
+    pub fn spawn(mut command: Command) -> Server {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -102,11 +109,18 @@ impl Server {
         {
             let output = output.clone();
             std::thread::spawn(move || {
+                // Ready once the whole start-up summary is out.
+                let mut base = None;
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     if let Some(rest) = line.strip_prefix("Stipend is running on ") {
-                        let _ = ready_tx.send(rest.trim().to_string());
+                        base = Some(rest.trim().to_string());
                     }
                     output.lock().unwrap().push_str(&format!("{line}\n"));
+                    if line.starts_with("Press Ctrl-C to stop")
+                        && let Some(base) = base.take()
+                    {
+                        let _ = ready_tx.send(base);
+                    }
                 }
             });
         }
