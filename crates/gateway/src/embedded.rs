@@ -17,9 +17,10 @@ use stipend_model::{
     ChatMessage, EmbeddedModel, Event, FinishReason, Generate, Generation, ModelError, Sampling,
     TokenCounts,
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
+use crate::queue::Place;
 use crate::relay::{self, Hold, Usage};
 use crate::routes::{Checked, Endpoint, Parsed};
 use crate::{Backend, Gateway};
@@ -431,7 +432,7 @@ pub(crate) async fn serve(
     generate: Generate,
     hold: Hold,
     worst_cu: u64,
-    permit: OwnedSemaphorePermit,
+    place: Place,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let Backend::Embedded(engine) = &checked.model.backend else {
@@ -446,7 +447,7 @@ pub(crate) async fn serve(
             checked,
             hold,
             worst_cu,
-            permit,
+            place,
             generation,
             Output::Stream(sender),
             shape,
@@ -459,7 +460,7 @@ pub(crate) async fn serve(
         checked,
         hold,
         worst_cu,
-        permit,
+        place,
         generation,
         Output::Whole(Some(reply)),
         shape,
@@ -474,7 +475,7 @@ async fn drive(
     checked: Checked,
     hold: Hold,
     worst_cu: u64,
-    permit: OwnedSemaphorePermit,
+    place: Place,
     mut generation: Generation,
     mut output: Output,
     shape: Shape,
@@ -513,6 +514,8 @@ async fn drive(
             }
             Some(Event::Text(piece)) => {
                 delivered = true;
+                // Service delivered, for the fair-share counter (trued up at the end).
+                place.charge(model.price_completion_cu);
                 if checked.stream {
                     if !client_gone && !output.send(shape.chunk(false, &piece, None)).await {
                         generation.cancel();
@@ -534,8 +537,6 @@ async fn drive(
             }
         }
     };
-    // The slot is free: let the next call in while this one's charge is made durable.
-    drop(permit);
     let counts = match &end {
         End::Done(counts, _) | End::ClientGone(counts) | End::TimeUp(counts) => *counts,
         // A failure before any output is charged nothing.
@@ -548,6 +549,8 @@ async fn drive(
     }
     .cost_cu(&model, &checked)
     .min(worst_cu);
+    // The slot is free: let the next call in while this one's charge is made durable.
+    place.finish(cost_cu);
     let settled = if counts == TokenCounts::default() {
         drop(hold); // nothing computed: void
         Ok(())

@@ -43,6 +43,14 @@ pub enum ApiError {
         /// When the next stipend arrives (ms since the epoch), if ever.
         next_grant_at_ms: Option<i64>,
     },
+    /// 429 `rate_limit_exceeded`: the model's fair-share queue is full for this person or for
+    /// everyone, or the request waited too long for a slot. Nothing was charged.
+    RateLimited {
+        /// Which bound.
+        reason: stipend_fairshare::Rejection,
+        /// When to try again (`Retry-After`).
+        retry_after_s: u64,
+    },
     /// 503: the server is at a limit; try again shortly.
     Overloaded(String),
     /// 502: the upstream model server failed.
@@ -116,6 +124,16 @@ impl ApiError {
                         None => "This account receives no stipend.".to_string(),
                     }
                 ),
+            ),
+            ApiError::RateLimited { reason, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                Some(reason.as_str()),
+                match reason {
+                    stipend_fairshare::Rejection::PersonQueueFull => "You already have as many requests waiting for this model as one person may; this one was not queued. Nothing was charged.".to_string(),
+                    stipend_fairshare::Rejection::QueueFull => "This model's queue is full; try again shortly. Nothing was charged.".to_string(),
+                    stipend_fairshare::Rejection::WaitTooLong => "This model was busy for longer than a request may wait; try again later. Nothing was charged.".to_string(),
+                },
             ),
             ApiError::Overloaded(message) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -226,6 +244,9 @@ impl IntoResponse for ApiError {
             {
                 headers.insert("x-stipend-next-grant", value);
             }
+        }
+        if let ApiError::RateLimited { retry_after_s, .. } = &self {
+            headers.insert("retry-after", HeaderValue::from(*retry_after_s));
         }
         if matches!(self, ApiError::Overloaded(_)) {
             headers.insert("retry-after", HeaderValue::from_static("1"));

@@ -9,6 +9,7 @@ mod embedded;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod queue;
 mod relay;
 mod routes;
 pub mod upstream;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stipend_ledger::{AccountId, Ledger};
-use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 pub use keys::KeyRing;
@@ -50,8 +50,8 @@ pub struct Model {
     pub sink: AccountId,
     /// Where it runs.
     pub backend: Backend,
-    /// At most this many requests in flight (for the embedded model: its slots).
-    pub permits: Arc<Semaphore>,
+    /// Its capacity (for the embedded model: its slots) and the fair-share queue in front.
+    pub queue: Arc<queue::FairQueue>,
     /// The same number, for display.
     pub max_concurrency: usize,
     /// Its counters.

@@ -18,6 +18,8 @@ pub enum Outcome {
     Invalid,
     /// The budget could not cover it.
     BudgetExhausted,
+    /// The fair-share queue turned it away.
+    RateLimited,
     /// A server limit.
     Overloaded,
     /// The upstream failed.
@@ -30,11 +32,12 @@ pub enum Outcome {
     Internal,
 }
 
-const OUTCOMES: [Outcome; 9] = [
+const OUTCOMES: [Outcome; 10] = [
     Outcome::Ok,
     Outcome::Unauthorized,
     Outcome::Invalid,
     Outcome::BudgetExhausted,
+    Outcome::RateLimited,
     Outcome::Overloaded,
     Outcome::UpstreamError,
     Outcome::UpstreamTimeout,
@@ -49,6 +52,7 @@ impl Outcome {
             Outcome::Unauthorized => "unauthorized",
             Outcome::Invalid => "invalid",
             Outcome::BudgetExhausted => "budget_exhausted",
+            Outcome::RateLimited => "rate_limited",
             Outcome::Overloaded => "overloaded",
             Outcome::UpstreamError => "upstream_error",
             Outcome::UpstreamTimeout => "upstream_timeout",
@@ -76,6 +80,7 @@ impl Outcome {
                 | ApiError::PayloadTooLarge(_),
             ) => Outcome::Invalid,
             Err(ApiError::BudgetExhausted { .. }) => Outcome::BudgetExhausted,
+            Err(ApiError::RateLimited { .. }) => Outcome::RateLimited,
             Err(ApiError::Overloaded(_)) => Outcome::Overloaded,
             Err(ApiError::Upstream(_)) => Outcome::UpstreamError,
             Err(ApiError::UpstreamTimeout) => Outcome::UpstreamTimeout,
@@ -148,14 +153,119 @@ pub struct Gauges {
     pub slots_busy: Vec<(String, usize)>,
 }
 
+/// One model's fair-share queue, for `/metrics`.
+pub struct QueueView<'a> {
+    /// The model.
+    pub model: &'a str,
+    /// Requests running now (read together with `waiting`).
+    pub running: usize,
+    /// Requests waiting now.
+    pub waiting: usize,
+    /// Its counters.
+    pub counters: &'a crate::queue::QueueCounters,
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// Renders the fair-share queues' gauges and counters.
+fn render_queues(out: &mut String, queues: &[QueueView<'_>]) {
+    header(
+        out,
+        "stipend_queue_running",
+        "gauge",
+        "Requests holding a slot of a model, read together with stipend_queue_depth.",
+    );
+    for queue in queues {
+        let _ = writeln!(
+            out,
+            "stipend_queue_running{{model=\"{}\"}} {}",
+            queue.model, queue.running
+        );
+    }
+    header(
+        out,
+        "stipend_queue_depth",
+        "gauge",
+        "Requests waiting in a model's fair-share queue.",
+    );
+    for queue in queues {
+        let _ = writeln!(
+            out,
+            "stipend_queue_depth{{model=\"{}\"}} {}",
+            queue.model, queue.waiting
+        );
+    }
+    header(
+        out,
+        "stipend_queue_rejections_total",
+        "counter",
+        "Requests the fair-share queue turned away, by reason.",
+    );
+    for queue in queues {
+        for (reason, count) in crate::queue::REJECTIONS
+            .iter()
+            .zip(&queue.counters.rejected)
+        {
+            let _ = writeln!(
+                out,
+                "stipend_queue_rejections_total{{model=\"{}\",reason=\"{}\"}} {}",
+                queue.model,
+                reason.as_str(),
+                count.load(Ordering::Relaxed)
+            );
+        }
+    }
+    header(
+        out,
+        "stipend_queue_wait_seconds",
+        "histogram",
+        "Time from reservation to a slot, for requests given one.",
+    );
+    for queue in queues {
+        let counters = queue.counters;
+        for (bound, bucket) in crate::queue::WAIT_BUCKETS_S
+            .iter()
+            .zip(&counters.wait_buckets)
+        {
+            let _ = writeln!(
+                out,
+                "stipend_queue_wait_seconds_bucket{{model=\"{}\",le=\"{bound}\"}} {}",
+                queue.model,
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = counters.admitted.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "stipend_queue_wait_seconds_bucket{{model=\"{}\",le=\"+Inf\"}} {count}",
+            queue.model
+        );
+        let _ = writeln!(
+            out,
+            "stipend_queue_wait_seconds_sum{{model=\"{}\"}} {}",
+            queue.model,
+            counters.wait_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "stipend_queue_wait_seconds_count{{model=\"{}\"}} {count}",
+            queue.model
+        );
+    }
+}
+
 /// Renders every counter in the Prometheus text format.
-pub fn render(models: &[(&str, &Counters)], unrouted: &Counters, gauges: &Gauges) -> String {
+pub fn render(
+    models: &[(&str, &Counters)],
+    unrouted: &Counters,
+    gauges: &Gauges,
+    queues: &[QueueView<'_>],
+) -> String {
     let mut out = String::new();
+    render_queues(&mut out, queues);
     let all: Vec<(&str, &Counters)> = models
         .iter()
         .copied()

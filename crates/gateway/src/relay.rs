@@ -15,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::Value;
 use stipend_ledger::{Ledger, ReservationId, Settlement};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
+use crate::queue::Place;
 use crate::routes::Checked;
 use crate::{Gateway, Model};
 
@@ -164,11 +164,11 @@ pub(crate) fn stream(
     hold: Hold,
     upstream: reqwest::Response,
     timeout: Duration,
-    permit: OwnedSemaphorePermit,
+    place: Place,
 ) -> Response {
     let (sender, receiver) = mpsc::channel::<Bytes>(RELAY_CHANNEL_CAPACITY);
     tokio::spawn(relay(
-        gateway, checked, hold, upstream, timeout, sender, permit,
+        gateway, checked, hold, upstream, timeout, sender, place,
     ));
     sse_response(receiver)
 }
@@ -199,7 +199,7 @@ async fn relay(
     upstream: reqwest::Response,
     timeout: Duration,
     sender: mpsc::Sender<Bytes>,
-    permit: OwnedSemaphorePermit,
+    place: Place,
 ) {
     let model = Arc::clone(&checked.model);
     // The whole stream ends before its hold could expire, however slowly it trickles.
@@ -269,6 +269,8 @@ async fn relay(
             }
             if produced_output(&chunk) {
                 chunks_with_output += 1;
+                // Service delivered, for the fair-share counter: about a token per chunk.
+                place.charge(model.price_completion_cu);
             }
             if !checked.include_usage
                 && let Some(fields) = chunk.as_object_mut()
@@ -282,7 +284,6 @@ async fn relay(
     };
     // Close the upstream connection now: an abandoned generation stops costing anything.
     drop(chunks);
-    drop(permit);
     let cost_cu = match usage {
         Some(usage) => Some(usage.cost_cu(&model, &checked)),
         // No usage (the client left, or the upstream broke off): charge what was produced, one
@@ -300,6 +301,8 @@ async fn relay(
         }
         None => None,
     };
+    // The slot is free while the charge is made durable.
+    place.finish(cost_cu.unwrap_or(0));
     let settled = match cost_cu {
         Some(cost_cu) => hold.settle(cost_cu).await.map(|settlement| {
             model.counters.charged(settlement.charged_cu);

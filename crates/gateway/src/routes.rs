@@ -12,9 +12,9 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 use stipend_ledger::units::{format_duration, format_utc};
 use stipend_ledger::{AccountId, AccountKind};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::ApiError;
+use crate::queue::Place;
 use crate::relay::{self, Hold, Usage};
 use crate::{Backend, Gateway, Model, Upstream};
 
@@ -137,6 +137,9 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
                     "requests": used.map_or(0, |usage| usage.requests),
                     "charged_cu": used.map_or(0, |usage| usage.charged_cu),
                 },
+                // Where this account's oldest waiting request stands in the model's fair-share
+                // queue (1: next), or null when none waits.
+                "queue_position": model.queue.position(account.0),
             })
         }).collect::<Vec<_>>(),
     }))
@@ -153,13 +156,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         in_flight: gateway
             .models
             .values()
-            .map(|model| {
-                let free = model.permits.available_permits();
-                (
-                    model.name.clone(),
-                    model.max_concurrency.saturating_sub(free),
-                )
-            })
+            .map(|model| (model.name.clone(), model.queue.load().0))
             .collect(),
         slots_busy: gateway
             .models
@@ -170,6 +167,19 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             })
             .collect(),
     };
+    let queues: Vec<crate::metrics::QueueView<'_>> = gateway
+        .models
+        .values()
+        .map(|model| {
+            let (running, waiting) = model.queue.load();
+            crate::metrics::QueueView {
+                model: &model.name,
+                running,
+                waiting,
+                counters: &model.queue.counters,
+            }
+        })
+        .collect();
     let models: Vec<(&str, &crate::metrics::Counters)> = gateway
         .models
         .values()
@@ -180,7 +190,7 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        crate::metrics::render(&models, &gateway.unrouted, &gauges),
+        crate::metrics::render(&models, &gateway.unrouted, &gauges, &queues),
     )
         .into_response()
 }
@@ -272,8 +282,8 @@ async fn serve(
             .await
             .map_err(|_| ApiError::Internal)??;
             let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
-            let permit = acquire(&model).await?;
-            crate::embedded::serve(gateway, checked, generate, hold, worst_cu, permit, endpoint)
+            let place = acquire(&model, account, &checked).await?;
+            crate::embedded::serve(gateway, checked, generate, hold, worst_cu, place, endpoint)
                 .await
         }
     }
@@ -308,12 +318,22 @@ fn reserve(
     ))
 }
 
-/// Waits for one of the model's places in flight (a fair-share queue comes next).
-async fn acquire(model: &Arc<Model>) -> Result<OwnedSemaphorePermit, ApiError> {
-    Arc::clone(&model.permits)
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::Overloaded("the server is shutting down".to_string()))
+/// Waits in the model's fair-share queue for a slot. The payer is the account the key spends
+/// from (a person or a pool), so all of one person's requests share one person's turn.
+async fn acquire(
+    model: &Arc<Model>,
+    account: AccountId,
+    checked: &Checked,
+) -> Result<Place, ApiError> {
+    // The prompt's service, charged to the payer's counter when the request is admitted: exact
+    // for the embedded model; for an upstream its byte bound over four (the usual bytes per
+    // token), trued up to the reported usage when it ends.
+    let prompt_cu = match model.backend {
+        Backend::Embedded(_) => checked.prompt_tokens_max,
+        Backend::Upstream { .. } => checked.prompt_tokens_max.div_ceil(4),
+    }
+    .saturating_mul(model.price_prompt_cu);
+    model.queue.enter(account.0, prompt_cu).await
 }
 
 async fn serve_upstream(
@@ -326,7 +346,7 @@ async fn serve_upstream(
 ) -> Result<Response, ApiError> {
     let model = Arc::clone(&checked.model);
     let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
-    let permit = acquire(&model).await?;
+    let place = acquire(&model, account, &checked).await?;
     let response = upstream.post(endpoint.path(), &upstream_body).await?;
     if checked.stream {
         return Ok(relay::stream(
@@ -335,15 +355,13 @@ async fn serve_upstream(
             hold,
             response,
             upstream.timeout(),
-            permit,
+            place,
         ));
     }
     let text = tokio::time::timeout(upstream.timeout(), response.bytes())
         .await
         .map_err(|_| ApiError::UpstreamTimeout)?
         .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
-    // The upstream is done with this call: its capacity is free while the charge is made durable.
-    drop(permit);
     let mut answer = match serde_json::from_slice::<Value>(&text) {
         Ok(answer @ Value::Object(_)) => answer,
         _ => {
@@ -362,6 +380,8 @@ async fn serve_upstream(
             worst_cu
         }
     };
+    // The upstream is done with this call: its slot is free while the charge is made durable.
+    place.finish(cost_cu);
     let settlement = hold.settle(cost_cu).await?;
     model.counters.charged(settlement.charged_cu);
     answer["model"] = Value::String(model.name.clone());

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use stipend_gateway::queue::{FairQueue, QueueOptions};
 use stipend_gateway::{
     Backend, Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN, Upstream, UpstreamConfig,
 };
@@ -51,7 +52,7 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
             .unwrap(),
             model: "trickle".to_string(),
         },
-        permits: Arc::new(tokio::sync::Semaphore::new(4)),
+        queue: Arc::new(FairQueue::new(4, QueueOptions::default())),
         max_concurrency: 4,
         counters: Default::default(),
     };

@@ -42,6 +42,9 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     listen: Option<String>,
     max_tokens_default: Option<i64>,
+    queue_depth_max_per_person: Option<i64>,
+    queue_depth_max: Option<i64>,
+    queue_wait_max: Option<String>,
     #[serde(default)]
     stipend: RawStipend,
     #[serde(default)]
@@ -341,6 +344,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Completion tokens reserved when a request gives no `max_tokens`.
     pub max_tokens_default: u64,
+    /// The fair-share queue's bounds, for every model.
+    pub queue: stipend_gateway::queue::QueueOptions,
     /// The models.
     pub models: Vec<ModelConfig>,
 }
@@ -441,6 +446,41 @@ impl Config {
             Some(n) if (1..=131_072).contains(&n) => n as u64,
             Some(n) => bail!("config {name}: max_tokens_default must be from 1 to 131072, got {n}"),
         };
+        let defaults = stipend_gateway::queue::QueueOptions::default();
+        let depth = |key: &str, value: Option<i64>, default: usize| -> anyhow::Result<usize> {
+            match value {
+                None => Ok(default),
+                Some(n) if (1..=1_000_000).contains(&n) => Ok(n as usize),
+                Some(n) => bail!("config {name}: {key} must be from 1 to 1000000, got {n}"),
+            }
+        };
+        let queue_wait_max = match raw.queue_wait_max.as_deref() {
+            None => defaults.queue_wait_max,
+            Some(text) => {
+                let wait = parse_duration(text)
+                    .context("queue_wait_max")
+                    .with_context(|| format!("config {name}"))?;
+                if wait < std::time::Duration::from_millis(10)
+                    || wait > stipend_gateway::UPSTREAM_TIMEOUT_MAX
+                {
+                    bail!("config {name}: queue_wait_max must be from 10ms to 10m, got {text}");
+                }
+                wait
+            }
+        };
+        let queue = stipend_gateway::queue::QueueOptions {
+            queue_depth_max_per_person: depth(
+                "queue_depth_max_per_person",
+                raw.queue_depth_max_per_person,
+                defaults.queue_depth_max_per_person,
+            )?,
+            queue_depth_max: depth(
+                "queue_depth_max",
+                raw.queue_depth_max,
+                defaults.queue_depth_max,
+            )?,
+            queue_wait_max,
+        };
         let mut models = Vec::with_capacity(raw.models.len());
         for (index, raw_model) in raw.models.into_iter().enumerate() {
             let model = check_model(index, raw_model, &base, env)
@@ -462,6 +502,7 @@ impl Config {
             policy,
             listen,
             max_tokens_default,
+            queue,
             models,
         })
     }

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use stipend_gateway::queue::FairQueue;
 use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
 use stipend_ledger::units::{default_price_cu_per_token, format_duration};
 use stipend_ledger::{AccountKind, Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock};
 use stipend_model::{EmbeddedModel, LoadOptions};
 use stipend_store_sqlite::SqliteStore;
-use tokio::sync::Semaphore;
 
 use crate::config::{BackendConfig, Config};
 use crate::control;
@@ -136,7 +136,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
                 price_completion_cu: price(model.price_completion_cu)?,
                 sink,
                 backend,
-                permits: Arc::new(Semaphore::new(capacity)),
+                queue: Arc::new(FairQueue::new(capacity, config.queue)),
                 max_concurrency: capacity,
                 counters: Default::default(),
             }),
@@ -343,8 +343,9 @@ fn print_summary(
          Then call it with any OpenAI client:\n  \
          curl http://{address}/v1/chat/completions -H \"Authorization: Bearer $KEY\" \\\n    \
          -H 'Content-Type: application/json' \\\n    \
-         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one sentence.\"}}]}}'\n\n  \
-         python3 -c 'from openai import OpenAI; import os; print(OpenAI(base_url=\"http://{address}/v1\", api_key=os.environ[\"KEY\"]).chat.completions.create(model=\"{example_model}\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)'\n\n\
+         -d '{{\"model\": \"{example_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one sentence.\"}}], \"temperature\": 0}}'\n\n  \
+         # Python, with the official client (pip install openai):\n  \
+         python3 -c 'from openai import OpenAI; import os; print(OpenAI(base_url=\"http://{address}/v1\", api_key=os.environ[\"KEY\"]).chat.completions.create(model=\"{example_model}\", messages=[{{\"role\": \"user\", \"content\": \"Name three colours.\"}}], temperature=0).choices[0].message.content)'\n\n\
          Your budget:\n  \
          curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n\n\
          Press Ctrl-C to stop.",

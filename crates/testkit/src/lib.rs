@@ -8,6 +8,7 @@
 //! - `stall`: never answers;
 //! - `drop-mid-stream`: streams half its tokens, then drops the connection;
 //! - `slow`: waits 20 ms before each token (and before a non-stream answer);
+//! - `sleepy`: the same, 200 ms a token (a request that holds its slot for seconds);
 //! - `odd-usage`: reports ten times the completion tokens it produced;
 //! - `no-usage`: reports no usage at all;
 //! - `trickle`: streams a token every 50 ms and never ends;
@@ -70,6 +71,7 @@ async fn answer(body: Bytes, chat: bool) -> Response {
     let tokens = reply_tokens(max_tokens);
     let delay = match model.as_str() {
         "slow" => Duration::from_millis(20),
+        "sleepy" => Duration::from_millis(200),
         "trickle" => Duration::from_millis(50),
         _ => Duration::ZERO,
     };
