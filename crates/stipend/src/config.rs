@@ -608,6 +608,24 @@ mod tests {
         assert_eq!(upstream_model, "cheap");
         assert_eq!(*max_concurrency, MAX_CONCURRENCY_DEFAULT);
         let defaults = Config::parse("", None).unwrap();
+        assert_eq!(
+            defaults.queue,
+            stipend_gateway::queue::QueueOptions::default()
+        );
+        let queue = Config::parse(
+            "queue_depth_max_per_person = 3\nqueue_depth_max = 30\nqueue_wait_max = \"5s\"",
+            None,
+        )
+        .unwrap()
+        .queue;
+        assert_eq!(
+            (
+                queue.queue_depth_max_per_person,
+                queue.queue_depth_max,
+                queue.queue_wait_max.as_secs()
+            ),
+            (3, 30, 5)
+        );
         assert_eq!(defaults.listen.to_string(), LISTEN_DEFAULT);
         assert!(defaults.models.is_empty());
     }
@@ -740,6 +758,13 @@ mod tests {
             (format!("{}\n{}", model(""), model("")), "used twice"),
             ("listen = \"localhost\"".to_string(), "listen"),
             ("max_tokens_default = 0".to_string(), "max_tokens_default"),
+            ("queue_depth_max = 0".to_string(), "queue_depth_max must be"),
+            (
+                "queue_depth_max_per_person = -1".to_string(),
+                "queue_depth_max_per_person must be",
+            ),
+            ("queue_wait_max = \"1h\"".to_string(), "queue_wait_max must be"),
+            ("queue_wait_max = \"soon\"".to_string(), "queue_wait_max"),
         ] {
             let message = error(&text);
             assert!(message.contains(expected), "{text:?}: {message}");
