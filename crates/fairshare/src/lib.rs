@@ -325,6 +325,16 @@ impl Scheduler {
         expired
     }
 
+    /// Every waiting request leaves the queue (the server is stopping); returns them, oldest
+    /// first. Running requests are untouched.
+    pub fn drain(&mut self) -> Vec<Ticket> {
+        let tickets: Vec<Ticket> = self.waiting.keys().copied().collect();
+        for ticket in &tickets {
+            self.cancel(*ticket);
+        }
+        tickets
+    }
+
     /// Where `payer`'s oldest waiting request stands: 1 is served next.
     pub fn position(&self, payer: Payer) -> Option<usize> {
         let state = self.payers.get(&payer)?;

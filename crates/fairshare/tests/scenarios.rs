@@ -3,9 +3,9 @@
 //!
 //! Commands: `limits capacity=N person=N total=N wait=MS`, `at MS` (the clock),
 //! `arrive PAYER [weight=W] [prompt=CU]`, `charge TICKET CU`, `finish TICKET CU`,
-//! `cancel TICKET`, `expire`, `position PAYER`, `counter PAYER`.
+//! `cancel TICKET`, `expire`, `drain`, `position PAYER`, `counter PAYER`.
 //! Decisions: `admit T P`, `queue T P`, `reject P REASON`, `expired T`, `cancelled T`,
-//! `not-waiting T`, `position P N|none`, `counter P CU`.
+//! `drained T`, `not-waiting T`, `position P N|none`, `counter P CU`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -104,6 +104,11 @@ fn run(script: &str) -> Result<(), String> {
                 } else {
                     format!("not-waiting {}", t.0)
                 });
+            }
+            "drain" => {
+                for t in scheduler.drain() {
+                    produced.push(format!("drained {}", t.0));
+                }
             }
             "expire" => {
                 for t in scheduler.expire(now) {

@@ -90,11 +90,14 @@ fn rejection_index(reason: Rejection) -> usize {
 enum Admission {
     Run,
     Expired,
+    Closed,
 }
 
 struct State {
     scheduler: Scheduler,
     waiters: rustc_hash::FxHashMap<Ticket, oneshot::Sender<Admission>>,
+    /// The server is stopping: nobody new waits.
+    closed: bool,
 }
 
 impl State {
@@ -143,6 +146,7 @@ impl FairQueue {
                     queue_wait_max_ms: options.queue_wait_max.as_millis() as u64,
                 }),
                 waiters: rustc_hash::FxHashMap::default(),
+                closed: false,
             }),
             options,
             epoch: Instant::now(),
@@ -170,6 +174,18 @@ impl FairQueue {
         self.state.lock().scheduler.position(payer)
     }
 
+    /// The server is stopping: every waiting request is refused now (503, nothing charged) and
+    /// none waits from here on; running ones finish.
+    pub fn close(&self) {
+        let mut state = self.state.lock();
+        state.closed = true;
+        for ticket in state.scheduler.drain() {
+            if let Some(waiter) = state.waiters.remove(&ticket) {
+                let _ = waiter.send(Admission::Closed);
+            }
+        }
+    }
+
     fn refused(&self, reason: Rejection) -> ApiError {
         ApiError::RateLimited {
             reason,
@@ -191,6 +207,9 @@ impl FairQueue {
         let arrived = Instant::now();
         let (ticket, admission) = {
             let mut state = self.state.lock();
+            if state.closed {
+                return Err(shutting_down());
+            }
             let now = self.now_ms();
             state.expire(now, &self.counters);
             match state.scheduler.arrive(payer, 1, prompt_cu, now) {
@@ -219,6 +238,10 @@ impl FairQueue {
         let run = match outcome {
             Ok(Ok(Admission::Run)) => true,
             Ok(Ok(Admission::Expired)) => false,
+            Ok(Ok(Admission::Closed)) => {
+                waiting.armed = false;
+                return Err(shutting_down());
+            }
             Ok(Err(_)) => return Err(ApiError::Internal),
             Err(_) => {
                 // Our own deadline: expire everything overdue (this request included), unless
@@ -241,6 +264,12 @@ impl FairQueue {
             Err(self.refused(Rejection::WaitTooLong))
         }
     }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::Overloaded(
+        "The server is shutting down; try again shortly. Nothing was charged.".to_string(),
+    )
 }
 
 /// A request waiting in the queue; if its future is dropped (the client left), it leaves.
@@ -370,6 +399,31 @@ mod tests {
         a.finish(10);
         assert_eq!(queue.load(), (0, 0));
         assert_eq!(queue.counters.admitted.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn closing_refuses_the_waiting_and_the_new() {
+        let queue = queue(1, Duration::from_secs(60));
+        let running = queue.enter(1, 1).await.unwrap();
+        let waiter = {
+            let queue = Arc::clone(&queue);
+            tokio::spawn(async move { queue.enter(2, 1).await.map(|_| ()) })
+        };
+        while queue.load().1 < 1 {
+            tokio::task::yield_now().await;
+        }
+        queue.close();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(ApiError::Overloaded(_))
+        ));
+        assert!(matches!(
+            queue.enter(3, 1).await.err(),
+            Some(ApiError::Overloaded(_))
+        ));
+        assert_eq!(queue.load(), (1, 0));
+        running.finish(1);
+        assert_eq!(queue.load(), (0, 0));
     }
 
     #[tokio::test]

@@ -250,6 +250,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         DRAIN_TIMEOUT.as_secs()
     );
     let _ = stop_tx.send(true);
+    // Requests waiting for a slot are refused now (nothing charged) rather than held for the
+    // whole drain; those running finish.
+    for model in gateway.models.values() {
+        model.queue.close();
+    }
     match tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server failed"),
