@@ -3,7 +3,10 @@
 # something on a shared machine:
 #   (a) the upstream directly: nginx answering a fixed chat completion (never the bottleneck),
 #   (b) an nginx reverse proxy in front of it (the floor for any proxy),
-#   (c) Stipend in front of it, with budgets enforced (every call reserved and settled durably).
+#   (c) Stipend in front of it, with budgets enforced (every call reserved and settled durably),
+#       with one HTTP worker thread per core (the default), and
+#   (d) the same with `workers = 1`: one event-loop thread, as the nginx proxy has one worker
+#       process (plus Stipend's ledger writer thread).
 # Prints a markdown table, plus Stipend's RSS idle and under load and its start-up time.
 #
 # Usage: bench/load.sh [SECONDS]   (default 10 s per run; at 1 connection, below saturation,
@@ -28,11 +31,13 @@ cleanup() {
     [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
     [ -n "${STIPEND_PID:-}" ] && kill "$STIPEND_PID" 2>/dev/null || true
     [ -n "${STIPEND_PID:-}" ] && wait "$STIPEND_PID" 2>/dev/null || true
+    [ -n "${STIPEND1_PID:-}" ] && kill "$STIPEND1_PID" 2>/dev/null || true
+    [ -n "${STIPEND1_PID:-}" ] && wait "$STIPEND1_PID" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-UPSTREAM_PORT=18901 PROXY_PORT=18902 STIPEND_PORT=18903
+UPSTREAM_PORT=18901 PROXY_PORT=18902 STIPEND_PORT=18903 STIPEND1_PORT=18904
 ANSWER='{"id":"x","object":"chat.completion","created":0,"model":"fixed","choices":[{"index":0,"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":3,"total_tokens":23}}'
 mkdir -p "$WORK/nginx/logs"
 cat > "$WORK/nginx.conf" <<CONF
@@ -81,6 +86,22 @@ KEY=$("$STIPEND" --config "$WORK/stipend.toml" --json key create bench | python3
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$STIPEND_PID/status"; }
 rss_idle=$(rss_mb)
 
+# The same with one worker thread, on its own data directory.
+mkdir -p "$WORK/one"
+sed -e "s/$STIPEND_PORT/$STIPEND1_PORT/" "$WORK/stipend.toml" > "$WORK/one/stipend.toml"
+echo "workers = 1" | cat - "$WORK/one/stipend.toml" > "$WORK/one/stipend.tmp" && mv "$WORK/one/stipend.tmp" "$WORK/one/stipend.toml"
+"$STIPEND" --config "$WORK/one/stipend.toml" serve > "$WORK/one/stipend.out" 2>&1 &
+STIPEND1_PID=$!
+until grep -q "Press Ctrl-C" "$WORK/one/stipend.out" 2>/dev/null; do sleep 0.01; done
+"$STIPEND" --config "$WORK/one/stipend.toml" account create bench > /dev/null
+KEY1=$("$STIPEND" --config "$WORK/one/stipend.toml" --json key create bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+cat > "$WORK/post1.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"fixed","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY1"
+LUA
+
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '{"model":"fixed","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16}'
@@ -90,9 +111,9 @@ LUA
 
 # wrk's latency distribution: 50% and 99% lines; requests/sec.
 run() {
-    local url=$1 connections=$2
+    local url=$1 connections=$2 script=${3:-$WORK/post.lua}
     local threads=$((connections < 2 ? 1 : 2))
-    wrk -t"$threads" -c"$connections" -d"${SECONDS_PER_RUN}s" --latency -s "$WORK/post.lua" "$url" > "$WORK/wrk.out"
+    wrk -t"$threads" -c"$connections" -d"${SECONDS_PER_RUN}s" --latency -s "$script" "$url" > "$WORK/wrk.out"
     local rps p50 p99 errors
     rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
     p50=$(awk '$1 == "50%" {print $2}' "$WORK/wrk.out")
@@ -113,12 +134,15 @@ for connections in 1 16 64; do
     sampler=$!
     read -r s_rps s_p50 s_p99 s_err < <(run "http://127.0.0.1:$STIPEND_PORT/v1/chat/completions" "$connections")
     wait "$sampler"
+    read -r o_rps o_p50 o_p99 o_err < <(run "http://127.0.0.1:$STIPEND1_PORT/v1/chat/completions" "$connections" "$WORK/post1.lua")
     rss_now=$(cat "$WORK/rss_load")
     rss_load=$(python3 -c "print(max($rss_load, $rss_now))")
     ratio=$(python3 -c "print(f'{$s_rps / $p_rps:.2f}×')")
+    ratio1=$(python3 -c "print(f'{$o_rps / $p_rps:.2f}×')")
     echo "| $connections | upstream directly | $d_rps | $d_p50 | $d_p99 | $d_err | |"
     echo "| $connections | nginx proxy | $p_rps | $p_p50 | $p_p99 | $p_err | 1.00× |"
     echo "| $connections | Stipend, budgets enforced | $s_rps | $s_p50 | $s_p99 | $s_err | $ratio |"
+    echo "| $connections | Stipend, workers = 1 | $o_rps | $o_p50 | $o_p99 | $o_err | $ratio1 |"
 done
 echo
 echo "Stipend: start to ready ${ready_ms} ms (no model loaded); RSS idle ${rss_idle} MB, under load ${rss_load} MB (peak sampled)."

@@ -45,6 +45,7 @@ struct RawConfig {
     queue_depth_max_per_person: Option<i64>,
     queue_depth_max: Option<i64>,
     queue_wait_max: Option<String>,
+    workers: Option<i64>,
     #[serde(default)]
     stipend: RawStipend,
     #[serde(default)]
@@ -346,6 +347,8 @@ pub struct Config {
     pub max_tokens_default: u64,
     /// The fair-share queue's bounds, for every model.
     pub queue: stipend_gateway::queue::QueueOptions,
+    /// Threads serving HTTP (`None`: one per core).
+    pub workers: Option<usize>,
     /// The models.
     pub models: Vec<ModelConfig>,
 }
@@ -481,6 +484,11 @@ impl Config {
             )?,
             queue_wait_max,
         };
+        let workers = match raw.workers {
+            None => None,
+            Some(n) if (1..=1_024).contains(&n) => Some(n as usize),
+            Some(n) => bail!("config {name}: workers must be from 1 to 1024, got {n}"),
+        };
         let mut models = Vec::with_capacity(raw.models.len());
         for (index, raw_model) in raw.models.into_iter().enumerate() {
             let model = check_model(index, raw_model, &base, env)
@@ -503,6 +511,7 @@ impl Config {
             listen,
             max_tokens_default,
             queue,
+            workers,
             models,
         })
     }
@@ -759,6 +768,7 @@ mod tests {
             ("listen = \"localhost\"".to_string(), "listen"),
             ("max_tokens_default = 0".to_string(), "max_tokens_default"),
             ("queue_depth_max = 0".to_string(), "queue_depth_max must be"),
+            ("workers = 0".to_string(), "workers must be"),
             (
                 "queue_depth_max_per_person = -1".to_string(),
                 "queue_depth_max_per_person must be",

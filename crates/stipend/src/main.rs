@@ -196,7 +196,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(workers) = config.workers {
+                runtime.worker_threads(workers);
+            }
+            let runtime = runtime
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
