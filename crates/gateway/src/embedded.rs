@@ -440,46 +440,54 @@ pub(crate) async fn serve(
     };
     let generation = engine.generate(generate)?;
     let shape = Shape::new(&checked.model.name, endpoint);
-    if checked.stream {
+    let (output, answer) = if checked.stream {
         let (sender, receiver) = mpsc::channel::<Bytes>(relay::RELAY_CHANNEL_CAPACITY);
-        tokio::spawn(drive(
-            gateway,
-            checked,
-            hold,
-            worst_cu,
-            place,
-            generation,
-            Output::Stream(sender),
-            shape,
-        ));
-        return Ok(relay::sse_response(receiver));
-    }
-    let (reply, answer) = oneshot::channel();
-    tokio::spawn(drive(
+        (Output::Stream(sender), Answer::Stream(receiver))
+    } else {
+        let (reply, answer) = oneshot::channel();
+        (Output::Whole(Some(reply)), Answer::Whole(answer))
+    };
+    let call = Call {
         gateway,
         checked,
         hold,
         worst_cu,
         place,
-        generation,
-        Output::Whole(Some(reply)),
         shape,
-    ));
-    answer.await.map_err(|_| ApiError::Internal)?
+    };
+    tokio::spawn(drive(call, generation, output));
+    match answer {
+        Answer::Stream(receiver) => Ok(relay::sse_response(receiver)),
+        Answer::Whole(answer) => answer.await.map_err(|_| ApiError::Internal)?,
+    }
 }
 
-/// Runs one call from the first event to the settled charge.
-#[allow(clippy::too_many_arguments)]
-async fn drive(
+/// What the handler hands back: a stream's body at once, or the whole answer when it is done.
+enum Answer {
+    Stream(mpsc::Receiver<Bytes>),
+    Whole(oneshot::Receiver<Result<Response, ApiError>>),
+}
+
+/// One call's parts, owned by its `drive` task.
+struct Call {
     gateway: Arc<Gateway>,
     checked: Checked,
     hold: Hold,
     worst_cu: u64,
     place: Place,
-    mut generation: Generation,
-    mut output: Output,
     shape: Shape,
-) {
+}
+
+/// Runs one call from the first event to the settled charge.
+async fn drive(call: Call, mut generation: Generation, mut output: Output) {
+    let Call {
+        gateway,
+        checked,
+        hold,
+        worst_cu,
+        place,
+        shape,
+    } = call;
     let model = Arc::clone(&checked.model);
     // The call ends before its hold could expire.
     let deadline = tokio::time::Instant::now()
@@ -562,30 +570,67 @@ async fn drive(
     if !matches!(end, End::Done(..)) {
         model.counters.stream_cut_short();
     }
+    let charged_cu = if counts == TokenCounts::default() {
+        0
+    } else {
+        cost_cu
+    };
     match (end, settled) {
         (End::ClientGone(counts), _) => {
             tracing::info!(model = %model.name, completion_tokens = counts.completion_tokens, "client left; generation stopped");
-        }
-        (End::Done(counts, finish), Ok(())) => {
-            if checked.stream {
-                let _ = output.send(shape.chunk(false, "", Some(finish))).await;
-                if checked.include_usage {
-                    let _ = output.send(shape.usage_chunk(counts)).await;
-                }
-                let _ = output.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-            } else {
-                output.reply(Ok(Json(shape.whole(text, counts, finish)).into_response()));
-            }
         }
         (_, Err(error)) => {
             tracing::error!(model = %model.name, ?error, "a call's charge could not be recorded");
             fail(&mut output, error).await;
         }
-        (End::TimeUp(_), Ok(())) => {
+        (End::Done(counts, finish), Ok(())) => {
+            answer(&mut output, &checked, &shape, text, counts, finish).await;
+        }
+        // At its time limit a call ends as if max_tokens had: with what it made, charged.
+        (End::TimeUp(counts), Ok(())) => {
             tracing::warn!(model = %model.name, "a call reached its time limit");
-            fail(&mut output, ApiError::UpstreamTimeout).await;
+            answer(
+                &mut output,
+                &checked,
+                &shape,
+                text,
+                counts,
+                FinishReason::Length,
+            )
+            .await;
+        }
+        (End::Failed(error, _), Ok(())) if charged_cu > 0 => {
+            let error = ApiError::from(error);
+            fail(
+                &mut output,
+                ApiError::CutShort {
+                    reason: error.reason(),
+                    charged_cu,
+                },
+            )
+            .await;
         }
         (End::Failed(error, _), Ok(())) => fail(&mut output, ApiError::from(error)).await,
+    }
+}
+
+/// Ends a call that produced its answer: the stream's last chunks, or the whole answer.
+async fn answer(
+    output: &mut Output,
+    checked: &Checked,
+    shape: &Shape,
+    text: String,
+    counts: TokenCounts,
+    finish: FinishReason,
+) {
+    if checked.stream {
+        let _ = output.send(shape.chunk(false, "", Some(finish))).await;
+        if checked.include_usage {
+            let _ = output.send(shape.usage_chunk(counts)).await;
+        }
+        let _ = output.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    } else {
+        output.reply(Ok(Json(shape.whole(text, counts, finish)).into_response()));
     }
 }
 

@@ -57,6 +57,14 @@ pub enum ApiError {
     Upstream(String),
     /// 504: the upstream model server did not answer in time.
     UpstreamTimeout,
+    /// A call that failed after producing output (sent as a stream's last event): what was
+    /// produced was charged, and the message says how much.
+    CutShort {
+        /// What went wrong.
+        reason: String,
+        /// What was charged for the output produced before it.
+        charged_cu: u64,
+    },
     /// 503: the ledger cannot be written, so nothing is served (fail closed).
     LedgerUnavailable,
     /// 500: a bug.
@@ -153,6 +161,15 @@ impl ApiError {
                 Some("upstream_timeout"),
                 "The model server did not answer in time. Nothing was charged.".to_string(),
             ),
+            ApiError::CutShort { reason, charged_cu } => (
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                Some("cut_short"),
+                format!(
+                    "The call broke off: {reason}. The output produced before that was charged: {} ({charged_cu} cu).",
+                    Flops(*charged_cu as i64)
+                ),
+            ),
             ApiError::LedgerUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -166,6 +183,16 @@ impl ApiError {
                 None,
                 "Internal error.".to_string(),
             ),
+        }
+    }
+
+    /// What went wrong, in a few words, for a longer message.
+    pub fn reason(&self) -> String {
+        match self {
+            ApiError::Upstream(message) => format!("the model server failed: {message}"),
+            ApiError::UpstreamTimeout => "the model server did not answer in time".to_string(),
+            ApiError::CutShort { reason, .. } => reason.clone(),
+            other => other.parts().3,
         }
     }
 

@@ -82,7 +82,7 @@ impl Outcome {
             Err(ApiError::BudgetExhausted { .. }) => Outcome::BudgetExhausted,
             Err(ApiError::RateLimited { .. }) => Outcome::RateLimited,
             Err(ApiError::Overloaded(_)) => Outcome::Overloaded,
-            Err(ApiError::Upstream(_)) => Outcome::UpstreamError,
+            Err(ApiError::Upstream(_) | ApiError::CutShort { .. }) => Outcome::UpstreamError,
             Err(ApiError::UpstreamTimeout) => Outcome::UpstreamTimeout,
             Err(ApiError::LedgerUnavailable) => Outcome::LedgerUnavailable,
             Err(ApiError::Internal) => Outcome::Internal,

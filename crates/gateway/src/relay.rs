@@ -222,6 +222,12 @@ async fn relay(
             ) => next,
         };
         let bytes = match next {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                break 'read Outcome::Failed(ApiError::CutShort {
+                    reason: "the call reached its time limit".to_string(),
+                    charged_cu: 0,
+                });
+            }
             Err(_) => break 'read Outcome::Failed(ApiError::UpstreamTimeout),
             Ok(None) if usage.is_some() => break 'read Outcome::Done,
             Ok(None) => {
@@ -332,8 +338,16 @@ async fn relay(
             tracing::error!(model = %model.name, ?error, "a stream's charge could not be recorded");
             let _ = sender.send(sse(&error.body())).await;
         }
-        (Outcome::Failed(error), Ok(_)) => {
+        (Outcome::Failed(error), Ok(settlement)) => {
             tracing::warn!(model = %model.name, ?error, chunks_with_output, "upstream stream failed");
+            // Say what was charged for the output already sent, if anything was.
+            let error = match settlement {
+                Some(settlement) if settlement.charged_cu > 0 => ApiError::CutShort {
+                    reason: error.reason(),
+                    charged_cu: settlement.charged_cu,
+                },
+                _ => error,
+            };
             let _ = sender.send(sse(&error.body())).await;
         }
     }

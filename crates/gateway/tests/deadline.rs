@@ -1,4 +1,4 @@
-//! A call never outlives its reservation: a stream still running when its hold is about to
+//! A call never outlives its reservation: a call still running when its hold is about to
 //! expire is cut off and charged for what it produced. (Were it not, the sweep would void the
 //! hold and the rest of the answer would be served uncharged.)
 
@@ -94,7 +94,14 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
         .filter_map(|e| e.strip_prefix("data: "))
         .collect();
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_timeout", "{last}");
+    assert_eq!(last["error"]["code"], "cut_short", "{last}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the call reached its time limit"),
+        "{last}"
+    );
     let delivered = events.iter().filter(|e| e.contains("\"content\"")).count() as i64;
     assert!(delivered >= 5, "only {delivered} tokens in a second");
     // Charged: the tokens that came, and the prompt's estimate; nothing is left held.
@@ -105,5 +112,104 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
     assert!(
         charged >= delivered && charged < delivered + 100,
         "charged {charged} for {delivered} tokens"
+    );
+}
+
+/// The embedded model at its time limit: the call ends as if `max_tokens` had ended it
+/// (`finish_reason: "length"`), with the text made so far, charged exactly its usage.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
+    let gguf = std::env::var_os("STIPEND_MODEL_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            )
+            .into()
+        });
+    assert!(gguf.is_file(), "{} is missing", gguf.display());
+    let engine = stipend_model::EmbeddedModel::load(
+        &gguf,
+        stipend_model::LoadOptions {
+            slots: 1,
+            ..stipend_model::LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
+    let policy = StipendPolicy::new(10_000_000, Duration::from_secs(86_400), 0).unwrap();
+    let ledger = Arc::new(
+        Ledger::open(
+            Arc::clone(&store),
+            Arc::new(SystemClock),
+            LedgerOptions::new(policy),
+        )
+        .unwrap(),
+    );
+    let alice = ledger
+        .create_account("alice", AccountKind::Person)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let keys = KeyRing::new(Arc::clone(&store));
+    let key = keys.create(alice, 0).unwrap().key;
+    let model = Model {
+        name: "smollm2-135m".to_string(),
+        price_prompt_cu: 1,
+        price_completion_cu: 1,
+        sink: ledger.sink("sink:smollm2-135m").unwrap(),
+        backend: Backend::Embedded(Arc::new(engine)),
+        queue: Arc::new(FairQueue::new(1, QueueOptions::default())),
+        max_concurrency: 1,
+        counters: Default::default(),
+    };
+    let gateway = Arc::new(Gateway {
+        ledger: Arc::clone(&ledger),
+        keys,
+        models: BTreeMap::from([("smollm2-135m".to_string(), Arc::new(model))]),
+        options: GatewayOptions {
+            reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
+            ..GatewayOptions::default()
+        },
+        unrouted: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
+
+    let before = ledger.view(alice).unwrap().balance_cu;
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{address}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+            "max_tokens": 1500,
+            "temperature": 0,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    let completion_tokens = answer["usage"]["completion_tokens"].as_i64().unwrap();
+    // About a second of generation: some tokens, far fewer than the 1500 asked for.
+    assert!((1..1_500).contains(&completion_tokens), "{answer}");
+    assert!(
+        !answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    ledger.flush().unwrap();
+    let view = ledger.view(alice).unwrap();
+    assert_eq!(view.reserved_cu, 0);
+    assert_eq!(
+        before - view.balance_cu,
+        answer["usage"]["total_tokens"].as_i64().unwrap()
     );
 }

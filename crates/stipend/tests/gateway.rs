@@ -575,15 +575,19 @@ async fn upstream_faults_charge_what_the_design_says() {
     let events = read_sse(response).await;
     assert_ne!(events.last().unwrap(), "[DONE]");
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_error", "{last}");
     // The fake sends 6 of 12 tokens and then drops; a chunk in flight may die with the connection.
     let delivered = events.iter().filter(|e| e.contains("\"content\"")).count() as u64;
     assert!((1..=6).contains(&delivered), "{delivered} chunks delivered");
     let now = stack.balance(&key).await;
     let prompt_estimate = (messages_bound(&body)).div_ceil(4);
-    assert_eq!(
-        (balance - now) as u64,
-        (prompt_estimate + delivered) * PRICE_CU
+    let charged = (prompt_estimate + delivered) * PRICE_CU;
+    assert_eq!((balance - now) as u64, charged);
+    // The error event says what broke and what the output so far was charged.
+    assert_eq!(last["error"]["code"], "cut_short", "{last}");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the stream broke off") && message.contains(&format!("({charged} cu)")),
+        "{message}"
     );
     assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
     stack.verify();
