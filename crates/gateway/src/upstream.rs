@@ -23,6 +23,11 @@ pub struct UpstreamConfig {
 pub struct Upstream {
     client: reqwest::Client,
     config: UpstreamConfig,
+    /// The endpoints' URLs, parsed once (parsing per call showed in profiles).
+    chat_url: reqwest::Url,
+    completions_url: reqwest::Url,
+    /// `Bearer …`, built once and marked sensitive so it is never logged.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl Upstream {
@@ -33,7 +38,29 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|error| format!("cannot build the HTTP client: {error}"))?;
-        Ok(Upstream { client, config })
+        let base = config.base_url.trim_end_matches('/');
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|error| format!("base_url {:?} is not a URL: {error}", config.base_url))
+        };
+        let authorization = match &config.api_key {
+            None => None,
+            Some(key) => {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| {
+                        "the upstream's API key has characters a header cannot carry".to_string()
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(Upstream {
+            chat_url: url("/chat/completions")?,
+            completions_url: url("/completions")?,
+            authorization,
+            client,
+            config,
+        })
     }
 
     /// The per-call timeout.
@@ -44,10 +71,18 @@ impl Upstream {
     /// Sends a request and waits for the response head (status and headers). Upstream errors
     /// are mapped here: a status of 400 or more is read and becomes an [`ApiError`].
     pub async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, ApiError> {
-        let url = format!("{}{path}", self.config.base_url.trim_end_matches('/'));
-        let mut request = self.client.post(&url).json(body);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key);
+        let url = match path {
+            "/chat/completions" => self.chat_url.clone(),
+            "/completions" => self.completions_url.clone(),
+            other => reqwest::Url::parse(&format!(
+                "{}{other}",
+                self.config.base_url.trim_end_matches('/')
+            ))
+            .map_err(|_| ApiError::Internal)?,
+        };
+        let mut request = self.client.post(url).json(body);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
         }
         let response = match tokio::time::timeout(self.config.timeout, request.send()).await {
             Err(_) => return Err(ApiError::UpstreamTimeout),
