@@ -23,6 +23,12 @@ pub struct UpstreamConfig {
 pub struct Upstream {
     client: reqwest::Client,
     config: UpstreamConfig,
+    prepared: std::sync::Arc<Prepared>,
+}
+
+/// What every call needs, worked out once at start.
+#[derive(Debug)]
+struct Prepared {
     /// The endpoints' URLs, parsed once (parsing per call showed in profiles).
     chat_url: reqwest::Url,
     completions_url: reqwest::Url,
@@ -54,12 +60,15 @@ impl Upstream {
                 Some(value)
             }
         };
-        Ok(Upstream {
+        let prepared = std::sync::Arc::new(Prepared {
             chat_url: url("/chat/completions")?,
             completions_url: url("/completions")?,
             authorization,
+        });
+        Ok(Upstream {
             client,
             config,
+            prepared,
         })
     }
 
@@ -72,8 +81,8 @@ impl Upstream {
     /// are mapped here: a status of 400 or more is read and becomes an [`ApiError`].
     pub async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, ApiError> {
         let url = match path {
-            "/chat/completions" => self.chat_url.clone(),
-            "/completions" => self.completions_url.clone(),
+            "/chat/completions" => self.prepared.chat_url.clone(),
+            "/completions" => self.prepared.completions_url.clone(),
             other => reqwest::Url::parse(&format!(
                 "{}{other}",
                 self.config.base_url.trim_end_matches('/')
@@ -81,7 +90,7 @@ impl Upstream {
             .map_err(|_| ApiError::Internal)?,
         };
         let mut request = self.client.post(url).json(body);
-        if let Some(authorization) = &self.authorization {
+        if let Some(authorization) = &self.prepared.authorization {
             request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
         }
         let response = match tokio::time::timeout(self.config.timeout, request.send()).await {
