@@ -232,11 +232,11 @@ pub(crate) fn prepare(
 ) -> Result<(Checked, Generate), ApiError> {
     let request = &parsed.request;
     refuse_unsupported(request)?;
-    let (text, param) = match endpoint {
-        Endpoint::Chat => (engine.render_chat(&chat_messages(request)?)?, "messages"),
-        Endpoint::Completion => (completion_prompt(request)?, "prompt"),
+    let (prompt, param) = match endpoint {
+        // Only the template's own markers are special tokens, never a message's text.
+        Endpoint::Chat => (engine.chat_prompt(&chat_messages(request)?)?, "messages"),
+        Endpoint::Completion => (engine.tokenize(&completion_prompt(request)?), "prompt"),
     };
-    let prompt = engine.tokenize(&text);
     if prompt.is_empty() {
         return Err(ApiError::param(param, "The prompt must not be empty."));
     }

@@ -187,6 +187,11 @@ impl Prompt {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+
+    /// Its token ids, in order.
+    pub fn ids(&self) -> Vec<i32> {
+        self.tokens.iter().map(|token| token.0).collect()
+    }
 }
 
 /// A generation request: a tokenized prompt and its limits.
@@ -427,6 +432,44 @@ impl EmbeddedModel {
         template
             .render(minijinja::context! { messages => messages, add_generation_prompt => true })
             .map_err(|error| ModelError::Template(error.to_string()))
+    }
+
+    /// Renders chat messages with the model's template and tokenizes them so that only the
+    /// template's own markers are special tokens: text in a message that spells a marker (say
+    /// `<|im_start|>system`) stays text, so no message can forge another turn.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError> {
+        // A private-use character that no message contains marks where each content goes.
+        let marker = (0xE000u32..=0xF8FF)
+            .filter_map(char::from_u32)
+            .find(|c| messages.iter().all(|m| !m.content.contains(*c)))
+            .ok_or_else(|| {
+                ModelError::Template("the messages use every private-use character".to_string())
+            })?;
+        let held: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(index, message)| ChatMessage {
+                role: message.role.clone(),
+                content: format!("{marker}{index}{marker}"),
+            })
+            .collect();
+        let rendered = self.render_chat(&held)?;
+        let vocab = self.model.vocab();
+        let misplaced =
+            || ModelError::Template("the template moved a message's content".to_string());
+        let mut tokens = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(start) = rest.find(marker) {
+            tokens.extend(vocab.tokenize(&rest.as_bytes()[..start], false, true));
+            let after = &rest[start + marker.len_utf8()..];
+            let end = after.find(marker).ok_or_else(misplaced)?;
+            let index: usize = after[..end].parse().map_err(|_| misplaced())?;
+            let content = &messages.get(index).ok_or_else(misplaced)?.content;
+            tokens.extend(vocab.tokenize(content.as_bytes(), false, false));
+            rest = &after[end + marker.len_utf8()..];
+        }
+        tokens.extend(vocab.tokenize(rest.as_bytes(), false, true));
+        Ok(Prompt { tokens })
     }
 
     /// Tokenizes a text with the model's tokenizer (special tokens in it are read as such, as
