@@ -154,11 +154,6 @@ impl Scheduler {
         }
     }
 
-    /// The limits.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Requests running.
     pub fn running(&self) -> usize {
         self.running.len()

@@ -158,11 +158,6 @@ impl FairQueue {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Slots.
-    pub fn capacity(&self) -> usize {
-        self.state.lock().scheduler.limits().capacity
-    }
-
     /// Requests running and waiting.
     pub fn load(&self) -> (usize, usize) {
         let state = self.state.lock();

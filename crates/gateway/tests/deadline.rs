@@ -13,30 +13,84 @@ use stipend_gateway::queue::{FairQueue, QueueOptions};
 use stipend_gateway::{
     Backend, Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN, Upstream, UpstreamConfig,
 };
-use stipend_ledger::{AccountKind, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock};
+use stipend_ledger::{
+    AccountId, AccountKind, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock,
+};
 use stipend_store_sqlite::SqliteStore;
+
+/// A ledger on a temporary store with one person, alice, and her key.
+struct Setup {
+    _dir: tempfile::TempDir,
+    ledger: Arc<Ledger>,
+    alice: AccountId,
+    keys: KeyRing,
+    key: String,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
+        let policy = StipendPolicy::new(10_000_000, Duration::from_secs(86_400), 0).unwrap();
+        let ledger = Arc::new(
+            Ledger::open(
+                Arc::clone(&store),
+                Arc::new(SystemClock),
+                LedgerOptions::new(policy),
+            )
+            .unwrap(),
+        );
+        let alice = ledger
+            .create_account("alice", AccountKind::Person)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let keys = KeyRing::new(store);
+        let key = keys.create(alice, 0).unwrap().key;
+        Setup {
+            _dir: dir,
+            ledger,
+            alice,
+            keys,
+            key,
+        }
+    }
+}
+
+/// Serves one model on loopback with reservations that last the margin plus one second, so a
+/// call must end after about a second; returns the address.
+async fn serve_with_a_short_hold(
+    ledger: &Arc<Ledger>,
+    keys: KeyRing,
+    model: Model,
+) -> std::net::SocketAddr {
+    let gateway = Arc::new(Gateway {
+        ledger: Arc::clone(ledger),
+        keys,
+        models: BTreeMap::from([(model.name.clone(), Arc::new(model))]),
+        options: GatewayOptions {
+            reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
+            ..GatewayOptions::default()
+        },
+        unrouted: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
+    address
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
-    let policy = StipendPolicy::new(10_000_000, Duration::from_secs(86_400), 0).unwrap();
-    let ledger = Arc::new(
-        Ledger::open(
-            Arc::clone(&store),
-            Arc::new(SystemClock),
-            LedgerOptions::new(policy),
-        )
-        .unwrap(),
-    );
-    let alice = ledger
-        .create_account("alice", AccountKind::Person)
-        .unwrap()
-        .wait()
-        .unwrap();
+    let Setup {
+        _dir,
+        ledger,
+        alice,
+        keys,
+        key,
+    } = Setup::new();
     let sink = ledger.sink("sink:trickle").unwrap();
-    let keys = KeyRing::new(Arc::clone(&store));
-    let key = keys.create(alice, 0).unwrap().key;
     let upstream = stipend_testkit::spawn().await.unwrap();
     let model = Model {
         name: "trickle".to_string(),
@@ -57,20 +111,7 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
         counters: Default::default(),
     };
     // A hold of the margin plus one second: the stream must end after about a second.
-    let options = GatewayOptions {
-        reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
-        ..GatewayOptions::default()
-    };
-    let gateway = Arc::new(Gateway {
-        ledger: Arc::clone(&ledger),
-        keys,
-        models: BTreeMap::from([("trickle".to_string(), Arc::new(model))]),
-        options,
-        unrouted: Default::default(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
+    let address = serve_with_a_short_hold(&ledger, keys, model).await;
 
     let before = ledger.view(alice).unwrap().balance_cu;
     let started = std::time::Instant::now();
@@ -119,16 +160,7 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
 /// (`finish_reason: "length"`), with the text made so far, charged exactly its usage.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
-    let gguf = std::env::var_os("STIPEND_MODEL_GGUF")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            )
-            .into()
-        });
-    assert!(gguf.is_file(), "{} is missing", gguf.display());
+    let gguf = stipend_testkit::model_gguf();
     let engine = stipend_model::EmbeddedModel::load(
         &gguf,
         stipend_model::LoadOptions {
@@ -137,24 +169,13 @@ async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
         },
     )
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
-    let policy = StipendPolicy::new(10_000_000, Duration::from_secs(86_400), 0).unwrap();
-    let ledger = Arc::new(
-        Ledger::open(
-            Arc::clone(&store),
-            Arc::new(SystemClock),
-            LedgerOptions::new(policy),
-        )
-        .unwrap(),
-    );
-    let alice = ledger
-        .create_account("alice", AccountKind::Person)
-        .unwrap()
-        .wait()
-        .unwrap();
-    let keys = KeyRing::new(Arc::clone(&store));
-    let key = keys.create(alice, 0).unwrap().key;
+    let Setup {
+        _dir,
+        ledger,
+        alice,
+        keys,
+        key,
+    } = Setup::new();
     let model = Model {
         name: "smollm2-135m".to_string(),
         price_prompt_cu: 1,
@@ -165,19 +186,7 @@ async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
         max_concurrency: 1,
         counters: Default::default(),
     };
-    let gateway = Arc::new(Gateway {
-        ledger: Arc::clone(&ledger),
-        keys,
-        models: BTreeMap::from([("smollm2-135m".to_string(), Arc::new(model))]),
-        options: GatewayOptions {
-            reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
-            ..GatewayOptions::default()
-        },
-        unrouted: Default::default(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
+    let address = serve_with_a_short_hold(&ledger, keys, model).await;
 
     let before = ledger.view(alice).unwrap().balance_cu;
     let answer: Value = reqwest::Client::new()

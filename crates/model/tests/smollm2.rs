@@ -12,20 +12,7 @@ use stipend_model::{
 };
 
 fn gguf() -> PathBuf {
-    let path = std::env::var_os("STIPEND_MODEL_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: run `stipend model fetch` (make test does)",
-        path.display()
-    );
-    path
+    stipend_testkit::model_gguf()
 }
 
 fn load() -> EmbeddedModel {

@@ -14,7 +14,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -308,19 +307,7 @@ fn best(runs: Vec<Figures>) -> Figures {
 }
 
 fn main() {
-    let gguf = std::env::var_os("STIPEND_MODEL_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    assert!(
-        gguf.is_file(),
-        "{} is missing: run `stipend model fetch`",
-        gguf.display()
-    );
+    let gguf = stipend_testkit::model_gguf();
     let streams: Vec<usize> = std::env::var("STIPEND_BENCH_STREAMS")
         .unwrap_or_else(|_| "1,2,4,8".to_string())
         .split(',')

@@ -20,20 +20,7 @@ const MODEL: &str = "smollm2-135m";
 const FRANCE: &str = "What is the capital of France? Answer in one sentence.";
 
 fn gguf() -> PathBuf {
-    let path = std::env::var_os("STIPEND_MODEL_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: run `stipend model fetch` (make test does)",
-        path.display()
-    );
-    path
+    stipend_testkit::model_gguf()
 }
 
 /// A copy of the model in the test process, to count tokens independently of the server.
@@ -147,15 +134,7 @@ impl Stack {
     }
 
     async fn budget(&self, key: &str) -> Value {
-        self.http
-            .get(format!("{}/budget", self.base))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        common::budget(&self.http, &self.base, key).await
     }
 
     async fn balance(&self, key: &str) -> i64 {
@@ -202,6 +181,13 @@ impl Drop for Stack {
     fn drop(&mut self) {
         drop(self.server.take());
     }
+}
+
+/// A chat answer's text.
+fn content(answer: &Value) -> &str {
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
 }
 
 fn chat(content: &str, max_tokens: u64) -> Value {
@@ -382,12 +368,7 @@ async fn sampling_follows_the_request() {
     let mut parts = chat(FRANCE, 64);
     parts["messages"][0]["content"] = json!([{"type": "text", "text": FRANCE}]);
     let answer = stack.chat(&key, &parts).await;
-    assert!(
-        answer["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .contains("Paris")
-    );
+    assert!(content(&answer).contains("Paris"), "{answer}");
     stack.verify();
 }
 
@@ -472,12 +453,7 @@ async fn a_client_that_leaves_frees_its_slot_and_pays_only_for_what_was_computed
 
     // The model serves on.
     let answer = stack.chat(&key, &chat(FRANCE, 32)).await;
-    assert!(
-        answer["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .contains("Paris")
-    );
+    assert!(content(&answer).contains("Paris"), "{answer}");
     stack.verify();
 }
 
@@ -516,12 +492,7 @@ async fn a_prompt_longer_than_the_context_is_a_400_and_the_server_serves_on() {
     let mut open = chat(FRANCE, 1);
     open.as_object_mut().unwrap().remove("max_tokens");
     let answer = stack.chat(&key, &open).await;
-    assert!(
-        answer["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .contains("Paris")
-    );
+    assert!(content(&answer).contains("Paris"), "{answer}");
     stack.verify();
 }
 
@@ -621,15 +592,7 @@ async fn with_no_config_file_it_serves_the_embedded_model_to_a_demo_person() {
             .contains("Paris"),
         "{answer}"
     );
-    let budget: Value = http
-        .get(format!("{}/budget", server.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let budget: Value = common::budget(&http, &server.base, &key).await;
     assert_eq!(budget["account"], "demo");
     let used = &budget["models"][0]["usage_this_period"];
     assert_eq!(used["requests"], 1);
@@ -644,15 +607,7 @@ async fn with_no_config_file_it_serves_the_embedded_model_to_a_demo_person() {
         output.contains("its key was shown when it was made"),
         "{output}"
     );
-    let budget: Value = http
-        .get(format!("{}/budget", server.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let budget: Value = common::budget(&http, &server.base, &key).await;
     assert_eq!(budget["models"][0]["usage_this_period"]["requests"], 1);
     server.stop();
 }

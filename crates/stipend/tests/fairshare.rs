@@ -20,6 +20,15 @@ fn body() -> Value {
     json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
 }
 
+async fn chat(http: &reqwest::Client, base: &str, key: &str, body: &Value) -> reqwest::Response {
+    http.post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn gauges(http: &reqwest::Client, base: &str) -> (u64, u64) {
     let text = http
         .get(base.trim_end_matches("/v1").to_string() + "/metrics")
@@ -63,13 +72,7 @@ async fn a_flood_cannot_crowd_out_a_person_who_asks_one_at_a_time() {
     let mut alone = Duration::MAX;
     for _ in 0..5 {
         let started = Instant::now();
-        let response = http
-            .post(format!("{base}/chat/completions"))
-            .bearer_auth(&patient)
-            .json(&body())
-            .send()
-            .await
-            .unwrap();
+        let response = chat(&http, &base, &patient, &body()).await;
         assert_eq!(response.status(), 200);
         response.bytes().await.unwrap();
         alone = alone.min(started.elapsed());
@@ -81,13 +84,7 @@ async fn a_flood_cannot_crowd_out_a_person_who_asks_one_at_a_time() {
         .map(|_| {
             let (http, base, key) = (http.clone(), base.clone(), flooder.clone());
             tokio::spawn(async move {
-                let response = http
-                    .post(format!("{base}/chat/completions"))
-                    .bearer_auth(&key)
-                    .json(&body())
-                    .send()
-                    .await
-                    .unwrap();
+                let response = chat(&http, &base, &key, &body()).await;
                 response.status().as_u16()
             })
         })
@@ -127,13 +124,7 @@ async fn a_flood_cannot_crowd_out_a_person_who_asks_one_at_a_time() {
             "the flood must still be waiting for this to mean anything"
         );
         let started = Instant::now();
-        let response = http
-            .post(format!("{base}/chat/completions"))
-            .bearer_auth(&patient)
-            .json(&body())
-            .send()
-            .await
-            .unwrap();
+        let response = chat(&http, &base, &patient, &body()).await;
         assert_eq!(response.status(), 200);
         response.bytes().await.unwrap();
         waits.push(started.elapsed().saturating_sub(alone));
@@ -175,15 +166,7 @@ async fn past_the_queue_bounds_a_request_gets_a_free_429() {
     let base = server.base.clone();
     let key = env.person_with_key("alice");
     let http = reqwest::Client::new();
-    let before: Value = http
-        .get(format!("{base}/budget"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = common::budget(&http, &base, &key).await;
     // One running (the upstream takes 200 ms a token: 2 s), two waiting: the fourth is refused
     // at once.
     let long =
@@ -191,36 +174,15 @@ async fn past_the_queue_bounds_a_request_gets_a_free_429() {
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let (http, base, key, long) = (http.clone(), base.clone(), key.clone(), long.clone());
-            tokio::spawn(async move {
-                http.post(format!("{base}/chat/completions"))
-                    .bearer_auth(&key)
-                    .json(&long)
-                    .send()
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { chat(&http, &base, &key, &long).await })
         })
         .collect();
     while gauges(&http, &base).await.1 < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let budget: Value = http
-        .get(format!("{base}/budget"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(budget["models"][0]["queue_position"], 1, "{budget}");
-    let refused = http
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body())
-        .send()
-        .await
-        .unwrap();
+    let waiting: Value = common::budget(&http, &base, &key).await;
+    assert_eq!(waiting["models"][0]["queue_position"], 1, "{waiting}");
+    let refused = chat(&http, &base, &key, &body()).await;
     assert_eq!(refused.status(), 429);
     assert!(refused.headers().get("retry-after").is_some());
     let error: Value = refused.json().await.unwrap();
@@ -239,15 +201,7 @@ async fn past_the_queue_bounds_a_request_gets_a_free_429() {
     statuses.sort();
     assert_eq!(statuses, vec![200, 429, 429]);
     // Only the request that ran was charged; the refused ones cost nothing.
-    let after: Value = http
-        .get(format!("{base}/budget"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = common::budget(&http, &base, &key).await;
     assert_eq!(after["models"][0]["usage_this_period"]["requests"], 1);
     assert_eq!(after["reserved_cu"], 0);
     assert!(after["balance_cu"].as_i64() < before["balance_cu"].as_i64());

@@ -70,15 +70,7 @@ impl Stack {
     }
 
     async fn budget(&self, key: &str) -> Value {
-        self.http
-            .get(format!("{}/budget", self.base))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        common::budget(&self.http, &self.base, key).await
     }
 
     async fn metrics(&self) -> String {

@@ -28,6 +28,7 @@ fn python() -> String {
 /// Runs one of the SDK test scripts against a server; returns its report.
 async fn run_script(script: &'static str, envs: Vec<(&'static str, String)>) -> String {
     let python = python();
+    let script = stipend_testkit::repo_path(script);
     let output = tokio::task::spawn_blocking(move || {
         Command::new(&python)
             .arg(script)
@@ -52,10 +53,7 @@ async fn the_official_openai_sdk_works_unchanged() {
     let server = Server::start(&env);
     let key = env.person_with_key("alice");
     let report = run_script(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/sdk/test_openai_sdk.py"
-        ),
+        "tests/sdk/test_openai_sdk.py",
         vec![
             ("STIPEND_BASE_URL", server.base.clone()),
             ("STIPEND_KEY", key),
@@ -73,13 +71,7 @@ async fn the_official_openai_sdk_works_unchanged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_official_openai_sdk_works_with_the_embedded_model() {
-    let gguf = std::env::var("STIPEND_MODEL_GGUF").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )
-        .to_string()
-    });
+    let gguf = stipend_testkit::model_gguf().display().to_string();
     let env = Env::new(&format!(
         "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"3 TFLOP\"\n\
          [[models]]\nname = \"smollm2-135m\"\nbackend = \"embedded\"\npath = \"{gguf}\"\ncontext = 4096\n"
@@ -87,10 +79,7 @@ async fn the_official_openai_sdk_works_with_the_embedded_model() {
     let server = Server::start(&env);
     let key = env.person_with_key("alice");
     let report = run_script(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/sdk/test_openai_sdk_embedded.py"
-        ),
+        "tests/sdk/test_openai_sdk_embedded.py",
         vec![
             ("STIPEND_BASE_URL", server.base.clone()),
             ("STIPEND_KEY", key),

@@ -206,3 +206,35 @@ async fn answer(body: Bytes, chat: bool) -> Response {
     )
         .into_response()
 }
+
+/// A path in the repository, from the crate being tested or benchmarked. Read at run time
+/// (cargo sets `CARGO_MANIFEST_DIR` for tests and benches): a test binary reused from a build in
+/// another checkout must not point back into that checkout.
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    );
+    // Every crate is at crates/NAME.
+    crate_dir.join("../..").join(relative)
+}
+
+/// The embedded default model for tests and benchmarks: `STIPEND_MODEL_GGUF`, or the repository's
+/// `models/` directory (where `stipend model fetch`, which `make test` runs, puts it).
+///
+/// # Panics
+///
+/// If the file is missing, saying how to fetch it.
+pub fn model_gguf() -> std::path::PathBuf {
+    let path = std::env::var_os("STIPEND_MODEL_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_path("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    #[allow(clippy::panic)]
+    if !path.is_file() {
+        panic!(
+            "{} is missing: run `stipend model fetch` (make test does)",
+            path.display()
+        );
+    }
+    path
+}

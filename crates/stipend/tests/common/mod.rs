@@ -180,3 +180,15 @@ impl Drop for Server {
         }
     }
 }
+
+/// `GET /v1/budget` with `key`, as JSON.
+pub async fn budget(http: &reqwest::Client, base: &str, key: &str) -> Value {
+    http.get(format!("{base}/budget"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
