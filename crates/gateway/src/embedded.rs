@@ -230,7 +230,7 @@ pub(crate) fn prepare(
     endpoint: Endpoint,
     max_tokens_default: u64,
 ) -> Result<(Checked, Generate), ApiError> {
-    let request = &parsed.request;
+    let request = &parsed.request.to_map();
     refuse_unsupported(request)?;
     let (prompt, param) = match endpoint {
         // Only the template's own markers are special tokens, never a message's text.

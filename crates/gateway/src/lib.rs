@@ -7,9 +7,11 @@
 
 mod embedded;
 pub mod error;
+mod http1;
 pub mod keys;
 pub mod metrics;
 pub mod queue;
+mod rawjson;
 mod relay;
 mod routes;
 pub mod upstream;
@@ -67,6 +69,8 @@ pub struct GatewayOptions {
     pub max_tokens_max: u64,
     /// The largest request body.
     pub body_bytes_max: usize,
+    /// The largest answer accepted from an upstream (a plain, not streamed, answer).
+    pub upstream_body_bytes_max: usize,
     /// How long a request's reservation stays open. Every call ends before it can expire: a
     /// stream still running at `reservation_timeout − RESERVATION_MARGIN` is cut off and charged
     /// for what it produced, so nothing is ever served on a hold that timed out.
@@ -79,6 +83,7 @@ impl Default for GatewayOptions {
             max_tokens_default: 1_024,
             max_tokens_max: 131_072,
             body_bytes_max: 4 * 1024 * 1024,
+            upstream_body_bytes_max: 16 * 1024 * 1024,
             reservation_timeout: Duration::from_secs(3_600),
         }
     }

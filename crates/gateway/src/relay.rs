@@ -12,7 +12,6 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use serde_json::Value;
 use stipend_ledger::{Ledger, ReservationId, Settlement};
 use tokio::sync::mpsc;
@@ -162,7 +161,7 @@ pub(crate) fn stream(
     gateway: Arc<Gateway>,
     checked: Checked,
     hold: Hold,
-    upstream: reqwest::Response,
+    upstream: crate::upstream::Body,
     timeout: Duration,
     place: Place,
 ) -> Response {
@@ -196,7 +195,7 @@ async fn relay(
     gateway: Arc<Gateway>,
     checked: Checked,
     hold: Hold,
-    upstream: reqwest::Response,
+    upstream: crate::upstream::Body,
     timeout: Duration,
     sender: mpsc::Sender<Bytes>,
     place: Place,
@@ -208,7 +207,7 @@ async fn relay(
             .options
             .reservation_timeout
             .saturating_sub(crate::RESERVATION_MARGIN);
-    let mut chunks = upstream.bytes_stream();
+    let mut chunks = upstream;
     let mut parser = SseParser::default();
     let mut usage: Option<Usage> = None;
     let mut usage_chunk: Option<Value> = None;
@@ -218,7 +217,7 @@ async fn relay(
             _ = sender.closed() => break 'read Outcome::ClientGone,
             next = tokio::time::timeout_at(
                 deadline.min(tokio::time::Instant::now() + timeout),
-                chunks.next(),
+                chunks.chunk(),
             ) => next,
         };
         let bytes = match next {
@@ -229,18 +228,18 @@ async fn relay(
                 });
             }
             Err(_) => break 'read Outcome::Failed(ApiError::UpstreamTimeout),
-            Ok(None) if usage.is_some() => break 'read Outcome::Done,
-            Ok(None) => {
+            Ok(Ok(None)) if usage.is_some() => break 'read Outcome::Done,
+            Ok(Ok(None)) => {
                 break 'read Outcome::Failed(ApiError::Upstream(
                     "the stream ended before it was done".to_string(),
                 ));
             }
-            Ok(Some(Err(_))) => {
+            Ok(Err(_)) => {
                 break 'read Outcome::Failed(ApiError::Upstream(
                     "the stream broke off".to_string(),
                 ));
             }
-            Ok(Some(Ok(bytes))) => bytes,
+            Ok(Ok(Some(bytes))) => bytes,
         };
         let events = match parser.push(&bytes) {
             Ok(events) => events,

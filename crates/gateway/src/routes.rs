@@ -9,12 +9,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use stipend_ledger::units::{format_duration, format_utc};
 use stipend_ledger::{AccountId, AccountKind};
 
 use crate::error::ApiError;
 use crate::queue::Place;
+use crate::rawjson::{self, RawError, RawObject};
 use crate::relay::{self, Hold, Usage};
 use crate::{Backend, Gateway, Model, Upstream};
 
@@ -237,7 +238,9 @@ pub(crate) struct Parsed {
     pub include_usage: bool,
     /// `max_completion_tokens` or `max_tokens`, if given (checked to be 1 to the maximum).
     pub max_tokens_asked: Option<u64>,
-    pub request: Map<String, Value>,
+    /// Chat messages (0 for a legacy completion).
+    pub messages: u64,
+    pub request: RawObject,
 }
 
 /// A checked request with its bounds, ready to price and serve.
@@ -261,7 +264,7 @@ async fn serve(
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
-    let parsed = parse(&gateway, &bytes, endpoint)?;
+    let parsed = parse(&gateway, bytes, endpoint)?;
     let model = Arc::clone(&parsed.model);
     *routed = Some(Arc::clone(&model));
     match &model.backend {
@@ -342,35 +345,38 @@ async fn serve_upstream(
     endpoint: Endpoint,
     checked: Checked,
     upstream: &Upstream,
-    upstream_body: Value,
+    upstream_body: Vec<u8>,
 ) -> Result<Response, ApiError> {
     let model = Arc::clone(&checked.model);
     let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
     let place = acquire(&model, account, &checked).await?;
-    let response = upstream.post(endpoint.path(), &upstream_body).await?;
+    let body = upstream.post(endpoint.path(), &upstream_body).await?;
     if checked.stream {
         return Ok(relay::stream(
             gateway,
             checked,
             hold,
-            response,
+            body,
             upstream.timeout(),
             place,
         ));
     }
-    let text = tokio::time::timeout(upstream.timeout(), response.bytes())
-        .await
-        .map_err(|_| ApiError::UpstreamTimeout)?
-        .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
-    let mut answer = match serde_json::from_slice::<Value>(&text) {
-        Ok(answer @ Value::Object(_)) => answer,
-        _ => {
-            return Err(ApiError::Upstream(
-                "the response is not a JSON object".to_string(),
-            ));
-        }
+    let text = tokio::time::timeout(
+        upstream.timeout(),
+        body.collect(gateway.options.upstream_body_bytes_max),
+    )
+    .await
+    .map_err(|_| ApiError::UpstreamTimeout)?
+    .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
+    let Ok(answer) = RawObject::parse(text) else {
+        return Err(ApiError::Upstream(
+            "the response is not a JSON object".to_string(),
+        ));
     };
-    let usage = Usage::from_json(&answer["usage"]);
+    let usage = answer
+        .get::<Value>("usage")
+        .and_then(Result::ok)
+        .and_then(|usage| Usage::from_json(&usage));
     let cost_cu = match usage {
         Some(usage) => usage.cost_cu(&model, &checked),
         None => {
@@ -384,13 +390,30 @@ async fn serve_upstream(
     place.finish(cost_cu);
     let settlement = hold.settle(cost_cu).await?;
     model.counters.charged(settlement.charged_cu);
-    answer["model"] = Value::String(model.name.clone());
-    Ok(Json(answer).into_response())
+    let written = answer.write(&[("model", &rawjson::string(&model.name))], &[]);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        written,
+    )
+        .into_response())
 }
 
-fn integer(request: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
-    match request.get(key) {
-        None | Some(Value::Null) => Ok(None),
+/// A field's value as a small JSON value (for scalars and short options; never for messages).
+fn scalar(request: &RawObject, key: &str) -> Option<Value> {
+    match request.get::<Value>(key) {
+        None | Some(Ok(Value::Null)) => None,
+        Some(Ok(value)) => Some(value),
+        // The body parsed as a whole, so each field's text is JSON; this cannot happen.
+        Some(Err(_)) => Some(Value::Null),
+    }
+}
+
+fn integer(request: &RawObject, key: &str) -> Result<Option<i64>, ApiError> {
+    match scalar(request, key) {
+        None => Ok(None),
         Some(value) => value
             .as_i64()
             .map(Some)
@@ -398,9 +421,9 @@ fn integer(request: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiEr
     }
 }
 
-fn number_in(request: &Map<String, Value>, key: &str, low: f64, high: f64) -> Result<(), ApiError> {
-    match request.get(key) {
-        None | Some(Value::Null) => Ok(()),
+fn number_in(request: &RawObject, key: &str, low: f64, high: f64) -> Result<(), ApiError> {
+    match scalar(request, key) {
+        None => Ok(()),
         Some(value) => match value.as_f64() {
             Some(number) if (low..=high).contains(&number) => Ok(()),
             _ => Err(ApiError::param(
@@ -411,20 +434,32 @@ fn number_in(request: &Map<String, Value>, key: &str, low: f64, high: f64) -> Re
     }
 }
 
+/// What the gateway reads of a chat message: its role. The rest is the backend's.
+#[derive(serde::Deserialize)]
+struct MessageHead<'a> {
+    #[serde(borrow)]
+    role: std::borrow::Cow<'a, str>,
+}
+
 /// Checks what every backend needs of a request body; the reply is a 400 naming the field.
-fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|error| ApiError::InvalidRequest {
-        message: format!("We could not parse the JSON body of your request: {error}"),
-        param: None,
-    })?;
-    let Value::Object(request) = value else {
-        return Err(ApiError::InvalidRequest {
-            message: "The request body must be a JSON object.".to_string(),
-            param: None,
-        });
+fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, ApiError> {
+    let request = match RawObject::parse(bytes) {
+        Ok(request) => request,
+        Err(RawError::Syntax(error)) => {
+            return Err(ApiError::InvalidRequest {
+                message: format!("We could not parse the JSON body of your request: {error}"),
+                param: None,
+            });
+        }
+        Err(RawError::NotObject) => {
+            return Err(ApiError::InvalidRequest {
+                message: "The request body must be a JSON object.".to_string(),
+                param: None,
+            });
+        }
     };
-    let model_name = match request.get("model") {
-        Some(Value::String(name)) => name.clone(),
+    let model_name = match request.get::<String>("model") {
+        Some(Ok(name)) => name,
         _ => {
             return Err(ApiError::param(
                 "model",
@@ -437,13 +472,13 @@ fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed,
         .get(&model_name)
         .cloned()
         .ok_or(ApiError::ModelNotFound(model_name))?;
-    let stream = match request.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(stream)) => *stream,
+    let stream = match scalar(&request, "stream") {
+        None => false,
+        Some(Value::Bool(stream)) => stream,
         Some(_) => return Err(ApiError::param("stream", "`stream` must be true or false")),
     };
-    let include_usage = match request.get("stream_options") {
-        None | Some(Value::Null) => false,
+    let include_usage = match scalar(&request, "stream_options") {
+        None => false,
         Some(Value::Object(options)) => match options.get("include_usage") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(include)) => *include,
@@ -494,8 +529,8 @@ fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed,
     number_in(&request, "frequency_penalty", -2.0, 2.0)?;
     number_in(&request, "presence_penalty", -2.0, 2.0)?;
     integer(&request, "seed")?;
-    match request.get("stop") {
-        None | Some(Value::Null) | Some(Value::String(_)) => {}
+    match scalar(&request, "stop") {
+        None | Some(Value::String(_)) => {}
         Some(Value::Array(stops))
             if stops.len() <= STOP_SEQUENCES_MAX && stops.iter().all(Value::is_string) => {}
         Some(_) => {
@@ -505,10 +540,10 @@ fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed,
             ));
         }
     }
-    match endpoint {
+    let messages = match endpoint {
         Endpoint::Chat => {
-            let messages = match request.get("messages") {
-                Some(Value::Array(messages)) if !messages.is_empty() => messages,
+            let messages = match request.get::<Vec<&serde_json::value::RawValue>>("messages") {
+                Some(Ok(messages)) if !messages.is_empty() => messages,
                 _ => {
                     return Err(ApiError::param(
                         "messages",
@@ -517,10 +552,10 @@ fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed,
                 }
             };
             for (index, message) in messages.iter().enumerate() {
-                let role = message.get("role").and_then(Value::as_str);
+                let role = serde_json::from_str::<MessageHead<'_>>(message.get());
                 if !matches!(
-                    role,
-                    Some("system" | "developer" | "user" | "assistant" | "tool")
+                    role.as_ref().map(|head| head.role.as_ref()),
+                    Ok("system" | "developer" | "user" | "assistant" | "tool")
                 ) {
                     return Err(ApiError::param(
                         &format!("messages[{index}].role"),
@@ -528,24 +563,27 @@ fn parse(gateway: &Gateway, bytes: &Bytes, endpoint: Endpoint) -> Result<Parsed,
                     ));
                 }
             }
+            messages.len() as u64
         }
         Endpoint::Completion => {
             if !matches!(
-                request.get("prompt"),
-                Some(Value::String(_) | Value::Array(_))
+                request.raw("prompt").and_then(|raw| raw.bytes().next()),
+                Some(b'"' | b'[')
             ) {
                 return Err(ApiError::param(
                     "prompt",
                     "`prompt` must be a string or an array",
                 ));
             }
+            0
         }
-    }
+    };
     Ok(Parsed {
         model,
         stream,
         include_usage,
         max_tokens_asked,
+        messages,
         request,
     })
 }
@@ -556,44 +594,42 @@ fn for_upstream(
     parsed: Parsed,
     endpoint: Endpoint,
     upstream_model: &str,
-) -> (Checked, Value) {
+) -> (Checked, Vec<u8>) {
     let Parsed {
         model,
         stream,
         include_usage,
         max_tokens_asked,
-        mut request,
+        messages,
+        request,
     } = parsed;
     let max_tokens = max_tokens_asked.unwrap_or(gateway.options.max_tokens_default);
     // A prompt's tokens are at most its bytes (byte-level tokenizers never make a token of less
-    // than one byte) plus the template's markers; the serialized JSON is longer than the text, so
-    // its length is a safe bound without a tokenizer for every upstream.
+    // than one byte) plus the template's markers; a value's JSON text is at least as long as the
+    // text it carries (escapes only lengthen it), so its length is a safe bound without a
+    // tokenizer for every upstream.
+    let text_len = |key: &str| request.raw(key).map_or(0, |raw| raw.len() as u64);
     let prompt_tokens_max = match endpoint {
         Endpoint::Chat => {
-            let messages = request
-                .get("messages")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len) as u64;
-            serialized_len(request.get("messages").unwrap_or(&Value::Null))
-                + serialized_len(request.get("tools").unwrap_or(&Value::Null))
+            text_len("messages")
+                + text_len("tools")
                 + MESSAGE_OVERHEAD_TOKENS * messages
                 + PROMPT_OVERHEAD_TOKENS
         }
-        Endpoint::Completion => {
-            serialized_len(request.get("prompt").unwrap_or(&Value::Null)) + PROMPT_OVERHEAD_TOKENS
-        }
+        Endpoint::Completion => text_len("prompt") + PROMPT_OVERHEAD_TOKENS,
     };
-    request.insert(
-        "model".to_string(),
-        Value::String(upstream_model.to_string()),
-    );
-    request.remove("max_completion_tokens");
-    request.insert("max_tokens".to_string(), json!(max_tokens));
+    let model_text = rawjson::string(upstream_model);
+    let max_tokens_text = max_tokens.to_string();
+    let mut replace = vec![
+        ("model", model_text.as_str()),
+        ("max_tokens", max_tokens_text.as_str()),
+    ];
     if stream {
         // Ask for usage always: it is what the charge is made of. It is stripped on the way back
         // if the client did not ask for it.
-        request.insert("stream_options".to_string(), json!({"include_usage": true}));
+        replace.push(("stream_options", r#"{"include_usage":true}"#));
     }
+    let body = request.write(&replace, &["max_completion_tokens"]);
     (
         Checked {
             model,
@@ -602,13 +638,6 @@ fn for_upstream(
             max_tokens,
             prompt_tokens_max,
         },
-        Value::Object(request),
+        body,
     )
-}
-
-fn serialized_len(value: &Value) -> u64 {
-    match value {
-        Value::Null => 0,
-        other => serde_json::to_vec(other).map_or(0, |bytes| bytes.len() as u64),
-    }
 }

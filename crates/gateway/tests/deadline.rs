@@ -102,6 +102,8 @@ async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() 
                 base_url: upstream,
                 api_key: None,
                 timeout: Duration::from_secs(5),
+                idle_connections: 4,
+                roots: Default::default(),
             })
             .unwrap(),
             model: "trickle".to_string(),

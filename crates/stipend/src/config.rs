@@ -65,6 +65,7 @@ struct RawModel {
     price_completion_cu: Option<i64>,
     max_concurrency: Option<i64>,
     timeout: Option<String>,
+    ca_file: Option<PathBuf>,
     path: Option<PathBuf>,
     slots: Option<i64>,
     context: Option<i64>,
@@ -117,6 +118,9 @@ pub enum BackendConfig {
         max_concurrency: usize,
         /// The longest the upstream may take to start answering, and between stream chunks.
         timeout: std::time::Duration,
+        /// What TLS trusts for an `https://` upstream: the platform's store, plus `ca_file`'s
+        /// certificates if set.
+        roots: stipend_gateway::upstream::Roots,
     },
     /// A GGUF run in this process.
     Embedded {
@@ -197,6 +201,7 @@ fn check_model(
             ("upstream_model", raw.upstream_model.is_some()),
             ("max_concurrency", raw.max_concurrency.is_some()),
             ("timeout", raw.timeout.is_some()),
+            ("ca_file", raw.ca_file.is_some()),
         ] {
             only(field, present, "openai")?;
         }
@@ -286,12 +291,25 @@ fn check_model(
                 key("timeout")
             );
         }
+        let roots = match raw.ca_file {
+            None => stipend_gateway::upstream::Roots::Platform,
+            Some(path) => {
+                let path = if path.is_relative() {
+                    base.join(path)
+                } else {
+                    path
+                };
+                stipend_gateway::upstream::Roots::platform_and_pem_file(&path)
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", key("ca_file")))?
+            }
+        };
         BackendConfig::Upstream {
             base_url,
             api_key,
             upstream_model: raw.upstream_model.unwrap_or_else(|| name.clone()),
             max_concurrency,
             timeout,
+            roots,
         }
     };
     let from_params = match &raw.params {
@@ -707,6 +725,19 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_ca_file_is_read_relative_to_the_config_file() {
+        let config_path = stipend_testkit::repo_path("crates/gateway/tests/data/stipend.toml");
+        let text = "[[models]]\nname = \"m\"\nbackend = \"openai\"\nbase_url = \"https://localhost:8443/v1\"\nparams = \"1B\"\nca_file = \"ca.pem\"";
+        let config = Config::parse(text, Some(&config_path)).unwrap();
+        let BackendConfig::Upstream { roots, .. } = &config.models[0].backend else {
+            panic!("an upstream model");
+        };
+        assert!(
+            matches!(roots, stipend_gateway::upstream::Roots::PlatformAnd(certificates) if certificates.len() == 1)
+        );
+    }
+
+    #[test]
     fn bad_models_name_the_key() {
         let model = |extra: &str| {
             format!(
@@ -745,6 +776,15 @@ mod tests {
             (model("timeout = \"2h\""), "models[0].timeout"),
             (model("price_prompt_cu = 0"), "models[0].price_prompt_cu"),
             (model("slots = 4"), "models[0].slots: only for backend = \"embedded\""),
+            (
+                model("ca_file = \"/nonexistent/ca.pem\""),
+                "models[0].ca_file: cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\nca_file = \"ca.pem\""
+                    .to_string(),
+                "models[0].ca_file: only for backend = \"openai\"",
+            ),
             (
                 "[[models]]\nname = \"m\"\nbackend = \"embedded\"".to_string(),
                 "models[0].path is missing",

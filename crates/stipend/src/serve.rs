@@ -89,11 +89,14 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
                 upstream_model,
                 max_concurrency,
                 timeout,
+                roots,
             } => {
                 let upstream = Upstream::new(UpstreamConfig {
                     base_url: base_url.clone(),
                     api_key: api_key.clone(),
                     timeout: *timeout,
+                    idle_connections: *max_concurrency,
+                    roots: roots.clone(),
                 })
                 .map_err(anyhow::Error::msg)?;
                 let backend = Backend::Upstream {
