@@ -23,7 +23,8 @@ const INDEX_FROM_FIELDS: usize = 16;
 /// A JSON object whose values are kept as text.
 #[derive(Clone)]
 pub(crate) struct RawObject {
-    text: Bytes,
+    /// The body, checked to be UTF-8 once.
+    text: String,
     /// Each key once (the last value given for a key wins, as in `serde_json`), in the order of
     /// first appearance, with its value's byte range in `text`.
     fields: Vec<(String, Range<usize>)>,
@@ -40,8 +41,17 @@ pub(crate) enum RawError {
 
 impl RawObject {
     /// Reads the top level of a JSON object.
-    pub(crate) fn parse(text: Bytes) -> Result<RawObject, RawError> {
-        let entries: Entries<'_> = match serde_json::from_slice(&text) {
+    pub(crate) fn parse(bytes: Bytes) -> Result<RawObject, RawError> {
+        let text = match String::from_utf8(Vec::from(bytes)) {
+            Ok(text) => text,
+            Err(error) => {
+                return Err(RawError::Syntax(de::Error::custom(format!(
+                    "the body is not UTF-8 (at byte {})",
+                    error.utf8_error().valid_up_to()
+                ))));
+            }
+        };
+        let entries: Entries<'_> = match serde_json::from_str(&text) {
             Ok(entries) => entries,
             Err(error) if error.classify() == serde_json::error::Category::Data => {
                 return Err(RawError::NotObject);
@@ -147,8 +157,9 @@ impl RawObject {
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
-        // The ranges are the texts of values serde_json read from `text` as UTF-8.
-        std::str::from_utf8(&self.text[range.clone()]).unwrap_or("null")
+        // The ranges are values' texts as serde_json read them, so they start and end at ASCII
+        // delimiters, on character boundaries.
+        self.text.get(range.clone()).unwrap_or("null")
     }
 }
 
