@@ -688,3 +688,71 @@ async fn two_hundred_concurrent_requests_never_overspend() {
     let output = stack.server.unwrap().stop();
     assert!(output.contains("the ledger is flushed"), "{output}");
 }
+
+/// An operator's upstream behind TLS with a private CA: trusted through `ca_file`, called and
+/// charged exactly; the same upstream without `ca_file` is refused (502) and costs nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_with_a_private_ca_is_verified_called_and_charged() {
+    let upstream = stipend_testkit::spawn_tls().await.unwrap();
+    let ca = stipend_testkit::repo_path("crates/gateway/tests/data/ca.pem");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"10 TFLOP\"\n\
+         [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\nca_file = \"{}\"\n\
+         [[models]]\nname = \"untrusted\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nupstream_model = \"echo\"\nparams = \"8B\"\n",
+        ca.display()
+    );
+    let env = Env::new(&config);
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let key = env.person_with_key("alice");
+    let start = common::budget(&http, &server.base, &key).await["balance_cu"]
+        .as_i64()
+        .unwrap();
+
+    let body = chat("echo", "What is the capital of France?", 5);
+    for _ in 0..2 {
+        let response = http
+            .post(format!("{}/chat/completions", server.base))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "t0 t1 t2 t3 t4");
+    }
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let response = http
+        .post(format!("{}/chat/completions", server.base))
+        .bearer_auth(&key)
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let events = read_sse(response).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let after = common::budget(&http, &server.base, &key).await["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(start - after, 3 * exact_cost(&body, 5));
+
+    let mut refused = body.clone();
+    refused["model"] = json!("untrusted");
+    let response = http
+        .post(format!("{}/chat/completions", server.base))
+        .bearer_auth(&key)
+        .json(&refused)
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!(status, 502, "{error}");
+    let budget = common::budget(&http, &server.base, &key).await;
+    assert_eq!(budget["balance_cu"].as_i64().unwrap(), after);
+    assert_eq!(budget["reserved_cu"], 0);
+    let report = env.json(&["ledger", "verify"]);
+    assert_eq!(report["violations"], json!([]), "{report}");
+    drop(server);
+}

@@ -29,12 +29,55 @@ use serde_json::{Value, json};
 /// Tokens in a reply when `max_tokens` allows.
 pub const REPLY_TOKENS: u64 = 12;
 
+fn router() -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(|body| answer(body, true)))
+        .route("/v1/completions", post(|body| answer(body, false)))
+}
+
 /// Serves the fake upstream on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let router = Router::new()
-        .route("/v1/chat/completions", post(|body| answer(body, true)))
-        .route("/v1/completions", post(|body| answer(body, false)));
-    axum::serve(listener, router).await
+    axum::serve(listener, router()).await
+}
+
+/// Serves the fake upstream over TLS on 127.0.0.1, with the test certificate for `localhost`
+/// (`crates/gateway/tests/data/localhost.pem`, signed by the test CA `ca.pem` there), in the
+/// background; returns the base URL, `https://localhost:PORT/v1`.
+pub async fn spawn_tls() -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let data = repo_path("crates/gateway/tests/data");
+    let certificates = CertificateDer::pem_file_iter(data.join("localhost.pem"))
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(std::io::Error::other)?;
+    let key =
+        PrivateKeyDer::from_pem_file(data.join("localhost.key")).map_err(std::io::Error::other)?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(certificates, key)
+    .map_err(std::io::Error::other)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router());
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(format!("https://localhost:{port}/v1"))
 }
 
 /// Binds 127.0.0.1 on a free port, serves in the background, and returns the base URL.
