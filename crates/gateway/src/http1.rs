@@ -31,9 +31,11 @@ const HEADERS_MAX: usize = 64;
 const CHUNK_LINE_MAX: usize = 1024;
 /// How much the read buffer grows by when it needs room.
 const READ_CHUNK: usize = 16 * 1024;
-/// An idle connection older than this is not reused: servers close idle keep-alive connections
-/// (uvicorn, under vLLM, after 5 s), and reusing one the server is closing loses the request.
-const IDLE_MAX: Duration = Duration::from_secs(4);
+/// An idle connection older than this is not reused. Servers close idle keep-alive connections
+/// on their own schedule (uvicorn, under vLLM, after 5 s); one closed while pooled is noticed
+/// before reuse (plain TCP) or on first use (the retry in `send`), so this bound is for tidiness,
+/// and long enough to keep a TLS session to a distant upstream across quiet spells.
+const IDLE_MAX: Duration = Duration::from_secs(50);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -862,6 +864,24 @@ mod tests {
         .await;
         let client = client(&url);
         call(&client).await.unwrap();
+        let (status, _) = call(&client).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_server_closed_is_not_reused() {
+        let (url, accepted) = server(move |_, mut reader| async move {
+            read_request(&mut reader).await;
+            reader.get_mut().write_all(OK).await.unwrap();
+            // A short keep-alive timeout: the server closes the idle connection.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        })
+        .await;
+        let client = client(&url);
+        call(&client).await.unwrap();
+        assert_eq!(client.idle_connections(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let (status, _) = call(&client).await.unwrap();
         assert_eq!(status, StatusCode::OK);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
