@@ -287,8 +287,16 @@ async fn relay(
             }
         }
     };
-    // Close the upstream connection now: an abandoned generation stops costing anything.
-    drop(chunks);
+    // A finished stream's connection can be kept for the next call once the rest of its body
+    // (the end of the chunked encoding, after `[DONE]`) is read; any other outcome closes it
+    // now, so that an abandoned generation stops costing anything.
+    let finished = match outcome {
+        Outcome::Done => Some(chunks),
+        _ => {
+            drop(chunks);
+            None
+        }
+    };
     let cost_cu = match usage {
         Some(usage) => Some(usage.cost_cu(&model, &checked)),
         // No usage (the client left, or the upstream broke off): charge what was produced, one
@@ -350,6 +358,27 @@ async fn relay(
             let _ = sender.send(sse(&error.body())).await;
         }
     }
+    drop(sender); // the client has everything: end its body now
+    if let Some(body) = finished {
+        drain(body).await;
+    }
+}
+
+/// Reads what is left of a finished stream's body (normally just the chunked encoding's last
+/// chunk), so its connection goes back to the pool; gives up, closing it, past a small bound.
+async fn drain(mut body: crate::upstream::Body) {
+    const DRAIN_BYTES_MAX: usize = 64 * 1024;
+    const DRAIN_TIME_MAX: Duration = Duration::from_secs(1);
+    let _ = tokio::time::timeout(DRAIN_TIME_MAX, async {
+        let mut drained = 0;
+        while let Ok(Some(piece)) = body.chunk().await {
+            drained += piece.len();
+            if drained > DRAIN_BYTES_MAX {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -4,82 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Setup, serve_with_a_short_hold};
 use serde_json::{Value, json};
 use stipend_gateway::queue::{FairQueue, QueueOptions};
-use stipend_gateway::{
-    Backend, Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN, Upstream, UpstreamConfig,
-};
-use stipend_ledger::{
-    AccountId, AccountKind, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock,
-};
-use stipend_store_sqlite::SqliteStore;
-
-/// A ledger on a temporary store with one person, alice, and her key.
-struct Setup {
-    _dir: tempfile::TempDir,
-    ledger: Arc<Ledger>,
-    alice: AccountId,
-    keys: KeyRing,
-    key: String,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
-        let policy = StipendPolicy::new(10_000_000, Duration::from_secs(86_400), 0).unwrap();
-        let ledger = Arc::new(
-            Ledger::open(
-                Arc::clone(&store),
-                Arc::new(SystemClock),
-                LedgerOptions::new(policy),
-            )
-            .unwrap(),
-        );
-        let alice = ledger
-            .create_account("alice", AccountKind::Person)
-            .unwrap()
-            .wait()
-            .unwrap();
-        let keys = KeyRing::new(store);
-        let key = keys.create(alice, 0).unwrap().key;
-        Setup {
-            _dir: dir,
-            ledger,
-            alice,
-            keys,
-            key,
-        }
-    }
-}
-
-/// Serves one model on loopback with reservations that last the margin plus one second, so a
-/// call must end after about a second; returns the address.
-async fn serve_with_a_short_hold(
-    ledger: &Arc<Ledger>,
-    keys: KeyRing,
-    model: Model,
-) -> std::net::SocketAddr {
-    let gateway = Arc::new(Gateway {
-        ledger: Arc::clone(ledger),
-        keys,
-        models: BTreeMap::from([(model.name.clone(), Arc::new(model))]),
-        options: GatewayOptions {
-            reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
-            ..GatewayOptions::default()
-        },
-        unrouted: Default::default(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
-    address
-}
+use stipend_gateway::{Backend, Model, Upstream, UpstreamConfig};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_is_cut_before_its_hold_expires_and_charged_for_what_it_made() {

@@ -17,6 +17,8 @@
 //! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
 //! are the tokens produced. Responses never echo the prompt.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -52,7 +54,7 @@ pub async fn spawn_tls() -> std::io::Result<String> {
         .map_err(std::io::Error::other)?;
     let key =
         PrivateKeyDer::from_pem_file(data.join("localhost.key")).map_err(std::io::Error::other)?;
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -60,24 +62,50 @@ pub async fn spawn_tls() -> std::io::Result<String> {
     .with_no_client_auth()
     .with_single_cert(certificates, key)
     .map_err(std::io::Error::other)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (port, _) = spawn_accepting(Some(acceptor)).await?;
+    Ok(format!("https://localhost:{port}/v1"))
+}
+
+/// Like [`spawn`], and also counts the TCP connections it accepts (to see connection reuse).
+pub async fn spawn_counted() -> std::io::Result<(String, Arc<AtomicUsize>)> {
+    let (port, accepted) = spawn_accepting(None).await?;
+    Ok((format!("http://127.0.0.1:{port}/v1"), accepted))
+}
+
+/// Accepts connections on a free loopback port (through TLS if given) and serves each with
+/// hyper; returns the port and the count of connections accepted.
+async fn spawn_accepting(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<(u16, Arc<AtomicUsize>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else {
-                    return;
-                };
                 let service = hyper_util::service::TowerToHyperService::new(router());
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match tls {
+                    None => {
+                        http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await
+                    }
+                };
             });
         }
     });
-    Ok(format!("https://localhost:{port}/v1"))
+    Ok((port, accepted))
 }
 
 /// Binds 127.0.0.1 on a free port, serves in the background, and returns the base URL.

@@ -1,0 +1,88 @@
+//! What the gateway's integration tests share: a ledger with a person and her key, and the
+//! gateway served on loopback.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stipend_gateway::{Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN};
+use stipend_ledger::{
+    AccountId, AccountKind, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock,
+};
+use stipend_store_sqlite::SqliteStore;
+
+/// A ledger on a temporary store with one person, alice, and her key.
+pub struct Setup {
+    pub _dir: tempfile::TempDir,
+    pub ledger: Arc<Ledger>,
+    pub alice: AccountId,
+    pub keys: KeyRing,
+    pub key: String,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
+        let policy = StipendPolicy::new(10_000_000, Duration::from_secs(86_400), 0).unwrap();
+        let ledger = Arc::new(
+            Ledger::open(
+                Arc::clone(&store),
+                Arc::new(SystemClock),
+                LedgerOptions::new(policy),
+            )
+            .unwrap(),
+        );
+        let alice = ledger
+            .create_account("alice", AccountKind::Person)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let keys = KeyRing::new(store);
+        let key = keys.create(alice, 0).unwrap().key;
+        Setup {
+            _dir: dir,
+            ledger,
+            alice,
+            keys,
+            key,
+        }
+    }
+}
+
+/// Serves one model on loopback with reservations that last the margin plus one second, so a
+/// call must end after about a second; returns the address.
+pub async fn serve_with_a_short_hold(
+    ledger: &Arc<Ledger>,
+    keys: KeyRing,
+    model: Model,
+) -> std::net::SocketAddr {
+    let options = GatewayOptions {
+        reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
+        ..GatewayOptions::default()
+    };
+    serve(ledger, keys, model, options).await
+}
+
+/// Serves one model on loopback; returns the address.
+pub async fn serve(
+    ledger: &Arc<Ledger>,
+    keys: KeyRing,
+    model: Model,
+    options: GatewayOptions,
+) -> std::net::SocketAddr {
+    let gateway = Arc::new(Gateway {
+        ledger: Arc::clone(ledger),
+        keys,
+        models: BTreeMap::from([(model.name.clone(), Arc::new(model))]),
+        options,
+        unrouted: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
+    address
+}

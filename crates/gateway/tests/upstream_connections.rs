@@ -1,0 +1,109 @@
+//! Upstream connections are kept and reused: a plain answer's and a finished stream's connection
+//! go back to the pool (the stream's after the end of its chunked body, read once the client has
+//! `[DONE]`), while a stream the client abandons closes its connection, which is how the
+//! upstream learns to stop.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::Setup;
+use futures_util::StreamExt;
+use serde_json::json;
+use stipend_gateway::queue::{FairQueue, QueueOptions};
+use stipend_gateway::{Backend, GatewayOptions, Model, Upstream, UpstreamConfig};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_calls_reuse_one_connection_and_an_abandoned_stream_closes_its_own() {
+    let setup = Setup::new();
+    let (url, accepted) = stipend_testkit::spawn_counted().await.unwrap();
+    let upstream = Upstream::new(UpstreamConfig {
+        base_url: url,
+        api_key: None,
+        timeout: Duration::from_secs(5),
+        idle_connections: 4,
+        roots: Default::default(),
+    })
+    .unwrap();
+    let model = |name: &str| Model {
+        name: name.to_string(),
+        price_prompt_cu: 1,
+        price_completion_cu: 1,
+        sink: setup.ledger.sink(&format!("sink:{name}")).unwrap(),
+        backend: Backend::Upstream {
+            upstream: upstream.clone(),
+            model: name.to_string(),
+        },
+        queue: Arc::new(FairQueue::new(4, QueueOptions::default())),
+        max_concurrency: 4,
+        counters: Default::default(),
+    };
+    let address = common::serve(
+        &setup.ledger,
+        setup.keys.clone(),
+        model("echo"),
+        GatewayOptions::default(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let call = |stream: bool| {
+        http.post(format!("http://{address}/v1/chat/completions"))
+            .bearer_auth(&setup.key)
+            .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream}))
+            .send()
+    };
+
+    for stream in [false, true, false, true, true] {
+        let text = call(stream).await.unwrap().text().await.unwrap();
+        assert!(text.contains("t3"), "{text}");
+        // The stream's connection returns once its body is drained, just after [DONE].
+        for _ in 0..100 {
+            if upstream.idle_connections() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            upstream.idle_connections(),
+            1,
+            "after a call (stream: {stream})"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for five calls"
+    );
+
+    // A stream abandoned half way: its connection is closed, not kept.
+    let slow = common::serve(
+        &setup.ledger,
+        setup.keys.clone(),
+        model("slow"),
+        GatewayOptions::default(),
+    )
+    .await;
+    let response = http
+        .post(format!("http://{slow}/v1/chat/completions"))
+        .bearer_auth(&setup.key)
+        .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    // The pooled connection went to this call; after it is abandoned none is idle, and the
+    // next call needs a new connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(upstream.idle_connections(), 0);
+    let text = call(false).await.unwrap().text().await.unwrap();
+    assert!(text.contains("t3"), "{text}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    setup.ledger.flush().unwrap();
+    assert_eq!(setup.ledger.view(setup.alice).unwrap().reserved_cu, 0);
+}
