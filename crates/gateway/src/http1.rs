@@ -207,7 +207,9 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut connection, reused) = match self.checkout() {
+            // The retry always takes a new connection, never another pooled one.
+            let pooled = if attempt == 1 { self.checkout() } else { None };
+            let (mut connection, reused) = match pooled {
                 Some(connection) => (connection, true),
                 None => (self.connect().await?, false),
             };
