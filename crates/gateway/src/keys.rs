@@ -2,7 +2,7 @@
 //! revocations); the secret is 256 random bits, shown once, stored only as its SHA-256, and
 //! compared in constant time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -80,14 +80,23 @@ pub enum KeyError {
 
 /// The keys a running server knows: read through from the store, cached, and changed in place
 /// when a key is created or revoked, so a revocation takes effect on the next request.
+///
+/// Ids the store does not know are remembered too, so that a flood of made-up keys costs a
+/// hash lookup each rather than a store read on the request's thread. That is sound because
+/// while a server runs, keys are created only through its ring (the CLI's `key create` goes
+/// through the server's control socket), and `create` forgets the new id there.
 #[derive(Clone)]
 pub struct KeyRing {
     store: Arc<dyn Store>,
-    cache: Arc<RwLock<HashMap<String, KeyRecord>>>,
+    cache: Arc<RwLock<HashMap<String, Arc<KeyRecord>>>>,
+    unknown: Arc<RwLock<HashSet<String>>>,
 }
 
 /// The most keys cached; past it the cache is cleared and refills from the store as keys are used.
 const CACHE_MAX: usize = 1_000_000;
+/// The most unknown ids remembered; past it they are forgotten (a flood of them then costs one
+/// store read each again, until the set refills).
+const UNKNOWN_MAX: usize = 65_536;
 
 impl KeyRing {
     /// A key ring over a store.
@@ -95,6 +104,7 @@ impl KeyRing {
         KeyRing {
             store,
             cache: Arc::new(RwLock::new(HashMap::new())),
+            unknown: Arc::new(RwLock::new(HashSet::new())),
         }
     }
 
@@ -105,12 +115,23 @@ impl KeyRing {
         let record = match cached {
             Some(record) => record,
             None => {
-                let record = self.store.key(id)?.ok_or(KeyError::Invalid)?;
+                if self.unknown.read().contains(id) {
+                    return Err(KeyError::Invalid);
+                }
+                let Some(record) = self.store.key(id)? else {
+                    let mut unknown = self.unknown.write();
+                    if unknown.len() >= UNKNOWN_MAX {
+                        unknown.clear();
+                    }
+                    unknown.insert(id.to_string());
+                    return Err(KeyError::Invalid);
+                };
+                let record = Arc::new(record);
                 let mut cache = self.cache.write();
                 if cache.len() >= CACHE_MAX {
                     cache.clear();
                 }
-                cache.insert(id.to_string(), record.clone());
+                cache.insert(id.to_string(), Arc::clone(&record));
                 record
             }
         };
@@ -128,6 +149,7 @@ impl KeyRing {
     pub fn create(&self, account: AccountId, now_ms: i64) -> Result<NewKey, StoreError> {
         let new = generate(account, now_ms)?;
         self.store.insert_key(&new.record)?;
+        self.unknown.write().remove(&new.record.id);
         Ok(new)
     }
 
@@ -149,6 +171,35 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_ids_are_remembered_and_a_created_key_works_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            stipend_store_sqlite::SqliteStore::open(&dir.path().join("ledger.db")).unwrap(),
+        );
+        let keys = KeyRing::new(Arc::clone(&store));
+        let made_up = generate(AccountId(7), 1).unwrap();
+        assert_eq!(keys.authenticate(&made_up.key), Err(KeyError::Invalid));
+        // Written behind the ring's back (which a running server never does): the ring still
+        // says unknown, without reading the store; a new ring (a restart) reads it.
+        store.insert_key(&made_up.record).unwrap();
+        assert_eq!(keys.authenticate(&made_up.key), Err(KeyError::Invalid));
+        assert_eq!(
+            KeyRing::new(Arc::clone(&store)).authenticate(&made_up.key),
+            Ok(AccountId(7))
+        );
+        // Created through the ring: works at once, and keeps working from the cache.
+        let new = keys.create(AccountId(8), 2).unwrap();
+        assert_eq!(keys.authenticate(&new.key), Ok(AccountId(8)));
+        assert_eq!(keys.authenticate(&new.key), Ok(AccountId(8)));
+        // A wrong secret for a known id is refused; revoking works at once.
+        let (id, _) = parse(&new.key).unwrap();
+        let forged = format!("{KEY_PREFIX}{id}-{}", "0".repeat(SECRET_HEX_LEN));
+        assert_eq!(keys.authenticate(&forged), Err(KeyError::Invalid));
+        assert!(keys.revoke(id, 3).unwrap());
+        assert_eq!(keys.authenticate(&new.key), Err(KeyError::Revoked));
+    }
 
     #[test]
     fn keys_parse_only_in_our_shape() {
