@@ -7,7 +7,8 @@
 #       with one HTTP worker thread per core (the default), and
 #   (d) the same with `workers = 1`: one event-loop thread, as the nginx proxy has one worker
 #       process (plus Stipend's ledger writer thread).
-# Prints a markdown table, plus Stipend's RSS idle and under load and its start-up time.
+# Prints a markdown table, plus Stipend's CPU per call (steadier than req/s on a shared machine),
+# its RSS idle and under load, and its start-up time.
 #
 # Usage: bench/load.sh [SECONDS]   (default 10 s per run; at 1 connection, below saturation,
 # and at 16 and 64, at saturation)
@@ -109,6 +110,10 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $KEY"
 LUA
 
+# CPU time (user + system, in clock ticks) of every thread of a process.
+cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
+TICK_HZ=$(getconf CLK_TCK)
+
 # wrk's latency distribution: 50% and 99% lines; requests/sec.
 run() {
     local url=$1 connections=$2 script=${3:-$WORK/post.lua}
@@ -127,14 +132,22 @@ echo
 echo "| connections | target | req/s | p50 | p99 | non-2xx | vs nginx proxy |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 rss_load=0
+cpu_notes=()
 for connections in 1 16 64; do
     read -r d_rps d_p50 d_p99 d_err < <(run "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$connections")
     read -r p_rps p_p50 p_p99 p_err < <(run "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" "$connections")
     ( sleep $((SECONDS_PER_RUN / 2)); rss_mb > "$WORK/rss_load" ) &
     sampler=$!
+    s_cpu0=$(cpu_ticks "$STIPEND_PID")
     read -r s_rps s_p50 s_p99 s_err < <(run "http://127.0.0.1:$STIPEND_PORT/v1/chat/completions" "$connections")
+    s_cpu=$(( $(cpu_ticks "$STIPEND_PID") - s_cpu0 ))
     wait "$sampler"
+    o_cpu0=$(cpu_ticks "$STIPEND1_PID")
     read -r o_rps o_p50 o_p99 o_err < <(run "http://127.0.0.1:$STIPEND1_PORT/v1/chat/completions" "$connections" "$WORK/post1.lua")
+    o_cpu=$(( $(cpu_ticks "$STIPEND1_PID") - o_cpu0 ))
+    # Stipend's own CPU per call (all its threads, the ledger writer included): steadier than
+    # req/s on a shared machine.
+    cpu_notes+=("$connections connections: $(python3 -c "print(f'{$s_cpu / $TICK_HZ * 1e6 / ($s_rps * $SECONDS_PER_RUN):.1f}')") µs (default workers), $(python3 -c "print(f'{$o_cpu / $TICK_HZ * 1e6 / ($o_rps * $SECONDS_PER_RUN):.1f}')") µs (workers = 1)")
     rss_now=$(cat "$WORK/rss_load")
     rss_load=$(python3 -c "print(max($rss_load, $rss_now))")
     ratio=$(python3 -c "print(f'{$s_rps / $p_rps:.2f}×')")
@@ -145,6 +158,8 @@ for connections in 1 16 64; do
     echo "| $connections | Stipend, workers = 1 | $o_rps | $o_p50 | $o_p99 | $o_err | $ratio1 |"
 done
 echo
+echo "Stipend's CPU per call (its threads, the ledger writer included):"
+for note in "${cpu_notes[@]}"; do echo "  $note"; done
 echo "Stipend: start to ready ${ready_ms} ms (no model loaded); RSS idle ${rss_idle} MB, under load ${rss_load} MB (peak sampled)."
 charged=$("$STIPEND" --config "$WORK/stipend.toml" --json account show bench | python3 -c 'import json,sys; a=json.load(sys.stdin); print(a["reserved_cu"])')
 verify=$("$STIPEND" --config "$WORK/stipend.toml" ledger verify)
