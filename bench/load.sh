@@ -4,9 +4,9 @@
 #   (a) the upstream directly: nginx answering a fixed chat completion (never the bottleneck),
 #   (b) an nginx reverse proxy in front of it (the floor for any proxy),
 #   (c) Stipend in front of it, with budgets enforced (every call reserved and settled durably),
-#       with one HTTP worker thread per core (the default), and
-#   (d) the same with `workers = 1`: one event-loop thread, as the nginx proxy has one worker
-#       process (plus Stipend's ledger writer thread).
+#       with its default HTTP worker threads (half the cores, at least one), and
+#   (d) the same with `workers = 2`, one per core here (the default before session 3), to see
+#       what a second event loop costs or buys on this machine.
 # Prints a markdown table, plus Stipend's CPU per call (steadier than req/s on a shared machine),
 # its RSS idle and under load, and its start-up time.
 #
@@ -87,10 +87,10 @@ KEY=$("$STIPEND" --config "$WORK/stipend.toml" --json key create bench | python3
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$STIPEND_PID/status"; }
 rss_idle=$(rss_mb)
 
-# The same with one worker thread, on its own data directory.
+# The same with two worker threads, on its own data directory.
 mkdir -p "$WORK/one"
 sed -e "s/$STIPEND_PORT/$STIPEND1_PORT/" "$WORK/stipend.toml" > "$WORK/one/stipend.toml"
-echo "workers = 1" | cat - "$WORK/one/stipend.toml" > "$WORK/one/stipend.tmp" && mv "$WORK/one/stipend.tmp" "$WORK/one/stipend.toml"
+echo "workers = 2" | cat - "$WORK/one/stipend.toml" > "$WORK/one/stipend.tmp" && mv "$WORK/one/stipend.tmp" "$WORK/one/stipend.toml"
 "$STIPEND" --config "$WORK/one/stipend.toml" serve > "$WORK/one/stipend.out" 2>&1 &
 STIPEND1_PID=$!
 until grep -q "Press Ctrl-C" "$WORK/one/stipend.out" 2>/dev/null; do sleep 0.01; done
@@ -147,7 +147,7 @@ for connections in 1 16 64; do
     o_cpu=$(( $(cpu_ticks "$STIPEND1_PID") - o_cpu0 ))
     # Stipend's own CPU per call (all its threads, the ledger writer included): steadier than
     # req/s on a shared machine.
-    cpu_notes+=("$connections connections: $(python3 -c "print(f'{$s_cpu / $TICK_HZ * 1e6 / ($s_rps * $SECONDS_PER_RUN):.1f}')") µs (default workers), $(python3 -c "print(f'{$o_cpu / $TICK_HZ * 1e6 / ($o_rps * $SECONDS_PER_RUN):.1f}')") µs (workers = 1)")
+    cpu_notes+=("$connections connections: $(python3 -c "print(f'{$s_cpu / $TICK_HZ * 1e6 / ($s_rps * $SECONDS_PER_RUN):.1f}')") µs (default workers), $(python3 -c "print(f'{$o_cpu / $TICK_HZ * 1e6 / ($o_rps * $SECONDS_PER_RUN):.1f}')") µs (workers = 2)")
     rss_now=$(cat "$WORK/rss_load")
     rss_load=$(python3 -c "print(max($rss_load, $rss_now))")
     ratio=$(python3 -c "print(f'{$s_rps / $p_rps:.2f}×')")
@@ -155,7 +155,7 @@ for connections in 1 16 64; do
     echo "| $connections | upstream directly | $d_rps | $d_p50 | $d_p99 | $d_err | |"
     echo "| $connections | nginx proxy | $p_rps | $p_p50 | $p_p99 | $p_err | 1.00× |"
     echo "| $connections | Stipend, budgets enforced | $s_rps | $s_p50 | $s_p99 | $s_err | $ratio |"
-    echo "| $connections | Stipend, workers = 1 | $o_rps | $o_p50 | $o_p99 | $o_err | $ratio1 |"
+    echo "| $connections | Stipend, workers = 2 | $o_rps | $o_p50 | $o_p99 | $o_err | $ratio1 |"
 done
 echo
 echo "Stipend's CPU per call (its threads, the ledger writer included):"

@@ -365,7 +365,7 @@ pub struct Config {
     pub max_tokens_default: u64,
     /// The fair-share queue's bounds, for every model.
     pub queue: stipend_gateway::queue::QueueOptions,
-    /// Threads serving HTTP (`None`: one per core).
+    /// Threads serving HTTP (`None`: half the cores, at least one).
     pub workers: Option<usize>,
     /// The models.
     pub models: Vec<ModelConfig>,
