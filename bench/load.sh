@@ -40,6 +40,15 @@ trap cleanup EXIT
 
 UPSTREAM_PORT=18901 PROXY_PORT=18902 STIPEND_PORT=18903 STIPEND1_PORT=18904
 ANSWER='{"id":"x","object":"chat.completion","created":0,"model":"fixed","choices":[{"index":0,"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":3,"total_tokens":23}}'
+# A streamed answer: 16 content chunks, the usage chunk, [DONE]; served whole, as a fixed body.
+STREAM_ANSWER=$(python3 - <<'PY'
+import json
+base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fixed"}
+events = [dict(base, choices=[{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]) for i in range(16)]
+events.append(dict(base, choices=[], usage={"prompt_tokens": 20, "completion_tokens": 16, "total_tokens": 36}))
+print("".join(f"data: {json.dumps(event, separators=(',', ':'))}\n\n" for event in events) + "data: [DONE]\n\n", end="")
+PY
+)
 mkdir -p "$WORK/nginx/logs"
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1;
@@ -52,6 +61,8 @@ http {
     upstream fixed { server 127.0.0.1:$UPSTREAM_PORT; keepalive 128; }
     server {
         listen 127.0.0.1:$UPSTREAM_PORT;
+        location /stream/ { default_type text/event-stream; return 200 '$STREAM_ANSWER
+'; }
         location / { default_type application/json; return 200 '$ANSWER'; }
     }
     server {
@@ -74,6 +85,13 @@ amount = "1000000 EFLOP"
 name = "fixed"
 backend = "openai"
 base_url = "http://127.0.0.1:$UPSTREAM_PORT/v1"
+params = "8B"
+max_concurrency = 1024
+[[models]]
+name = "fixed-stream"
+backend = "openai"
+base_url = "http://127.0.0.1:$UPSTREAM_PORT/stream/v1"
+upstream_model = "fixed"
 params = "8B"
 max_concurrency = 1024
 CONF
@@ -106,6 +124,13 @@ LUA
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '{"model":"fixed","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+LUA
+
+cat > "$WORK/stream.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"fixed-stream","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"stream":true}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $KEY"
 LUA
@@ -157,6 +182,18 @@ for connections in 1 16 64; do
     echo "| $connections | Stipend, budgets enforced | $s_rps | $s_p50 | $s_p99 | $s_err | $ratio |"
     echo "| $connections | Stipend, workers = 2 | $o_rps | $o_p50 | $o_p99 | $o_err | $ratio1 |"
 done
+echo
+echo "Streamed answers (16 content chunks, usage, [DONE]; usage asked for upstream and stripped), 64 connections:"
+echo
+echo "| target | req/s | p50 | p99 | non-2xx | vs nginx proxy |"
+echo "| --- | --- | --- | --- | --- | --- |"
+read -r p_rps p_p50 p_p99 p_err < <(run "http://127.0.0.1:$PROXY_PORT/stream/v1/chat/completions" 64 "$WORK/stream.lua")
+s_cpu0=$(cpu_ticks "$STIPEND_PID")
+read -r s_rps s_p50 s_p99 s_err < <(run "http://127.0.0.1:$STIPEND_PORT/v1/chat/completions" 64 "$WORK/stream.lua")
+s_cpu=$(( $(cpu_ticks "$STIPEND_PID") - s_cpu0 ))
+echo "| nginx proxy | $p_rps | $p_p50 | $p_p99 | $p_err | 1.00× |"
+echo "| Stipend, budgets enforced | $s_rps | $s_p50 | $s_p99 | $s_err | $(python3 -c "print(f'{$s_rps / $p_rps:.2f}×')") |"
+cpu_notes+=("streamed, 64 connections: $(python3 -c "print(f'{$s_cpu / $TICK_HZ * 1e6 / ($s_rps * $SECONDS_PER_RUN):.1f}')") µs (default workers)")
 echo
 echo "Stipend's CPU per call (its threads, the ledger writer included):"
 for note in "${cpu_notes[@]}"; do echo "  $note"; done

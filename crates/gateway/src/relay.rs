@@ -134,7 +134,17 @@ impl SseParser {
 }
 
 pub(crate) fn sse(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
+    let mut out = Vec::new();
+    write_sse(&mut out, value);
+    Bytes::from(out)
+}
+
+/// Appends one SSE event carrying `value`.
+fn write_sse(out: &mut Vec<u8>, value: &Value) {
+    out.extend_from_slice(b"data: ");
+    // Writing a JSON value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+    out.extend_from_slice(b"\n\n");
 }
 
 fn produced_output(chunk: &Value) -> bool {
@@ -245,20 +255,27 @@ async fn relay(
             Ok(events) => events,
             Err(error) => break 'read Outcome::Failed(error),
         };
+        // Everything this read carried goes to the client in one write: a burst of events (an
+        // upstream that batches, or a fast one) costs one send, not one per event.
+        let mut out = Vec::new();
+        let mut ended = None;
         for data in events {
             if data == "[DONE]" {
-                break 'read Outcome::Done;
+                ended = Some(Outcome::Done);
+                break;
             }
             let chunk = serde_json::from_str::<Value>(&data);
             let Ok(mut chunk @ Value::Object(_)) = chunk else {
-                break 'read Outcome::Failed(ApiError::Upstream(
+                ended = Some(Outcome::Failed(ApiError::Upstream(
                     "a stream event is not a JSON object".to_string(),
-                ));
+                )));
+                break;
             };
             if chunk.get("error").is_some() {
-                break 'read Outcome::Failed(ApiError::Upstream(
+                ended = Some(Outcome::Failed(ApiError::Upstream(
                     "it reported an error mid-stream".to_string(),
-                ));
+                )));
+                break;
             }
             if let Some(reported) = Usage::from_json(&chunk["usage"]) {
                 usage = Some(reported);
@@ -282,9 +299,13 @@ async fn relay(
             {
                 fields.remove("usage");
             }
-            if sender.send(sse(&chunk)).await.is_err() {
-                break 'read Outcome::ClientGone;
-            }
+            write_sse(&mut out, &chunk);
+        }
+        if !out.is_empty() && sender.send(Bytes::from(out)).await.is_err() {
+            break 'read Outcome::ClientGone;
+        }
+        if let Some(outcome) = ended {
+            break 'read outcome;
         }
     };
     // A finished stream's connection can be kept for the next call once the rest of its body

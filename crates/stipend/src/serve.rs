@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use stipend_gateway::queue::FairQueue;
 use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
 use stipend_ledger::units::{default_price_cu_per_token, format_duration};
@@ -232,6 +233,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut http_task = tokio::spawn({
         let mut stop_rx = stop_rx.clone();
         let router = stipend_gateway::router(Arc::clone(&gateway));
+        // No Nagle: a stream's small chunks go out as they come. With it, each chunk after the
+        // first waited for the client's delayed ACK (about 40 ms): a streamed answer of 18
+        // events took 44 ms at the median in the load run, not under 2.
+        let http = http.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         async move {
             axum::serve(http, router)
                 .with_graceful_shutdown(async move {
