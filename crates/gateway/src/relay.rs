@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::queue::Place;
+use crate::rawjson::RawObject;
 use crate::routes::Checked;
 use crate::{Gateway, Model};
 
@@ -112,18 +113,29 @@ impl SseParser {
         self.buffer
             .extend(bytes.iter().filter(|byte| **byte != b'\r'));
         let mut events = Vec::new();
-        while let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
-            let event: Vec<u8> = self.buffer.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            let data: Vec<&str> = text
-                .lines()
-                .filter_map(|line| line.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect();
-            if !data.is_empty() {
-                events.push(data.join("\n"));
+        let mut start = 0;
+        while let Some(end) = self.buffer[start..]
+            .windows(2)
+            .position(|pair| pair == b"\n\n")
+        {
+            let event = &self.buffer[start..start + end];
+            let mut data: Option<String> = None;
+            for line in event.split(|byte| *byte == b'\n') {
+                if let Some(rest) = line.strip_prefix(b"data:") {
+                    let rest = String::from_utf8_lossy(rest.trim_ascii_start());
+                    match &mut data {
+                        None => data = Some(rest.into_owned()),
+                        Some(data) => {
+                            data.push('\n');
+                            data.push_str(&rest);
+                        }
+                    }
+                }
             }
+            events.extend(data);
+            start += end + 2;
         }
+        self.buffer.drain(..start);
         if self.buffer.len() > SSE_EVENT_BYTES_MAX {
             return Err(ApiError::Upstream(
                 "a stream event is too large".to_string(),
@@ -147,17 +159,44 @@ fn write_sse(out: &mut Vec<u8>, value: &Value) {
     out.extend_from_slice(b"\n\n");
 }
 
-fn produced_output(chunk: &Value) -> bool {
-    chunk["choices"].as_array().is_some_and(|choices| {
-        choices.iter().any(|choice| {
-            let delta = &choice["delta"];
-            delta["content"]
-                .as_str()
-                .is_some_and(|text| !text.is_empty())
-                || choice["text"].as_str().is_some_and(|text| !text.is_empty())
-                || delta["tool_calls"].is_array()
-        })
-    })
+/// Appends one SSE event carrying JSON text.
+fn write_sse_raw(out: &mut Vec<u8>, json: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// What the relay reads of a stream chunk's choice: whether it carries output.
+#[derive(serde::Deserialize)]
+struct ChoiceHead<'a> {
+    #[serde(borrow, default)]
+    delta: Option<DeltaHead<'a>>,
+    #[serde(borrow, default)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DeltaHead<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a serde_json::value::RawValue>,
+}
+
+/// Whether a choice produced output: text, content, or tool calls. A choice of another shape
+/// produced none.
+fn produced_output(choice: &serde_json::value::RawValue) -> bool {
+    let Ok(choice) = serde_json::from_str::<ChoiceHead<'_>>(choice.get()) else {
+        return false;
+    };
+    let delta = choice.delta.as_ref();
+    delta
+        .and_then(|delta| delta.content.as_ref())
+        .is_some_and(|content| !content.is_empty())
+        || choice.text.as_ref().is_some_and(|text| !text.is_empty())
+        || delta
+            .and_then(|delta| delta.tool_calls)
+            .is_some_and(|calls| calls.get().starts_with('['))
 }
 
 enum Outcome {
@@ -220,7 +259,8 @@ async fn relay(
     let mut chunks = upstream;
     let mut parser = SseParser::default();
     let mut usage: Option<Usage> = None;
-    let mut usage_chunk: Option<Value> = None;
+    let mut usage_chunk: Option<RawObject> = None;
+    let model_text = crate::rawjson::string(&model.name);
     let mut chunks_with_output = 0u64;
     let outcome = 'read: loop {
         let next = tokio::select! {
@@ -264,42 +304,45 @@ async fn relay(
                 ended = Some(Outcome::Done);
                 break;
             }
-            let chunk = serde_json::from_str::<Value>(&data);
-            let Ok(mut chunk @ Value::Object(_)) = chunk else {
+            let Ok(chunk) = RawObject::parse(Bytes::from(data)) else {
                 ended = Some(Outcome::Failed(ApiError::Upstream(
                     "a stream event is not a JSON object".to_string(),
                 )));
                 break;
             };
-            if chunk.get("error").is_some() {
+            if chunk.raw("error").is_some() {
                 ended = Some(Outcome::Failed(ApiError::Upstream(
                     "it reported an error mid-stream".to_string(),
                 )));
                 break;
             }
-            if let Some(reported) = Usage::from_json(&chunk["usage"]) {
+            if let Some(reported) = chunk
+                .get::<Value>("usage")
+                .and_then(Result::ok)
+                .and_then(|reported| Usage::from_json(&reported))
+            {
                 usage = Some(reported);
             }
-            chunk["model"] = Value::String(model.name.clone());
-            let has_choices = chunk["choices"]
-                .as_array()
-                .is_some_and(|choices| !choices.is_empty());
-            if !has_choices {
+            let choices = chunk
+                .get::<Vec<&serde_json::value::RawValue>>("choices")
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            if choices.is_empty() {
                 // The usage chunk: sent (if asked for) only once the charge is durable.
                 usage_chunk = Some(chunk);
                 continue;
             }
-            if produced_output(&chunk) {
+            if choices.iter().any(|choice| produced_output(choice)) {
                 chunks_with_output += 1;
                 // Service delivered, for the fair-share counter: about a token per chunk.
                 place.charge(model.price_completion_cu);
             }
-            if !checked.include_usage
-                && let Some(fields) = chunk.as_object_mut()
-            {
-                fields.remove("usage");
-            }
-            write_sse(&mut out, &chunk);
+            let remove: &[&str] = if checked.include_usage {
+                &[]
+            } else {
+                &["usage"]
+            };
+            write_sse_raw(&mut out, &chunk.write(&[("model", &model_text)], remove));
         }
         if !out.is_empty() && sender.send(Bytes::from(out)).await.is_err() {
             break 'read Outcome::ClientGone;
@@ -358,7 +401,9 @@ async fn relay(
             if checked.include_usage
                 && let Some(chunk) = usage_chunk
             {
-                let _ = sender.send(sse(&chunk)).await;
+                let mut out = Vec::new();
+                write_sse_raw(&mut out, &chunk.write(&[("model", &model_text)], &[]));
+                let _ = sender.send(Bytes::from(out)).await;
             }
             let _ = sender.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         }
@@ -418,5 +463,34 @@ mod tests {
         );
         let mut parser = SseParser::default();
         assert!(parser.push(&vec![b'x'; SSE_EVENT_BYTES_MAX + 1]).is_err());
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_and_events_without_data_are_skipped() {
+        let mut parser = SseParser::default();
+        assert_eq!(
+            parser
+                .push(b"event: x\ndata: {\"a\":\ndata:1}\n\nid: 7\n\ndata:[DONE]\n\n")
+                .unwrap(),
+            vec!["{\"a\":\n1}".to_string(), "[DONE]".to_string()]
+        );
+    }
+
+    #[test]
+    fn output_is_content_text_or_tool_calls() {
+        let produced = |choice: &str| {
+            produced_output(serde_json::from_str::<&serde_json::value::RawValue>(choice).unwrap())
+        };
+        assert!(produced(r#"{"index":0,"delta":{"content":"Hi"}}"#));
+        assert!(produced(r#"{"index":0,"text":"Hi"}"#));
+        assert!(produced(r#"{"delta":{"tool_calls":[{"index":0}]}}"#));
+        assert!(produced(r#"{"delta":{"content":"\u00e9"}}"#));
+        assert!(!produced(
+            r#"{"index":0,"delta":{"content":""},"finish_reason":"stop"}"#
+        ));
+        assert!(!produced(r#"{"delta":{"role":"assistant"}}"#));
+        assert!(!produced(r#"{"delta":null}"#));
+        assert!(!produced(r#"{"delta":{"tool_calls":null}}"#));
+        assert!(!produced("5"));
     }
 }
