@@ -490,11 +490,7 @@ async fn drive(call: Call, mut generation: Generation, mut output: Output) {
     } = call;
     let model = Arc::clone(&checked.model);
     // The call ends before its hold could expire.
-    let deadline = tokio::time::Instant::now()
-        + gateway
-            .options
-            .reservation_timeout
-            .saturating_sub(crate::RESERVATION_MARGIN);
+    let deadline = gateway.call_deadline();
     let mut text = String::new();
     let mut delivered = false;
     let mut client_gone = false;

@@ -109,3 +109,15 @@ pub struct Gateway {
     /// Counters for requests refused before a model was known.
     pub unrouted: metrics::Counters,
 }
+
+impl Gateway {
+    /// When a call starting now must end: `RESERVATION_MARGIN` before its hold could expire,
+    /// however slowly it runs.
+    pub(crate) fn call_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+            + self
+                .options
+                .reservation_timeout
+                .saturating_sub(RESERVATION_MARGIN)
+    }
+}

@@ -42,15 +42,17 @@ pub(crate) enum RawError {
 impl RawObject {
     /// Reads the top level of a JSON object.
     pub(crate) fn parse(bytes: Bytes) -> Result<RawObject, RawError> {
-        let text = match String::from_utf8(Vec::from(bytes)) {
-            Ok(text) => text,
-            Err(error) => {
-                return Err(RawError::Syntax(de::Error::custom(format!(
-                    "the body is not UTF-8 (at byte {})",
-                    error.utf8_error().valid_up_to()
-                ))));
-            }
-        };
+        match String::from_utf8(Vec::from(bytes)) {
+            Ok(text) => RawObject::parse_text(text),
+            Err(error) => Err(RawError::Syntax(de::Error::custom(format!(
+                "the body is not UTF-8 (at byte {})",
+                error.utf8_error().valid_up_to()
+            )))),
+        }
+    }
+
+    /// Reads the top level of a JSON object already in a `String`.
+    pub(crate) fn parse_text(text: String) -> Result<RawObject, RawError> {
         let entries: Entries<'_> = match serde_json::from_str(&text) {
             Ok(entries) => entries,
             Err(error) if error.classify() == serde_json::error::Category::Data => {

@@ -244,19 +244,14 @@ async fn relay(
     gateway: Arc<Gateway>,
     checked: Checked,
     hold: Hold,
-    upstream: crate::upstream::Body,
+    mut chunks: crate::upstream::Body,
     timeout: Duration,
     sender: mpsc::Sender<Bytes>,
     place: Place,
 ) {
     let model = Arc::clone(&checked.model);
     // The whole stream ends before its hold could expire, however slowly it trickles.
-    let deadline = tokio::time::Instant::now()
-        + gateway
-            .options
-            .reservation_timeout
-            .saturating_sub(crate::RESERVATION_MARGIN);
-    let mut chunks = upstream;
+    let deadline = gateway.call_deadline();
     let mut parser = SseParser::default();
     let mut usage: Option<Usage> = None;
     let mut usage_chunk: Option<RawObject> = None;
@@ -304,7 +299,7 @@ async fn relay(
                 ended = Some(Outcome::Done);
                 break;
             }
-            let Ok(chunk) = RawObject::parse(Bytes::from(data)) else {
+            let Ok(chunk) = RawObject::parse_text(data) else {
                 ended = Some(Outcome::Failed(ApiError::Upstream(
                     "a stream event is not a JSON object".to_string(),
                 )));

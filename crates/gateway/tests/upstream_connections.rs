@@ -45,20 +45,20 @@ async fn finished_calls_reuse_one_connection_and_an_abandoned_stream_closes_its_
     let address = common::serve(
         &setup.ledger,
         setup.keys.clone(),
-        model("echo"),
+        vec![model("echo"), model("slow")],
         GatewayOptions::default(),
     )
     .await;
     let http = reqwest::Client::new();
-    let call = |stream: bool| {
+    let call = |model: &str, max_tokens: u64, stream: bool| {
         http.post(format!("http://{address}/v1/chat/completions"))
             .bearer_auth(&setup.key)
-            .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream}))
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}))
             .send()
     };
 
     for stream in [false, true, false, true, true] {
-        let text = call(stream).await.unwrap().text().await.unwrap();
+        let text = call("echo", 4, stream).await.unwrap().text().await.unwrap();
         assert!(text.contains("t3"), "{text}");
         // The stream's connection returns once its body is drained, just after [DONE].
         for _ in 0..100 {
@@ -79,21 +79,9 @@ async fn finished_calls_reuse_one_connection_and_an_abandoned_stream_closes_its_
         "one connection for five calls"
     );
 
-    // A stream abandoned half way: its connection is closed, not kept.
-    let slow = common::serve(
-        &setup.ledger,
-        setup.keys.clone(),
-        model("slow"),
-        GatewayOptions::default(),
-    )
-    .await;
-    let response = http
-        .post(format!("http://{slow}/v1/chat/completions"))
-        .bearer_auth(&setup.key)
-        .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    // A stream abandoned half way (`slow` takes 20 ms a token, 240 ms in all): its connection
+    // is closed, not kept.
+    let response = call("slow", 12, true).await.unwrap();
     let mut body = response.bytes_stream();
     body.next().await.unwrap().unwrap();
     drop(body);
@@ -101,7 +89,7 @@ async fn finished_calls_reuse_one_connection_and_an_abandoned_stream_closes_its_
     // next call needs a new connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(upstream.idle_connections(), 0);
-    let text = call(false).await.unwrap().text().await.unwrap();
+    let text = call("echo", 4, false).await.unwrap().text().await.unwrap();
     assert!(text.contains("t3"), "{text}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     setup.ledger.flush().unwrap();

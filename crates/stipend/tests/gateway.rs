@@ -44,7 +44,12 @@ impl Stack {
                 "[[models]]\nname = \"{model}\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\ntimeout = \"2s\"\n"
             ));
         }
-        let env = Env::new(&config);
+        Stack::with_config(&config)
+    }
+
+    /// The real server with this config file.
+    fn with_config(config: &str) -> Stack {
+        let env = Env::new(config);
         let server = Server::start(&env);
         let base = server.base.clone();
         Stack {
@@ -701,58 +706,30 @@ async fn an_https_upstream_with_a_private_ca_is_verified_called_and_charged() {
          [[models]]\nname = \"untrusted\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nupstream_model = \"echo\"\nparams = \"8B\"\n",
         ca.display()
     );
-    let env = Env::new(&config);
-    let server = Server::start(&env);
-    let http = reqwest::Client::new();
-    let key = env.person_with_key("alice");
-    let start = common::budget(&http, &server.base, &key).await["balance_cu"]
-        .as_i64()
-        .unwrap();
+    let stack = Stack::with_config(&config);
+    let key = stack.person_with_key("alice");
+    let start = stack.balance(&key).await;
 
     let body = chat("echo", "What is the capital of France?", 5);
     for _ in 0..2 {
-        let response = http
-            .post(format!("{}/chat/completions", server.base))
-            .bearer_auth(&key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = stack.post(&key, "/chat/completions", &body).await;
         assert_eq!(response.status(), 200);
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["choices"][0]["message"]["content"], "t0 t1 t2 t3 t4");
     }
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let response = http
-        .post(format!("{}/chat/completions", server.base))
-        .bearer_auth(&key)
-        .json(&streamed)
-        .send()
-        .await
-        .unwrap();
-    let events = read_sse(response).await;
+    let events = read_sse(stack.post(&key, "/chat/completions", &streamed).await).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let after = common::budget(&http, &server.base, &key).await["balance_cu"]
-        .as_i64()
-        .unwrap();
+    let after = stack.balance(&key).await;
     assert_eq!(start - after, 3 * exact_cost(&body, 5));
 
     let mut refused = body.clone();
     refused["model"] = json!("untrusted");
-    let response = http
-        .post(format!("{}/chat/completions", server.base))
-        .bearer_auth(&key)
-        .json(&refused)
-        .send()
-        .await
-        .unwrap();
-    let (status, error) = error_of(response).await;
+    let (status, error) = error_of(stack.post(&key, "/chat/completions", &refused).await).await;
     assert_eq!(status, 502, "{error}");
-    let budget = common::budget(&http, &server.base, &key).await;
+    let budget = stack.budget(&key).await;
     assert_eq!(budget["balance_cu"].as_i64().unwrap(), after);
     assert_eq!(budget["reserved_cu"], 0);
-    let report = env.json(&["ledger", "verify"]);
-    assert_eq!(report["violations"], json!([]), "{report}");
-    drop(server);
+    stack.verify();
 }

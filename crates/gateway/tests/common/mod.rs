@@ -64,20 +64,23 @@ pub async fn serve_with_a_short_hold(
         reservation_timeout: RESERVATION_MARGIN + Duration::from_secs(1),
         ..GatewayOptions::default()
     };
-    serve(ledger, keys, model, options).await
+    serve(ledger, keys, vec![model], options).await
 }
 
-/// Serves one model on loopback; returns the address.
+/// Serves models on loopback; returns the address.
 pub async fn serve(
     ledger: &Arc<Ledger>,
     keys: KeyRing,
-    model: Model,
+    models: Vec<Model>,
     options: GatewayOptions,
 ) -> std::net::SocketAddr {
     let gateway = Arc::new(Gateway {
         ledger: Arc::clone(ledger),
         keys,
-        models: BTreeMap::from([(model.name.clone(), Arc::new(model))]),
+        models: models
+            .into_iter()
+            .map(|model| (model.name.clone(), Arc::new(model)))
+            .collect::<BTreeMap<_, _>>(),
         options,
         unrouted: Default::default(),
     });
