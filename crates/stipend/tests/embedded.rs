@@ -142,22 +142,7 @@ impl Stack {
     }
 
     async fn gauge(&self, name: &str) -> u64 {
-        let url = self.base.trim_end_matches("/v1").to_string() + "/metrics";
-        let text = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let prefix = format!("{name}{{model=\"{MODEL}\"}} ");
-        text.lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
+        common::sample(&common::metrics(&self.http, &self.base).await, name, MODEL)
     }
 
     /// Waits (bounded) until no slot is busy and no request holds one.
@@ -292,16 +277,7 @@ async fn it_answers_and_charges_exactly_what_its_tokenizer_counts() {
     );
 
     // /v1/models tells the context and the price.
-    let models: Value = stack
-        .http
-        .get(format!("{}/models", stack.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = common::get_json(&stack.http, &stack.base, "models", &key).await;
     let entry = &models["data"][0];
     assert_eq!(entry["id"], MODEL);
     assert_eq!(

@@ -29,24 +29,13 @@ async fn chat(http: &reqwest::Client, base: &str, key: &str, body: &Value) -> re
         .unwrap()
 }
 
+/// How many of the model's slots run and how many requests wait, from one scrape.
 async fn gauges(http: &reqwest::Client, base: &str) -> (u64, u64) {
-    let text = http
-        .get(base.trim_end_matches("/v1").to_string() + "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let gauge = |name: &str| -> u64 {
-        let prefix = format!("{name}{{model=\"slow\"}} ");
-        text.lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    (gauge("stipend_queue_running"), gauge("stipend_queue_depth"))
+    let text = common::metrics(http, base).await;
+    (
+        common::sample(&text, "stipend_queue_running", "slow"),
+        common::sample(&text, "stipend_queue_depth", "slow"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,16 +174,7 @@ async fn chat_and_completions_are_charged_exactly() {
             .ends_with("T00:00:00Z")
     );
 
-    let models: Value = stack
-        .http
-        .get(format!("{}/models", stack.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = common::get_json(&stack.http, &stack.base, "models", &key).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

@@ -181,14 +181,41 @@ impl Drop for Server {
     }
 }
 
-/// `GET /v1/budget` with `key`, as JSON.
-pub async fn budget(http: &reqwest::Client, base: &str, key: &str) -> Value {
-    http.get(format!("{base}/budget"))
+/// `GET {base}/{path}` with `key`, as JSON.
+pub async fn get_json(http: &reqwest::Client, base: &str, path: &str, key: &str) -> Value {
+    http.get(format!("{base}/{path}"))
         .bearer_auth(key)
         .send()
         .await
         .unwrap()
         .json()
         .await
+        .unwrap()
+}
+
+/// `GET /v1/budget` with `key`, as JSON.
+pub async fn budget(http: &reqwest::Client, base: &str, key: &str) -> Value {
+    get_json(http, base, "budget", key).await
+}
+
+/// The server's `/metrics` text (`base` is the API's base URL, ending in `/v1`).
+pub async fn metrics(http: &reqwest::Client, base: &str) -> String {
+    http.get(base.trim_end_matches("/v1").to_string() + "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the sample `name{model="MODEL"}` in a `/metrics` text; panics if it is absent.
+pub fn sample(metrics: &str, name: &str, model: &str) -> u64 {
+    let prefix = format!("{name}{{model=\"{model}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+        .parse()
         .unwrap()
 }
