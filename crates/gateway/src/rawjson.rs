@@ -55,8 +55,14 @@ impl RawObject {
     pub(crate) fn parse_text(text: String) -> Result<RawObject, RawError> {
         let entries: Entries<'_> = match serde_json::from_str(&text) {
             Ok(entries) => entries,
+            // serde_json refuses a value of the wrong type as soon as it sees its first byte,
+            // before the rest is read: so `0"` would be "not an object" when it is not JSON at
+            // all. Read it again, as anything, to tell the two apart.
             Err(error) if error.classify() == serde_json::error::Category::Data => {
-                return Err(RawError::NotObject);
+                return Err(match serde_json::from_str::<de::IgnoredAny>(&text) {
+                    Ok(_) => RawError::NotObject,
+                    Err(error) => RawError::Syntax(error),
+                });
             }
             Err(error) => return Err(RawError::Syntax(error)),
         };
@@ -262,6 +268,132 @@ mod tests {
         assert_eq!(round["a\"b"], 1);
     }
 
+    mod properties {
+        //! `RawObject` against `serde_json` on generated objects: whatever the spacing, escapes,
+        //! nesting and repeated keys, it reads, and writes back, the same object.
+
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        use super::super::*;
+
+        /// Short keys from a small alphabet, so that objects repeat keys; with escapes.
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[abm]{1,2}",
+                Just("model".to_string()),
+                Just("a\"b".to_string()),
+                Just("é\u{1F600}\n".to_string()),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                (-1e300f64..1e300).prop_map(Value::from),
+                "\\PC{0,8}".prop_map(Value::from),
+                "[\"\\\\/\u{0}-\u{1f}]{0,4}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec((key(), inner), 0..4)
+                        .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// JSON whitespace, possibly none.
+        fn space() -> impl Strategy<Value = String> {
+            "[ \t\r\n]{0,2}"
+        }
+
+        /// An object's text with repeated keys allowed, values compact or pretty, and spacing
+        /// between every token; and the object `serde_json` reads from it.
+        fn object() -> impl Strategy<Value = (String, Map<String, Value>)> {
+            prop::collection::vec((key(), value(), any::<bool>(), space(), space()), 0..8).prop_map(
+                |entries| {
+                    let mut text = String::from("{");
+                    for (at, (key, value, pretty, before, after)) in entries.iter().enumerate() {
+                        if at > 0 {
+                            text.push(',');
+                        }
+                        text.push_str(before);
+                        text.push_str(&serde_json::to_string(key).unwrap());
+                        text.push_str(after);
+                        text.push(':');
+                        text.push_str(before);
+                        let value = if *pretty {
+                            serde_json::to_string_pretty(value)
+                        } else {
+                            serde_json::to_string(value)
+                        };
+                        text.push_str(&value.unwrap());
+                        text.push_str(after);
+                    }
+                    text.push('}');
+                    let expected = serde_json::from_str(&text).unwrap();
+                    (text, expected)
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn reads_every_field_as_serde_json_does((text, expected) in object()) {
+                let object = RawObject::parse_text(text.clone()).unwrap();
+                prop_assert_eq!(object.to_map(), expected.clone());
+                for (key, value) in &expected {
+                    let raw: Value = serde_json::from_str(object.raw(key).unwrap()).unwrap();
+                    prop_assert_eq!(&raw, value);
+                }
+                prop_assert_eq!(object.raw("absent key"), None);
+                let written: Map<String, Value> =
+                    serde_json::from_slice(&object.write(&[], &[])).unwrap();
+                prop_assert_eq!(written, expected);
+            }
+
+            #[test]
+            fn writes_replacements_and_removals_as_serde_json_would(
+                (text, mut expected) in object(),
+                replaced in key(),
+                replacement in value(),
+                removed in key(),
+            ) {
+                let object = RawObject::parse_text(text).unwrap();
+                let replacement_text = serde_json::to_string(&replacement).unwrap();
+                let written = object.write(&[(&replaced, &replacement_text)], &[&removed]);
+                let written: Map<String, Value> = serde_json::from_slice(&written).unwrap();
+                // A key both replaced and removed is removed if it was there, and added (as
+                // a replacement of nothing) if it was not.
+                let had = expected.contains_key(&replaced);
+                expected.remove(&removed);
+                if !(had && replaced == removed) {
+                    // As read back from its text: serde_json's float parsing is not exact.
+                    expected.insert(replaced, serde_json::from_str(&replacement_text).unwrap());
+                }
+                prop_assert_eq!(written, expected);
+            }
+
+            #[test]
+            fn any_text_is_an_object_exactly_when_serde_json_says_so(
+                text in "[{}\\[\\]\":,0-9a-z\\\\ .eE+-]{0,24}",
+            ) {
+                let ours = RawObject::parse_text(text.clone());
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(Value::Object(expected)) => {
+                        prop_assert_eq!(ours.unwrap().to_map(), expected);
+                    }
+                    Ok(_) => prop_assert!(matches!(ours, Err(RawError::NotObject))),
+                    Err(_) => prop_assert!(matches!(ours, Err(RawError::Syntax(_)))),
+                }
+            }
+        }
+    }
+
     #[test]
     fn non_objects_and_bad_json_are_told_apart() {
         for text in ["[1]", "3", "\"s\"", "null"] {
@@ -270,7 +402,18 @@ mod tests {
                 Err(RawError::NotObject)
             ));
         }
-        for text in ["{", "{\"a\":}", "", "{\"a\":1} x", "\u{0}"] {
+        // Not JSON, also when it starts like a value of another type (a regression: `0"` was
+        // once "not an object").
+        for text in [
+            "{",
+            "{\"a\":}",
+            "",
+            "{\"a\":1} x",
+            "\u{0}",
+            "0\"",
+            "[1] x",
+            "nul",
+        ] {
             assert!(matches!(
                 RawObject::parse(Bytes::from(text)),
                 Err(RawError::Syntax(_))
