@@ -724,3 +724,267 @@ async fn an_https_upstream_with_a_private_ca_is_verified_called_and_charged() {
     assert_eq!(budget["reserved_cu"], 0);
     stack.verify();
 }
+
+/// A change to the valid base request, for [`random_bodies_are_answered_or_refused_and_charged_exactly`].
+#[derive(Debug, Clone)]
+enum Edit {
+    /// Sets a top-level field (added if absent).
+    Set(&'static str, Value),
+    /// Removes a top-level field.
+    Remove(&'static str),
+    /// Sets a field of the first message.
+    SetInMessage(&'static str, Value),
+    /// Appends a message.
+    AddMessage(Value),
+}
+
+/// What is done to the request's text after the edits.
+#[derive(Debug, Clone)]
+enum Damage {
+    None,
+    /// Cut at a byte.
+    Truncate(proptest::sample::Index),
+    /// One byte replaced (possibly making it invalid UTF-8).
+    Replace(proptest::sample::Index, u8),
+    /// The first key written twice, the first time with another value.
+    RepeatKey(Value),
+}
+
+fn odd_value() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        prop_oneof![
+            Just(0i64),
+            Just(-1),
+            Just(1),
+            Just(8),
+            Just(100_000),
+            Just(1 << 53),
+            Just(i64::MIN)
+        ]
+        .prop_map(Value::from),
+        Just(json!(u64::MAX)),
+        Just(json!(1.5)),
+        Just(json!(1e300)),
+        Just(json!(-0.0)),
+        prop_oneof![
+            Just(""),
+            Just("echo"),
+            Just("nope"),
+            Just("user"),
+            Just("system"),
+            Just("é\u{1F600}\"\\\n"),
+            Just("<|im_start|>system"),
+        ]
+        .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(2, 8, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            Just(json!({"role": "user", "content": "hi"})),
+            Just(json!({"role": "user", "content": [{"type": "text", "text": "hi"}]})),
+            Just(json!({"include_usage": true})),
+            Just(json!({"include_usage": "yes"})),
+            prop::collection::vec(("[a-z_]{1,6}", inner), 0..3)
+                .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+        ]
+    })
+}
+
+fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
+    use proptest::prelude::*;
+    let field = prop_oneof![
+        Just("model"),
+        Just("messages"),
+        Just("max_tokens"),
+        Just("max_completion_tokens"),
+        Just("stream"),
+        Just("stream_options"),
+        Just("temperature"),
+        Just("top_p"),
+        Just("n"),
+        Just("stop"),
+        Just("seed"),
+        Just("user"),
+        Just("unknown_field"),
+    ];
+    let message_field = prop_oneof![Just("role"), Just("content"), Just("name")];
+    prop_oneof![
+        (field.clone(), odd_value()).prop_map(|(field, value)| Edit::Set(field, value)),
+        field.prop_map(Edit::Remove),
+        (message_field, odd_value()).prop_map(|(field, value)| Edit::SetInMessage(field, value)),
+        odd_value().prop_map(Edit::AddMessage),
+        Just(Edit::Set("stream", json!(true))),
+        Just(Edit::Set("max_tokens", json!(3))),
+    ]
+}
+
+fn damage() -> impl proptest::strategy::Strategy<Value = Damage> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => Just(Damage::None),
+        1 => any::<proptest::sample::Index>().prop_map(Damage::Truncate),
+        1 => (any::<proptest::sample::Index>(), any::<u8>())
+            .prop_map(|(at, byte)| Damage::Replace(at, byte)),
+        1 => odd_value().prop_map(Damage::RepeatKey),
+    ]
+}
+
+/// The base request with `edits` and `damage` applied, as bytes.
+fn odd_body(edits: &[Edit], damage: &Damage) -> Vec<u8> {
+    let mut body = chat("echo", "hi", 8);
+    for edit in edits {
+        match edit.clone() {
+            Edit::Set(field, value) => body[field] = value,
+            Edit::Remove(field) => {
+                body.as_object_mut().unwrap().remove(field);
+            }
+            Edit::SetInMessage(field, value) => {
+                if let Some(message) = body["messages"].get_mut(0).filter(|m| m.is_object()) {
+                    message[field] = value;
+                }
+            }
+            Edit::AddMessage(value) => {
+                if let Some(messages) = body["messages"].as_array_mut() {
+                    messages.push(value);
+                }
+            }
+        }
+    }
+    let mut text = serde_json::to_vec(&body).unwrap();
+    match damage {
+        Damage::None => {}
+        Damage::Truncate(at) => text.truncate(at.index(text.len())),
+        Damage::Replace(at, byte) => {
+            let at = at.index(text.len());
+            text[at] = *byte;
+        }
+        Damage::RepeatKey(value) => {
+            // `{"model":...` → `{"model":VALUE,"model":...`: the last one counts.
+            if let Some(key) = body.as_object().and_then(|o| o.keys().next()) {
+                let first = format!("{{{}:{},", json!(key), value);
+                text.splice(0..1, first.into_bytes());
+            }
+        }
+    }
+    text
+}
+
+/// Sends one odd request and checks the product's promise for it: it is answered and charged
+/// exactly what the answer says (a stream: what it carried), or refused with an OpenAI-shaped
+/// error and charged nothing; no reservation is left open either way.
+async fn check_odd_request(
+    stack: &Stack,
+    key: &str,
+    body: Vec<u8>,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prelude::*;
+    let before = stack.budget(key).await;
+    let response = tokio::time::timeout(
+        Duration::from_secs(20),
+        stack
+            .http
+            .post(format!("{}/chat/completions", stack.base))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send(),
+    )
+    .await
+    .expect("the server hung")
+    .unwrap();
+    let status = response.status().as_u16();
+    let streamed = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|value| value == "text/event-stream");
+    let expected_cost = if status == 200 {
+        // Accepted, so the body was JSON: the fake upstream saw the same messages.
+        let sent: Value = serde_json::from_slice(&body).unwrap();
+        let prompt = stipend_testkit::prompt_tokens(&sent);
+        if streamed {
+            let events = read_sse(response).await;
+            prop_assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+            let text: String = events[..events.len() - 1]
+                .iter()
+                .map(|event| serde_json::from_str::<Value>(event).unwrap())
+                .filter_map(|chunk| {
+                    chunk["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect();
+            let completion = text.split_whitespace().count() as u64;
+            ((prompt + completion) * PRICE_CU) as i64
+        } else {
+            let answer: Value = response.json().await.unwrap();
+            let usage = &answer["usage"];
+            prop_assert_eq!(usage["prompt_tokens"].as_u64(), Some(prompt), "{}", answer);
+            let completion = usage["completion_tokens"].as_u64().unwrap();
+            prop_assert!(
+                answer["choices"][0]["message"]["content"].is_string(),
+                "{}",
+                answer
+            );
+            ((prompt + completion) * PRICE_CU) as i64
+        }
+    } else {
+        let (status, error) = error_of(response).await;
+        prop_assert!(
+            [400, 404, 413, 429].contains(&status),
+            "{} for {}: {}",
+            status,
+            String::from_utf8_lossy(&body),
+            error
+        );
+        0
+    };
+    let after = stack.budget(key).await;
+    prop_assert_eq!(
+        before["balance_cu"].as_i64().unwrap() - after["balance_cu"].as_i64().unwrap(),
+        expected_cost,
+        "status {} for {}",
+        status,
+        String::from_utf8_lossy(&body)
+    );
+    prop_assert_eq!(&after["reserved_cu"], &json!(0));
+    Ok(())
+}
+
+/// Random requests built from a valid one (fields set to values of every type and size, removed,
+/// added; messages of odd shapes; the text cut, a byte replaced, a key repeated), against the
+/// real server: each is answered and charged exactly, or refused with an OpenAI-shaped error
+/// and charged nothing. Then the ledger verifies and the server still serves.
+#[test]
+fn random_bodies_are_answered_or_refused_and_charged_exactly() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let stack = runtime.block_on(Stack::start("1 PFLOP"));
+    let key = stack.person_with_key("alice");
+    // `PROPTEST_CASES` runs more (or fewer) cases; 300 take a few seconds.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(300);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = (prop::collection::vec(edit(), 0..4), damage());
+    runner
+        .run(&strategy, |(edits, damage)| {
+            runtime.block_on(check_odd_request(&stack, &key, odd_body(&edits, &damage)))
+        })
+        .unwrap();
+    stack.verify();
+    runtime.block_on(async {
+        let response = stack
+            .post(&key, "/chat/completions", &chat("echo", "hi", 2))
+            .await;
+        assert_eq!(response.status(), 200);
+    });
+}
