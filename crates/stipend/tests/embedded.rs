@@ -65,9 +65,14 @@ struct Stack {
 impl Stack {
     /// A server with the embedded model (`extra` goes into its `[[models]]` table) and a stipend.
     async fn start(stipend: &str, extra: &str) -> Stack {
+        Stack::start_with("", stipend, extra).await
+    }
+
+    /// The same, with `top` among the config's top-level keys.
+    async fn start_with(top: &str, stipend: &str, extra: &str) -> Stack {
         let turn = ONE_AT_A_TIME.lock().await;
         let config = format!(
-            "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"{stipend}\"\n\
+            "listen = \"127.0.0.1:0\"\n{top}\n[stipend]\namount = \"{stipend}\"\n\
              [[models]]\nname = \"{MODEL}\"\nbackend = \"embedded\"\npath = \"{}\"\n{extra}\n",
             gguf().display()
         );
@@ -586,4 +591,111 @@ async fn with_no_config_file_it_serves_the_embedded_model_to_a_demo_person() {
     let budget: Value = common::budget(&http, &server.base, &key).await;
     assert_eq!(budget["models"][0]["usage_this_period"]["requests"], 1);
     server.stop();
+}
+
+/// Random requests built from a valid one (see `common::odd_request`) against the embedded
+/// model: each is answered and charged what the model computed, or refused with an
+/// OpenAI-shaped error for nothing; no input stops the model (llama.cpp aborts the process on
+/// an oversized batch or position). Then the ledger verifies and the model still answers.
+#[test]
+fn random_bodies_are_answered_or_refused_and_charged_exactly() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A short default completion, so that a request without max_tokens is quick too.
+    let stack = runtime.block_on(Stack::start_with(
+        "max_tokens_default = 8",
+        "1 PFLOP",
+        "slots = 2",
+    ));
+    let key = stack.env.person_with_key("alice");
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(64);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&common::odd_request(), |(edits, damage)| {
+            let body = common::odd_body(MODEL, &edits, &damage);
+            let shown = String::from_utf8_lossy(&body).into_owned();
+            runtime.block_on(async {
+                let before = stack.budget(&key).await["balance_cu"].as_i64().unwrap();
+                let response = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    stack
+                        .http
+                        .post(format!("{}/chat/completions", stack.base))
+                        .bearer_auth(&key)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send(),
+                )
+                .await
+                .expect("the server hung")
+                .unwrap();
+                let status = response.status().as_u16();
+                let streamed = response
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|value| value == "text/event-stream");
+                let text = response.text().await.unwrap();
+                let after = stack.budget(&key).await;
+                let charged = before - after["balance_cu"].as_i64().unwrap();
+                prop_assert_eq!(&after["reserved_cu"], &json!(0), "{}", shown);
+                match (status, streamed) {
+                    (200, false) => {
+                        let answer: Value = serde_json::from_str(&text).unwrap();
+                        prop_assert!(answer["choices"][0]["message"]["content"].is_string());
+                        // 1 cu a token, prompt and completion alike.
+                        prop_assert_eq!(
+                            Some(charged),
+                            answer["usage"]["total_tokens"].as_i64(),
+                            "{}: {}",
+                            shown,
+                            answer
+                        );
+                    }
+                    (200, true) => {
+                        prop_assert!(text.ends_with("data: [DONE]\n\n"), "{}", text);
+                        // Without usage asked for, the stream does not say its tokens: the
+                        // charge is some, and no more than the context (2048 tokens) holds.
+                        prop_assert!(
+                            charged > 0 && charged <= 2048,
+                            "{} charged {}",
+                            shown,
+                            charged
+                        );
+                    }
+                    _ => {
+                        let error: Value = serde_json::from_str(&text)
+                            .map_err(|_| TestCaseError::fail(format!("{status}: {text}")))?;
+                        prop_assert!(
+                            [400, 404, 413, 429].contains(&status)
+                                && error["error"]["message"]
+                                    .as_str()
+                                    .is_some_and(|m| !m.is_empty())
+                                && error["error"].get("param").is_some()
+                                && error["error"].get("code").is_some(),
+                            "{} for {}: {}",
+                            status,
+                            shown,
+                            text
+                        );
+                        prop_assert_eq!(charged, 0, "{}", shown);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+    runtime.block_on(async {
+        stack.wait_idle().await;
+        stack.verify();
+        let answer = stack.chat(&key, &json!({"model": MODEL, "messages": [{"role": "user", "content": FRANCE}], "max_tokens": 16})).await;
+        assert!(answer["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"));
+    });
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -218,4 +218,158 @@ pub fn sample(metrics: &str, name: &str, model: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
         .parse()
         .unwrap()
+}
+
+/// A change to a valid chat request, for the tests that send random requests.
+#[derive(Debug, Clone)]
+pub enum Edit {
+    /// Sets a top-level field (added if absent).
+    Set(&'static str, Value),
+    /// Removes a top-level field.
+    Remove(&'static str),
+    /// Sets a field of the first message.
+    SetInMessage(&'static str, Value),
+    /// Appends a message.
+    AddMessage(Value),
+}
+
+/// What is done to the request's text after the edits.
+#[derive(Debug, Clone)]
+pub enum Damage {
+    None,
+    /// Cut at a byte.
+    Truncate(proptest::sample::Index),
+    /// One byte replaced (possibly making it invalid UTF-8).
+    Replace(proptest::sample::Index, u8),
+    /// The first key written twice, the first time with another value.
+    RepeatKey(Value),
+}
+
+fn odd_value() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        prop_oneof![
+            Just(0i64),
+            Just(-1),
+            Just(1),
+            Just(8),
+            Just(100_000),
+            Just(1 << 53),
+            Just(i64::MIN)
+        ]
+        .prop_map(Value::from),
+        Just(json!(u64::MAX)),
+        Just(json!(1.5)),
+        Just(json!(1e300)),
+        Just(json!(-0.0)),
+        prop_oneof![
+            Just(""),
+            Just("echo"),
+            Just("nope"),
+            Just("user"),
+            Just("system"),
+            Just("é\u{1F600}\"\\\n"),
+            Just("<|im_start|>system"),
+        ]
+        .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(2, 8, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            Just(json!({"role": "user", "content": "hi"})),
+            Just(json!({"role": "user", "content": [{"type": "text", "text": "hi"}]})),
+            Just(json!({"include_usage": true})),
+            Just(json!({"include_usage": "yes"})),
+            prop::collection::vec(("[a-z_]{1,6}", inner), 0..3)
+                .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+        ]
+    })
+}
+
+fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
+    use proptest::prelude::*;
+    let field = prop_oneof![
+        Just("model"),
+        Just("messages"),
+        Just("max_tokens"),
+        Just("max_completion_tokens"),
+        Just("stream"),
+        Just("stream_options"),
+        Just("temperature"),
+        Just("top_p"),
+        Just("n"),
+        Just("stop"),
+        Just("seed"),
+        Just("user"),
+        Just("unknown_field"),
+    ];
+    let message_field = prop_oneof![Just("role"), Just("content"), Just("name")];
+    prop_oneof![
+        (field.clone(), odd_value()).prop_map(|(field, value)| Edit::Set(field, value)),
+        field.prop_map(Edit::Remove),
+        (message_field, odd_value()).prop_map(|(field, value)| Edit::SetInMessage(field, value)),
+        odd_value().prop_map(Edit::AddMessage),
+        Just(Edit::Set("stream", json!(true))),
+        Just(Edit::Set("max_tokens", json!(3))),
+    ]
+}
+
+fn damage() -> impl proptest::strategy::Strategy<Value = Damage> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => Just(Damage::None),
+        1 => any::<proptest::sample::Index>().prop_map(Damage::Truncate),
+        1 => (any::<proptest::sample::Index>(), any::<u8>())
+            .prop_map(|(at, byte)| Damage::Replace(at, byte)),
+        1 => odd_value().prop_map(Damage::RepeatKey),
+    ]
+}
+
+/// Random requests: up to three edits of a valid one, then maybe some damage to its text.
+pub fn odd_request() -> impl proptest::strategy::Strategy<Value = (Vec<Edit>, Damage)> {
+    (proptest::collection::vec(edit(), 0..4), damage())
+}
+
+/// A valid chat request to `model` (`"hi"`, `max_tokens` 8) with `edits` and `damage` applied,
+/// as bytes.
+pub fn odd_body(model: &str, edits: &[Edit], damage: &Damage) -> Vec<u8> {
+    let mut body =
+        json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8});
+    for edit in edits {
+        match edit.clone() {
+            Edit::Set(field, value) => body[field] = value,
+            Edit::Remove(field) => {
+                body.as_object_mut().unwrap().remove(field);
+            }
+            Edit::SetInMessage(field, value) => {
+                if let Some(message) = body["messages"].get_mut(0).filter(|m| m.is_object()) {
+                    message[field] = value;
+                }
+            }
+            Edit::AddMessage(value) => {
+                if let Some(messages) = body["messages"].as_array_mut() {
+                    messages.push(value);
+                }
+            }
+        }
+    }
+    let mut text = serde_json::to_vec(&body).unwrap();
+    match damage {
+        Damage::None => {}
+        Damage::Truncate(at) => text.truncate(at.index(text.len())),
+        Damage::Replace(at, byte) => {
+            let at = at.index(text.len());
+            text[at] = *byte;
+        }
+        Damage::RepeatKey(value) => {
+            // `{"model":...` → `{"model":VALUE,"model":...`: the last one counts.
+            if let Some(key) = body.as_object().and_then(|o| o.keys().next()) {
+                let first = format!("{{{}:{},", json!(key), value);
+                text.splice(0..1, first.into_bytes());
+            }
+        }
+    }
+    text
 }
