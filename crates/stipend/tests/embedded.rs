@@ -695,7 +695,7 @@ fn random_bodies_are_answered_or_refused_and_charged_exactly() {
     runtime.block_on(async {
         stack.wait_idle().await;
         stack.verify();
-        let answer = stack.chat(&key, &json!({"model": MODEL, "messages": [{"role": "user", "content": FRANCE}], "max_tokens": 16})).await;
+        let answer = stack.chat(&key, &json!({"model": MODEL, "messages": [{"role": "user", "content": FRANCE}], "max_tokens": 16, "temperature": 0})).await;
         assert!(answer["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"));
     });
 }
