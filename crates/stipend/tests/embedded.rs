@@ -600,7 +600,7 @@ async fn with_no_config_file_it_serves_the_embedded_model_to_a_demo_person() {
 #[test]
 fn random_bodies_are_answered_or_refused_and_charged_exactly() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use proptest::test_runner::TestCaseError;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // A short default completion, so that a request without max_tokens is quick too.
     let stack = runtime.block_on(Stack::start_with(
@@ -609,39 +609,22 @@ fn random_bodies_are_answered_or_refused_and_charged_exactly() {
         "slots = 2",
     ));
     let key = stack.env.person_with_key("alice");
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(64);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = common::runner(64);
     runner
         .run(&common::odd_request(), |(edits, damage)| {
             let body = common::odd_body(MODEL, &edits, &damage);
             let shown = String::from_utf8_lossy(&body).into_owned();
             runtime.block_on(async {
                 let before = stack.budget(&key).await["balance_cu"].as_i64().unwrap();
-                let response = tokio::time::timeout(
+                let (response, streamed) = common::post_chat_bytes(
+                    &stack.http,
+                    &stack.base,
+                    &key,
+                    body,
                     Duration::from_secs(60),
-                    stack
-                        .http
-                        .post(format!("{}/chat/completions", stack.base))
-                        .bearer_auth(&key)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send(),
                 )
-                .await
-                .expect("the server hung")
-                .unwrap();
+                .await;
                 let status = response.status().as_u16();
-                let streamed = response
-                    .headers()
-                    .get("content-type")
-                    .is_some_and(|value| value == "text/event-stream");
                 let text = response.text().await.unwrap();
                 let after = stack.budget(&key).await;
                 let charged = before - after["balance_cu"].as_i64().unwrap();

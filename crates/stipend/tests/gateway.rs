@@ -79,15 +79,7 @@ impl Stack {
     }
 
     async fn metrics(&self) -> String {
-        let url = self.base.trim_end_matches("/v1").to_string() + "/metrics";
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        common::metrics(&self.http, &self.base).await
     }
 
     async fn balance(&self, key: &str) -> i64 {
@@ -735,24 +727,15 @@ async fn check_odd_request(
 ) -> Result<(), proptest::test_runner::TestCaseError> {
     use proptest::prelude::*;
     let before = stack.budget(key).await;
-    let response = tokio::time::timeout(
+    let (response, streamed) = common::post_chat_bytes(
+        &stack.http,
+        &stack.base,
+        key,
+        body.clone(),
         Duration::from_secs(20),
-        stack
-            .http
-            .post(format!("{}/chat/completions", stack.base))
-            .bearer_auth(key)
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send(),
     )
-    .await
-    .expect("the server hung")
-    .unwrap();
+    .await;
     let status = response.status().as_u16();
-    let streamed = response
-        .headers()
-        .get("content-type")
-        .is_some_and(|value| value == "text/event-stream");
     let expected_cost = if status == 200 {
         // Accepted, so the body was JSON: the fake upstream saw the same messages.
         let sent: Value = serde_json::from_slice(&body).unwrap();
@@ -812,20 +795,11 @@ async fn check_odd_request(
 /// and charged nothing. Then the ledger verifies and the server still serves.
 #[test]
 fn random_bodies_are_answered_or_refused_and_charged_exactly() {
-    use proptest::test_runner::{Config, TestRunner};
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let stack = runtime.block_on(Stack::start("1 PFLOP"));
     let key = stack.person_with_key("alice");
     // `PROPTEST_CASES` runs more (or fewer) cases; 300 take a few seconds.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(300);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = common::runner(300);
     let strategy = common::odd_request();
     runner
         .run(&strategy, |(edits, damage)| {

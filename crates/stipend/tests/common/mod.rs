@@ -373,3 +373,43 @@ pub fn odd_body(model: &str, edits: &[Edit], damage: &Damage) -> Vec<u8> {
     }
     text
 }
+
+/// Posts raw bytes as a chat request, failing the test if no answer starts within `limit`.
+/// Returns the response and whether it is a stream.
+pub async fn post_chat_bytes(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: Vec<u8>,
+    limit: Duration,
+) -> (reqwest::Response, bool) {
+    let response = tokio::time::timeout(
+        limit,
+        http.post(format!("{base}/chat/completions"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("the server hung")
+    .unwrap();
+    let streamed = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|value| value == "text/event-stream");
+    (response, streamed)
+}
+
+/// A proptest runner for `cases` cases, or `PROPTEST_CASES` if set.
+pub fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(cases);
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })
+}
