@@ -70,6 +70,11 @@ impl Stack {
 
     /// The same, with `top` among the config's top-level keys.
     async fn start_with(top: &str, stipend: &str, extra: &str) -> Stack {
+        Stack::launch(top, stipend, extra, false).await
+    }
+
+    /// With `logged`, the server logs everything into `server.log` in its directory.
+    async fn launch(top: &str, stipend: &str, extra: &str, logged: bool) -> Stack {
         let turn = ONE_AT_A_TIME.lock().await;
         let config = format!(
             "listen = \"127.0.0.1:0\"\n{top}\n[stipend]\namount = \"{stipend}\"\n\
@@ -77,7 +82,11 @@ impl Stack {
             gguf().display()
         );
         let env = Env::new(&config);
-        let server = Server::start(&env);
+        let server = if logged {
+            Server::start_logged(&env, &env.dir.path().join("server.log"))
+        } else {
+            Server::start(&env)
+        };
         let base = server.base.clone();
         Stack {
             env,
@@ -681,4 +690,36 @@ fn random_bodies_are_answered_or_refused_and_charged_exactly() {
         let answer = stack.chat(&key, &json!({"model": MODEL, "messages": [{"role": "user", "content": FRANCE}], "max_tokens": 16, "temperature": 0})).await;
         assert!(answer["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"));
     });
+}
+
+/// Prompt and answer text reaches no log and no file on the embedded path either, with every
+/// log level on: answered, streamed, a prompt too long for the context, a client that leaves.
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_reach_no_log_and_no_file() {
+    const MARKER: &str = "zq-prompt-marker-4471";
+    let stack = Stack::launch("", "10 TFLOP", "context = 256", true).await;
+    let key = stack.env.person_with_key("alice");
+    let said = format!("Repeat after me: {MARKER} {MARKER}.");
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": said}], "max_tokens": 24, "temperature": 0});
+    let answer = stack.chat(&key, &body).await;
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let (_, usage, _) = stack.stream(&key, &body).await;
+    assert!(usage["total_tokens"].as_u64().unwrap() > 0);
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": said.repeat(40)}]});
+    let response = stack.post(&key, "/chat/completions", &long).await;
+    assert_eq!(response.status(), 400);
+    let counting = format!("{MARKER}: count from 1 to 300, one number per line.");
+    let leaving = json!({"model": MODEL, "messages": [{"role": "user", "content": counting}], "max_tokens": 120, "stream": true});
+    let mut response = stack.post(&key, "/chat/completions", &leaving).await;
+    assert_eq!(response.status(), 200);
+    response.chunk().await.unwrap();
+    drop(response);
+    stack.wait_idle().await;
+
+    let mut stack = stack;
+    let output = stack.server.take().unwrap().stop();
+    let log = std::fs::read_to_string(stack.env.dir.path().join("server.log")).unwrap();
+    assert!(log.contains("client left"), "the log was not on: {log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
+    common::assert_written_nowhere(MARKER, stack.env.dir.path(), &output);
 }

@@ -34,6 +34,11 @@ struct Stack {
 
 impl Stack {
     async fn start(stipend: &str) -> Stack {
+        Stack::with_config(&Stack::config(stipend).await)
+    }
+
+    /// A config with a fresh fake upstream: `echo` and every fault model.
+    async fn config(stipend: &str) -> String {
         let upstream = stipend_testkit::spawn().await.unwrap();
         let mut config = format!(
             "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"{stipend}\"\n\
@@ -44,7 +49,7 @@ impl Stack {
                 "[[models]]\nname = \"{model}\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\ntimeout = \"2s\"\n"
             ));
         }
-        Stack::with_config(&config)
+        config
     }
 
     /// The real server with this config file.
@@ -817,4 +822,94 @@ fn random_bodies_are_answered_or_refused_and_charged_exactly() {
             .await;
         assert_eq!(response.status(), 200);
     });
+}
+
+/// Prompt and answer text is never written to disk or to the logs (the product's invariant 4),
+/// even with every log level on and on every path: answered, streamed, refused for a bad body, a
+/// bad field, an unknown model, a body too large, the upstream refusing or failing, a stream
+/// broken off or left by its client, the legacy completions endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_reach_no_log_and_no_file() {
+    const MARKER: &str = "zq-prompt-marker-4471";
+    let config = Stack::config("1 PFLOP").await;
+    let env = Env::new(&config);
+    let log = env.dir.path().join("server.log");
+    let server = Server::start_logged(&env, &log);
+    let stack = Stack {
+        base: server.base.clone(),
+        server: Some(server),
+        env,
+        http: reqwest::Client::new(),
+    };
+    let key = stack.person_with_key("alice");
+    let said = format!("please repeat {MARKER} back");
+
+    let answered = stack
+        .post(&key, "/chat/completions", &chat("echo", &said, 4))
+        .await;
+    assert_eq!(answered.status(), 200);
+    let mut streamed = chat("echo", &said, 4);
+    streamed["stream"] = json!(true);
+    let events = read_sse(stack.post(&key, "/chat/completions", &streamed).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let legacy = json!({"model": "echo", "prompt": said, "max_tokens": 4});
+    assert_eq!(
+        stack.post(&key, "/completions", &legacy).await.status(),
+        200
+    );
+
+    for (model, stream) in [
+        ("error-400", false),
+        ("error-500", false),
+        ("garbage", false),
+        ("drop-mid-stream", true),
+        ("garbage", true),
+    ] {
+        let mut body = chat(model, &said, 4);
+        body["stream"] = json!(stream);
+        let response = stack.post(&key, "/chat/completions", &body).await;
+        let _ = response.text().await;
+    }
+    // A bad field holding the text, an unknown model named by it, a body cut off in it, one over
+    // the size limit full of it.
+    let mut bad_field = chat("echo", &said, 4);
+    bad_field["max_tokens"] = json!(said);
+    let mut unknown_model = chat("echo", &said, 4);
+    unknown_model["model"] = json!(MARKER);
+    for body in [bad_field, unknown_model] {
+        let status = stack.post(&key, "/chat/completions", &body).await.status();
+        assert!(status.is_client_error(), "{status}");
+    }
+    let cut = serde_json::to_string(&chat("echo", &said, 4)).unwrap();
+    let cut = &cut[..cut.find(MARKER).unwrap() + 8];
+    let huge = chat("echo", &said.repeat(200_000), 4);
+    for body in [cut.as_bytes().to_vec(), serde_json::to_vec(&huge).unwrap()] {
+        let sent = reqwest::Client::new()
+            .post(format!("{}/chat/completions", stack.base))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        // Past the size limit the server may answer 413 and close before the client has
+        // written it all, which the client sees as a broken pipe.
+        if let Ok(response) = sent {
+            assert!(response.status().is_client_error(), "{}", response.status());
+        }
+    }
+    // A client that leaves a stream half way.
+    let mut slow = chat("slow", &said, 50);
+    slow["stream"] = json!(true);
+    let mut response = stack.post(&key, "/chat/completions", &slow).await;
+    response.chunk().await.unwrap();
+    drop(response);
+
+    let mut stack = stack;
+    let output = stack.server.take().unwrap().stop();
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        written.contains("client left mid-stream") && written.contains("upstream refused"),
+        "the log was not on: {written}"
+    );
+    common::assert_written_nowhere(MARKER, stack.env.dir.path(), &output);
 }

@@ -96,13 +96,23 @@ impl Server {
         Server::spawn(command)
     }
 
-    /// Starts `command` (a `stipend … serve`) and waits until it is ready.
+    /// Starts the server logging everything (`STIPEND_LOG=trace`) into the file `log`.
+    pub fn start_logged(env: &Env, log: &std::path::Path) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stipend"));
+        command
+            .current_dir(env.dir.path())
+            .env("STIPEND_LOG", "trace")
+            .stderr(std::fs::File::create(log).unwrap())
+            .arg("--config")
+            .arg(env.config())
+            .arg("serve");
+        Server::spawn(command)
+    }
+
+    /// Starts `command` (a `stipend … serve`; its stderr as set, the test's by default) and
+    /// waits until it is ready.
     pub fn spawn(mut command: Command) -> Server {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<String>();
@@ -412,4 +422,32 @@ pub fn runner(cases: u32) -> proptest::test_runner::TestRunner {
         failure_persistence: None,
         ..proptest::test_runner::Config::default()
     })
+}
+
+/// Fails if `marker` is in any file below `dir` (logs, the ledger, its WAL, …) or in the server's
+/// `output`: for the rule that prompt and answer text is never written to disk or logs.
+pub fn assert_written_nowhere(marker: &str, dir: &std::path::Path, output: &str) {
+    assert!(!output.contains(marker), "the server printed {marker}");
+    let mut pending = vec![dir.to_path_buf()];
+    let mut n_files = 0;
+    while let Some(path) = pending.pop() {
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                n_files += 1;
+                let bytes = std::fs::read(entry.path()).unwrap();
+                assert!(
+                    !bytes
+                        .windows(marker.len())
+                        .any(|window| window == marker.as_bytes()),
+                    "{} holds {marker}",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    assert!(n_files > 0, "nothing was written below {}", dir.display());
 }
