@@ -34,6 +34,8 @@ pub enum ApiError {
     ModelNotFound(String),
     /// 413: the body is over the limit.
     PayloadTooLarge(usize),
+    /// 408: the body did not arrive in time (its length in seconds).
+    BodyTimeout(u64),
     /// 429 `insufficient_quota`: the budget cannot cover the request's worst case.
     BudgetExhausted {
         /// What the request needed, in cu.
@@ -111,6 +113,14 @@ impl ApiError {
                 "invalid_request_error",
                 Some("request_too_large"),
                 format!("The request body is larger than the limit of {limit} bytes."),
+            ),
+            ApiError::BodyTimeout(seconds) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+                format!(
+                    "The request body did not arrive within {seconds} s. Nothing was charged."
+                ),
             ),
             ApiError::BudgetExhausted {
                 needed_cu,

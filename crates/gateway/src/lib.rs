@@ -14,6 +14,7 @@ pub mod queue;
 mod rawjson;
 mod relay;
 mod routes;
+pub mod server;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub struct GatewayOptions {
     pub body_bytes_max: usize,
     /// The largest answer accepted from an upstream (a plain, not streamed, answer).
     pub upstream_body_bytes_max: usize,
+    /// The longest a request's body may take to arrive, once its head has.
+    pub body_read_timeout: Duration,
     /// How long a request's reservation stays open. Every call ends before it can expire: a
     /// stream still running at `reservation_timeout − RESERVATION_MARGIN` is cut off and charged
     /// for what it produced, so nothing is ever served on a hold that timed out.
@@ -84,6 +87,7 @@ impl Default for GatewayOptions {
             max_tokens_max: 131_072,
             body_bytes_max: 4 * 1024 * 1024,
             upstream_body_bytes_max: 16 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(60),
             reservation_timeout: Duration::from_secs(3_600),
         }
     }

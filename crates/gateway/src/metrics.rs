@@ -77,7 +77,8 @@ impl Outcome {
                 ApiError::InvalidRequest { .. }
                 | ApiError::ContextLengthExceeded { .. }
                 | ApiError::ModelNotFound(_)
-                | ApiError::PayloadTooLarge(_),
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::BodyTimeout(_),
             ) => Outcome::Invalid,
             Err(ApiError::BudgetExhausted { .. }) => Outcome::BudgetExhausted,
             Err(ApiError::RateLimited { .. }) => Outcome::RateLimited,

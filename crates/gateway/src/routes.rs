@@ -261,8 +261,12 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let account = authenticate(&gateway, &headers)?;
     let limit = gateway.options.body_bytes_max;
-    let bytes = axum::body::to_bytes(body, limit)
+    // A body sent a byte a minute would hold its connection and task forever: a person's key
+    // buys no right to that.
+    let waited = gateway.options.body_read_timeout;
+    let bytes = tokio::time::timeout(waited, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| ApiError::BodyTimeout(waited.as_secs()))?
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
     let parsed = parse(&gateway, bytes, endpoint)?;
     let model = Arc::clone(&parsed.model);

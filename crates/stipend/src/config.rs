@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -45,6 +46,7 @@ struct RawConfig {
     queue_depth_max_per_person: Option<i64>,
     queue_depth_max: Option<i64>,
     queue_wait_max: Option<String>,
+    client_read_timeout: Option<String>,
     workers: Option<i64>,
     #[serde(default)]
     stipend: RawStipend,
@@ -350,6 +352,10 @@ struct RawStipend {
     rollover_max: Option<AmountText>,
 }
 
+/// The default `client_read_timeout`: nginx's `client_header_timeout`, and a minute for a body
+/// of up to the 4 MiB limit on a slow uplink.
+pub const CLIENT_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -365,6 +371,9 @@ pub struct Config {
     pub max_tokens_default: u64,
     /// The fair-share queue's bounds, for every model.
     pub queue: stipend_gateway::queue::QueueOptions,
+    /// The longest a client may take to send a request's head (also: how long a kept-alive
+    /// connection may sit idle), and, once that came, its body.
+    pub client_read_timeout: Duration,
     /// Threads serving HTTP (`None`: half the cores, at least one).
     pub workers: Option<usize>,
     /// The models.
@@ -502,6 +511,18 @@ impl Config {
             )?,
             queue_wait_max,
         };
+        let client_read_timeout = match raw.client_read_timeout.as_deref() {
+            None => CLIENT_READ_TIMEOUT_DEFAULT,
+            Some(text) => {
+                let timeout = parse_duration(text)
+                    .context("client_read_timeout")
+                    .with_context(|| format!("config {name}"))?;
+                if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(600) {
+                    bail!("config {name}: client_read_timeout must be from 1s to 10m, got {text}");
+                }
+                timeout
+            }
+        };
         let workers = match raw.workers {
             None => None,
             Some(n) if (1..=1_024).contains(&n) => Some(n as usize),
@@ -529,6 +550,7 @@ impl Config {
             listen,
             max_tokens_default,
             queue,
+            client_read_timeout,
             workers,
             models,
         })
@@ -635,6 +657,13 @@ mod tests {
         assert_eq!(upstream_model, "cheap");
         assert_eq!(*max_concurrency, MAX_CONCURRENCY_DEFAULT);
         let defaults = Config::parse("", None).unwrap();
+        assert_eq!(defaults.client_read_timeout, CLIENT_READ_TIMEOUT_DEFAULT);
+        assert_eq!(
+            Config::parse("client_read_timeout = \"2m\"", None)
+                .unwrap()
+                .client_read_timeout,
+            Duration::from_secs(120)
+        );
         assert_eq!(
             defaults.queue,
             stipend_gateway::queue::QueueOptions::default()
@@ -815,6 +844,15 @@ mod tests {
             ),
             ("queue_wait_max = \"1h\"".to_string(), "queue_wait_max must be"),
             ("queue_wait_max = \"soon\"".to_string(), "queue_wait_max"),
+            (
+                "client_read_timeout = \"500ms\"".to_string(),
+                "client_read_timeout must be",
+            ),
+            (
+                "client_read_timeout = \"11m\"".to_string(),
+                "client_read_timeout must be",
+            ),
+            ("client_read_timeout = 5".to_string(), "client_read_timeout"),
         ] {
             let message = error(&text);
             assert!(message.contains(expected), "{text:?}: {message}");

@@ -23,6 +23,7 @@ const FAULT_MODELS: &[&str] = &[
     "slow",
     "odd-usage",
     "no-usage",
+    "sleepy",
 ];
 
 struct Stack {
@@ -912,4 +913,117 @@ async fn prompts_reach_no_log_and_no_file() {
         "the log was not on: {written}"
     );
     common::assert_written_nowhere(MARKER, stack.env.dir.path(), &output);
+}
+
+/// Reads from `stream` until the server closes it (or resets it); returns what came and how long
+/// that took. Fails the test if the server keeps it open for 10 s.
+async fn until_closed(mut stream: tokio::net::TcpStream) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await {
+            Err(_) => panic!(
+                "the server kept the connection open: {}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buffer[..n]),
+        }
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A client may not hold a connection without sending (`client_read_timeout`, here 1 s): half a
+/// request head, nothing at all, an idle kept-alive connection and a body that stops coming are
+/// each cut off (the body with an OpenAI-shaped 408, nothing charged), while an answer that takes
+/// longer than the limit, plain or streamed, is served whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_clients_are_cut_off_and_slow_answers_are_not() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let config = format!(
+        "client_read_timeout = \"1s\"\n{}",
+        Stack::config("10 TFLOP").await
+    );
+    let stack = Stack::with_config(&config);
+    let key = stack.person_with_key("alice");
+    let start = stack.balance(&key).await;
+    let address = stack
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+
+    // Half a head, then nothing.
+    let mut half = TcpStream::connect(&address).await.unwrap();
+    half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (_, after) = until_closed(half).await;
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+    // Nothing at all.
+    let (_, after) = until_closed(TcpStream::connect(&address).await.unwrap()).await;
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+    // One request answered, then an idle kept-alive connection.
+    let mut idle = TcpStream::connect(&address).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (answered, after) = until_closed(idle).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+    // A body that stops coming.
+    let mut body = TcpStream::connect(&address).await.unwrap();
+    body.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (answered, after) = until_closed(body).await;
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+    let error: Value =
+        serde_json::from_str(&answered[answered.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(error["error"]["code"], "request_timeout", "{error}");
+    assert!(
+        after >= Duration::from_millis(900),
+        "answered after {after:?}"
+    );
+
+    // Answers that take longer than the limit: 8 tokens at 200 ms each.
+    let body = chat("sleepy", "take your time", 8);
+    let answered: Value = stack
+        .post(&key, "/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answered["usage"]["completion_tokens"], 8, "{answered}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = read_sse(stack.post(&key, "/chat/completions", &streamed).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(events.len(), 8 + 2, "{events:?}");
+
+    // Only the two answers were charged.
+    assert_eq!(start - stack.balance(&key).await, 2 * exact_cost(&body, 8));
+    assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
+    stack.verify();
 }
