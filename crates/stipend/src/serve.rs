@@ -16,6 +16,25 @@ use stipend_store_sqlite::SqliteStore;
 use crate::config::{BackendConfig, Config};
 use crate::control;
 
+/// Raises this process's limit on open files from its soft value to its hard one, as Go's
+/// runtime and nginx's `worker_rlimit_nofile` do. Each client connection, upstream connection
+/// and store file takes a descriptor, and the usual soft limit (1024 under systemd) would cap
+/// the server near a thousand open streams while the hard limit (often 524288) allows far more.
+/// Failing to raise it is not fatal: the server runs with what it has, and says so.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let soft = limit.current;
+    limit.current = limit.maximum;
+    match setrlimit(Resource::Nofile, limit) {
+        Ok(()) => tracing::info!(from = ?soft, to = ?limit.maximum, "open files limit raised"),
+        Err(error) => tracing::warn!(%error, limit = ?soft, "cannot raise the open files limit"),
+    }
+}
+
 /// How often timed-out reservations are voided.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -181,6 +200,7 @@ fn demo_account(ledger: &Ledger, keys: &KeyRing) -> anyhow::Result<Option<String
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    raise_open_files_limit();
     let ledger = match open_ledger(&config) {
         Ok(ledger) => Arc::new(ledger),
         Err(error)

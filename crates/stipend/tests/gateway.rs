@@ -1027,3 +1027,35 @@ async fn silent_clients_are_cut_off_and_slow_answers_are_not() {
     assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
     stack.verify();
 }
+
+/// The server raises its soft limit on open files to the hard one (started here with a soft
+/// limit of 256, as a shell's `ulimit -Sn` leaves it), since each client and upstream connection
+/// takes a descriptor.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_open_files_limit_is_raised_to_the_hard_one() {
+    let env = Env::new(
+        "listen = \"127.0.0.1:0\"\n[[models]]\nname = \"m\"\nbackend = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nparams = \"8B\"\n",
+    );
+    let mut command = std::process::Command::new("sh");
+    command
+        .current_dir(env.dir.path())
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_stipend"))
+        .arg("--config")
+        .arg(env.config())
+        .arg("serve");
+    let server = Server::spawn(command);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(open_files[0], open_files[1], "{limits}");
+    assert_ne!(open_files[0], "256", "{limits}");
+    server.stop();
+}
