@@ -7,7 +7,8 @@
 #       with its default HTTP worker threads (half the cores, at least one), and
 #   (d) the same with `workers = 2`, one per core here (the default before session 3), to see
 #       what a second event loop costs or buys on this machine.
-# Prints a markdown table, plus Stipend's CPU per call (steadier than req/s on a shared machine),
+# Prints a markdown table, plus Stipend's CPU per call (steadier than req/s on a shared machine)
+# and its HTTP worker's share of a core and preemptions a second,
 # its RSS idle and under load, and its start-up time.
 #
 # Usage: bench/load.sh [SECONDS]   (default 10 s per run; at 1 connection, below saturation,
@@ -138,6 +139,18 @@ LUA
 # CPU time (user + system, in clock ticks) of every thread of a process.
 cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
 TICK_HZ=$(getconf CLK_TCK)
+# Of the HTTP worker threads (tokio-rt-worker) only: CPU ticks and involuntary context switches
+# (preemptions), summed. With the load generator and the upstream on the same cores, the worker
+# is preempted thousands of times a second and gets less than a core (docs/benchmarks.md).
+worker_stats() {
+    local ticks=0 preempted=0 task
+    for task in /proc/"$1"/task/*; do
+        [ "$(cat "$task/comm")" = tokio-rt-worker ] || continue
+        ticks=$(( ticks + $(awk '{print $14 + $15}' "$task/stat") ))
+        preempted=$(( preempted + $(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "$task/status") ))
+    done
+    echo "$ticks $preempted"
+}
 
 # wrk's latency distribution: 50% and 99% lines; requests/sec.
 run() {
@@ -158,14 +171,18 @@ echo "| connections | target | req/s | p50 | p99 | non-2xx | vs nginx proxy |"
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 rss_load=0
 cpu_notes=()
+worker_notes=()
 for connections in 1 16 64; do
     read -r d_rps d_p50 d_p99 d_err < <(run "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$connections")
     read -r p_rps p_p50 p_p99 p_err < <(run "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" "$connections")
     ( sleep $((SECONDS_PER_RUN / 2)); rss_mb > "$WORK/rss_load" ) &
     sampler=$!
     s_cpu0=$(cpu_ticks "$STIPEND_PID")
+    read -r w_ticks0 w_preempted0 < <(worker_stats "$STIPEND_PID")
     read -r s_rps s_p50 s_p99 s_err < <(run "http://127.0.0.1:$STIPEND_PORT/v1/chat/completions" "$connections")
     s_cpu=$(( $(cpu_ticks "$STIPEND_PID") - s_cpu0 ))
+    read -r w_ticks w_preempted < <(worker_stats "$STIPEND_PID")
+    worker_notes+=("$connections connections: $(python3 -c "print(f'{($w_ticks - $w_ticks0) / $TICK_HZ / $SECONDS_PER_RUN:.2f} of a core, {($w_preempted - $w_preempted0) / $SECONDS_PER_RUN:.0f} preemptions a second')")")
     wait "$sampler"
     o_cpu0=$(cpu_ticks "$STIPEND1_PID")
     read -r o_rps o_p50 o_p99 o_err < <(run "http://127.0.0.1:$STIPEND1_PORT/v1/chat/completions" "$connections" "$WORK/post1.lua")
@@ -197,6 +214,8 @@ cpu_notes+=("streamed, 64 connections: $(python3 -c "print(f'{$s_cpu / $TICK_HZ 
 echo
 echo "Stipend's CPU per call (its threads, the ledger writer included):"
 for note in "${cpu_notes[@]}"; do echo "  $note"; done
+echo "Stipend's HTTP worker thread (default workers):"
+for note in "${worker_notes[@]}"; do echo "  $note"; done
 echo "Stipend: start to ready ${ready_ms} ms (no model loaded); RSS idle ${rss_idle} MB, under load ${rss_load} MB (peak sampled)."
 charged=$("$STIPEND" --config "$WORK/stipend.toml" --json account show bench | python3 -c 'import json,sys; a=json.load(sys.stdin); print(a["reserved_cu"])')
 verify=$("$STIPEND" --config "$WORK/stipend.toml" ledger verify)
