@@ -249,9 +249,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut http_task = tokio::spawn({
-        let mut stop_rx = stop_rx.clone();
         let router = stipend_gateway::router(Arc::clone(&gateway));
         stipend_gateway::server::serve(http, router, config.client_read_timeout, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
