@@ -6,7 +6,6 @@
 //! a client that leaves (mid-stream, or while waiting for a plain answer) stops the generation at
 //! the next step and is charged for what was computed until then, never more and never nothing.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -19,11 +18,10 @@ use stipend_model::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::call::{Bounds, Call, Counted, End, Usage};
 use crate::error::ApiError;
-use crate::queue::Place;
-use crate::relay::{self, Hold, Usage};
-use crate::routes::{Checked, Endpoint, Parsed};
-use crate::{Backend, Gateway};
+use crate::routes::{Endpoint, Parsed};
+use crate::{Backend, relay, sse};
 
 impl From<ModelError> for ApiError {
     fn from(error: ModelError) -> ApiError {
@@ -229,9 +227,15 @@ pub(crate) fn prepare(
     parsed: Parsed,
     endpoint: Endpoint,
     max_tokens_default: u64,
-) -> Result<(Checked, Generate), ApiError> {
+) -> Result<(Bounds, Generate), ApiError> {
     let request = &parsed.request.to_map();
     refuse_unsupported(request)?;
+    if parsed.choices != 1 {
+        return Err(ApiError::param(
+            "n",
+            "The embedded model makes one choice per call: n = 1.",
+        ));
+    }
     let (prompt, param) = match endpoint {
         // Only the template's own markers are special tokens, never a message's text.
         Endpoint::Chat => (engine.chat_prompt(&chat_messages(request)?)?, "messages"),
@@ -257,14 +261,14 @@ pub(crate) fn prepare(
         stop: stop_sequences(request),
         sampling: sampling(request),
     };
-    let checked = Checked {
-        model: parsed.model,
-        stream: parsed.stream,
-        include_usage: parsed.include_usage,
-        max_tokens,
+    let bounds = Bounds {
         prompt_tokens_max: prompt_tokens,
+        prompt_exact: true,
+        max_tokens,
+        choices: 1,
+        completion_tokens_max: max_tokens,
     };
-    Ok((checked, generate))
+    Ok((bounds, generate))
 }
 
 /// How the response is dressed: the same id and time on every chunk.
@@ -298,16 +302,16 @@ impl Shape {
         }
     }
 
-    fn usage(counts: TokenCounts) -> Value {
+    fn usage(usage: Usage) -> Value {
         json!({
-            "prompt_tokens": counts.prompt_tokens,
-            "completion_tokens": counts.completion_tokens,
-            "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         })
     }
 
     /// The whole answer.
-    fn whole(&self, text: String, counts: TokenCounts, finish: FinishReason) -> Value {
+    fn whole(&self, text: String, usage: Usage, finish: FinishReason) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => json!({
                 "index": 0,
@@ -332,7 +336,7 @@ impl Shape {
             "model": self.model,
             "system_fingerprint": null,
             "choices": [choice],
-            "usage": Shape::usage(counts),
+            "usage": Shape::usage(usage),
         })
     }
 
@@ -351,7 +355,7 @@ impl Shape {
                 json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
             }
         };
-        relay::sse(&json!({
+        sse::event(&json!({
             "id": self.id,
             "object": self.object_chunk(),
             "created": self.created,
@@ -362,15 +366,15 @@ impl Shape {
     }
 
     /// The usage chunk that ends a stream whose client asked for `include_usage`.
-    fn usage_chunk(&self, counts: TokenCounts) -> Bytes {
-        relay::sse(&json!({
+    fn usage_chunk(&self, usage: Usage) -> Bytes {
+        sse::event(&json!({
             "id": self.id,
             "object": self.object_chunk(),
             "created": self.created,
             "model": self.model,
             "system_fingerprint": null,
             "choices": [],
-            "usage": Shape::usage(counts),
+            "usage": Shape::usage(usage),
         }))
     }
 
@@ -417,47 +421,41 @@ impl Output {
     }
 }
 
-/// How a generation ended, from the gateway's side.
-enum End {
-    Done(TokenCounts, FinishReason),
-    ClientGone(TokenCounts),
-    TimeUp(TokenCounts),
-    Failed(ModelError, TokenCounts),
-}
-
 /// Starts the generation and answers: a stream at once, or the whole answer when it is done.
 pub(crate) async fn serve(
-    gateway: Arc<Gateway>,
-    checked: Checked,
+    call: Call,
     generate: Generate,
-    hold: Hold,
-    worst_cu: u64,
-    place: Place,
+    stream: bool,
+    include_usage: bool,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
-    let Backend::Embedded(engine) = &checked.model.backend else {
+    let Backend::Embedded(engine) = &call.model().backend else {
         return Err(ApiError::Internal);
     };
-    let generation = engine.generate(generate)?;
-    let shape = Shape::new(&checked.model.name, endpoint);
-    let (output, answer) = if checked.stream {
+    let generation = match engine.generate(generate) {
+        Ok(generation) => generation,
+        Err(error) => {
+            let error = ApiError::from(error);
+            let ended = call
+                .end(End::BrokeOff(
+                    error.clone(),
+                    Counted::Exact(Usage::default()),
+                ))
+                .await;
+            return Err(ended.error.unwrap_or(error));
+        }
+    };
+    let shape = Shape::new(&call.model().name, endpoint);
+    let (output, answer) = if stream {
         let (sender, receiver) = mpsc::channel::<Bytes>(relay::RELAY_CHANNEL_CAPACITY);
         (Output::Stream(sender), Answer::Stream(receiver))
     } else {
         let (reply, answer) = oneshot::channel();
         (Output::Whole(Some(reply)), Answer::Whole(answer))
     };
-    let call = Call {
-        gateway,
-        checked,
-        hold,
-        worst_cu,
-        place,
-        shape,
-    };
-    tokio::spawn(drive(call, generation, output));
+    tokio::spawn(drive(call, generation, output, shape, include_usage));
     match answer {
-        Answer::Stream(receiver) => Ok(relay::sse_response(receiver)),
+        Answer::Stream(receiver) => Ok(sse::response(receiver)),
         Answer::Whole(answer) => answer.await.map_err(|_| ApiError::Internal)?,
     }
 }
@@ -468,38 +466,36 @@ enum Answer {
     Whole(oneshot::Receiver<Result<Response, ApiError>>),
 }
 
-/// One call's parts, owned by its `drive` task.
-struct Call {
-    gateway: Arc<Gateway>,
-    checked: Checked,
-    hold: Hold,
-    worst_cu: u64,
-    place: Place,
-    shape: Shape,
+fn exact(counts: TokenCounts) -> Counted {
+    Counted::Exact(Usage {
+        prompt_tokens: counts.prompt_tokens as u64,
+        completion_tokens: counts.completion_tokens as u64,
+    })
 }
 
-/// Runs one call from the first event to the settled charge.
-async fn drive(call: Call, mut generation: Generation, mut output: Output) {
-    let Call {
-        gateway,
-        checked,
-        hold,
-        worst_cu,
-        place,
-        shape,
-    } = call;
-    let model = Arc::clone(&checked.model);
-    // The call ends before its hold could expire.
-    let deadline = gateway.call_deadline();
+/// Runs one call from the first event to its end: the model's counts are exact, so a client
+/// that leaves stops the generation at the next step and is charged what was computed by then.
+async fn drive(
+    mut call: Call,
+    mut generation: Generation,
+    mut output: Output,
+    shape: Shape,
+    include_usage: bool,
+) {
+    let stream = matches!(output, Output::Stream(_));
+    let deadline = call.deadline();
+    let mut cut = call.cut_signal();
     let mut text = String::new();
-    let mut delivered = false;
     let mut client_gone = false;
     let mut time_up = false;
-    let end = loop {
+    let mut cut_off = false;
+    // How the call ended, and the finish reason of an answer to send.
+    let (end, finish) = loop {
         let event = tokio::select! {
             () = output.closed(), if !client_gone => {
                 generation.cancel();
                 client_gone = true;
+                call.client_left();
                 continue;
             }
             () = tokio::time::sleep_until(deadline), if !time_up => {
@@ -507,126 +503,88 @@ async fn drive(call: Call, mut generation: Generation, mut output: Output) {
                 time_up = true;
                 continue;
             }
+            () = cut.cut(), if !cut_off => {
+                generation.cancel();
+                cut_off = true;
+                continue;
+            }
             event = generation.recv() => event,
         };
         match event {
             Some(Event::Started { .. }) => {
-                if checked.stream && shape.endpoint == Endpoint::Chat && !client_gone {
+                if stream && shape.endpoint == Endpoint::Chat && !client_gone {
                     // The role comes first, as OpenAI streams it.
                     client_gone = !output.send(shape.chunk(true, "", None)).await;
                 }
             }
             Some(Event::Text(piece)) => {
-                delivered = true;
-                // Service delivered, for the fair-share counter (trued up at the end).
-                place.charge(model.price_completion_cu);
-                if checked.stream {
+                // The model stops at max_tokens itself; its counts, not the text, are charged.
+                let _ = call.deliver(0, piece.len() as u64);
+                if stream {
                     if !client_gone && !output.send(shape.chunk(false, &piece, None)).await {
                         generation.cancel();
                         client_gone = true;
+                        call.client_left();
                     }
                 } else {
                     text.push_str(&piece);
                 }
             }
-            Some(Event::Done { counts, finish }) => break End::Done(counts, finish),
-            Some(Event::Cancelled { counts }) if client_gone => break End::ClientGone(counts),
-            Some(Event::Cancelled { counts }) => break End::TimeUp(counts),
-            Some(Event::Failed { error, counts }) => break End::Failed(error, counts),
+            Some(Event::Done { counts, finish }) => {
+                break (End::Answered(exact(counts)), Some(finish));
+            }
+            Some(Event::Cancelled { counts }) if client_gone => {
+                break (End::Answered(exact(counts)), None);
+            }
+            Some(Event::Cancelled { counts }) if cut_off => {
+                break (End::BrokeOff(ApiError::ShuttingDown, exact(counts)), None);
+            }
+            // At its time limit a call ends as if max_tokens had: with what it made, charged.
+            Some(Event::Cancelled { counts }) => {
+                tracing::warn!(model = %call.model().name, "a call reached its time limit");
+                break (End::Answered(exact(counts)), Some(FinishReason::Length));
+            }
+            Some(Event::Failed { error, counts }) => {
+                break (End::BrokeOff(ApiError::from(error), exact(counts)), None);
+            }
             None => {
-                break End::Failed(
-                    ModelError::Failed("the model's worker is gone".to_string()),
-                    TokenCounts::default(),
+                break (
+                    End::BrokeOff(
+                        ApiError::from(ModelError::Failed(
+                            "the model's worker is gone".to_string(),
+                        )),
+                        Counted::Exact(Usage::default()),
+                    ),
+                    None,
                 );
             }
         }
     };
-    let counts = match &end {
-        End::Done(counts, _) | End::ClientGone(counts) | End::TimeUp(counts) => *counts,
-        // A failure before any output is charged nothing.
-        End::Failed(_, counts) if delivered => *counts,
-        End::Failed(..) => TokenCounts::default(),
-    };
-    let cost_cu = Usage {
-        prompt_tokens: counts.prompt_tokens as u64,
-        completion_tokens: counts.completion_tokens as u64,
+    let model_name = call.model().name.clone();
+    let ended = call.end(end).await;
+    if client_gone {
+        tracing::info!(model = %model_name, completion_tokens = ended.usage.completion_tokens, "client left; generation stopped");
+        return;
     }
-    .cost_cu(&model, &checked)
-    .min(worst_cu);
-    // The slot is free: let the next call in while this one's charge is made durable.
-    place.finish(cost_cu);
-    let settled = if counts == TokenCounts::default() {
-        drop(hold); // nothing computed: void
-        Ok(())
-    } else {
-        hold.settle(cost_cu).await.map(|settlement| {
-            model.counters.charged(settlement.charged_cu);
-        })
-    };
-    if !matches!(end, End::Done(..)) {
-        model.counters.stream_cut_short();
-    }
-    let charged_cu = if counts == TokenCounts::default() {
-        0
-    } else {
-        cost_cu
-    };
-    match (end, settled) {
-        (End::ClientGone(counts), _) => {
-            tracing::info!(model = %model.name, completion_tokens = counts.completion_tokens, "client left; generation stopped");
+    match (ended.error, finish) {
+        (Some(error), _) => fail(&mut output, error).await,
+        (None, Some(finish)) => {
+            if stream {
+                let _ = output.send(shape.chunk(false, "", Some(finish))).await;
+                if include_usage {
+                    let _ = output.send(shape.usage_chunk(ended.usage)).await;
+                }
+                let _ = output.send(Bytes::from_static(sse::DONE)).await;
+            } else {
+                let mut response = Json(shape.whole(text, ended.usage, finish)).into_response();
+                response.headers_mut().insert(
+                    axum::http::header::HeaderName::from_static(crate::CHARGED_HEADER),
+                    axum::http::HeaderValue::from(ended.charged_cu),
+                );
+                output.reply(Ok(response));
+            }
         }
-        (_, Err(error)) => {
-            tracing::error!(model = %model.name, ?error, "a call's charge could not be recorded");
-            fail(&mut output, error).await;
-        }
-        (End::Done(counts, finish), Ok(())) => {
-            answer(&mut output, &checked, &shape, text, counts, finish).await;
-        }
-        // At its time limit a call ends as if max_tokens had: with what it made, charged.
-        (End::TimeUp(counts), Ok(())) => {
-            tracing::warn!(model = %model.name, "a call reached its time limit");
-            answer(
-                &mut output,
-                &checked,
-                &shape,
-                text,
-                counts,
-                FinishReason::Length,
-            )
-            .await;
-        }
-        (End::Failed(error, _), Ok(())) if charged_cu > 0 => {
-            let error = ApiError::from(error);
-            fail(
-                &mut output,
-                ApiError::CutShort {
-                    reason: error.reason(),
-                    charged_cu,
-                },
-            )
-            .await;
-        }
-        (End::Failed(error, _), Ok(())) => fail(&mut output, ApiError::from(error)).await,
-    }
-}
-
-/// Ends a call that produced its answer: the stream's last chunks, or the whole answer.
-async fn answer(
-    output: &mut Output,
-    checked: &Checked,
-    shape: &Shape,
-    text: String,
-    counts: TokenCounts,
-    finish: FinishReason,
-) {
-    if checked.stream {
-        let _ = output.send(shape.chunk(false, "", Some(finish))).await;
-        if checked.include_usage {
-            let _ = output.send(shape.usage_chunk(counts)).await;
-        }
-        let _ = output.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-    } else {
-        output.reply(Ok(Json(shape.whole(text, counts, finish)).into_response()));
+        (None, None) => {}
     }
 }
 
@@ -634,7 +592,7 @@ async fn answer(
 async fn fail(output: &mut Output, error: ApiError) {
     match output {
         Output::Stream(_) => {
-            let _ = output.send(relay::sse(&error.body())).await;
+            let _ = output.send(sse::event(&error.body())).await;
         }
         Output::Whole(_) => output.reply(Err(error)),
     }

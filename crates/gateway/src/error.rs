@@ -67,6 +67,8 @@ pub enum ApiError {
         /// What was charged for the output produced before it.
         charged_cu: u64,
     },
+    /// 503: the server is shutting down (sent in a stream that it cut, or instead of an answer).
+    ShuttingDown,
     /// 503: the ledger cannot be written, so nothing is served (fail closed).
     LedgerUnavailable,
     /// 500: a bug.
@@ -180,6 +182,12 @@ impl ApiError {
                     Flops(*charged_cu as i64)
                 ),
             ),
+            ApiError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("shutting_down"),
+                "The server is shutting down; try again shortly.".to_string(),
+            ),
             ApiError::LedgerUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -202,6 +210,7 @@ impl ApiError {
             ApiError::Upstream(message) => format!("the model server failed: {message}"),
             ApiError::UpstreamTimeout => "the model server did not answer in time".to_string(),
             ApiError::CutShort { reason, .. } => reason.clone(),
+            ApiError::ShuttingDown => "the server is shutting down".to_string(),
             other => other.parts().3,
         }
     }
@@ -285,7 +294,7 @@ impl IntoResponse for ApiError {
         if let ApiError::RateLimited { retry_after_s, .. } = &self {
             headers.insert("retry-after", HeaderValue::from(*retry_after_s));
         }
-        if matches!(self, ApiError::Overloaded(_)) {
+        if matches!(self, ApiError::Overloaded(_) | ApiError::ShuttingDown) {
             headers.insert("retry-after", HeaderValue::from_static("1"));
         }
         (status, headers, axum::Json(self.body())).into_response()

@@ -5,6 +5,7 @@
 //! into ledger calls (`reserve`, `settle`, `void`) on `stipend_ledger::Ledger`, which knows
 //! none of them.
 
+pub mod call;
 mod embedded;
 pub mod error;
 mod http1;
@@ -15,6 +16,7 @@ mod rawjson;
 mod relay;
 mod routes;
 pub mod server;
+mod sse;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use stipend_ledger::{AccountId, Ledger};
 
+pub use call::Calls;
 pub use error::ApiError;
 pub use keys::KeyRing;
 pub use routes::router;
@@ -93,6 +96,9 @@ impl Default for GatewayOptions {
     }
 }
 
+/// The header of a plain answer that says what it was charged, in cu.
+pub const CHARGED_HEADER: &str = "x-stipend-charged-cu";
+
 /// How long before its reservation would expire a call is ended.
 pub const RESERVATION_MARGIN: Duration = Duration::from_secs(60);
 
@@ -112,6 +118,8 @@ pub struct Gateway {
     pub options: GatewayOptions,
     /// Counters for requests refused before a model was known.
     pub unrouted: metrics::Counters,
+    /// The calls in flight.
+    pub calls: Calls,
 }
 
 impl Gateway {

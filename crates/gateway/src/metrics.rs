@@ -82,7 +82,7 @@ impl Outcome {
             ) => Outcome::Invalid,
             Err(ApiError::BudgetExhausted { .. }) => Outcome::BudgetExhausted,
             Err(ApiError::RateLimited { .. }) => Outcome::RateLimited,
-            Err(ApiError::Overloaded(_)) => Outcome::Overloaded,
+            Err(ApiError::Overloaded(_) | ApiError::ShuttingDown) => Outcome::Overloaded,
             Err(ApiError::Upstream(_) | ApiError::CutShort { .. }) => Outcome::UpstreamError,
             Err(ApiError::UpstreamTimeout) => Outcome::UpstreamTimeout,
             Err(ApiError::LedgerUnavailable) => Outcome::LedgerUnavailable,

@@ -1,305 +1,257 @@
-//! Streaming: pass the upstream's chunks through as they come, charge exactly what was produced,
-//! and make the charge durable before the stream's last byte (`data: [DONE]`).
+//! The upstream backend: a call's body goes to an OpenAI-compatible server, and its answer comes
+//! back, plain or streamed chunk by chunk, metered through the [`Call`].
 //!
-//! The relay runs in its own task and writes into a bounded channel that is the response body.
-//! When the client goes away, hyper drops the body, the channel closes, the relay stops reading
-//! the upstream (dropping the connection, so the upstream stops generating), and charges what had
-//! been produced by then.
+//! Once the upstream has a request, the call runs to its end whether or not its client stays.
+//! An upstream's speed is unknown, so a call cut off when its client leaves could only be
+//! charged its whole worst case, or else less than it caused; letting it finish charges exactly
+//! what the upstream reports. So each call runs in a task of its own, which the client leaving
+//! does not stop. It is still bounded: by its deadline (before its hold could expire), the
+//! upstream's timeout between chunks, its `max_tokens` (a stream that provably overruns it is
+//! cut and ends with `finish_reason: "length"`), and the server's shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::http::header;
+use axum::body::Bytes;
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
-use stipend_ledger::{Ledger, ReservationId, Settlement};
-use tokio::sync::mpsc;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
+use crate::call::{Call, Counted, End, Usage};
 use crate::error::ApiError;
-use crate::queue::Place;
-use crate::rawjson::RawObject;
-use crate::routes::Checked;
-use crate::{Gateway, Model};
+use crate::rawjson::{self, RawObject};
+use crate::routes::Endpoint;
+use crate::sse::{self, SseParser};
+use crate::upstream::{Body, Upstream};
 
-/// Chunks buffered between the upstream and a slow client.
+/// Chunks buffered between the backend and a slow client.
 pub(crate) const RELAY_CHANNEL_CAPACITY: usize = 64;
-/// The largest single SSE event accepted from an upstream.
-const SSE_EVENT_BYTES_MAX: usize = 1024 * 1024;
 
-/// A reservation held for a request. Settling consumes it; dropping it unsettled (an error, a
-/// client gone before any output) voids it, so nothing is ever left held or charged by accident.
-pub(crate) struct Hold {
-    ledger: Arc<Ledger>,
-    id: Option<ReservationId>,
+/// What the upstream backend is asked to do.
+pub(crate) struct Request {
+    pub upstream: Upstream,
+    pub endpoint: Endpoint,
+    /// The body to send, with the upstream's model name and `max_tokens` written in.
+    pub body: Vec<u8>,
+    pub stream: bool,
+    /// Whether the client asked for the usage chunk at the end of a stream.
+    pub include_usage: bool,
+    /// The largest plain answer accepted.
+    pub answer_bytes_max: usize,
 }
 
-impl Hold {
-    pub(crate) fn new(ledger: Arc<Ledger>, id: ReservationId) -> Hold {
-        Hold {
-            ledger,
-            id: Some(id),
-        }
-    }
-
-    /// Charges `cost_cu` and waits until the charge is durable.
-    pub(crate) async fn settle(mut self, cost_cu: u64) -> Result<Settlement, ApiError> {
-        let Some(id) = self.id.take() else {
-            return Err(ApiError::Internal);
-        };
-        let settlement = self.ledger.settle(id, cost_cu)?.await?;
-        if settlement.shortfall_cu > 0 {
-            tracing::warn!(
-                shortfall_cu = settlement.shortfall_cu,
-                "usage beyond the reservation could not be charged in full"
-            );
-        }
-        Ok(settlement)
-    }
+/// Serves a call on an upstream: sends the request from a task of its own and answers with the
+/// stream as soon as the upstream's head arrives, or with the whole answer.
+pub(crate) async fn serve(call: Call, request: Request) -> Result<Response, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    tokio::spawn(run(call, request, reply));
+    answer.await.unwrap_or(Err(ApiError::Internal))
 }
 
-impl Drop for Hold {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            // Already gone (timed out) is fine: either way nothing is held or charged.
-            let _ = self.ledger.void(id);
-        }
-    }
-}
-
-/// Token counts an upstream reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
-
-impl Usage {
-    pub(crate) fn from_json(usage: &Value) -> Option<Usage> {
-        Some(Usage {
-            prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
-            completion_tokens: usage.get("completion_tokens")?.as_u64()?,
-        })
-    }
-
-    /// What the usage costs, counting no more than the request could have used: the upstream was
-    /// told `max_tokens`, and the prompt cannot exceed its bound, so a report beyond either is
-    /// the upstream's error and is not charged to the person.
-    pub(crate) fn cost_cu(&self, model: &Model, checked: &Checked) -> u64 {
-        let prompt_tokens = self.prompt_tokens.min(checked.prompt_tokens_max);
-        let completion_tokens = self.completion_tokens.min(checked.max_tokens);
-        if (prompt_tokens, completion_tokens) != (self.prompt_tokens, self.completion_tokens) {
-            tracing::warn!(
-                model = %model.name,
-                prompt_tokens = self.prompt_tokens,
-                completion_tokens = self.completion_tokens,
-                "upstream reported more usage than the request allowed; charging the bound"
-            );
-        }
-        prompt_tokens
-            .saturating_mul(model.price_prompt_cu)
-            .saturating_add(completion_tokens.saturating_mul(model.price_completion_cu))
-    }
-}
-
-/// Splits an SSE byte stream into the `data:` payloads of its events.
-#[derive(Default)]
-struct SseParser {
-    /// The start of an event not yet complete.
-    buffer: Vec<u8>,
-    /// Where in `buffer` the search for the blank line that ends the event goes on: every
-    /// position before it was looked at. Without it, an event arriving in many small reads was
-    /// searched from its start on each read, quadratic in its size: a slow upstream could keep
-    /// the HTTP worker busy for seconds with one 1 MiB event sent a few bytes at a time.
-    searched: usize,
-}
-
-impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, ApiError> {
-        self.buffer
-            .extend(bytes.iter().filter(|byte| **byte != b'\r'));
-        let mut events = Vec::new();
-        let mut start = 0;
-        let mut from = self.searched;
-        while let Some(at) = self.buffer[from..]
-            .windows(2)
-            .position(|pair| pair == b"\n\n")
-        {
-            let end = from + at;
-            let event = &self.buffer[start..end];
-            let mut data: Option<String> = None;
-            for line in event.split(|byte| *byte == b'\n') {
-                if let Some(rest) = line.strip_prefix(b"data:") {
-                    let rest = String::from_utf8_lossy(rest.trim_ascii_start());
-                    match &mut data {
-                        None => data = Some(rest.into_owned()),
-                        Some(data) => {
-                            data.push('\n');
-                            data.push_str(&rest);
-                        }
-                    }
-                }
-            }
-            events.extend(data);
-            start = end + 2;
-            from = start;
-        }
-        self.buffer.drain(..start);
-        // A blank line may still start at the last byte, once the next one comes.
-        self.searched = self.buffer.len().saturating_sub(1);
-        if self.buffer.len() > SSE_EVENT_BYTES_MAX {
-            return Err(ApiError::Upstream(
-                "a stream event is too large".to_string(),
-            ));
-        }
-        Ok(events)
-    }
-}
-
-pub(crate) fn sse(value: &Value) -> Bytes {
-    let mut out = Vec::new();
-    write_sse(&mut out, value);
-    Bytes::from(out)
-}
-
-/// Appends one SSE event carrying `value`.
-fn write_sse(out: &mut Vec<u8>, value: &Value) {
-    out.extend_from_slice(b"data: ");
-    // Writing a JSON value into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
-    out.extend_from_slice(b"\n\n");
-}
-
-/// Appends one SSE event carrying JSON text.
-fn write_sse_raw(out: &mut Vec<u8>, json: &[u8]) {
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
-}
-
-/// What the relay reads of a stream chunk's choice: whether it carries output.
-#[derive(serde::Deserialize)]
-struct ChoiceHead<'a> {
-    #[serde(borrow, default)]
-    delta: Option<DeltaHead<'a>>,
-    #[serde(borrow, default)]
-    text: Option<std::borrow::Cow<'a, str>>,
-}
-
-#[derive(serde::Deserialize)]
-struct DeltaHead<'a> {
-    #[serde(borrow, default)]
-    content: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    tool_calls: Option<&'a serde_json::value::RawValue>,
-}
-
-/// Whether a choice produced output: text, content, or tool calls. A choice of another shape
-/// produced none.
-fn produced_output(choice: &serde_json::value::RawValue) -> bool {
-    let Ok(choice) = serde_json::from_str::<ChoiceHead<'_>>(choice.get()) else {
-        return false;
+async fn run(call: Call, request: Request, reply: oneshot::Sender<Result<Response, ApiError>>) {
+    let mut cut = call.cut_signal();
+    let posted = tokio::select! {
+        posted = request.upstream.post(request.endpoint.path(), &request.body) => posted,
+        () = tokio::time::sleep_until(call.deadline()) => Err(ApiError::UpstreamTimeout),
+        () = cut.cut() => Err(ApiError::ShuttingDown),
     };
-    let delta = choice.delta.as_ref();
-    delta
-        .and_then(|delta| delta.content.as_ref())
-        .is_some_and(|content| !content.is_empty())
-        || choice.text.as_ref().is_some_and(|text| !text.is_empty())
-        || delta
-            .and_then(|delta| delta.tool_calls)
-            .is_some_and(|calls| calls.get().starts_with('['))
+    let answer = match posted {
+        Ok(answer) => answer,
+        Err(error) => {
+            let ended = call
+                .end(End::BrokeOff(error.clone(), Counted::Reported(None)))
+                .await;
+            let _ = reply.send(Err(ended.error.unwrap_or(error)));
+            return;
+        }
+    };
+    let timeout = request.upstream.timeout();
+    if request.stream {
+        let (sender, receiver) = mpsc::channel::<Bytes>(RELAY_CHANNEL_CAPACITY);
+        let _ = reply.send(Ok(sse::response(receiver)));
+        relay(call, answer, timeout, sender, &request).await;
+    } else {
+        let _ = reply.send(plain(call, answer, timeout, &request).await);
+    }
 }
 
-enum Outcome {
-    Done,
-    Failed(ApiError),
-    ClientGone,
-}
-
-/// Starts relaying an upstream stream; returns the response to send.
-pub(crate) fn stream(
-    gateway: Arc<Gateway>,
-    checked: Checked,
-    hold: Hold,
-    upstream: crate::upstream::Body,
+/// Reads a plain answer, meters and charges it, and writes it back with the model's name and
+/// the usage charged.
+async fn plain(
+    mut call: Call,
+    body: Body,
     timeout: Duration,
-    place: Place,
-) -> Response {
-    let (sender, receiver) = mpsc::channel::<Bytes>(RELAY_CHANNEL_CAPACITY);
-    tokio::spawn(relay(
-        gateway, checked, hold, upstream, timeout, sender, place,
-    ));
-    sse_response(receiver)
-}
-
-/// A `text/event-stream` response whose body is what arrives on `receiver`; the body ends when
-/// every sender is gone, and the client leaving closes the channel.
-pub(crate) fn sse_response(receiver: mpsc::Receiver<Bytes>) -> Response {
-    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|bytes| (Ok::<Bytes, std::io::Error>(bytes), receiver))
-    });
-    (
+    request: &Request,
+) -> Result<Response, ApiError> {
+    let mut cut = call.cut_signal();
+    let until = call.deadline().min(Instant::now() + timeout);
+    let read = tokio::select! {
+        read = tokio::time::timeout_at(until, body.collect(request.answer_bytes_max)) => match read {
+            Err(_) => Err(ApiError::UpstreamTimeout),
+            Ok(Err(crate::http1::Error::TooLarge(limit))) => Err(ApiError::Upstream(format!(
+                "its answer is larger than the limit of {limit} bytes"
+            ))),
+            Ok(Err(_)) => Err(ApiError::Upstream("the response broke off".to_string())),
+            Ok(Ok(text)) => RawObject::parse(text).map_err(|_| {
+                ApiError::Upstream("the response is not a JSON object".to_string())
+            }),
+        },
+        () = cut.cut() => Err(ApiError::ShuttingDown),
+    };
+    let answer = match read {
+        Ok(answer) => answer,
+        Err(error) => {
+            let ended = call
+                .end(End::BrokeOff(error.clone(), Counted::Reported(None)))
+                .await;
+            return Err(ended.error.unwrap_or(error));
+        }
+    };
+    for choice in answer
+        .get::<Vec<&RawValue>>("choices")
+        .and_then(Result::ok)
+        .unwrap_or_default()
+    {
+        let (index, bytes) = choice_output(choice);
+        // A plain answer is bounded by its size; what it holds beyond the call's bounds is not
+        // charged.
+        let _ = call.deliver(index, bytes);
+    }
+    let reported = reported_usage(&answer);
+    let model = Arc::clone(call.model());
+    let ended = call.end(End::Answered(Counted::Reported(reported))).await;
+    if let Some(error) = ended.error {
+        return Err(error);
+    }
+    let usage = ended.usage.to_json(answer.raw("usage"));
+    let written = answer.write(
+        &[("model", &rawjson::string(&model.name)), ("usage", &usage)],
+        &[],
+    );
+    Ok((
         [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::HeaderName::from_static(crate::CHARGED_HEADER),
+                HeaderValue::from(ended.charged_cu),
+            ),
         ],
-        Body::from_stream(body),
+        written,
     )
-        .into_response()
+        .into_response())
 }
 
+/// The usage an answer or a chunk reports, if it reports one.
+fn reported_usage(object: &RawObject) -> Option<Usage> {
+    object
+        .get::<serde_json::Value>("usage")
+        .and_then(Result::ok)
+        .and_then(|usage| Usage::from_json(&usage))
+}
+
+/// How a stream's reading stopped.
+enum Stop {
+    /// The upstream finished (`[DONE]`, or the end of its body after its usage).
+    Done,
+    /// Stipend ended it at a bound (`max_tokens` overrun, the time limit) after some output.
+    Length,
+    /// It broke off.
+    BrokeOff(ApiError),
+}
+
+/// The client's end of a stream, while it is there.
+struct Client {
+    sender: Option<mpsc::Sender<Bytes>>,
+    deadline: Instant,
+}
+
+impl Client {
+    /// Resolves when the client has gone (never, if it already has).
+    async fn gone(&self) {
+        match &self.sender {
+            Some(sender) => sender.closed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sends bytes; a client that has gone, or does not read them before the call's deadline,
+    /// is let go.
+    async fn send(&mut self, bytes: Vec<u8>) {
+        if let Some(sender) = &self.sender {
+            let sent =
+                tokio::time::timeout_at(self.deadline, sender.send(Bytes::from(bytes))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                self.sender = None;
+            }
+        }
+    }
+}
+
+/// Relays a stream: passes each chunk on as it comes (with the model renamed), meters its
+/// output, reads on to the end when the client leaves, ends the call, and then sends the usage
+/// chunk (if asked for) and `[DONE]`, or the error, once the charge is durable.
 async fn relay(
-    gateway: Arc<Gateway>,
-    checked: Checked,
-    hold: Hold,
-    mut chunks: crate::upstream::Body,
+    mut call: Call,
+    mut chunks: Body,
     timeout: Duration,
     sender: mpsc::Sender<Bytes>,
-    place: Place,
+    request: &Request,
 ) {
-    let model = Arc::clone(&checked.model);
-    // The whole stream ends before its hold could expire, however slowly it trickles.
-    let deadline = gateway.call_deadline();
+    let model = Arc::clone(call.model());
+    let model_text = rawjson::string(&model.name);
+    let deadline = call.deadline();
+    let mut cut = call.cut_signal();
+    let mut client = Client {
+        sender: Some(sender),
+        deadline,
+    };
     let mut parser = SseParser::default();
     let mut usage: Option<Usage> = None;
-    let mut usage_chunk: Option<RawObject> = None;
-    let model_text = crate::rawjson::string(&model.name);
-    let mut chunks_with_output = 0u64;
-    let outcome = 'read: loop {
+    let mut usage_text: Option<String> = None;
+    // The last chunk seen: the chunks Stipend writes itself (the usage, a cut's finish) copy its
+    // id and times.
+    let mut last_chunk: Option<RawObject> = None;
+    // The choices that have been given a finish reason, for a cut's own.
+    let mut choices_seen = 0u64;
+    let stop = 'read: loop {
         let next = tokio::select! {
-            _ = sender.closed() => break 'read Outcome::ClientGone,
+            () = client.gone(), if client.sender.is_some() => {
+                client.sender = None;
+                left(&mut call);
+                continue;
+            }
+            () = cut.cut() => break 'read Stop::BrokeOff(ApiError::ShuttingDown),
             next = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + timeout),
+                deadline.min(Instant::now() + timeout),
                 chunks.chunk(),
             ) => next,
         };
         let bytes = match next {
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                break 'read Outcome::Failed(ApiError::CutShort {
-                    reason: "the call reached its time limit".to_string(),
-                    charged_cu: 0,
-                });
+            Err(_) if Instant::now() >= deadline && call.delivered_any() => {
+                break 'read Stop::Length;
             }
-            Err(_) => break 'read Outcome::Failed(ApiError::UpstreamTimeout),
-            Ok(Ok(None)) if usage.is_some() => break 'read Outcome::Done,
+            Err(_) => break 'read Stop::BrokeOff(ApiError::UpstreamTimeout),
+            Ok(Ok(None)) if usage.is_some() => break 'read Stop::Done,
             Ok(Ok(None)) => {
-                break 'read Outcome::Failed(ApiError::Upstream(
+                break 'read Stop::BrokeOff(ApiError::Upstream(
                     "the stream ended before it was done".to_string(),
                 ));
             }
             Ok(Err(_)) => {
-                break 'read Outcome::Failed(ApiError::Upstream(
-                    "the stream broke off".to_string(),
-                ));
+                break 'read Stop::BrokeOff(ApiError::Upstream("the stream broke off".to_string()));
             }
             Ok(Ok(Some(bytes))) => bytes,
         };
         let events = match parser.push(&bytes) {
             Ok(events) => events,
-            Err(error) => break 'read Outcome::Failed(error),
+            Err(error) => break 'read Stop::BrokeOff(error),
         };
         // Everything this read carried goes to the client in one write: a burst of events (an
         // upstream that batches, or a fast one) costs one send, not one per event.
@@ -307,138 +259,151 @@ async fn relay(
         let mut ended = None;
         for data in events {
             if data == "[DONE]" {
-                ended = Some(Outcome::Done);
+                ended = Some(Stop::Done);
                 break;
             }
             let Ok(chunk) = RawObject::parse_text(data) else {
-                ended = Some(Outcome::Failed(ApiError::Upstream(
+                ended = Some(Stop::BrokeOff(ApiError::Upstream(
                     "a stream event is not a JSON object".to_string(),
                 )));
                 break;
             };
             if chunk.raw("error").is_some() {
-                ended = Some(Outcome::Failed(ApiError::Upstream(
+                ended = Some(Stop::BrokeOff(ApiError::Upstream(
                     "it reported an error mid-stream".to_string(),
                 )));
                 break;
             }
-            if let Some(reported) = chunk
-                .get::<Value>("usage")
-                .and_then(Result::ok)
-                .and_then(|reported| Usage::from_json(&reported))
-            {
+            if let Some(reported) = reported_usage(&chunk) {
                 usage = Some(reported);
+                usage_text = chunk.raw("usage").map(str::to_string);
             }
             let choices = chunk
-                .get::<Vec<&serde_json::value::RawValue>>("choices")
+                .get::<Vec<&RawValue>>("choices")
                 .and_then(Result::ok)
                 .unwrap_or_default();
             if choices.is_empty() {
-                // The usage chunk: sent (if asked for) only once the charge is durable.
-                usage_chunk = Some(chunk);
+                // The usage chunk: sent (if asked for) with the usage charged, once it is durable.
+                last_chunk = Some(chunk);
                 continue;
             }
-            if choices.iter().any(|choice| produced_output(choice)) {
-                chunks_with_output += 1;
-                // Service delivered, for the fair-share counter: about a token per chunk.
-                place.charge(model.price_completion_cu);
+            let mut within = true;
+            for choice in &choices {
+                let (index, bytes) = choice_output(choice);
+                choices_seen = choices_seen.max(index.saturating_add(1));
+                within &= call.deliver(index, bytes);
             }
-            let remove: &[&str] = if checked.include_usage {
-                &[]
-            } else {
-                &["usage"]
-            };
-            write_sse_raw(&mut out, &chunk.write(&[("model", &model_text)], remove));
+            if !within {
+                // Past max_tokens: this chunk is not passed on, and the upstream is stopped.
+                last_chunk = Some(chunk);
+                ended = Some(Stop::Length);
+                break;
+            }
+            if client.sender.is_some() {
+                // The usage is the one charged, sent at the end: none rides on content chunks.
+                let written = if request.include_usage && chunk.raw("usage").is_some() {
+                    chunk.write(&[("model", &model_text), ("usage", "null")], &[])
+                } else {
+                    chunk.write(&[("model", &model_text)], &["usage"])
+                };
+                sse::write_raw(&mut out, &written);
+            }
+            last_chunk = Some(chunk);
         }
-        if !out.is_empty() && sender.send(Bytes::from(out)).await.is_err() {
-            break 'read Outcome::ClientGone;
+        if !out.is_empty() {
+            client.send(out).await;
+            if client.sender.is_none() {
+                left(&mut call);
+            }
         }
-        if let Some(outcome) = ended {
-            break 'read outcome;
+        if let Some(stop) = ended {
+            break 'read stop;
         }
     };
     // A finished stream's connection can be kept for the next call once the rest of its body
-    // (the end of the chunked encoding, after `[DONE]`) is read; any other outcome closes it
-    // now, so that an abandoned generation stops costing anything.
-    let finished = match outcome {
-        Outcome::Done => Some(chunks),
-        _ => {
+    // (the end of the chunked encoding, after `[DONE]`) is read; any other ending closes it
+    // now, so that the upstream stops generating.
+    let (end, finished) = match stop {
+        Stop::Done => (End::Answered(Counted::Reported(usage)), Some(chunks)),
+        Stop::Length => {
             drop(chunks);
-            None
+            (End::Answered(Counted::Reported(None)), None)
+        }
+        Stop::BrokeOff(ref error) => {
+            drop(chunks);
+            (End::BrokeOff(error.clone(), Counted::Reported(None)), None)
         }
     };
-    let cost_cu = match usage {
-        Some(usage) => Some(usage.cost_cu(&model, &checked)),
-        // No usage (the client left, or the upstream broke off): charge what was produced, one
-        // token per content chunk, and the prompt as its byte bound over four (the usual bytes
-        // per token), since the prompt was processed.
-        None if chunks_with_output > 0 => {
-            let prompt_tokens = checked.prompt_tokens_max.div_ceil(4);
-            Some(
-                Usage {
-                    prompt_tokens,
-                    completion_tokens: chunks_with_output,
+    let ended = call.end(end).await;
+    if client.sender.is_some() {
+        let mut out = Vec::new();
+        match ended.error {
+            Some(error) => out.extend_from_slice(&sse::event(&error.body())),
+            None => {
+                if matches!(stop, Stop::Length) {
+                    let finish = length_choices(request.endpoint, choices_seen.max(1));
+                    let written = match &last_chunk {
+                        Some(chunk) => {
+                            chunk.write(&[("model", &model_text), ("choices", &finish)], &["usage"])
+                        }
+                        None => format!(
+                            r#"{{"object":"{}","model":{model_text},"choices":{finish}}}"#,
+                            request.endpoint.chunk_object()
+                        )
+                        .into_bytes(),
+                    };
+                    sse::write_raw(&mut out, &written);
                 }
-                .cost_cu(&model, &checked),
-            )
-        }
-        None => None,
-    };
-    // The slot is free while the charge is made durable.
-    place.finish(cost_cu.unwrap_or(0));
-    let settled = match cost_cu {
-        Some(cost_cu) => hold.settle(cost_cu).await.map(|settlement| {
-            model.counters.charged(settlement.charged_cu);
-            Some(settlement)
-        }),
-        None => {
-            drop(hold); // nothing produced: void
-            Ok(None)
-        }
-    };
-    if !matches!(outcome, Outcome::Done) {
-        model.counters.stream_cut_short();
-    }
-    match (outcome, settled) {
-        (Outcome::ClientGone, _) => {
-            tracing::info!(model = %model.name, chunks_with_output, "client left mid-stream");
-        }
-        (Outcome::Done, Ok(_)) => {
-            if checked.include_usage
-                && let Some(chunk) = usage_chunk
-            {
-                let mut out = Vec::new();
-                write_sse_raw(&mut out, &chunk.write(&[("model", &model_text)], &[]));
-                let _ = sender.send(Bytes::from(out)).await;
+                if request.include_usage {
+                    let charged = ended.usage.to_json(usage_text.as_deref());
+                    let written = match &last_chunk {
+                        Some(chunk) => chunk.write(
+                            &[("model", &model_text), ("choices", "[]"), ("usage", &charged)],
+                            &[],
+                        ),
+                        None => format!(
+                            r#"{{"object":"{}","model":{model_text},"choices":[],"usage":{charged}}}"#,
+                            request.endpoint.chunk_object()
+                        )
+                        .into_bytes(),
+                    };
+                    sse::write_raw(&mut out, &written);
+                }
+                out.extend_from_slice(sse::DONE);
             }
-            let _ = sender.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         }
-        (Outcome::Done, Err(error)) | (Outcome::Failed(_), Err(error)) => {
-            tracing::error!(model = %model.name, ?error, "a stream's charge could not be recorded");
-            let _ = sender.send(sse(&error.body())).await;
-        }
-        (Outcome::Failed(error), Ok(settlement)) => {
-            tracing::warn!(model = %model.name, ?error, chunks_with_output, "upstream stream failed");
-            // Say what was charged for the output already sent, if anything was.
-            let error = match settlement {
-                Some(settlement) if settlement.charged_cu > 0 => ApiError::CutShort {
-                    reason: error.reason(),
-                    charged_cu: settlement.charged_cu,
-                },
-                _ => error,
-            };
-            let _ = sender.send(sse(&error.body())).await;
-        }
+        client.send(out).await;
     }
-    drop(sender); // the client has everything: end its body now
+    drop(client); // the client has everything: end its body now
     if let Some(body) = finished {
         drain(body).await;
     }
 }
 
+/// Notes that a stream's client left: the upstream is read on to its end, and charged.
+fn left(call: &mut Call) {
+    tracing::info!(model = %call.model().name, "client left mid-stream; reading the upstream to its end");
+    call.client_left();
+}
+
+/// The choices of a chunk that ends `n` choices at their length.
+fn length_choices(endpoint: Endpoint, n: u64) -> String {
+    let choices: Vec<String> = (0..n)
+        .map(|index| match endpoint {
+            Endpoint::Chat => format!(
+                r#"{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"length"}}"#
+            ),
+            Endpoint::Completion => {
+                format!(r#"{{"index":{index},"text":"","logprobs":null,"finish_reason":"length"}}"#)
+            }
+        })
+        .collect();
+    format!("[{}]", choices.join(","))
+}
+
 /// Reads what is left of a finished stream's body (normally just the chunked encoding's last
 /// chunk), so its connection goes back to the pool; gives up, closing it, past a small bound.
-async fn drain(mut body: crate::upstream::Body) {
+async fn drain(mut body: Body) {
     const DRAIN_BYTES_MAX: usize = 64 * 1024;
     const DRAIN_TIME_MAX: Duration = Duration::from_secs(1);
     let _ = tokio::time::timeout(DRAIN_TIME_MAX, async {
@@ -453,130 +418,184 @@ async fn drain(mut body: crate::upstream::Body) {
     .await;
 }
 
+/// Which choice a choice object is, and how many bytes of generated text it carries: every
+/// string in its `delta` (a stream's chunk), `message` (a plain chat answer) or `text` (a
+/// completion) except the role. That counts `content`, `reasoning_content`, `reasoning`,
+/// `refusal`, `tool_calls` and `function_call` (names and arguments), audio, and whatever other
+/// text an upstream streams, so no kind of output passes unmetered. A choice that cannot be read
+/// counts as choice 0 with all its bytes.
+pub(crate) fn choice_output(choice: &RawValue) -> (u64, u64) {
+    match serde_json::from_str::<ChoiceText>(choice.get()) {
+        Ok(text) => (
+            text.index.unwrap_or(0),
+            text.delta.0 + text.message.0 + text.text.0,
+        ),
+        Err(_) => (0, choice.get().len() as u64),
+    }
+}
+
+/// What the meter reads of a choice.
+#[derive(Deserialize)]
+struct ChoiceText {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default)]
+    delta: TextBytes,
+    #[serde(default)]
+    message: TextBytes,
+    #[serde(default)]
+    text: TextBytes,
+}
+
+/// The bytes of text in a JSON value: every string in it, decoded, except the values of `role`
+/// keys. Read without building the value (strings without escapes are borrowed, not copied).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct TextBytes(u64);
+
+impl<'de> Deserialize<'de> for TextBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<TextBytes, D::Error> {
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = TextBytes;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextBytes, E> {
+        Ok(TextBytes(0))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextBytes, E> {
+        Ok(TextBytes(0))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<TextBytes, E> {
+        Ok(TextBytes(0))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextBytes, E> {
+        Ok(TextBytes(0))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<TextBytes, E> {
+        Ok(TextBytes(0))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<TextBytes, E> {
+        Ok(TextBytes(0))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<TextBytes, D::Error> {
+        TextBytes::deserialize(deserializer)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<TextBytes, E> {
+        Ok(TextBytes(text.len() as u64))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextBytes, A::Error> {
+        let mut total = 0u64;
+        while let Some(TextBytes(bytes)) = seq.next_element()? {
+            total = total.saturating_add(bytes);
+        }
+        Ok(TextBytes(total))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextBytes, A::Error> {
+        let mut total = 0u64;
+        while let Some(IsRole(role)) = map.next_key()? {
+            if role {
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                total = total.saturating_add(map.next_value::<TextBytes>()?.0);
+            }
+        }
+        Ok(TextBytes(total))
+    }
+}
+
+/// Whether a key is `role`, read without copying it.
+struct IsRole(bool);
+
+impl<'de> Deserialize<'de> for IsRole {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<IsRole, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = IsRole;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<IsRole, E> {
+                Ok(IsRole(key == "role"))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn output(choice: &str) -> (u64, u64) {
+        choice_output(serde_json::from_str::<&RawValue>(choice).unwrap())
+    }
+
     #[test]
-    fn sse_events_split_across_reads() {
-        let mut parser = SseParser::default();
-        assert_eq!(parser.push(b"data: {\"a\"").unwrap(), Vec::<String>::new());
+    fn every_kind_of_generated_text_is_metered() {
+        assert_eq!(output(r#"{"index":0,"delta":{"content":"Hi"}}"#), (0, 2));
+        assert_eq!(output(r#"{"index":2,"text":"Hi"}"#), (2, 2));
         assert_eq!(
-            parser
-                .push(b":1}\r\n\r\ndata: [DONE]\n\n: comment\n\n")
-                .unwrap(),
-            vec!["{\"a\":1}".to_string(), "[DONE]".to_string()]
+            output(r#"{"index":0,"delta":{"reasoning_content":"hmm","content":null}}"#),
+            (0, 3)
         );
-        let mut parser = SseParser::default();
-        assert!(parser.push(&vec![b'x'; SSE_EVENT_BYTES_MAX + 1]).is_err());
-    }
-
-    mod properties {
-        //! However the upstream's bytes are cut into reads, the same events come out.
-
-        use proptest::prelude::*;
-
-        use super::super::*;
-
-        /// One event's text and the payload it carries (`None` for an event with no data).
-        fn event() -> impl Strategy<Value = (String, Option<String>)> {
-            let line_end = prop_oneof![Just("\n"), Just("\r\n")];
-            let payload = "[{}\\[\\]\":,a-z0-9 ]{0,12}";
-            (
-                prop::collection::vec(payload, 0..3),
-                line_end,
-                any::<bool>(),
-                any::<bool>(),
-            )
-                .prop_map(|(lines, end, comment, field)| {
-                    let mut text = String::new();
-                    if comment {
-                        text.push_str(&format!(": keep-alive{end}"));
-                    }
-                    if field {
-                        text.push_str(&format!("event: chunk{end}"));
-                    }
-                    for line in &lines {
-                        text.push_str(&format!("data: {line}{end}"));
-                    }
-                    text.push_str(end);
-                    let data = (!lines.is_empty()).then(|| {
-                        lines
-                            .iter()
-                            .map(|line| line.trim_start().to_string())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    });
-                    (text, data)
-                })
-        }
-
-        proptest! {
-            #[test]
-            fn events_do_not_depend_on_where_reads_end(
-                events in prop::collection::vec(event(), 0..8),
-                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
-            ) {
-                let stream: String = events.iter().map(|(text, _)| text.as_str()).collect();
-                let expected: Vec<String> =
-                    events.into_iter().filter_map(|(_, data)| data).collect();
-                let mut cuts: Vec<usize> =
-                    cuts.iter().map(|cut| cut.index(stream.len() + 1)).collect();
-                cuts.push(0);
-                cuts.push(stream.len());
-                cuts.sort_unstable();
-                let mut parser = SseParser::default();
-                let mut got = Vec::new();
-                for read in cuts.windows(2) {
-                    got.extend(parser.push(&stream.as_bytes()[read[0]..read[1]]).unwrap());
-                }
-                prop_assert_eq!(got, expected);
-            }
-        }
-    }
-
-    #[test]
-    fn a_large_event_in_small_reads_is_searched_once() {
-        // A regression test: each read searched the whole event so far, so a 1 MiB event
-        // arriving 3 bytes at a time was ~10^11 byte comparisons.
-        let mut parser = SseParser::default();
-        let payload = "x".repeat(SSE_EVENT_BYTES_MAX - 16);
-        let event = format!("data: {payload}\n\n");
-        let mut events = Vec::new();
-        for read in event.as_bytes().chunks(3) {
-            events.extend(parser.push(read).unwrap());
-            // The next read's search starts at the end of what came, not at the event's start.
-            assert_eq!(parser.searched, parser.buffer.len().saturating_sub(1));
-        }
-        assert_eq!(events, vec![payload]);
-    }
-
-    #[test]
-    fn multi_line_data_is_joined_and_events_without_data_are_skipped() {
-        let mut parser = SseParser::default();
+        assert_eq!(output(r#"{"delta":{"reasoning":"hmm!"}}"#), (0, 4));
+        assert_eq!(output(r#"{"delta":{"refusal":"no"}}"#), (0, 2));
         assert_eq!(
-            parser
-                .push(b"event: x\ndata: {\"a\":\ndata:1}\n\nid: 7\n\ndata:[DONE]\n\n")
-                .unwrap(),
-            vec!["{\"a\":\n1}".to_string(), "[DONE]".to_string()]
+            output(
+                r#"{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{}"}}]}}"#
+            ),
+            (0, 3)
+        );
+        assert_eq!(
+            output(r#"{"delta":{"function_call":{"name":"go","arguments":"x"}}}"#),
+            (0, 3)
+        );
+        assert_eq!(
+            output(r#"{"message":{"role":"assistant","content":"\u00e9t\u00e9","refusal":null}}"#),
+            (0, 5),
+            "decoded bytes, and the role is not output"
+        );
+        assert_eq!(output(r#"{"delta":{"content":"\u00e9"}}"#), (0, 2));
+        assert_eq!(output(r#"{"delta":{"some_new_field":"abc"}}"#), (0, 3));
+    }
+
+    #[test]
+    fn chunks_without_generated_text_are_not_output() {
+        assert_eq!(
+            output(r#"{"index":0,"delta":{"content":""},"finish_reason":"stop"}"#),
+            (0, 0)
+        );
+        assert_eq!(output(r#"{"delta":{"role":"assistant"}}"#), (0, 0));
+        assert_eq!(output(r#"{"delta":null}"#), (0, 0));
+        assert_eq!(output(r#"{"delta":{"tool_calls":null}}"#), (0, 0));
+        assert_eq!(
+            output(r#"{"index":0,"delta":{},"logprobs":{"content":[{"token":"x"}]}}"#),
+            (0, 0),
+            "log probabilities repeat output, they are not more of it"
         );
     }
 
     #[test]
-    fn output_is_content_text_or_tool_calls() {
-        let produced = |choice: &str| {
-            produced_output(serde_json::from_str::<&serde_json::value::RawValue>(choice).unwrap())
-        };
-        assert!(produced(r#"{"index":0,"delta":{"content":"Hi"}}"#));
-        assert!(produced(r#"{"index":0,"text":"Hi"}"#));
-        assert!(produced(r#"{"delta":{"tool_calls":[{"index":0}]}}"#));
-        assert!(produced(r#"{"delta":{"content":"\u00e9"}}"#));
-        assert!(!produced(
-            r#"{"index":0,"delta":{"content":""},"finish_reason":"stop"}"#
-        ));
-        assert!(!produced(r#"{"delta":{"role":"assistant"}}"#));
-        assert!(!produced(r#"{"delta":null}"#));
-        assert!(!produced(r#"{"delta":{"tool_calls":null}}"#));
-        assert!(!produced("5"));
+    fn an_unreadable_choice_counts_all_its_bytes() {
+        assert_eq!(output("5"), (0, 1));
+        let odd = r#"{"index":"one","text":"abc"}"#;
+        assert_eq!(output(odd), (0, odd.len() as u64));
     }
 }

@@ -13,11 +13,10 @@ use serde_json::{Value, json};
 use stipend_ledger::units::{format_duration, format_utc};
 use stipend_ledger::{AccountId, AccountKind};
 
+use crate::call::{Bounds, CHOICES_MAX, Call};
 use crate::error::ApiError;
-use crate::queue::Place;
 use crate::rawjson::{self, RawError, RawObject};
-use crate::relay::{self, Hold, Usage};
-use crate::{Backend, Gateway, Model, Upstream};
+use crate::{Backend, Gateway, Model};
 
 /// Tokens added per chat message to the prompt's upper bound, for the role markers a chat
 /// template wraps around each message.
@@ -48,10 +47,19 @@ pub(crate) enum Endpoint {
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
+    /// The path under the API's base.
+    pub(crate) fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Completion => "/completions",
+        }
+    }
+
+    /// The `object` of a stream chunk.
+    pub(crate) fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
         }
     }
 }
@@ -71,6 +79,14 @@ async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<AccountId, ApiError> {
+    // Two keys: which one pays is not for the server to guess.
+    if headers.get_all("authorization").iter().nth(1).is_some() {
+        return Err(ApiError::InvalidRequest {
+            message: "The request has more than one Authorization header; send one key."
+                .to_string(),
+            param: None,
+        });
+    }
     let presented = headers
         .get("authorization")
         .and_then(|value| value.to_str().ok())
@@ -240,16 +256,9 @@ pub(crate) struct Parsed {
     pub max_tokens_asked: Option<u64>,
     /// Chat messages (0 for a legacy completion).
     pub messages: u64,
+    /// Choices the backend computes: `n` (or `best_of`, if larger) for each prompt.
+    pub choices: u64,
     pub request: RawObject,
-}
-
-/// A checked request with its bounds, ready to price and serve.
-pub(crate) struct Checked {
-    pub model: Arc<Model>,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub max_tokens: u64,
-    pub prompt_tokens_max: u64,
 }
 
 async fn serve(
@@ -271,138 +280,40 @@ async fn serve(
     let parsed = parse(&gateway, bytes, endpoint)?;
     let model = Arc::clone(&parsed.model);
     *routed = Some(Arc::clone(&model));
+    let (stream, include_usage) = (parsed.stream, parsed.include_usage);
     match &model.backend {
         Backend::Upstream {
             upstream,
             model: upstream_model,
         } => {
-            let (checked, upstream_body) = for_upstream(&gateway, parsed, endpoint, upstream_model);
-            serve_upstream(gateway, account, endpoint, checked, upstream, upstream_body).await
+            let (bounds, body) = for_upstream(&gateway, parsed, upstream_model);
+            let call = Call::open(&gateway, account, &model, bounds).await?;
+            crate::relay::serve(
+                call,
+                crate::relay::Request {
+                    upstream: upstream.clone(),
+                    endpoint,
+                    body,
+                    stream,
+                    include_usage,
+                    answer_bytes_max: gateway.options.upstream_body_bytes_max,
+                },
+            )
+            .await
         }
         Backend::Embedded(engine) => {
             // Rendering the template and tokenizing is CPU work: off the async threads.
             let engine = Arc::clone(engine);
             let default = gateway.options.max_tokens_default;
-            let (checked, generate) = tokio::task::spawn_blocking(move || {
+            let (bounds, generate) = tokio::task::spawn_blocking(move || {
                 crate::embedded::prepare(&engine, parsed, endpoint, default)
             })
             .await
             .map_err(|_| ApiError::Internal)??;
-            let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
-            let place = acquire(&model, account, &checked).await?;
-            crate::embedded::serve(gateway, checked, generate, hold, worst_cu, place, endpoint)
-                .await
+            let call = Call::open(&gateway, account, &model, bounds).await?;
+            crate::embedded::serve(call, generate, stream, include_usage, endpoint).await
         }
     }
-}
-
-/// Reserves a checked request's worst case; returns the hold and the amount.
-fn reserve(
-    gateway: &Arc<Gateway>,
-    account: AccountId,
-    checked: &Checked,
-) -> Result<(Hold, u64), ApiError> {
-    let model = &checked.model;
-    let worst_cu = checked
-        .prompt_tokens_max
-        .checked_mul(model.price_prompt_cu)
-        .and_then(|prompt| {
-            checked
-                .max_tokens
-                .checked_mul(model.price_completion_cu)
-                .and_then(|completion| prompt.checked_add(completion))
-        })
-        .ok_or_else(|| ApiError::param("max_tokens", "the request is too large to price"))?;
-    let reservation = gateway.ledger.reserve(
-        account,
-        model.sink,
-        worst_cu,
-        gateway.options.reservation_timeout,
-    )?;
-    Ok((
-        Hold::new(Arc::clone(&gateway.ledger), reservation.id()),
-        worst_cu,
-    ))
-}
-
-/// Waits in the model's fair-share queue for a slot. The payer is the account the key spends
-/// from (a person or a pool), so all of one person's requests share one person's turn.
-async fn acquire(
-    model: &Arc<Model>,
-    account: AccountId,
-    checked: &Checked,
-) -> Result<Place, ApiError> {
-    // The prompt's service, charged to the payer's counter when the request is admitted: exact
-    // for the embedded model; for an upstream its byte bound over four (the usual bytes per
-    // token), trued up to the reported usage when it ends.
-    let prompt_cu = match model.backend {
-        Backend::Embedded(_) => checked.prompt_tokens_max,
-        Backend::Upstream { .. } => checked.prompt_tokens_max.div_ceil(4),
-    }
-    .saturating_mul(model.price_prompt_cu);
-    model.queue.enter(account.0, prompt_cu).await
-}
-
-async fn serve_upstream(
-    gateway: Arc<Gateway>,
-    account: AccountId,
-    endpoint: Endpoint,
-    checked: Checked,
-    upstream: &Upstream,
-    upstream_body: Vec<u8>,
-) -> Result<Response, ApiError> {
-    let model = Arc::clone(&checked.model);
-    let (hold, worst_cu) = reserve(&gateway, account, &checked)?;
-    let place = acquire(&model, account, &checked).await?;
-    let body = upstream.post(endpoint.path(), &upstream_body).await?;
-    if checked.stream {
-        return Ok(relay::stream(
-            gateway,
-            checked,
-            hold,
-            body,
-            upstream.timeout(),
-            place,
-        ));
-    }
-    let text = tokio::time::timeout(
-        upstream.timeout(),
-        body.collect(gateway.options.upstream_body_bytes_max),
-    )
-    .await
-    .map_err(|_| ApiError::UpstreamTimeout)?
-    .map_err(|_| ApiError::Upstream("the response broke off".to_string()))?;
-    let Ok(answer) = RawObject::parse(text) else {
-        return Err(ApiError::Upstream(
-            "the response is not a JSON object".to_string(),
-        ));
-    };
-    let usage = answer
-        .get::<Value>("usage")
-        .and_then(Result::ok)
-        .and_then(|usage| Usage::from_json(&usage));
-    let cost_cu = match usage {
-        Some(usage) => usage.cost_cu(&model, &checked),
-        None => {
-            // An upstream that reports no usage is charged its worst case, which was reserved:
-            // we cannot count what we cannot see, and the budget must stay a bound.
-            tracing::warn!(model = %model.name, "upstream reported no usage; charging the reservation");
-            worst_cu
-        }
-    };
-    // The upstream is done with this call: its slot is free while the charge is made durable.
-    place.finish(cost_cu);
-    let settlement = hold.settle(cost_cu).await?;
-    model.counters.charged(settlement.charged_cu);
-    let written = answer.write(&[("model", &rawjson::string(&model.name))], &[]);
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("application/json"),
-        )],
-        written,
-    )
-        .into_response())
 }
 
 /// A field's value as a small JSON value (for scalars and short options; never for messages).
@@ -500,10 +411,15 @@ fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, 
             ));
         }
     };
-    if let Some(n) = integer(&request, "n")?
-        && n != 1
+    let n = count(&request, "n")?;
+    let best_of = count(&request, "best_of")?;
+    if let (Some(n), Some(best_of)) = (n, best_of)
+        && best_of < n
     {
-        return Err(ApiError::param("n", "only n = 1 is supported"));
+        return Err(ApiError::param(
+            "best_of",
+            format!("`best_of` ({best_of}) must be at least `n` ({n})"),
+        ));
     }
     let asked = match integer(&request, "max_completion_tokens")? {
         Some(tokens) => Some(("max_completion_tokens", tokens)),
@@ -582,46 +498,75 @@ fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, 
             0
         }
     };
+    // Every prompt is answered with `n` choices, each drawn from `best_of` generations.
+    let prompts = match endpoint {
+        Endpoint::Chat => 1,
+        Endpoint::Completion => prompts(&request)?,
+    };
+    let per_prompt = n.unwrap_or(1).max(best_of.unwrap_or(1));
+    let choices = prompts
+        .checked_mul(per_prompt)
+        .filter(|choices| *choices <= CHOICES_MAX)
+        .ok_or_else(|| {
+            ApiError::param(
+                if prompts > 1 { "prompt" } else { "n" },
+                format!(
+                    "The request asks for {prompts} prompt(s) × {per_prompt} choice(s); a call may compute at most {CHOICES_MAX} choices."
+                ),
+            )
+        })?;
     Ok(Parsed {
         model,
         stream,
         include_usage,
         max_tokens_asked,
         messages,
+        choices,
         request,
     })
 }
 
+/// A count of choices (`n`, `best_of`): an integer from 1 to [`CHOICES_MAX`], if given.
+fn count(request: &RawObject, key: &str) -> Result<Option<u64>, ApiError> {
+    match integer(request, key)? {
+        None => Ok(None),
+        Some(value) if (1..=CHOICES_MAX as i64).contains(&value) => Ok(Some(value as u64)),
+        Some(value) => Err(ApiError::param(
+            key,
+            format!("`{key}` must be from 1 to {CHOICES_MAX}, got {value}"),
+        )),
+    }
+}
+
+/// How many prompts a completion request's `prompt` holds: a string or an array of token ids
+/// is one; an array of strings or of token arrays is one each.
+fn prompts(request: &RawObject) -> Result<u64, ApiError> {
+    let Some(Ok(Value::Array(items))) = request.get::<Value>("prompt") else {
+        return Ok(1);
+    };
+    if items.is_empty() {
+        return Err(ApiError::param(
+            "prompt",
+            "`prompt` must not be an empty array",
+        ));
+    }
+    if items.iter().all(Value::is_number) {
+        return Ok(1);
+    }
+    Ok(items.len() as u64)
+}
+
 /// Bounds an upstream request and writes the body to forward.
-fn for_upstream(
-    gateway: &Gateway,
-    parsed: Parsed,
-    endpoint: Endpoint,
-    upstream_model: &str,
-) -> (Checked, Vec<u8>) {
+fn for_upstream(gateway: &Gateway, parsed: Parsed, upstream_model: &str) -> (Bounds, Vec<u8>) {
     let Parsed {
-        model,
         stream,
-        include_usage,
         max_tokens_asked,
         messages,
+        choices,
         request,
+        ..
     } = parsed;
     let max_tokens = max_tokens_asked.unwrap_or(gateway.options.max_tokens_default);
-    // A prompt's tokens are at most its bytes (byte-level tokenizers never make a token of less
-    // than one byte) plus the template's markers; a value's JSON text is at least as long as the
-    // text it carries (escapes only lengthen it), so its length is a safe bound without a
-    // tokenizer for every upstream.
-    let text_len = |key: &str| request.raw(key).map_or(0, |raw| raw.len() as u64);
-    let prompt_tokens_max = match endpoint {
-        Endpoint::Chat => {
-            text_len("messages")
-                + text_len("tools")
-                + MESSAGE_OVERHEAD_TOKENS * messages
-                + PROMPT_OVERHEAD_TOKENS
-        }
-        Endpoint::Completion => text_len("prompt") + PROMPT_OVERHEAD_TOKENS,
-    };
     let model_text = rawjson::string(upstream_model);
     let max_tokens_text = max_tokens.to_string();
     let mut replace = vec![
@@ -634,14 +579,24 @@ fn for_upstream(
         replace.push(("stream_options", r#"{"include_usage":true}"#));
     }
     let body = request.write(&replace, &["max_completion_tokens"]);
-    (
-        Checked {
-            model,
-            stream,
-            include_usage,
-            max_tokens,
-            prompt_tokens_max,
-        },
-        body,
-    )
+    // A prompt's tokens are at most its bytes (byte-level tokenizers never make a token of less
+    // than one byte) plus the template's markers. Every part of the body the model may read
+    // (messages, tools, functions, a response format's schema, a completion's prompts, and any
+    // field an upstream adds) is somewhere in its bytes, and JSON text is at least as long as the
+    // text it carries, so the whole body's length bounds the prompt without a tokenizer for
+    // every upstream, whatever fields it reads.
+    let prompt_tokens_max =
+        body.len() as u64 + MESSAGE_OVERHEAD_TOKENS * messages + PROMPT_OVERHEAD_TOKENS * choices;
+    // A predicted output's rejected tokens are billed as completion tokens (OpenAI).
+    let predicted_max = request.raw("prediction").map_or(0, |raw| raw.len() as u64);
+    let bounds = Bounds {
+        prompt_tokens_max,
+        prompt_exact: false,
+        max_tokens,
+        choices,
+        completion_tokens_max: max_tokens
+            .saturating_mul(choices)
+            .saturating_add(predicted_max),
+    };
+    (bounds, body)
 }

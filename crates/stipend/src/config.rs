@@ -47,6 +47,7 @@ struct RawConfig {
     queue_depth_max: Option<i64>,
     queue_wait_max: Option<String>,
     client_read_timeout: Option<String>,
+    drain_timeout: Option<String>,
     workers: Option<i64>,
     #[serde(default)]
     stipend: RawStipend,
@@ -356,6 +357,10 @@ struct RawStipend {
 /// of up to the 4 MiB limit on a slow uplink.
 pub const CLIENT_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 
+/// The default `drain_timeout`: how long calls in flight may take to finish after a shutdown
+/// signal before they are cut off.
+pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -374,6 +379,9 @@ pub struct Config {
     /// The longest a client may take to send a request's head (also: how long a kept-alive
     /// connection may sit idle), and, once that came, its body.
     pub client_read_timeout: Duration,
+    /// How long calls in flight may take to finish after a shutdown signal; then they are cut
+    /// off, charged for what they delivered, and told so (`cut_short`).
+    pub drain_timeout: Duration,
     /// Threads serving HTTP (`None`: half the cores, at least one).
     pub workers: Option<usize>,
     /// The models.
@@ -523,6 +531,18 @@ impl Config {
                 timeout
             }
         };
+        let drain_timeout = match raw.drain_timeout.as_deref() {
+            None => DRAIN_TIMEOUT_DEFAULT,
+            Some(text) => {
+                let timeout = parse_duration(text)
+                    .context("drain_timeout")
+                    .with_context(|| format!("config {name}"))?;
+                if timeout > Duration::from_secs(3_600) {
+                    bail!("config {name}: drain_timeout must be from 0s to 1h, got {text}");
+                }
+                timeout
+            }
+        };
         let workers = match raw.workers {
             None => None,
             Some(n) if (1..=1_024).contains(&n) => Some(n as usize),
@@ -551,6 +571,7 @@ impl Config {
             max_tokens_default,
             queue,
             client_read_timeout,
+            drain_timeout,
             workers,
             models,
         })
@@ -658,6 +679,13 @@ mod tests {
         assert_eq!(*max_concurrency, MAX_CONCURRENCY_DEFAULT);
         let defaults = Config::parse("", None).unwrap();
         assert_eq!(defaults.client_read_timeout, CLIENT_READ_TIMEOUT_DEFAULT);
+        assert_eq!(defaults.drain_timeout, DRAIN_TIMEOUT_DEFAULT);
+        assert_eq!(
+            Config::parse("drain_timeout = \"0s\"", None)
+                .unwrap()
+                .drain_timeout,
+            Duration::ZERO
+        );
         assert_eq!(
             Config::parse("client_read_timeout = \"2m\"", None)
                 .unwrap()
@@ -851,6 +879,10 @@ mod tests {
             (
                 "client_read_timeout = \"11m\"".to_string(),
                 "client_read_timeout must be",
+            ),
+            (
+                "drain_timeout = \"2h\"".to_string(),
+                "drain_timeout must be",
             ),
             ("client_read_timeout = 5".to_string(), "client_read_timeout"),
         ] {

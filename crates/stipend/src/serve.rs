@@ -65,8 +65,8 @@ pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
     .context("cannot open the ledger")
 }
 
-/// How long in-flight requests may take to finish after a shutdown signal.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long calls cut off at the end of the drain may take to settle and tell their clients.
+const CUT_GRACE: Duration = Duration::from_secs(10);
 
 /// The Python that runs pip when the default model must be fetched.
 const PYTHON: &str = "python3";
@@ -175,6 +175,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
         models,
         options,
         unrouted: Default::default(),
+        calls: Default::default(),
     })
 }
 
@@ -266,7 +267,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     println!(
         "Stopping: no new requests; waiting up to {}s for those in flight.",
-        DRAIN_TIMEOUT.as_secs()
+        config.drain_timeout.as_secs()
     );
     let _ = stop_tx.send(true);
     // Requests waiting for a slot are refused now (nothing charged) rather than held for the
@@ -274,11 +275,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for model in gateway.models.values() {
         model.queue.close();
     }
-    match tokio::time::timeout(DRAIN_TIMEOUT, &mut http_task).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::error!(%error, "the HTTP task failed"),
-        Err(_) => {
-            tracing::warn!("requests still in flight after the drain timeout; cutting them off");
+    // Drained: every connection has ended and every call has settled (a call whose client left
+    // runs on to its end without a connection).
+    let drained = tokio::time::timeout(config.drain_timeout, async {
+        if let Err(error) = (&mut http_task).await {
+            tracing::error!(%error, "the HTTP task failed");
+        }
+        gateway.calls.idle().await;
+    })
+    .await
+    .is_ok();
+    if !drained {
+        tracing::warn!(
+            calls = gateway.calls.open(),
+            "calls still in flight after the drain timeout; cutting them off"
+        );
+        // Each stops its backend, is charged for what it delivered, and tells its client it was
+        // cut short; then its connection ends.
+        gateway.calls.cut();
+        let cut = tokio::time::timeout(CUT_GRACE, async {
+            gateway.calls.idle().await;
+            if !http_task.is_finished() {
+                let _ = (&mut http_task).await;
+            }
+        })
+        .await;
+        if cut.is_err() {
             http_task.abort();
         }
     }

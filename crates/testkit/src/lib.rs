@@ -12,13 +12,22 @@
 //! - `odd-usage`: reports ten times the completion tokens it produced;
 //! - `no-usage`: reports no usage at all;
 //! - `trickle`: streams a token every 50 ms and never ends;
-//! - `garbage`: answers JSON that is not an object (`[1, 2]`), and streams `data: 5`.
+//! - `garbage`: answers JSON that is not an object (`[1, 2]`), and streams `data: 5`;
+//! - `honest…`: computes exactly what the body asks for and reports it, counting what it
+//!   computed in a [`Computed`] (see [`spawn_metered`]): every prompt (the body's bytes the
+//!   model reads, over four), and `max_tokens` tokens for each choice (`n`, or `best_of` if
+//!   larger, for each prompt of a completion's list). The name's further parts change it:
+//!   `-reasoning` (the first half of each choice's tokens as `reasoning_content`), `-chunky`
+//!   (ten tokens a chunk), `-slow` (2 ms a token, plain answers too), and the hostile
+//!   `-zero-usage` (reports 0/0), `-low-usage` (reports one completion token), `-no-usage`,
+//!   and `-runaway` (ignores `max_tokens`: a stream never ends, a plain answer is a hundred
+//!   times too long and says so).
 //!
 //! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
 //! are the tokens produced. Responses never echo the prompt.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,15 +40,57 @@ use serde_json::{Value, json};
 /// Tokens in a reply when `max_tokens` allows.
 pub const REPLY_TOKENS: u64 = 12;
 
+/// What the `honest…` models computed, in tokens, as they computed it.
+#[derive(Debug, Default)]
+pub struct Computed {
+    /// Prompt tokens read.
+    pub prompt_tokens: AtomicU64,
+    /// Completion tokens generated (streamed or not, whether or not anyone read them).
+    pub completion_tokens: AtomicU64,
+    /// Calls whose generation has ended (finished, or stopped by the client going away).
+    pub calls_ended: AtomicU64,
+}
+
+impl Computed {
+    /// Prompt and completion tokens computed so far.
+    pub fn tokens(&self) -> (u64, u64) {
+        (
+            self.prompt_tokens.load(Ordering::SeqCst),
+            self.completion_tokens.load(Ordering::SeqCst),
+        )
+    }
+}
+
 fn router() -> Router {
+    router_metered(Arc::new(Computed::default()))
+}
+
+fn router_metered(computed: Arc<Computed>) -> Router {
+    let chat = Arc::clone(&computed);
     Router::new()
-        .route("/v1/chat/completions", post(|body| answer(body, true)))
-        .route("/v1/completions", post(|body| answer(body, false)))
+        .route(
+            "/v1/chat/completions",
+            post(move |body| answer(body, true, chat)),
+        )
+        .route(
+            "/v1/completions",
+            post(move |body| answer(body, false, computed)),
+        )
 }
 
 /// Serves the fake upstream on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
     axum::serve(listener, router()).await
+}
+
+/// Like [`spawn`], and also returns what its `honest…` models compute.
+pub async fn spawn_metered() -> std::io::Result<(String, Arc<Computed>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let computed = Arc::new(Computed::default());
+    let router = router_metered(Arc::clone(&computed));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok((format!("http://{address}/v1"), computed))
 }
 
 /// Serves the fake upstream over TLS on 127.0.0.1, with the test certificate for `localhost`
@@ -131,11 +182,14 @@ pub fn prompt_tokens(request: &Value) -> u64 {
     (prompt.to_string().len() as u64).div_ceil(4)
 }
 
-async fn answer(body: Bytes, chat: bool) -> Response {
+async fn answer(body: Bytes, chat: bool, computed: Arc<Computed>) -> Response {
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "not json").into_response();
     };
     let model = request["model"].as_str().unwrap_or("echo").to_string();
+    if model.starts_with("honest") {
+        return honest::answer(&request, chat, &model, computed).await;
+    }
     let max_tokens = request["max_tokens"].as_u64().unwrap_or(16);
     let stream = request["stream"].as_bool().unwrap_or(false);
     let prompt_tokens = prompt_tokens(&request);
@@ -277,6 +331,8 @@ async fn answer(body: Bytes, chat: bool) -> Response {
     )
         .into_response()
 }
+
+mod honest;
 
 /// A path in the repository, from the crate being tested or benchmarked. Read at run time
 /// (cargo sets `CARGO_MANIFEST_DIR` for tests and benches): a test binary reused from a build in

@@ -83,6 +83,7 @@ pub async fn serve(
             .collect::<BTreeMap<_, _>>(),
         options,
         unrouted: Default::default(),
+        calls: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
