@@ -423,6 +423,15 @@ impl Call {
         self.client_gone = true;
     }
 
+    /// Ends a call that failed before any output: voids it, and returns what to tell the client
+    /// (the error, or why its end could not be recorded).
+    pub(crate) async fn fail(self, error: ApiError) -> ApiError {
+        let ended = self
+            .end(End::BrokeOff(error.clone(), Counted::Reported(None)))
+            .await;
+        ended.error.unwrap_or(error)
+    }
+
     /// Ends the call: prices it, frees its slot, settles the charge (durably) or voids the
     /// hold, counts it, and says what the client is to be told.
     pub(crate) async fn end(self, end: End) -> Ended {
@@ -469,7 +478,8 @@ impl Call {
                 .await
                 .map(|settlement| settlement.charged_cu)
         };
-        if broke_off.is_some() || client_gone {
+        // Output had begun and did not end as it should: the client saw a cut, or left one.
+        if delivered.any() && (broke_off.is_some() || client_gone) {
             model.counters.stream_cut_short();
         }
         drop(registered);

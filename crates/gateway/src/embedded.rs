@@ -434,16 +434,7 @@ pub(crate) async fn serve(
     };
     let generation = match engine.generate(generate) {
         Ok(generation) => generation,
-        Err(error) => {
-            let error = ApiError::from(error);
-            let ended = call
-                .end(End::BrokeOff(
-                    error.clone(),
-                    Counted::Exact(Usage::default()),
-                ))
-                .await;
-            return Err(ended.error.unwrap_or(error));
-        }
+        Err(error) => return Err(call.fail(ApiError::from(error)).await),
     };
     let shape = Shape::new(&call.model().name, endpoint);
     let (output, answer) = if stream {

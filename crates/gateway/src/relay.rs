@@ -62,10 +62,7 @@ async fn run(call: Call, request: Request, reply: oneshot::Sender<Result<Respons
     let answer = match posted {
         Ok(answer) => answer,
         Err(error) => {
-            let ended = call
-                .end(End::BrokeOff(error.clone(), Counted::Reported(None)))
-                .await;
-            let _ = reply.send(Err(ended.error.unwrap_or(error)));
+            let _ = reply.send(Err(call.fail(error).await));
             return;
         }
     };
@@ -104,12 +101,7 @@ async fn plain(
     };
     let answer = match read {
         Ok(answer) => answer,
-        Err(error) => {
-            let ended = call
-                .end(End::BrokeOff(error.clone(), Counted::Reported(None)))
-                .await;
-            return Err(ended.error.unwrap_or(error));
-        }
+        Err(error) => return Err(call.fail(error).await),
     };
     for choice in answer
         .get::<Vec<&RawValue>>("choices")

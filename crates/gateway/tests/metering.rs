@@ -98,17 +98,21 @@ impl Metered {
         self.setup.ledger.view(self.setup.alice).unwrap().balance_cu
     }
 
+    /// What alice has reserved now.
+    fn held(&self) -> u64 {
+        self.setup
+            .ledger
+            .view(self.setup.alice)
+            .unwrap()
+            .reserved_cu
+    }
+
     /// Waits until `calls` generations have ended upstream in all and nothing is held: every
     /// call has been settled.
     async fn settled(&self, calls: u64) {
         for _ in 0..1_000 {
             let ended = self.computed.calls_ended.load(Ordering::SeqCst);
-            let reserved = self
-                .setup
-                .ledger
-                .view(self.setup.alice)
-                .unwrap()
-                .reserved_cu;
+            let reserved = self.held();
             if ended >= calls && reserved == 0 {
                 return;
             }
@@ -549,12 +553,7 @@ mod properties {
         if status == 200 || status == 0 {
             // Accepted (or unknown): wait until its upstream call has ended and it settled.
             for _ in 0..500 {
-                let held = metered
-                    .setup
-                    .ledger
-                    .view(metered.setup.alice)
-                    .unwrap()
-                    .reserved_cu;
+                let held = metered.held();
                 let ended = metered.computed.calls_ended.load(Ordering::SeqCst);
                 if held == 0 && (ended > calls || status == 0) {
                     break;
