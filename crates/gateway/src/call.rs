@@ -392,6 +392,11 @@ impl Call {
         &self.model
     }
 
+    /// Choices the call computes (each metered on its own).
+    pub(crate) fn choices(&self) -> u64 {
+        self.bounds.choices
+    }
+
     /// When the call must end: before its hold could expire, however slowly it runs.
     pub(crate) fn deadline(&self) -> Instant {
         self.deadline

@@ -119,11 +119,15 @@ async fn plain(
     if let Some(error) = ended.error {
         return Err(error);
     }
-    let usage = ended.usage.to_json(answer.raw("usage"));
-    let written = answer.write(
-        &[("model", &rawjson::string(&model.name)), ("usage", &usage)],
-        &[],
-    );
+    let model_text = rawjson::string(&model.name);
+    // The usage shown is the usage charged: the upstream's own text when they agree (nearly
+    // always, and then nothing is rewritten), else the charged counts.
+    let written = if reported == Some(ended.usage) {
+        answer.write(&[("model", &model_text)], &[])
+    } else {
+        let usage = ended.usage.to_json(answer.raw("usage"));
+        answer.write(&[("model", &model_text), ("usage", &usage)], &[])
+    };
     Ok((
         [
             (
@@ -282,7 +286,8 @@ async fn relay(
             let mut within = true;
             for choice in &choices {
                 let (index, bytes) = choice_output(choice);
-                choices_seen = choices_seen.max(index.saturating_add(1));
+                // An index past the choices asked for ends the stream; it is not echoed back.
+                choices_seen = choices_seen.max(index.saturating_add(1).min(call.choices()));
                 within &= call.deliver(index, bytes);
             }
             if !within {

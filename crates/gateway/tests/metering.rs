@@ -30,6 +30,7 @@ const MODELS: &[&str] = &[
     "honest-low-usage",
     "honest-no-usage",
     "honest-runaway",
+    "honest-stray",
     "honest-reasoning",
     "honest-chunky",
 ];
@@ -386,13 +387,31 @@ async fn an_upstream_that_overruns_max_tokens_is_cut() {
         Some(charged)
     );
 
+    // A choice nobody asked for ends the stream too, and is not echoed back.
+    let (balance, computed) = (metered.balance(), metered.computed_cu());
+    let mut body = chat("honest-stray", "hi", 10);
+    body["stream"] = json!(true);
+    let stray = crate::events(metered.post("/chat/completions", &body).await).await;
+    assert_eq!(stray.last().unwrap(), "[DONE]");
+    let finish: Value = serde_json::from_str(&stray[stray.len() - 2]).unwrap();
+    assert_eq!(
+        finish["choices"],
+        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}])
+    );
+    metered.settled(2).await;
+    // Charged an upper bound (the stream did not finish): at least what was computed.
+    let charged = balance - metered.balance();
+    let caused = metered.computed_cu() - computed;
+    assert!(charged >= caused, "charged {charged} for {caused}");
+    assert!(charged <= worst_cu(&body, 1));
+
     // A plain answer a hundred times too long is charged its bound, no more.
     let balance = metered.balance();
     let body = chat("honest-runaway", "hi", 10);
     let response = metered.post("/chat/completions", &body).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
-    metered.settled(2).await;
+    metered.settled(3).await;
     let charged = balance - metered.balance();
     assert_eq!(
         answer["usage"]["completion_tokens"], 10,

@@ -51,6 +51,7 @@ struct Mode {
     token_delay: Duration,
     report: Report,
     runaway: bool,
+    stray: bool,
 }
 
 impl Mode {
@@ -74,6 +75,7 @@ impl Mode {
                 Report::Exact
             },
             runaway: has("runaway"),
+            stray: has("stray"),
         }
     }
 }
@@ -270,7 +272,12 @@ impl Stream {
             self.computed
                 .completion_tokens
                 .fetch_add(count, Ordering::SeqCst);
-            let index = self.choice;
+            // A stray choice: one the request did not ask for, at a huge index.
+            let index = if self.mode.stray && self.step >= 2 {
+                1_000_000_000
+            } else {
+                self.choice
+            };
             let reasoning = self.mode.reasoning && self.step < self.tokens / 2;
             let choice = match (self.chat, reasoning) {
                 (false, _) => json!({"index": index, "text": text, "finish_reason": null}),

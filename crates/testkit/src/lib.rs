@@ -20,8 +20,8 @@
 //!   `-reasoning` (the first half of each choice's tokens as `reasoning_content`), `-chunky`
 //!   (ten tokens a chunk), `-slow` (2 ms a token, plain answers too), and the hostile
 //!   `-zero-usage` (reports 0/0), `-low-usage` (reports one completion token), `-no-usage`,
-//!   and `-runaway` (ignores `max_tokens`: a stream never ends, a plain answer is a hundred
-//!   times too long and says so).
+//!   `-runaway` (ignores `max_tokens`: a stream never ends, a plain answer is a hundred times
+//!   too long and says so), and `-stray` (from its third token, streams a choice at index 10⁹).
 //!
 //! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
 //! are the tokens produced. Responses never echo the prompt.
