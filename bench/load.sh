@@ -5,7 +5,7 @@
 #   (b) an nginx reverse proxy in front of it (the floor for any proxy),
 #   (c) Stipend in front of it, with budgets enforced (every call reserved and settled durably),
 #       with its default HTTP worker threads (half the cores, at least one), and
-#   (d) the same with `workers = 2`, one per core here (the default before session 3), to see
+#   (d) the same with `workers = 2`, one per core here (the default before e68601e), to see
 #       what a second event loop costs or buys on this machine.
 # Prints a markdown table, plus Stipend's CPU per call (steadier than req/s on a shared machine)
 # and its HTTP worker's share of a core and preemptions a second,
