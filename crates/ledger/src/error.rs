@@ -33,6 +33,16 @@ pub enum LedgerError {
         /// Why.
         reason: String,
     },
+    /// The transfer would take an account's balance past what the ledger can hold (an `i64` of
+    /// cu, either way). Nothing moved.
+    #[error(
+        "account {account}'s balance would pass the ledger's limit of ±{} cu; nothing moved",
+        i64::MAX
+    )]
+    BalanceLimit {
+        /// The account.
+        account: AccountId,
+    },
     /// The account cannot cover the amount.
     #[error(
         "account {account} has {} available and needs {}; the next stipend arrives at {}",

@@ -321,6 +321,38 @@ impl State {
 
     /// Applies a transfer to its two loaded accounts and queues it for the store. Everything
     /// that could make it fail was checked by the caller, so a failure here is a bug.
+    /// Refuses a transfer of `amount_cu` that would take either side's balance past what an
+    /// `i64` holds (an operator's grants can add up to that; `apply` would then fail, which is
+    /// a broken invariant, so it is checked before).
+    fn check_room(
+        &self,
+        debit: AccountId,
+        credit: AccountId,
+        amount_cu: u64,
+    ) -> Result<(), LedgerError> {
+        let amount =
+            i64::try_from(amount_cu).map_err(|_| LedgerError::BalanceLimit { account: credit })?;
+        if self
+            .account(debit)?
+            .balance
+            .balance_cu
+            .checked_sub(amount)
+            .is_none()
+        {
+            return Err(LedgerError::BalanceLimit { account: debit });
+        }
+        if self
+            .account(credit)?
+            .balance
+            .balance_cu
+            .checked_add(amount)
+            .is_none()
+        {
+            return Err(LedgerError::BalanceLimit { account: credit });
+        }
+        Ok(())
+    }
+
     fn post(&mut self, transfer: Transfer) -> Transfer {
         self.apply_loaded(&transfer);
         self.push(Mutation::Post(transfer));
@@ -1111,6 +1143,7 @@ impl Ledger {
         if !lots.can_credit(expires_at_ms, crate::account::LotSource::Grant) {
             return Err(LedgerError::TooManyLots { account: to });
         }
+        state.check_room(candidate.debit, candidate.credit, amount_cu)?;
         let posted = state.post(candidate);
         let seq = state.seq_last;
         state.pending_transfers.insert(id, (posted, seq));
@@ -1183,6 +1216,7 @@ impl Ledger {
         if !can_receive_gift(&giver.balance, &state.account(to)?.balance, amount_cu) {
             return Err(LedgerError::TooManyLots { account: to });
         }
+        state.check_room(candidate.debit, candidate.credit, amount_cu)?;
         let posted = state.post(candidate);
         let seq = state.seq_last;
         state.pending_transfers.insert(id, (posted, seq));

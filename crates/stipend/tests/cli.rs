@@ -215,3 +215,43 @@ fn every_command_has_help() {
         );
     }
 }
+
+/// Grants that would take a balance past what the ledger holds (an `i64` of cu) are refused with
+/// the limit named, offline and while a server runs; never a panic. A regression test: the
+/// eighth grant of 2^60 cu used to abort the CLI (exit 101) or fail inside the server.
+#[test]
+fn grants_past_the_ledgers_limit_are_refused_not_a_panic() {
+    let huge = (1u64 << 60).to_string();
+    let grant_until_refused = |env: &Env| {
+        for granted in 0..10 {
+            let output = env.run(&["grant", "bob", &huge]);
+            if output.status.success() {
+                continue;
+            }
+            assert_eq!(output.status.code(), Some(2), "grant {granted}: {output:?}");
+            let message = String::from_utf8_lossy(&output.stderr).to_string();
+            assert!(
+                message.contains("limit") && message.contains(&i64::MAX.to_string()),
+                "{message}"
+            );
+            assert_eq!(granted, 7, "refused at the grant that would overflow");
+            return;
+        }
+        panic!("ten grants of 2^60 cu were all accepted");
+    };
+    let env = Env::new(CONFIG);
+    env.json(&["account", "create", "bob"]);
+    grant_until_refused(&env);
+    let report = env.json(&["ledger", "verify"]);
+    assert_eq!(report["violations"], serde_json::json!([]), "{report}");
+
+    let env = Env::new(CONFIG);
+    let server = Server::start(&env);
+    env.json(&["account", "create", "bob"]);
+    grant_until_refused(&env);
+    // The server is unharmed and still answers.
+    let bob = env.json(&["account", "show", "bob"]);
+    assert!(bob["balance_cu"].as_i64().unwrap() > 7 * (1i64 << 60));
+    let output = server.stop();
+    assert!(output.contains("the ledger is flushed"), "{output}");
+}
