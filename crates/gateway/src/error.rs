@@ -30,6 +30,15 @@ pub enum ApiError {
         /// `messages` or `prompt`.
         param: &'static str,
     },
+    /// 404: no such path, or 405: not with that method.
+    UnknownPath {
+        /// The request's method.
+        method: String,
+        /// The request's path (cut to a length that fits a message).
+        path: String,
+        /// Whether the path exists with another method (405).
+        other_method: bool,
+    },
     /// 404: no such model, or not for this key.
     ModelNotFound(String),
     /// 413: the body is over the limit.
@@ -103,6 +112,22 @@ impl ApiError {
                 "invalid_request_error",
                 Some("context_length_exceeded"),
                 message.clone(),
+            ),
+            ApiError::UnknownPath {
+                method,
+                path,
+                other_method,
+            } => (
+                if *other_method {
+                    StatusCode::METHOD_NOT_ALLOWED
+                } else {
+                    StatusCode::NOT_FOUND
+                },
+                "invalid_request_error",
+                Some("unknown_url"),
+                format!(
+                    "Invalid URL ({method} {path}). Stipend serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/budget, GET /healthz and GET /metrics."
+                ),
             ),
             ApiError::ModelNotFound(model) => (
                 StatusCode::NOT_FOUND,

@@ -490,6 +490,10 @@ impl Connection {
             let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
             let mut response = httparse::Response::new(&mut headers);
             let length = match response.parse(&self.buffer) {
+                // The limit holds however the head arrived: in pieces, or whole in one read.
+                Ok(httparse::Status::Complete(length)) if length > HEAD_BYTES_MAX => {
+                    return Err(Error::Protocol("the response head is too large"));
+                }
                 Ok(httparse::Status::Complete(length)) => length,
                 Ok(httparse::Status::Partial) if self.buffer.len() > HEAD_BYTES_MAX => {
                     return Err(Error::Protocol("the response head is too large"));

@@ -77,6 +77,7 @@ impl Outcome {
                 ApiError::InvalidRequest { .. }
                 | ApiError::ContextLengthExceeded { .. }
                 | ApiError::ModelNotFound(_)
+                | ApiError::UnknownPath { .. }
                 | ApiError::PayloadTooLarge(_)
                 | ApiError::BodyTimeout(_),
             ) => Outcome::Invalid,

@@ -36,6 +36,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)
 }
 
@@ -64,10 +65,31 @@ impl Endpoint {
     }
 }
 
-async fn not_found() -> ApiError {
-    ApiError::InvalidRequest {
-        message: "Unknown path. Stipend serves /v1/chat/completions, /v1/completions, /v1/models, /v1/budget and /healthz.".to_string(),
-        param: None,
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    unknown_path(method, uri, false)
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    unknown_path(method, uri, true)
+}
+
+/// The longest path quoted back in an error.
+const PATH_QUOTED_MAX: usize = 200;
+
+fn unknown_path(method: axum::http::Method, uri: axum::http::Uri, other_method: bool) -> ApiError {
+    let mut path = uri.path().to_string();
+    if path.len() > PATH_QUOTED_MAX {
+        let mut end = PATH_QUOTED_MAX;
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        path.truncate(end);
+        path.push('…');
+    }
+    ApiError::UnknownPath {
+        method: method.to_string(),
+        path,
+        other_method,
     }
 }
 
@@ -247,6 +269,36 @@ async fn serve_counted(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Reads a request's body: at most `limit` bytes, within `waited`. A declared length over the
+/// limit is refused at once, before any of the body is read; a body that cannot be read (a bad
+/// chunk size, a connection that broke) is a 400 that says so, not "too large".
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    waited: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    match tokio::time::timeout(waited, read).await {
+        Err(_) => Err(ApiError::BodyTimeout(waited.as_secs())),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
+        Ok(Err(error)) => Err(ApiError::InvalidRequest {
+            message: format!("The request body could not be read: {error}."),
+            param: None,
+        }),
+    }
+}
+
 /// A request parsed and checked the same way for every backend.
 pub(crate) struct Parsed {
     pub model: Arc<Model>,
@@ -273,10 +325,7 @@ async fn serve(
     // A body sent a byte a minute would hold its connection and task forever: a person's key
     // buys no right to that.
     let waited = gateway.options.body_read_timeout;
-    let bytes = tokio::time::timeout(waited, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(waited.as_secs()))?
-        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let bytes = read_body(&headers, body, limit, waited).await?;
     let parsed = parse(&gateway, bytes, endpoint)?;
     let model = Arc::clone(&parsed.model);
     *routed = Some(Arc::clone(&model));

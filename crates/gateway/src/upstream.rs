@@ -81,7 +81,16 @@ impl Upstream {
             Err(_) => return Err(ApiError::UpstreamTimeout),
             Ok(Err(error)) => {
                 tracing::warn!(%error, "upstream request failed");
-                return Err(ApiError::Upstream("cannot reach it".to_string()));
+                return Err(ApiError::Upstream(match error {
+                    http1::Error::Config(_) | http1::Error::Connect(_) => {
+                        "cannot reach it".to_string()
+                    }
+                    http1::Error::Io(_) => "the connection to it failed".to_string(),
+                    http1::Error::Protocol(what) => format!("its answer was malformed: {what}"),
+                    http1::Error::TooLarge(limit) => {
+                        format!("its answer is over the limit of {limit} bytes")
+                    }
+                }));
             }
             Ok(Ok(response)) => response,
         };

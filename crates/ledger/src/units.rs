@@ -62,6 +62,14 @@ pub enum ParseError {
         /// The text as given.
         text: String,
     },
+    /// The duration is longer than can be counted in milliseconds.
+    #[error("{text:?} is longer than the maximum of {max_days} days")]
+    TooLong {
+        /// The text as given.
+        text: String,
+        /// The maximum, in days.
+        max_days: u64,
+    },
     /// The amount is too large.
     #[error("{text:?} is larger than the maximum of {max} cu")]
     TooLarge {
@@ -290,9 +298,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, ParseError> {
     };
     let millis = value
         .checked_mul(millis_per)
-        .ok_or_else(|| ParseError::TooLarge {
+        .ok_or_else(|| ParseError::TooLong {
             text: text.to_string(),
-            max: u64::MAX / 86_400_000,
+            max_days: u64::MAX / 86_400_000,
         })?;
     Ok(Duration::from_millis(millis))
 }
@@ -489,6 +497,14 @@ mod tests {
         assert!(parse_duration("1.5h").is_err());
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("-1d").is_err());
+        // Too long is said in days, not in cu (a regression test).
+        let too_long = parse_duration("99999999999999999d")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            too_long.contains("days") && !too_long.contains("cu"),
+            "{too_long}"
+        );
         assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");
         assert_eq!(format_duration(Duration::from_secs(5_400)), "90m");
         assert_eq!(format_duration(Duration::from_millis(1_500)), "1500ms");

@@ -325,7 +325,10 @@ fn check_model(
     let price = |field: &str, explicit: Option<i64>| -> anyhow::Result<Option<u64>> {
         match (explicit, from_params) {
             (Some(cu), _) if cu >= 1 && cu as u64 <= STIPEND_MAX_CU => Ok(Some(cu as u64)),
-            (Some(cu), _) => bail!("{}: must be at least 1 cu, got {cu}", key(field)),
+            (Some(cu), _) => bail!(
+                "{}: must be from 1 to {STIPEND_MAX_CU} cu, got {cu}",
+                key(field)
+            ),
             (None, Some(cu)) => Ok(Some(cu)),
             // An embedded model's parameter count is read from its GGUF.
             (None, None) if embedded => Ok(None),
@@ -832,6 +835,10 @@ mod tests {
             (model("max_concurrency = 0"), "models[0].max_concurrency"),
             (model("timeout = \"2h\""), "models[0].timeout"),
             (model("price_prompt_cu = 0"), "models[0].price_prompt_cu"),
+            (
+                model("price_prompt_cu = 9223372036854775807"),
+                "price_prompt_cu: must be from 1 to",
+            ),
             (model("slots = 4"), "models[0].slots: only for backend = \"embedded\""),
             (
                 model("ca_file = \"/nonexistent/ca.pem\""),

@@ -99,9 +99,9 @@ enum AccountCommand {
         /// Start after this account id (for paging).
         #[arg(long)]
         after: Option<u64>,
-        /// At most this many accounts.
-        #[arg(long, default_value_t = 1_000)]
-        limit: usize,
+        /// At most this many accounts (1 to 10 000).
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
     },
     /// Show one account: balance, reserved, available, next grant, grants and recent history.
     Show {
@@ -216,9 +216,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 KindArg::Pool => AccountKind::Pool,
             },
         },
-        Command::Account(AccountCommand::List { after, limit }) => {
-            Request::ListAccounts { after, limit }
-        }
+        Command::Account(AccountCommand::List { after, limit }) => Request::ListAccounts {
+            after,
+            limit: limit as usize,
+        },
         Command::Account(AccountCommand::Show { name, history }) => {
             Request::ShowAccount { name, history }
         }

@@ -190,6 +190,20 @@ fn a_bad_config_stops_with_the_key_and_the_problem() {
 }
 
 #[test]
+fn a_listing_of_zero_accounts_is_refused() {
+    let env = Env::new(CONFIG);
+    let message = env.refused(&["account", "list", "--limit", "0"]);
+    assert!(message.contains("--limit"), "{message}");
+    env.json(&["account", "create", "alice"]);
+    let listed = env.json(&["account", "list", "--limit", "1"]);
+    assert_eq!(
+        listed["accounts"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+}
+
+#[test]
 fn every_command_has_help() {
     for args in [
         &["--help"][..],

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 const PRICE_CU: u64 = 16;
 const FAULT_MODELS: &[&str] = &[
     "garbage",
+    "huge-head",
     "error-500",
     "error-400",
     "stall",
@@ -397,7 +398,8 @@ async fn refusals_are_openai_shaped_and_change_nothing() {
         .unwrap();
     let (status, _) = error_of(response).await;
     assert_eq!(status, 413);
-    let (status, _) = error_of(
+    // An unknown path is a 404, a known one with the wrong method a 405, both OpenAI-shaped.
+    let (status, error) = error_of(
         stack
             .http
             .get(format!("{}/nowhere", stack.base))
@@ -406,7 +408,49 @@ async fn refusals_are_openai_shaped_and_change_nothing() {
             .unwrap(),
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 404);
+    assert_eq!(error["code"], "unknown_url", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET /v1/nowhere"),
+        "{error}"
+    );
+    let (status, error) = error_of(
+        stack
+            .http
+            .get(format!("{}/chat/completions", stack.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 405, "{error}");
+    // A declared length over the limit is a 413 at once, before any body is sent; a chunked
+    // body with a bad chunk size is a 400 that says the body could not be read.
+    let address = stack
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nConnection: close\r\n"
+    );
+    let started = std::time::Instant::now();
+    let answered = exchange(&address, &format!("{head}Content-Length: 10000000\r\n\r\n")).await;
+    assert!(answered.starts_with("HTTP/1.1 413"), "{answered}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for size in ["zz", "-1"] {
+        let answered = exchange(
+            &address,
+            &format!("{head}Transfer-Encoding: chunked\r\n\r\n{size}\r\nabc\r\n0\r\n\r\n"),
+        )
+        .await;
+        assert!(answered.starts_with("HTTP/1.1 400"), "{size}: {answered}");
+        assert!(answered.contains("could not be read"), "{answered}");
+    }
 
     // A worst case beyond the budget: 429 insufficient_quota, no retries wanted, facts in headers.
     let response = stack
@@ -505,6 +549,22 @@ async fn upstream_faults_charge_what_the_design_says() {
     body["stream"] = json!(true);
     let (got, _) = error_of(stack.post(&key, "/chat/completions", &body).await).await;
     assert_eq!(got, 504);
+    assert_eq!(stack.balance(&key).await, balance);
+    // An answer whose head is over the client's limit: a 502 that says so, not "cannot reach".
+    let (got, error) = error_of(
+        stack
+            .post(&key, "/chat/completions", &chat("huge-head", "hi", 5))
+            .await,
+    )
+    .await;
+    assert_eq!(got, 502, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("head is too large"),
+        "{error}"
+    );
     assert_eq!(stack.balance(&key).await, balance);
     // An upstream streaming something that is not a chunk: an error event, nothing charged.
     let mut body = chat("garbage", "hi", 5);
@@ -944,6 +1004,16 @@ async fn prompts_reach_no_log_and_no_file() {
         "the log was not on: {written}"
     );
     common::assert_written_nowhere(MARKER, stack.env.dir.path(), &output);
+}
+
+/// Sends raw bytes on a new connection and returns all the server answers before it closes.
+async fn exchange(address: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).to_string()
 }
 
 /// Reads from `stream` until the server closes it (or resets it); returns what came and how long

@@ -13,6 +13,7 @@
 //! - `no-usage`: reports no usage at all;
 //! - `trickle`: streams a token every 50 ms and never ends;
 //! - `garbage`: answers JSON that is not an object (`[1, 2]`), and streams `data: 5`;
+//! - `huge-head`: answers with a 70 KB header, a head over any sane client's limit;
 //! - `honest…`: computes exactly what the body asks for and reports it, counting what it
 //!   computed in a [`Computed`] (see [`spawn_metered`]): every prompt (the body's bytes the
 //!   model reads, over four), and `max_tokens` tokens for each choice (`n`, or `best_of` if
@@ -227,6 +228,9 @@ async fn answer(body: Bytes, chat: bool, computed: Arc<Computed>) -> Response {
                 .into_response();
         }
         "garbage" => return axum::Json(json!([1, 2])).into_response(),
+        "huge-head" => {
+            return ([("x-padding", "a".repeat(70_000))], axum::Json(json!({}))).into_response();
+        }
         _ => {}
     }
     let reported_completion = if model == "odd-usage" {
