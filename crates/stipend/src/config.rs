@@ -399,7 +399,7 @@ impl Config {
 
     /// The control socket a running server listens on.
     pub fn socket_path(&self) -> PathBuf {
-        self.data_dir.join("stipend.sock")
+        self.data_dir.join("control").join("stipend.sock")
     }
 
     /// Loads the config: from `explicit` if given (it must exist), else `stipend.toml` in the

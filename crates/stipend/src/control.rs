@@ -2,8 +2,10 @@
 //!
 //! The store has one writer at a time (it holds the store's lock). While `stipend serve` runs, it
 //! is that writer, so the CLI sends its command over a Unix socket in the data directory and the
-//! server runs it on its own ledger. The socket is created mode 0600: only the operator's user can
-//! use it, which is the same rule as for the store file itself. One JSON line in, one out.
+//! server runs it on its own ledger. Only the operator's user can use it, which is the same rule as
+//! for the store's files: the socket is bound inside a directory of mode 0700 (so there is no
+//! moment at which it has the umask's mode), is itself 0600, and the server checks each peer's
+//! uid (`SO_PEERCRED`) against its own. One JSON line in, one out, within a few seconds.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -24,6 +26,10 @@ use crate::commands::{Request, Response, execute};
 pub const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 /// The longest a client waits for the server.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest the server waits for a connection's request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control connections served at once; more are closed at once.
+pub const CONNECTIONS_MAX: usize = 64;
 
 /// A reply on the control socket.
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,9 +44,20 @@ pub enum Reply {
     },
 }
 
-/// Binds the control socket, replacing a stale one (the caller holds the store's lock, so no
-/// other server can be using it).
+/// Binds the control socket in its private directory, replacing a stale one (the caller holds
+/// the store's lock, so no other server can be using it).
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(directory) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
+        // It may have existed with another mode.
+        std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {}", directory.display()))?;
+    }
     if path.exists() {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
@@ -54,6 +71,7 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 
 /// Accepts control connections until the task is dropped.
 pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>, keys: KeyRing) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -63,12 +81,17 @@ pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>, keys
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!("too many control connections; closing one");
+            continue;
+        };
         let ledger = Arc::clone(&ledger);
         let keys = keys.clone();
         tokio::spawn(async move {
             if let Err(error) = handle(stream, ledger, keys).await {
                 tracing::warn!(%error, "control connection failed");
             }
+            drop(slot);
         });
     }
 }
@@ -78,11 +101,31 @@ async fn handle(
     ledger: Arc<Ledger>,
     keys: KeyRing,
 ) -> anyhow::Result<()> {
+    // The directory's mode already keeps other users out; this holds even if it is changed.
+    let peer = stream.peer_cred()?.uid();
+    let own = rustix::process::getuid().as_raw();
     let (read, mut write) = stream.into_split();
+    if peer != own {
+        tracing::warn!(
+            peer_uid = peer,
+            "a control connection from another user was refused"
+        );
+        let reply = Reply::Error {
+            message: "the control socket serves the server's own user only".to_string(),
+        };
+        let mut text = serde_json::to_string(&reply)?;
+        text.push('\n');
+        write.write_all(text.as_bytes()).await?;
+        return Ok(());
+    }
     let mut line = String::new();
-    tokio::io::BufReader::new(read.take(REQUEST_BYTES_MAX))
-        .read_line(&mut line)
-        .await?;
+    let mut reader = tokio::io::BufReader::new(read.take(REQUEST_BYTES_MAX));
+    if tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .is_err()
+    {
+        anyhow::bail!("no request within {} s; closed", REQUEST_TIMEOUT.as_secs());
+    }
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             tracing::info!(command = request.name(), "control command");

@@ -48,6 +48,25 @@ pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
             .mode(0o700)
             .create(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+        return Ok(());
+    }
+    // One made by hand, or long ago: its files are private whatever it is (the store makes
+    // them 0600), but their names and sizes would be seen. Said loudly, not changed: it may be
+    // a directory the operator shares on purpose.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config.data_dir)
+        .with_context(|| format!("cannot read data_dir {}", config.data_dir.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        let warning = format!(
+            "warning: data_dir {} is open to other users (mode {mode:o}); the store's files are private (0600), but `chmod 700 {}` keeps even their names to the operator",
+            config.data_dir.display(),
+            config.data_dir.display()
+        );
+        eprintln!("{warning}");
+        tracing::warn!(data_dir = %config.data_dir.display(), mode = format!("{mode:o}"), "data_dir is open to other users");
     }
     Ok(())
 }

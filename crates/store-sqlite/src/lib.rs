@@ -5,6 +5,7 @@
 //! (`synchronous = FULL`) before it returns; the ledger's writer batches many changes into each.
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -111,8 +112,30 @@ impl SqliteStore {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&lock_path)
             .map_err(|error| io(format!("cannot open {}: {error}", lock_path.display())))?;
+        // Nobody else may read the lock file: a read-only handle is enough to flock it, which
+        // would stop the server and the CLI alike.
+        make_private(&lock_path)?;
+        // The store holds who spent how much and the keys' hashes. SQLite creates its -wal and
+        // -shm files with the database file's mode, so the database is created private first.
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(path)
+            .map_err(|error| io(format!("cannot create {}: {error}", path.display())))?;
+        for file in [
+            path.to_path_buf(),
+            sidecar(path, "-wal"),
+            sidecar(path, "-shm"),
+        ] {
+            if file.exists() {
+                make_private(&file)?;
+            }
+        }
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -230,6 +253,37 @@ impl SqliteStore {
         self.give_back(connection);
         result
     }
+}
+
+/// The mode of every file of the store: the operator's user only.
+const FILE_MODE: u32 = 0o600;
+
+/// `path` with `suffix` after its file name: SQLite's `-wal` and `-shm` beside the database.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Makes a file of the store readable and writable by its owner only, saying so loudly if it
+/// was not (a store from before, or one a backup restored with the umask's mode).
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|error| io(format!("cannot read {}: {error}", path.display())))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "a store file was readable by others; made it private (0600)"
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(FILE_MODE))
+            .map_err(|error| io(format!("cannot make {} private: {error}", path.display())))?;
+    }
+    Ok(())
 }
 
 fn lock_path(path: &Path) -> PathBuf {
@@ -891,6 +945,33 @@ mod tests {
         assert_eq!(store.key("k1").unwrap().unwrap().revoked_at_ms, Some(10));
         assert!(!store.revoke_key("nope", 10).unwrap());
         assert_eq!(store.key("nope").unwrap(), None);
+    }
+
+    #[test]
+    fn every_file_of_the_store_is_private() {
+        // A regression test: the files took the umask's mode (0644; the lock 0666 under umask
+        // 000), so any local user could read balances and key hashes, or flock the lock file.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(&path).unwrap();
+        for file in [
+            path.clone(),
+            sidecar(&path, "-wal"),
+            sidecar(&path, "-shm"),
+            lock_path(&path),
+        ] {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        drop(store);
+        // Files left readable by others (a backup restored, say) are made private on open.
+        for file in [path.clone(), lock_path(&path)] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
+        let _store = SqliteStore::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&lock_path(&path)), 0o600);
     }
 
     #[test]
