@@ -17,8 +17,14 @@ const PRICE_CU: u64 = 16;
 const CLIENTS: usize = 16;
 
 /// One client's loop: alternate plain and streamed calls until the server goes away; returns
-/// the cost of every response it received in full.
-async fn client(base: String, key: String, stop: Arc<AtomicBool>, index: usize) -> u64 {
+/// the cost of every response it received in full, and counts each in `answers`.
+async fn client(
+    base: String,
+    key: String,
+    stop: Arc<AtomicBool>,
+    answers: Arc<AtomicU64>,
+    index: usize,
+) -> u64 {
     let http = reqwest::Client::new();
     let mut received_cu = 0;
     for round in 0usize.. {
@@ -66,6 +72,7 @@ async fn client(base: String, key: String, stop: Arc<AtomicBool>, index: usize) 
         let tokens =
             usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
         received_cu += tokens * PRICE_CU;
+        answers.fetch_add(1, Ordering::SeqCst);
     }
     received_cu
 }
@@ -87,19 +94,32 @@ async fn kill_9_under_load_loses_no_charge() {
     let start = balance(&env);
     let received_total = Arc::new(AtomicU64::new(0));
     let mut kills = 0;
-    for round in 0..3 {
+    for round in 0..3u64 {
         let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicU64::new(0));
         let clients: Vec<_> = (0..CLIENTS)
             .map(|index| {
                 tokio::spawn(client(
                     server.base.clone(),
                     key.clone(),
                     Arc::clone(&stop),
+                    Arc::clone(&answers),
                     index,
                 ))
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(300 + 150 * round)).await;
+        // Killed once the load is well under way: after a number of answers, not a time, so a
+        // busy machine (where the first answers come late) kills it under load all the same.
+        // A regression test: a fixed 300 ms sometimes came before any answer on a loaded machine.
+        let wanted = 2 * CLIENTS as u64 + 8 * round;
+        let waited = std::time::Instant::now();
+        while answers.load(Ordering::SeqCst) < wanted {
+            assert!(
+                waited.elapsed() < Duration::from_secs(120),
+                "the load never got {wanted} answers through"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         server.kill();
         kills += 1;
         stop.store(true, Ordering::Relaxed);
@@ -167,7 +187,20 @@ async fn sigterm_lets_calls_in_flight_finish_and_charges_them() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    // Stopped once all eight are in flight upstream (not after a fixed time).
+    let waited = std::time::Instant::now();
+    while common::sample(
+        &common::metrics(&http, &server.base).await,
+        "stipend_upstream_in_flight",
+        "slow",
+    ) < 8
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the calls never got in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let base = server.base.clone();
     let output = tokio::task::spawn_blocking(move || server.stop())
         .await

@@ -86,10 +86,13 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts the server; its log (standard error) is kept with its output and shown only if
+    /// the test fails, so a passing run stays quiet (the fault tests make it say WARN and ERROR).
     pub fn start(env: &Env) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_stipend"));
         command
             .current_dir(env.dir.path())
+            .stderr(Stdio::piped())
             .arg("--config")
             .arg(env.config())
             .arg("serve");
@@ -115,6 +118,18 @@ impl Server {
         let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        // A piped standard error is read into the output too, line by line.
+        if let Some(stderr) = child.stderr.take() {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&format!("stderr: {line}\n"));
+                }
+            });
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<String>();
         {
             let output = output.clone();
