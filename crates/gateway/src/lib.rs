@@ -28,7 +28,7 @@ use stipend_ledger::{AccountId, Ledger};
 pub use call::Calls;
 pub use error::ApiError;
 pub use keys::KeyRing;
-pub use routes::router;
+pub use routes::{metrics_router, router};
 pub use upstream::{Upstream, UpstreamConfig};
 
 /// Where a model runs.
@@ -81,6 +81,9 @@ pub struct GatewayOptions {
     /// stream still running at `reservation_timeout − RESERVATION_MARGIN` is cut off and charged
     /// for what it produced, so nothing is ever served on a hold that timed out.
     pub reservation_timeout: Duration,
+    /// Whether the API's listener serves `/metrics` (the default); false when it is served on
+    /// a listener of its own ([`metrics_router`]).
+    pub metrics_on_api: bool,
 }
 
 impl Default for GatewayOptions {
@@ -92,6 +95,7 @@ impl Default for GatewayOptions {
             upstream_body_bytes_max: 16 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(60),
             reservation_timeout: Duration::from_secs(3_600),
+            metrics_on_api: true,
         }
     }
 }

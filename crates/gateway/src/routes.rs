@@ -26,15 +26,29 @@ const PROMPT_OVERHEAD_TOKENS: u64 = 16;
 /// The most stop sequences, as OpenAI allows.
 const STOP_SEQUENCES_MAX: usize = 4;
 
-/// Builds the router.
+/// Builds the API's router (with `/metrics`, unless it is served apart).
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/budget", get(budget))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(healthz));
+    if gateway.options.metrics_on_api {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(gateway)
+}
+
+/// `/metrics` (and `/healthz`) alone, for a listener of their own (`metrics_listen`): an
+/// operator's scraper need not reach the public API, nor the public the metrics.
+pub fn metrics_router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)

@@ -42,6 +42,7 @@ impl AmountText {
 struct RawConfig {
     data_dir: Option<PathBuf>,
     listen: Option<String>,
+    metrics_listen: Option<String>,
     max_tokens_default: Option<i64>,
     queue_depth_max_per_person: Option<i64>,
     queue_depth_max: Option<i64>,
@@ -375,6 +376,8 @@ pub struct Config {
     pub policy: StipendPolicy,
     /// Where the HTTP API listens.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served, if apart from the API (then the API does not serve it).
+    pub metrics_listen: Option<SocketAddr>,
     /// Completion tokens reserved when a request gives no `max_tokens`.
     pub max_tokens_default: u64,
     /// The fair-share queue's bounds, for every model.
@@ -482,6 +485,14 @@ impl Config {
         let listen: SocketAddr = listen_text.parse().with_context(|| {
             format!("config {name}: listen: {listen_text:?} is not an address like 127.0.0.1:8080")
         })?;
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().with_context(|| {
+                format!(
+                    "config {name}: metrics_listen: {text:?} is not an address like 127.0.0.1:9464"
+                )
+            })?),
+        };
         let max_tokens_default = match raw.max_tokens_default {
             None => MAX_TOKENS_DEFAULT,
             Some(n) if (1..=131_072).contains(&n) => n as u64,
@@ -571,6 +582,7 @@ impl Config {
             data_dir,
             policy,
             listen,
+            metrics_listen,
             max_tokens_default,
             queue,
             client_read_timeout,
@@ -870,6 +882,7 @@ mod tests {
             ),
             (format!("{}\n{}", model(""), model("")), "used twice"),
             ("listen = \"localhost\"".to_string(), "listen"),
+            ("metrics_listen = \"9464\"".to_string(), "metrics_listen"),
             ("max_tokens_default = 0".to_string(), "max_tokens_default"),
             ("queue_depth_max = 0".to_string(), "queue_depth_max must be"),
             ("workers = 0".to_string(), "workers must be"),

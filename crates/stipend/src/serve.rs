@@ -186,6 +186,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
     let options = GatewayOptions {
         max_tokens_default: config.max_tokens_default,
         body_read_timeout: config.client_read_timeout,
+        metrics_on_api: config.metrics_listen.is_none(),
         ..GatewayOptions::default()
     };
     Ok(Gateway {
@@ -270,6 +271,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // `/metrics` on a listener of its own, if so configured; stopped with the API.
+    let metrics_address = match config.metrics_listen {
+        None => None,
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (metrics_listen)"))?;
+            let address = listener.local_addr()?;
+            let mut stop = stop_rx.clone();
+            tokio::spawn(stipend_gateway::server::serve(
+                listener,
+                stipend_gateway::metrics_router(Arc::clone(&gateway)),
+                config.client_read_timeout,
+                async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                },
+            ));
+            Some(address)
+        }
+    };
     let mut http_task = tokio::spawn({
         let router = stipend_gateway::router(Arc::clone(&gateway));
         stipend_gateway::server::serve(http, router, config.client_read_timeout, async move {
@@ -282,7 +303,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ready_ms = started.elapsed().as_millis() as u64,
         "stipend serving"
     );
-    print_summary(&config, &gateway, address, started, demo_key);
+    print_summary(
+        &config,
+        &gateway,
+        address,
+        metrics_address,
+        started,
+        demo_key,
+    );
     shutdown_signal().await;
     println!(
         "Stopping: no new requests; waiting up to {}s for those in flight.",
@@ -344,6 +372,7 @@ fn print_summary(
     config: &Config,
     gateway: &Gateway,
     address: std::net::SocketAddr,
+    metrics_address: Option<std::net::SocketAddr>,
     started: Instant,
     demo_key: Option<Option<String>>,
 ) {
@@ -397,9 +426,14 @@ fn print_summary(
              {cli} key create alice\n"
         ),
     };
+    let metrics = match metrics_address {
+        Some(metrics) => format!("http://{metrics}/metrics (metrics_listen)"),
+        None => format!("http://{address}/metrics"),
+    };
     println!(
         "Stipend is running on http://{address}/v1\n  \
          data      {}\n  \
+         metrics   {metrics}\n  \
          stipend   {} per person every {}, up to {} carried over\n  \
          ready in  {} ms\n\
          models\n{models}\n\

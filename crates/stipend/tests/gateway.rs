@@ -1208,3 +1208,53 @@ async fn a_stream_cut_at_the_end_of_the_drain_says_so_and_is_charged() {
     assert!(message.contains(&format!("({charged} cu)")), "{message}");
     stack.verify();
 }
+
+/// With `metrics_listen`, `/metrics` is served on that address only: an operator's scraper need
+/// not reach the public API, and the public cannot read the metrics there.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_can_be_served_apart_from_the_api() {
+    let config = format!(
+        "metrics_listen = \"127.0.0.1:0\"\n{}",
+        Stack::config("10 TFLOP").await
+    );
+    let stack = Stack::with_config(&config);
+    let key = stack.person_with_key("alice");
+    assert_eq!(
+        stack
+            .post(&key, "/chat/completions", &chat("echo", "hi", 2))
+            .await
+            .status(),
+        200
+    );
+    let output = stack.server.as_ref().unwrap().output();
+    let metrics_url = output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("metrics   "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in {output}"))
+        .to_string();
+    assert!(
+        !metrics_url.contains(stack.base.trim_end_matches("/v1")),
+        "{metrics_url}"
+    );
+    let text = stack
+        .http
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("stipend_requests_total{model=\"echo\",outcome=\"ok\"} 1\n"),
+        "{text}"
+    );
+    let on_api = stack
+        .http
+        .get(stack.base.trim_end_matches("/v1").to_string() + "/metrics")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_api.status(), 404);
+}
