@@ -49,6 +49,7 @@ struct RawConfig {
     queue_wait_max: Option<String>,
     client_read_timeout: Option<String>,
     drain_timeout: Option<String>,
+    store_cache_mb: Option<i64>,
     workers: Option<i64>,
     #[serde(default)]
     stipend: RawStipend,
@@ -388,6 +389,8 @@ pub struct Config {
     /// How long calls in flight may take to finish after a shutdown signal; then they are cut
     /// off, charged for what they delivered, and told so (`cut_short`).
     pub drain_timeout: Duration,
+    /// The embedded store's page cache, in bytes.
+    pub store_cache_bytes: u64,
     /// Threads serving HTTP (`None`: half the cores, at least one).
     pub workers: Option<usize>,
     /// The models.
@@ -557,6 +560,11 @@ impl Config {
                 timeout
             }
         };
+        let store_cache_bytes = match raw.store_cache_mb {
+            None => stipend_store_sqlite::CACHE_BYTES_DEFAULT,
+            Some(mb) if (1..=4_096).contains(&mb) => mb as u64 * 1024 * 1024,
+            Some(mb) => bail!("config {name}: store_cache_mb must be from 1 to 4096, got {mb}"),
+        };
         let workers = match raw.workers {
             None => None,
             Some(n) if (1..=1_024).contains(&n) => Some(n as usize),
@@ -587,6 +595,7 @@ impl Config {
             queue,
             client_read_timeout,
             drain_timeout,
+            store_cache_bytes,
             workers,
             models,
         })
@@ -695,6 +704,13 @@ mod tests {
         let defaults = Config::parse("", None).unwrap();
         assert_eq!(defaults.client_read_timeout, CLIENT_READ_TIMEOUT_DEFAULT);
         assert_eq!(defaults.drain_timeout, DRAIN_TIMEOUT_DEFAULT);
+        assert_eq!(defaults.store_cache_bytes, 16 * 1024 * 1024);
+        assert_eq!(
+            Config::parse("store_cache_mb = 64", None)
+                .unwrap()
+                .store_cache_bytes,
+            64 * 1024 * 1024
+        );
         assert_eq!(
             Config::parse("drain_timeout = \"0s\"", None)
                 .unwrap()
@@ -886,6 +902,7 @@ mod tests {
             ("max_tokens_default = 0".to_string(), "max_tokens_default"),
             ("queue_depth_max = 0".to_string(), "queue_depth_max must be"),
             ("workers = 0".to_string(), "workers must be"),
+            ("store_cache_mb = 0".to_string(), "store_cache_mb must be"),
             (
                 "queue_depth_max_per_person = -1".to_string(),
                 "queue_depth_max_per_person must be",

@@ -74,7 +74,7 @@ pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
 /// Opens the ledger on the embedded store for writing.
 pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
     ensure_data_dir(config)?;
-    let store = SqliteStore::open(&config.store_path())?;
+    let store = SqliteStore::open_with_cache(&config.store_path(), config.store_cache_bytes)?;
     let store: Arc<dyn Store> = Arc::new(store);
     Ledger::open(
         store,

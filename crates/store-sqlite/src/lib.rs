@@ -76,6 +76,11 @@ ALTER TABLE accounts ADD COLUMN usage TEXT NOT NULL DEFAULT '[]';
 /// How many idle read connections are kept.
 const READERS_IDLE_MAX: usize = 8;
 
+/// The writer's page cache by default: 16 MiB. The writer appends spends and rewrites the
+/// accounts changed in the last second; what it rereads is recent, and a larger cache mostly holds
+/// pages it will not read again (docs/benchmarks.md, "Memory under a sustained load").
+pub const CACHE_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
+
 /// How long a statement waits for a lock held by another connection.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
@@ -98,9 +103,15 @@ fn corrupt(error: impl std::fmt::Display) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store at `path` for writing. Fails with
-    /// [`StoreError::Locked`] if another process has it open for writing.
+    /// Opens (creating if needed) the store at `path` for writing, with the default page cache.
+    /// Fails with [`StoreError::Locked`] if another process has it open for writing.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with_cache(path, CACHE_BYTES_DEFAULT)
+    }
+
+    /// Opens the store for writing with a page cache of `cache_bytes` for the writer's
+    /// connection: most of the server's memory under a sustained load, once it has filled.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -153,14 +164,16 @@ impl SqliteStore {
         // and is overwritten in place, and each checkpoint is short. Measured under the gateway
         // load run: 64 connections p99 ~19 ms → ~6 ms, 16 connections +10–20 % req/s; durable
         // settles in the ledger bench unchanged (docs/benchmarks.md).
+        // A negative cache_size is in KiB.
+        let cache_kib = (cache_bytes / 1024).max(1);
         connection
-            .execute_batch(
+            .execute_batch(&format!(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA foreign_keys = OFF;
-                 PRAGMA cache_size = -65536;
-                 PRAGMA wal_autocheckpoint = 1000;",
-            )
+                 PRAGMA cache_size = -{cache_kib};
+                 PRAGMA wal_autocheckpoint = 1000;"
+            ))
             .map_err(io)?;
         connection
             .busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
@@ -945,6 +958,21 @@ mod tests {
         assert_eq!(store.key("k1").unwrap().unwrap().revoked_at_ms, Some(10));
         assert!(!store.revoke_key("nope", 10).unwrap());
         assert_eq!(store.key("nope").unwrap(), None);
+    }
+
+    #[test]
+    fn the_writers_page_cache_is_what_was_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = |store: &SqliteStore| -> i64 {
+            let writer = store.writer.as_ref().unwrap().lock();
+            writer
+                .query_row("PRAGMA cache_size", [], |row| row.get(0))
+                .unwrap()
+        };
+        let store = SqliteStore::open_with_cache(&dir.path().join("a.db"), 4 << 20).unwrap();
+        assert_eq!(cache(&store), -4_096, "4 MiB, in KiB");
+        let store = SqliteStore::open(&dir.path().join("b.db")).unwrap();
+        assert_eq!(cache(&store), -16_384);
     }
 
     #[test]
