@@ -351,6 +351,9 @@ impl Call {
             worst_cu,
             gateway.options.reservation_timeout,
         )?;
+        // The call must end before the hold can expire, counted from the reservation: time spent
+        // waiting for a slot comes out of it.
+        let deadline = gateway.call_deadline();
         gateway.calls.open.fetch_add(1, Ordering::SeqCst);
         let registered = Registered {
             gateway: Arc::clone(gateway),
@@ -379,7 +382,7 @@ impl Call {
             bounds,
             hold,
             place,
-            deadline: gateway.call_deadline(),
+            deadline,
             delivered: Delivered::default(),
             cut: CutSignal(gateway.calls.cut.subscribe()),
             client_gone: false,

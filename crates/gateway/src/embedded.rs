@@ -505,7 +505,11 @@ async fn drive(
             Some(Event::Started { .. }) => {
                 if stream && shape.endpoint == Endpoint::Chat && !client_gone {
                     // The role comes first, as OpenAI streams it.
-                    client_gone = !output.send(shape.chunk(true, "", None)).await;
+                    if !output.send(shape.chunk(true, "", None)).await {
+                        generation.cancel();
+                        client_gone = true;
+                        call.client_left();
+                    }
                 }
             }
             Some(Event::Text(piece)) => {

@@ -161,3 +161,73 @@ async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
         answer["usage"]["total_tokens"].as_i64().unwrap()
     );
 }
+
+/// Time spent waiting for a slot comes out of a call's time: its deadline counts from its
+/// reservation, not from its start. A regression test: a call that waited in the queue ran on
+/// past the point where its hold could expire (by as long as it had waited).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_waited_for_a_slot_ends_before_its_hold_could_expire() {
+    let Setup {
+        _dir,
+        ledger,
+        alice,
+        keys,
+        key,
+    } = Setup::new();
+    let sink = ledger.sink("sink:trickle").unwrap();
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    // One slot: the second call waits for the first, which holds it until its own deadline.
+    let model = Model {
+        name: "trickle".to_string(),
+        price_prompt_cu: 1,
+        price_completion_cu: 1,
+        sink,
+        backend: Backend::Upstream {
+            upstream: Upstream::new(UpstreamConfig {
+                base_url: upstream,
+                api_key: None,
+                timeout: Duration::from_secs(5),
+                idle_connections: 4,
+                roots: Default::default(),
+            })
+            .unwrap(),
+            model: "trickle".to_string(),
+        },
+        queue: Arc::new(FairQueue::new(1, QueueOptions::default())),
+        max_concurrency: 1,
+        counters: Default::default(),
+    };
+    // Holds of the margin plus two seconds: each call must end two seconds after it reserved.
+    let options = stipend_gateway::GatewayOptions {
+        reservation_timeout: stipend_gateway::RESERVATION_MARGIN + Duration::from_secs(2),
+        ..stipend_gateway::GatewayOptions::default()
+    };
+    let address = common::serve(&ledger, keys, vec![model], options).await;
+    let call = |key: String| {
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let response = reqwest::Client::new()
+                .post(format!("http://{address}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&json!({"model": "trickle", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 100000, "stream": true}))
+                .send()
+                .await
+                .unwrap();
+            let _ = response.text().await;
+            started.elapsed()
+        })
+    };
+    let first = call(key.clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = call(key.clone());
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(first < Duration::from_secs(3), "the first ran {first:?}");
+    // It waited about two seconds for the slot, so it must end at once when it gets it; counted
+    // from its start it would have run two seconds more.
+    assert!(
+        second < Duration::from_millis(3_200),
+        "the second ran {second:?} after reserving"
+    );
+    ledger.flush().unwrap();
+    assert_eq!(ledger.view(alice).unwrap().reserved_cu, 0);
+}
