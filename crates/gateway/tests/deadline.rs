@@ -13,23 +13,16 @@ use common::{Setup, serve_with_a_short_hold};
 use serde_json::{Value, json};
 use stipend_gateway::queue::{FairQueue, QueueOptions};
 use stipend_gateway::{Backend, Model, Upstream, UpstreamConfig};
+use stipend_ledger::Ledger;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stream_is_ended_before_its_hold_expires_and_charged_for_what_it_made() {
-    let Setup {
-        _dir,
-        ledger,
-        alice,
-        keys,
-        key,
-    } = Setup::new();
-    let sink = ledger.sink("sink:trickle").unwrap();
+/// The fake upstream's `trickle` (a token every 50 ms, never done) as a model with `slots`.
+async fn trickle(ledger: &Ledger, slots: usize) -> Model {
     let upstream = stipend_testkit::spawn().await.unwrap();
-    let model = Model {
+    Model {
         name: "trickle".to_string(),
         price_prompt_cu: 1,
         price_completion_cu: 1,
-        sink,
+        sink: ledger.sink("sink:trickle").unwrap(),
         backend: Backend::Upstream {
             upstream: Upstream::new(UpstreamConfig {
                 base_url: upstream,
@@ -41,10 +34,22 @@ async fn a_stream_is_ended_before_its_hold_expires_and_charged_for_what_it_made(
             .unwrap(),
             model: "trickle".to_string(),
         },
-        queue: Arc::new(FairQueue::new(4, QueueOptions::default())),
-        max_concurrency: 4,
+        queue: Arc::new(FairQueue::new(slots, QueueOptions::default())),
+        max_concurrency: slots,
         counters: Default::default(),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_is_ended_before_its_hold_expires_and_charged_for_what_it_made() {
+    let Setup {
+        _dir,
+        ledger,
+        alice,
+        keys,
+        key,
+    } = Setup::new();
+    let model = trickle(&ledger, 4).await;
     // A hold of the margin plus one second: the stream must end after about a second.
     let address = serve_with_a_short_hold(&ledger, keys, model).await;
 
@@ -174,29 +179,8 @@ async fn a_call_that_waited_for_a_slot_ends_before_its_hold_could_expire() {
         keys,
         key,
     } = Setup::new();
-    let sink = ledger.sink("sink:trickle").unwrap();
-    let upstream = stipend_testkit::spawn().await.unwrap();
     // One slot: the second call waits for the first, which holds it until its own deadline.
-    let model = Model {
-        name: "trickle".to_string(),
-        price_prompt_cu: 1,
-        price_completion_cu: 1,
-        sink,
-        backend: Backend::Upstream {
-            upstream: Upstream::new(UpstreamConfig {
-                base_url: upstream,
-                api_key: None,
-                timeout: Duration::from_secs(5),
-                idle_connections: 4,
-                roots: Default::default(),
-            })
-            .unwrap(),
-            model: "trickle".to_string(),
-        },
-        queue: Arc::new(FairQueue::new(1, QueueOptions::default())),
-        max_concurrency: 1,
-        counters: Default::default(),
-    };
+    let model = trickle(&ledger, 1).await;
     // Holds of the margin plus two seconds: each call must end two seconds after it reserved.
     let options = stipend_gateway::GatewayOptions {
         reservation_timeout: stipend_gateway::RESERVATION_MARGIN + Duration::from_secs(2),
