@@ -23,8 +23,8 @@ use crate::{Backend, Gateway, Model};
 const MESSAGE_OVERHEAD_TOKENS: u64 = 8;
 /// Tokens added to every prompt's upper bound (a template's preamble).
 const PROMPT_OVERHEAD_TOKENS: u64 = 16;
-/// The most stop sequences, as OpenAI allows.
-const STOP_SEQUENCES_MAX: usize = 4;
+// The most stop sequences, as OpenAI allows: the embedded model's own limit.
+use stipend_model::STOP_SEQUENCES_MAX;
 
 /// Builds the API's router (with `/metrics`, unless it is served apart).
 pub fn router(gateway: Arc<Gateway>) -> Router {
