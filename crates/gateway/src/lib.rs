@@ -86,6 +86,20 @@ pub struct GatewayOptions {
     pub metrics_on_api: bool,
 }
 
+/// How long a call's reservation stays open by default.
+pub const RESERVATION_TIMEOUT: Duration = Duration::from_secs(3_600);
+
+// The relations between the limits, checked when the crate compiles: a reservation the gateway
+// asks for is one the ledger grants; and an upstream that stalls for as long as it may still
+// times out while the call's hold stands (a call ends `RESERVATION_MARGIN` before its hold could
+// expire).
+const _: () = assert!(
+    RESERVATION_TIMEOUT.as_secs() <= stipend_ledger::RESERVATION_TIMEOUT_MAX_DEFAULT.as_secs()
+);
+const _: () = assert!(
+    UPSTREAM_TIMEOUT_MAX.as_secs() + RESERVATION_MARGIN.as_secs() < RESERVATION_TIMEOUT.as_secs()
+);
+
 impl Default for GatewayOptions {
     fn default() -> GatewayOptions {
         GatewayOptions {
@@ -94,7 +108,7 @@ impl Default for GatewayOptions {
             body_bytes_max: 4 * 1024 * 1024,
             upstream_body_bytes_max: 16 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(60),
-            reservation_timeout: Duration::from_secs(3_600),
+            reservation_timeout: RESERVATION_TIMEOUT,
             metrics_on_api: true,
         }
     }

@@ -40,6 +40,9 @@ use crate::units::AMOUNT_MAX_CU;
 /// The issuer's account name.
 pub const ISSUER_NAME: &str = "issuer";
 
+/// The longest a reservation may be held, by default (`LedgerOptions::reservation_timeout_max`).
+pub const RESERVATION_TIMEOUT_MAX_DEFAULT: Duration = Duration::from_secs(3_600);
+
 /// How many times a contender checks the state lock before parking (about 5 µs here).
 const LOCK_SPINS: u32 = 256;
 
@@ -74,7 +77,7 @@ impl LedgerOptions {
     pub fn new(policy: StipendPolicy) -> LedgerOptions {
         LedgerOptions {
             policy,
-            reservation_timeout_max: Duration::from_secs(3_600),
+            reservation_timeout_max: RESERVATION_TIMEOUT_MAX_DEFAULT,
             reservations_open_max: 1_000_000,
             commit_batch_max: 32_768,
             pending_mutations_max: 1 << 20,

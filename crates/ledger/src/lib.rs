@@ -23,7 +23,8 @@ pub use account::{AccountId, AccountKind, AccountRecord, Lot, LotSource, Usage};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LedgerError;
 pub use ledger::{
-    AccountView, Durable, DurableFuture, ISSUER_NAME, Ledger, LedgerOptions, Posted, WriterStats,
+    AccountView, Durable, DurableFuture, ISSUER_NAME, Ledger, LedgerOptions, Posted,
+    RESERVATION_TIMEOUT_MAX_DEFAULT, WriterStats,
 };
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
