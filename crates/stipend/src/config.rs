@@ -509,20 +509,17 @@ impl Config {
                 Some(n) => bail!("config {name}: {key} must be from 1 to 1000000, got {n}"),
             }
         };
-        let queue_wait_max = match raw.queue_wait_max.as_deref() {
-            None => defaults.queue_wait_max,
-            Some(text) => {
-                let wait = parse_duration(text)
-                    .context("queue_wait_max")
-                    .with_context(|| format!("config {name}"))?;
-                if wait < std::time::Duration::from_millis(10)
-                    || wait > stipend_gateway::UPSTREAM_TIMEOUT_MAX
-                {
-                    bail!("config {name}: queue_wait_max must be from 10ms to 10m, got {text}");
-                }
-                wait
-            }
-        };
+        let queue_wait_max = duration_key(
+            &name,
+            "queue_wait_max",
+            raw.queue_wait_max.as_deref(),
+            defaults.queue_wait_max,
+            (
+                Duration::from_millis(10),
+                stipend_gateway::UPSTREAM_TIMEOUT_MAX,
+            ),
+            "from 10ms to 10m",
+        )?;
         let queue = stipend_gateway::queue::QueueOptions {
             queue_depth_max_per_person: depth(
                 "queue_depth_max_per_person",
@@ -536,30 +533,22 @@ impl Config {
             )?,
             queue_wait_max,
         };
-        let client_read_timeout = match raw.client_read_timeout.as_deref() {
-            None => CLIENT_READ_TIMEOUT_DEFAULT,
-            Some(text) => {
-                let timeout = parse_duration(text)
-                    .context("client_read_timeout")
-                    .with_context(|| format!("config {name}"))?;
-                if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(600) {
-                    bail!("config {name}: client_read_timeout must be from 1s to 10m, got {text}");
-                }
-                timeout
-            }
-        };
-        let drain_timeout = match raw.drain_timeout.as_deref() {
-            None => DRAIN_TIMEOUT_DEFAULT,
-            Some(text) => {
-                let timeout = parse_duration(text)
-                    .context("drain_timeout")
-                    .with_context(|| format!("config {name}"))?;
-                if timeout > Duration::from_secs(3_600) {
-                    bail!("config {name}: drain_timeout must be from 0s to 1h, got {text}");
-                }
-                timeout
-            }
-        };
+        let client_read_timeout = duration_key(
+            &name,
+            "client_read_timeout",
+            raw.client_read_timeout.as_deref(),
+            CLIENT_READ_TIMEOUT_DEFAULT,
+            (Duration::from_secs(1), Duration::from_secs(600)),
+            "from 1s to 10m",
+        )?;
+        let drain_timeout = duration_key(
+            &name,
+            "drain_timeout",
+            raw.drain_timeout.as_deref(),
+            DRAIN_TIMEOUT_DEFAULT,
+            (Duration::ZERO, Duration::from_secs(3_600)),
+            "from 0s to 1h",
+        )?;
         let store_cache_bytes = match raw.store_cache_mb {
             None => stipend_store_sqlite::CACHE_BYTES_DEFAULT,
             Some(mb) if (1..=4_096).contains(&mb) => mb as u64 * 1024 * 1024,
@@ -600,6 +589,28 @@ impl Config {
             models,
         })
     }
+}
+
+/// A duration key of the config file: its default if absent, else parsed and checked to lie in
+/// `range` (said as `range_text` when it does not).
+fn duration_key(
+    name: &str,
+    key: &str,
+    text: Option<&str>,
+    default: Duration,
+    range: (Duration, Duration),
+    range_text: &str,
+) -> anyhow::Result<Duration> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let duration = parse_duration(text)
+        .context(key.to_string())
+        .with_context(|| format!("config {name}"))?;
+    if duration < range.0 || duration > range.1 {
+        bail!("config {name}: {key} must be {range_text}, got {text}");
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]
