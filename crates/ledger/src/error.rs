@@ -21,6 +21,18 @@ pub enum LedgerError {
         /// The name.
         name: String,
     },
+    /// The name looks like one that exists (the same letters in another case or script, or
+    /// characters that are drawn alike), so that one could be taken for the other.
+    #[error(
+        "the account name {name:?} is too like the existing {existing:?}; choose one that cannot \
+         be taken for it"
+    )]
+    NameConfusable {
+        /// The name asked for, normalized.
+        name: String,
+        /// The existing name it could be taken for.
+        existing: String,
+    },
     /// The name is not usable.
     #[error("invalid account name: {reason}")]
     InvalidName {

@@ -25,9 +25,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::Serialize;
 
-use crate::account::{AccountId, AccountKind, AccountRecord, Lot, Usage, validate_account_name};
+use crate::account::{
+    AccountId, AccountKind, AccountName, AccountRecord, Lot, SINK_NAME_PREFIX, Usage,
+    normalize_account_name,
+};
 use crate::clock::Clock;
 use crate::error::LedgerError;
 use crate::policy::StipendPolicy;
@@ -89,7 +91,7 @@ impl LedgerOptions {
 }
 
 /// An account as a person or operator sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountView {
     /// Its id.
     pub id: AccountId,
@@ -114,7 +116,7 @@ pub struct AccountView {
 }
 
 /// A transfer that was posted, or found already posted with the same content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Posted {
     /// The transfer.
     pub transfer: Transfer,
@@ -219,7 +221,7 @@ struct Shared {
 }
 
 /// What the group-commit writer has done since the ledger opened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriterStats {
     /// Commits to the store.
     pub commits: u64,
@@ -285,6 +287,8 @@ struct State {
     pending_transfers: HashMap<TransferId, (Transfer, u64)>,
     /// Accounts created and not yet durable, for name lookups.
     pending_names: HashMap<Box<str>, (AccountId, u64)>,
+    /// The same accounts by the skeletons of their names: name and sequence number.
+    pending_skeletons: HashMap<Box<str>, (Box<str>, u64)>,
     account_id_next: u64,
     reservation_id_next: u64,
     transfer_prefix: u64,
@@ -647,6 +651,27 @@ fn check_amount(amount_cu: u64) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// The issuer's name and the sinks' prefix belong to those kinds alone, so that no person can
+/// be mistaken for either, nor take a name a model's sink will need.
+fn check_name_reserved(name: &str, kind: AccountKind) -> Result<(), LedgerError> {
+    let reserved = if name == ISSUER_NAME {
+        kind != AccountKind::Issuer
+    } else if name.starts_with(SINK_NAME_PREFIX) {
+        kind != AccountKind::Sink
+    } else {
+        false
+    };
+    if reserved {
+        return Err(LedgerError::InvalidName {
+            reason: format!(
+                "{name:?} is reserved: \"{ISSUER_NAME}\" and names that start with \"{SINK_NAME_PREFIX}\" \
+                 are the ledger's own"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Ledger {
     /// Opens the ledger on a store: finds or creates the issuer and starts the writer.
     /// Start-up reads nothing else: accounts load when first touched.
@@ -683,6 +708,7 @@ impl Ledger {
             seq_last: 0,
             pending_transfers: HashMap::new(),
             pending_names: HashMap::new(),
+            pending_skeletons: HashMap::new(),
             account_id_next,
             reservation_id_next: 1,
             transfer_prefix: prefix,
@@ -804,21 +830,41 @@ impl Ledger {
         name: &str,
         kind: AccountKind,
     ) -> Result<Durable<AccountId>, LedgerError> {
-        validate_account_name(name).map_err(|reason| LedgerError::InvalidName { reason })?;
+        let AccountName { name, skeleton } =
+            normalize_account_name(name).map_err(|reason| LedgerError::InvalidName { reason })?;
+        check_name_reserved(&name, kind)?;
         let shared = &self.shared;
         let mut state = shared.lock_with(&[])?;
         shared.check_pending_limit(&state)?;
-        if state.pending_names.contains_key(name) || shared.store.account_by_name(name)?.is_some() {
-            return Err(LedgerError::AccountExists {
-                name: name.to_string(),
-            });
+        if state.pending_names.contains_key(name.as_str())
+            || shared.store.account_by_name(&name)?.is_some()
+        {
+            return Err(LedgerError::AccountExists { name });
+        }
+        // Sinks are named by the operator's configuration, one per model, and a person can
+        // never take a sink's prefix; so only the names people are known by are held apart.
+        if kind != AccountKind::Sink {
+            let pending = state
+                .pending_skeletons
+                .get(skeleton.as_str())
+                .map(|(existing, _)| existing.to_string());
+            let existing = match pending {
+                Some(existing) => Some(existing),
+                None => shared
+                    .store
+                    .account_by_skeleton(&skeleton)?
+                    .map(|record| record.name),
+            };
+            if let Some(existing) = existing {
+                return Err(LedgerError::NameConfusable { name, existing });
+            }
         }
         let now_ms = shared.now_ms();
         let id = AccountId(state.account_id_next);
         state.account_id_next += 1;
         let record = AccountRecord {
             id,
-            name: name.to_string(),
+            name: name.clone(),
             kind,
             balance_cu: 0,
             lots: Vec::new(),
@@ -830,6 +876,9 @@ impl Ledger {
             .accounts
             .insert(id, AccountState::from_record(record.clone()));
         let seq = state.push(Mutation::Create(record));
+        state
+            .pending_skeletons
+            .insert(skeleton.into(), (name.as_str().into(), seq));
         state.pending_names.insert(name.into(), (id, seq));
         // A new person's first stipend arrives at once.
         shared.touch(&mut state, id, now_ms);
@@ -840,21 +889,31 @@ impl Ledger {
         Ok(shared.durable(id, seq))
     }
 
-    /// Finds an account's id by name.
+    /// Finds an account's id by name. The name is looked up in its NFKC form, as names are
+    /// stored ([`normalize_account_name`]), and as written if that finds nothing: a name stored
+    /// before names were normalized keeps working.
     pub fn account_id(&self, name: &str) -> Result<AccountId, LedgerError> {
-        {
-            let state = self.shared.lock_with(&[])?;
-            if let Some((id, _)) = state.pending_names.get(name) {
-                return Ok(*id);
+        use unicode_normalization::UnicodeNormalization;
+
+        let normalized: String = name.nfkc().collect();
+        let mut candidates = vec![normalized.as_str()];
+        if normalized != name {
+            candidates.push(name);
+        }
+        for candidate in candidates {
+            {
+                let state = self.shared.lock_with(&[])?;
+                if let Some((id, _)) = state.pending_names.get(candidate) {
+                    return Ok(*id);
+                }
+            }
+            if let Some(record) = self.shared.store.account_by_name(candidate)? {
+                return Ok(record.id);
             }
         }
-        self.shared
-            .store
-            .account_by_name(name)?
-            .map(|record| record.id)
-            .ok_or_else(|| LedgerError::UnknownAccount {
-                name: name.to_string(),
-            })
+        Err(LedgerError::UnknownAccount {
+            name: name.to_string(),
+        })
     }
 
     /// Finds or creates the sink account with this name.
@@ -1437,6 +1496,7 @@ fn run_writer(shared: &Shared) {
                     let mut state = shared.state.lock();
                     state.pending_transfers.retain(|_, (_, seq)| *seq > seq_max);
                     state.pending_names.retain(|_, (_, seq)| *seq > seq_max);
+                    state.pending_skeletons.retain(|_, (_, seq)| *seq > seq_max);
                 }
             }
             Err(error) => {

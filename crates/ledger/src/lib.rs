@@ -7,19 +7,45 @@
 //! writer, or [`Ledger::void`]s it. The ledger knows nothing of HTTP or models, and does no
 //! network I/O of its own: storage sits behind the [`Store`] trait.
 
+/// Implements `Serialize` and `Deserialize` for a leaf enum through its `as_str` and `parse`, so
+/// that its one list of names serves storage, the CLI, JSON and the control socket alike, and a
+/// renamed variant cannot change any of them unseen.
+macro_rules! serde_by_name {
+    ($type:ty, $what:literal) => {
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                <$type>::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(format!(concat!("{:?} is not ", $what), text))
+                })
+            }
+        }
+    };
+}
+
 pub mod account;
 pub mod clock;
 pub mod error;
 pub mod ledger;
 pub mod policy;
 pub mod reservation;
-pub mod state;
+mod state;
 pub mod store;
 pub mod transfer;
 pub mod units;
 pub mod verify;
 
-pub use account::{AccountId, AccountKind, AccountRecord, Lot, LotSource, Usage};
+pub use account::{
+    ACCOUNT_NAME_LEN_MAX, ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountName,
+    AccountRecord, Lot, LotSource, SINK_NAME_PREFIX, Usage, account_name_skeleton,
+    normalize_account_name,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LedgerError;
 pub use ledger::{

@@ -35,7 +35,7 @@ impl<'de> Deserialize<'de> for ReservationId {
 
 /// An open reservation: `amount_cu` of `account`'s balance held until it is settled, voided, or
 /// its deadline passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
     pub(crate) id: ReservationId,
     pub(crate) account: AccountId,
@@ -68,7 +68,7 @@ impl Reservation {
 }
 
 /// What a settle did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settlement {
     /// The reservation settled.
     pub reservation: ReservationId,

@@ -120,6 +120,9 @@ pub trait Store: Send + Sync {
     fn account(&self, id: AccountId) -> Result<Option<AccountRecord>, StoreError>;
     /// One account by name.
     fn account_by_name(&self, name: &str) -> Result<Option<AccountRecord>, StoreError>;
+    /// One account whose name has this confusable skeleton
+    /// ([`account_name_skeleton`](crate::account_name_skeleton)), if any does.
+    fn account_by_skeleton(&self, skeleton: &str) -> Result<Option<AccountRecord>, StoreError>;
     /// Up to `limit` accounts with ids above `after`, in id order.
     fn accounts(
         &self,

@@ -60,8 +60,7 @@ impl<'de> Deserialize<'de> for TransferId {
 }
 
 /// What a transfer is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TransferKind {
     /// The periodic stipend, issuer → person (possibly several periods at once).
     Stipend,
@@ -108,8 +107,10 @@ impl TransferKind {
     }
 }
 
+serde_by_name!(TransferKind, "a transfer kind");
+
 /// One posted movement of compute. Double entry: `amount_cu` leaves `debit` and reaches `credit`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transfer {
     /// Unique id.
     pub id: TransferId,

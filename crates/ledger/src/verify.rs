@@ -8,7 +8,7 @@ use crate::store::{Store, StoreError};
 use crate::transfer::Transfer;
 
 /// What the audit found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
     /// How many accounts were checked.
     pub n_accounts: u64,

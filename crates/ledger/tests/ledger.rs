@@ -549,6 +549,12 @@ impl stipend_ledger::Store for FailingStore {
     ) -> Result<Option<stipend_ledger::AccountRecord>, stipend_ledger::StoreError> {
         self.inner.account_by_name(name)
     }
+    fn account_by_skeleton(
+        &self,
+        skeleton: &str,
+    ) -> Result<Option<stipend_ledger::AccountRecord>, stipend_ledger::StoreError> {
+        self.inner.account_by_skeleton(skeleton)
+    }
     fn accounts(
         &self,
         after: Option<stipend_ledger::AccountId>,

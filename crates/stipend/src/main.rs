@@ -337,7 +337,23 @@ fn verify_command(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        // `ledger verify --json`'s format, decided here rather than by the ledger's report.
+        #[derive(serde::Serialize)]
+        struct VerifyJson<'a> {
+            n_accounts: u64,
+            n_transfers: u64,
+            n_replayed: u64,
+            balance_sum_cu: i128,
+            violations: &'a [String],
+        }
+        let output = VerifyJson {
+            n_accounts: report.n_accounts,
+            n_transfers: report.n_transfers,
+            n_replayed: report.n_replayed,
+            balance_sum_cu: report.balance_sum_cu,
+            violations: &report.violations,
+        };
+        println!("{}", serde_json::to_string_pretty(&output)?);
     } else if report.ok() {
         println!(
             "ok: {} accounts and {} transfers; every invariant holds (balances sum to {} cu)",

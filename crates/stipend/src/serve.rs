@@ -118,7 +118,11 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
     let mut models = BTreeMap::new();
     for model in &config.models {
         let sink = ledger
-            .sink(&format!("sink:{}", model.name))
+            .sink(&format!(
+                "{}{}",
+                stipend_ledger::SINK_NAME_PREFIX,
+                model.name
+            ))
             .with_context(|| format!("cannot open the sink of model {}", model.name))?;
         let (backend, capacity, params) = match &model.backend {
             BackendConfig::Upstream {

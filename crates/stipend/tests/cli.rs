@@ -24,6 +24,17 @@ fn exercise(env: &Env) {
     env.json(&["account", "create", "bob"]);
     let lab = env.json(&["account", "create", "lab", "--kind", "pool"]);
     assert_eq!(lab["balance_cu"], 0);
+    // Names are held apart from look-alikes, so a grant cannot reach the wrong one.
+    let message = env.refused(&["account", "create", "Alice"]);
+    assert!(
+        message.contains("\"Alice\" is too like the existing \"alice\""),
+        "{message}"
+    );
+    let message = env.refused(&["account", "create", "\u{430}lice"]);
+    assert!(message.contains("one script"), "{message}");
+    let message = env.refused(&["account", "create", "ｂｏｂ"]);
+    assert!(message.contains("\"bob\" already exists"), "{message}");
+    assert_eq!(env.json(&["account", "show", "ｂｏｂ"])["name"], "bob");
 
     let grant = env.json(&["grant", "bob", "3.5 TFLOP", "--id", "abc123"]);
     assert_eq!(grant["amount_cu"], 3_500);

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
 use stipend_ledger::{
-    AccountId, AccountKind, AccountRecord, AuditRow, Batch, KeyRecord, Lot, Store, StoreError,
-    Transfer, TransferAudit, TransferId, TransferKind, Usage,
+    ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountRecord, AuditRow, Batch,
+    KeyRecord, Lot, LotSource, Store, StoreError, Transfer, TransferAudit, TransferId,
+    TransferKind, Usage, account_name_skeleton,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
@@ -70,6 +72,14 @@ CREATE INDEX keys_by_account ON keys (account_id);
     r#"
 -- What each account spent in its latest period, per sink: counts, as JSON.
 ALTER TABLE accounts ADD COLUMN usage TEXT NOT NULL DEFAULT '[]';
+"#,
+    r#"
+-- The confusable skeleton of each name, so that a name that looks like an existing one is found
+-- with one index lookup. Made in Rust (`account_name_skeleton`); `skeleton_version` says by which
+-- rule and Unicode tables, and the store remakes them all when that changes.
+ALTER TABLE accounts ADD COLUMN skeleton TEXT NOT NULL DEFAULT '';
+CREATE INDEX accounts_by_skeleton ON accounts (skeleton);
+INSERT INTO meta (key, value) VALUES ('skeleton_version', 0);
 "#,
 ];
 
@@ -330,6 +340,49 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
         transaction.commit().map_err(io)?;
         tracing::info!(version = index + 1, "store migrated");
     }
+    refresh_skeletons(connection)
+}
+
+/// Remakes every account's name skeleton if they were made by another rule or other Unicode
+/// tables than this binary's, so that a name is compared with the others by one rule.
+fn refresh_skeletons(connection: &mut Connection) -> Result<(), StoreError> {
+    let transaction = connection.transaction().map_err(io)?;
+    let version: i64 = transaction
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'skeleton_version'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(io)?;
+    if version == ACCOUNT_NAME_SKELETON_VERSION {
+        return Ok(());
+    }
+    let mut n_accounts = 0u64;
+    {
+        let mut select = transaction
+            .prepare("SELECT id, name FROM accounts")
+            .map_err(io)?;
+        let mut update = transaction
+            .prepare("UPDATE accounts SET skeleton = ?2 WHERE id = ?1")
+            .map_err(io)?;
+        let mut rows = select.query([]).map_err(io)?;
+        while let Some(row) = rows.next().map_err(io)? {
+            let id: i64 = row.get(0).map_err(io)?;
+            let name: String = row.get(1).map_err(io)?;
+            update
+                .execute(params![id, account_name_skeleton(&name)])
+                .map_err(io)?;
+            n_accounts += 1;
+        }
+    }
+    transaction
+        .execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'skeleton_version'",
+            [ACCOUNT_NAME_SKELETON_VERSION],
+        )
+        .map_err(io)?;
+    transaction.commit().map_err(io)?;
+    tracing::info!(n_accounts, "account name skeletons made anew");
     Ok(())
 }
 
@@ -352,9 +405,9 @@ fn account_from_row(
     Ok((|| {
         let kind = AccountKind::parse(&kind)
             .ok_or_else(|| corrupt(format!("account {id}: unknown kind {kind:?}")))?;
-        let lots: Vec<Lot> = serde_json::from_str(&lots)
+        let lots = lots_from_json(&lots)
             .map_err(|error| corrupt(format!("account {id}: lots do not decode: {error}")))?;
-        let usage: Vec<Usage> = serde_json::from_str(&usage)
+        let usage = usage_from_json(&usage)
             .map_err(|error| corrupt(format!("account {id}: usage does not decode: {error}")))?;
         Ok(AccountRecord {
             id: AccountId(id as u64),
@@ -421,12 +474,92 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
         }))
 }
 
+/// A lot as `accounts.lots` holds it, in a JSON array. The file's format is this type's, not the
+/// ledger's [`Lot`]'s, so a change to the ledger cannot change what is on disk unseen.
+#[derive(Serialize, Deserialize)]
+struct LotRow {
+    remaining_cu: u64,
+    expires_at_ms: Option<i64>,
+    /// `stipend`, `grant` or `gift`.
+    source: String,
+}
+
+impl LotRow {
+    fn from_lot(lot: &Lot) -> LotRow {
+        let source = match lot.source {
+            LotSource::Stipend => "stipend",
+            LotSource::Grant => "grant",
+            LotSource::Gift => "gift",
+        };
+        LotRow {
+            remaining_cu: lot.remaining_cu,
+            expires_at_ms: lot.expires_at_ms,
+            source: source.to_string(),
+        }
+    }
+
+    fn into_lot(self) -> Result<Lot, String> {
+        let source = match self.source.as_str() {
+            "stipend" => LotSource::Stipend,
+            "grant" => LotSource::Grant,
+            "gift" => LotSource::Gift,
+            other => return Err(format!("unknown lot source {other:?}")),
+        };
+        Ok(Lot {
+            remaining_cu: self.remaining_cu,
+            expires_at_ms: self.expires_at_ms,
+            source,
+        })
+    }
+}
+
+/// One period's spending at one sink as `accounts.usage` holds it, in a JSON array.
+#[derive(Serialize, Deserialize)]
+struct UsageRow {
+    sink: u64,
+    period: i64,
+    requests: u64,
+    charged_cu: u64,
+}
+
+impl UsageRow {
+    fn from_usage(usage: &Usage) -> UsageRow {
+        UsageRow {
+            sink: usage.sink.0,
+            period: usage.period,
+            requests: usage.requests,
+            charged_cu: usage.charged_cu,
+        }
+    }
+
+    fn into_usage(self) -> Usage {
+        Usage {
+            sink: AccountId(self.sink),
+            period: self.period,
+            requests: self.requests,
+            charged_cu: self.charged_cu,
+        }
+    }
+}
+
 fn usage_json(usage: &[Usage]) -> Result<String, StoreError> {
-    serde_json::to_string(usage).map_err(corrupt)
+    let rows: Vec<UsageRow> = usage.iter().map(UsageRow::from_usage).collect();
+    serde_json::to_string(&rows).map_err(corrupt)
 }
 
 fn lots_json(lots: &[Lot]) -> Result<String, StoreError> {
-    serde_json::to_string(lots).map_err(corrupt)
+    let rows: Vec<LotRow> = lots.iter().map(LotRow::from_lot).collect();
+    serde_json::to_string(&rows).map_err(corrupt)
+}
+
+fn lots_from_json(json: &str) -> Result<Vec<Lot>, String> {
+    let rows: Vec<LotRow> = serde_json::from_str(json).map_err(|error| error.to_string())?;
+    rows.into_iter().map(LotRow::into_lot).collect()
+}
+
+fn usage_from_json(json: &str) -> Result<Vec<Usage>, String> {
+    let rows: Vec<UsageRow> = serde_json::from_str(json).map_err(|error| error.to_string())?;
+    Ok(rows.into_iter().map(UsageRow::into_usage).collect())
 }
 
 impl Store for SqliteStore {
@@ -454,6 +587,21 @@ impl Store for SqliteStore {
                 .map_err(io)?;
             statement
                 .query_row([name], account_from_row)
+                .optional()
+                .map_err(io)?
+                .transpose()
+        })
+    }
+
+    fn account_by_skeleton(&self, skeleton: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE skeleton = ?1 ORDER BY id LIMIT 1"
+                ))
+                .map_err(io)?;
+            statement
+                .query_row([skeleton], account_from_row)
                 .optional()
                 .map_err(io)?
                 .transpose()
@@ -543,7 +691,8 @@ impl Store for SqliteStore {
         {
             let mut insert_account = transaction
                 .prepare_cached(&format!(
-                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}, skeleton)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
                 ))
                 .map_err(io)?;
             for record in &batch.created {
@@ -557,6 +706,7 @@ impl Store for SqliteStore {
                         record.stipend_period,
                         record.created_at_ms,
                         usage_json(&record.usage)?,
+                        account_name_skeleton(&record.name),
                     ])
                     .map_err(io)?;
             }
@@ -1000,6 +1150,92 @@ mod tests {
         let _store = SqliteStore::open(&path).unwrap();
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&lock_path(&path)), 0o600);
+    }
+
+    #[test]
+    fn lots_and_usage_keep_their_file_format() {
+        // What a store written today holds; a change to the ledger's types must not change it.
+        let lots = vec![
+            Lot {
+                remaining_cu: 7,
+                expires_at_ms: Some(100),
+                source: LotSource::Stipend,
+            },
+            Lot {
+                remaining_cu: 1,
+                expires_at_ms: None,
+                source: LotSource::Gift,
+            },
+        ];
+        let lots_on_disk = r#"[{"remaining_cu":7,"expires_at_ms":100,"source":"stipend"},{"remaining_cu":1,"expires_at_ms":null,"source":"gift"}]"#;
+        assert_eq!(lots_json(&lots).unwrap(), lots_on_disk);
+        assert_eq!(lots_from_json(lots_on_disk).unwrap(), lots);
+        let usage = vec![Usage {
+            sink: AccountId(3),
+            period: 20_000,
+            requests: 2,
+            charged_cu: 90,
+        }];
+        let usage_on_disk = r#"[{"sink":3,"period":20000,"requests":2,"charged_cu":90}]"#;
+        assert_eq!(usage_json(&usage).unwrap(), usage_on_disk);
+        assert_eq!(usage_from_json(usage_on_disk).unwrap(), usage);
+        let error = lots_from_json(r#"[{"remaining_cu":1,"expires_at_ms":null,"source":"loan"}]"#)
+            .unwrap_err();
+        assert!(error.contains("unknown lot source \"loan\""), "{error}");
+    }
+
+    #[test]
+    fn a_store_from_before_skeletons_gets_them_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            // A store at schema 3, with names made before names were normalized.
+            let mut connection = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..3] {
+                connection.execute_batch(migration).unwrap();
+            }
+            connection.execute_batch("PRAGMA user_version = 3").unwrap();
+            let transaction = connection.transaction().unwrap();
+            for (id, name) in [(1, "issuer"), (2, "Alice"), (3, "bob")] {
+                transaction
+                    .execute(
+                        "INSERT INTO accounts (id, name, kind, balance_cu, lots, created_at_ms)
+                         VALUES (?1, ?2, 'person', 0, '[]', 1)",
+                        params![id, name],
+                    )
+                    .unwrap();
+            }
+            transaction.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let found = |skeleton: &str| {
+            store
+                .account_by_skeleton(&account_name_skeleton(skeleton))
+                .unwrap()
+                .map(|record| record.name)
+        };
+        assert_eq!(found("alice").as_deref(), Some("Alice"));
+        assert_eq!(found("B0B").as_deref(), Some("bob"));
+        assert_eq!(found("carol"), None);
+        // A new account gets its skeleton as it is written.
+        store
+            .commit(&Batch {
+                created: vec![record(4, "carol")],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert_eq!(found("CAROL").as_deref(), Some("carol"));
+        drop(store);
+        // The version is recorded: a second open has nothing to remake.
+        let connection = Connection::open(&path).unwrap();
+        let version: i64 = connection
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'skeleton_version'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, ACCOUNT_NAME_SKELETON_VERSION);
     }
 
     #[test]
