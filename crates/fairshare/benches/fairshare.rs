@@ -12,29 +12,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use rand::{RngExt, SeedableRng};
+use rand_xorshift::XorShiftRng;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use stipend_fairshare::{Arrival, Limits, Scheduler, Ticket, gini};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 const PERSONS_WAITING: u64 = 10_000;
 const CAPACITY: usize = 64;
@@ -52,9 +35,11 @@ fn limits(capacity: usize) -> Limits {
 fn vtc_cycle(secs: f64) -> f64 {
     let mut scheduler = Scheduler::new(limits(CAPACITY));
     let mut running: VecDeque<Ticket> = VecDeque::new();
-    let mut rng = Rng(7);
+    let mut rng = XorShiftRng::seed_from_u64(7);
     for payer in 0..PERSONS_WAITING {
-        if let Arrival::Admitted(ticket) = scheduler.arrive(payer, 1, 10 + rng.below(100), 0) {
+        if let Arrival::Admitted(ticket) =
+            scheduler.arrive(payer, 1, 10 + rng.random_range(0..100), 0)
+        {
             running.push_back(ticket);
         }
     }
@@ -66,9 +51,11 @@ fn vtc_cycle(secs: f64) -> f64 {
         for _ in 0..1_000 {
             let ticket = running.pop_front().unwrap();
             scheduler.charge(ticket, 20);
-            running.extend(scheduler.finish(ticket, 50 + rng.below(200)));
-            let payer = rng.below(PERSONS_WAITING);
-            if let Arrival::Admitted(ticket) = scheduler.arrive(payer, 1, 10 + rng.below(100), 0) {
+            running.extend(scheduler.finish(ticket, 50 + rng.random_range(0..200)));
+            let payer = rng.random_range(0..PERSONS_WAITING);
+            if let Arrival::Admitted(ticket) =
+                scheduler.arrive(payer, 1, 10 + rng.random_range(0..100), 0)
+            {
                 running.push_back(ticket);
             }
         }
@@ -81,9 +68,9 @@ fn vtc_cycle(secs: f64) -> f64 {
 fn fifo_cycle(secs: f64) -> f64 {
     let mut waiting: VecDeque<(u64, u64)> = VecDeque::new();
     let mut running: VecDeque<(u64, u64)> = VecDeque::new();
-    let mut rng = Rng(7);
+    let mut rng = XorShiftRng::seed_from_u64(7);
     for payer in 0..PERSONS_WAITING {
-        let job = (payer, 10 + rng.below(100));
+        let job = (payer, 10 + rng.random_range(0..100));
         if running.len() < CAPACITY {
             running.push_back(job);
         } else {
@@ -97,11 +84,14 @@ fn fifo_cycle(secs: f64) -> f64 {
     while started.elapsed() < deadline {
         for _ in 0..1_000 {
             let (_, cost) = running.pop_front().unwrap();
-            served = served.wrapping_add(cost + 50 + rng.below(200));
+            served = served.wrapping_add(cost + 50 + rng.random_range(0..200));
             if let Some(next) = waiting.pop_front() {
                 running.push_back(next);
             }
-            let job = (rng.below(PERSONS_WAITING), 10 + rng.below(100));
+            let job = (
+                rng.random_range(0..PERSONS_WAITING),
+                10 + rng.random_range(0..100),
+            );
             if running.len() < CAPACITY {
                 running.push_back(job);
             } else {
@@ -143,7 +133,7 @@ fn overload(policy: Policy, seconds: f64, seed: u64) -> Outcome {
     const HEAVY: usize = 5;
     const PERSONS: usize = 100;
     let dt = 0.01;
-    let mut rng = Rng(seed);
+    let mut rng = XorShiftRng::seed_from_u64(seed);
     // Capacity: 16 slots × 100 tokens/s = 1 600 completion tokens/s. Heavy persons send long
     // requests (about 520 tokens on average with the tail) often; light ones short (about 65)
     // requests now and then. Offered: heavy 5 × 3 × 520 ≈ 7 800, light 95 × 0.05 × 65 ≈ 310
@@ -163,18 +153,18 @@ fn overload(policy: Policy, seconds: f64, seed: u64) -> Outcome {
         for person in 0..PERSONS {
             let heavy = person < HEAVY;
             let rate = if heavy { heavy_rate } else { light_rate };
-            if rng.unit() < rate * dt {
+            if rng.random::<f64>() < rate * dt {
                 // Heavy-tailed lengths: mostly around the mean, sometimes 4×.
-                let scale = if rng.below(10) == 0 { 4 } else { 1 };
+                let scale = if rng.random_range(0..10) == 0 { 4 } else { 1 };
                 let completion = if heavy {
-                    300 + rng.below(200)
+                    300 + rng.random_range(0..200)
                 } else {
-                    30 + rng.below(40)
+                    30 + rng.random_range(0..40)
                 } * scale;
                 let request = Request {
                     person,
                     arrived: now,
-                    prompt: 50 + rng.below(100),
+                    prompt: 50 + rng.random_range(0..100),
                     completion,
                 };
                 match policy {

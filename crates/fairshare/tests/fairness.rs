@@ -4,25 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use rand::{RngExt, SeedableRng};
+use rand_xorshift::XorShiftRng;
 use std::collections::HashMap;
 
 use stipend_fairshare::{Arrival, Limits, Scheduler, Ticket, jain_index};
-
-/// xorshift64*: a seeded, dependency-free generator for reproducible runs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Job {
     payer: u64,
@@ -36,7 +22,7 @@ struct Job {
 /// Returns the cu each person was served (prompts on admission, tokens as made) and the largest
 /// request's cost.
 fn backlogged(persons: u64, capacity: usize, steps: u64, seed: u64) -> (Vec<f64>, u64) {
-    let mut rng = Rng(seed);
+    let mut rng = XorShiftRng::seed_from_u64(seed);
     let mut scheduler = Scheduler::new(Limits {
         capacity,
         queue_depth_max_per_person: 1_000,
@@ -49,16 +35,16 @@ fn backlogged(persons: u64, capacity: usize, steps: u64, seed: u64) -> (Vec<f64>
     let mut largest = 0;
     let mut submit = |payer: u64,
                       scheduler: &mut Scheduler,
-                      rng: &mut Rng,
+                      rng: &mut XorShiftRng,
                       jobs: &mut HashMap<Ticket, Job>,
                       waiting: &mut HashMap<Ticket, Job>,
                       served: &mut Vec<u64>| {
         // A mix of short and long requests.
-        let long = rng.below(10) == 0;
+        let long = rng.random_range(0..10) == 0;
         let job = Job {
             payer,
-            prompt: 10 + rng.below(200),
-            completion: 1 + rng.below(if long { 400 } else { 60 }),
+            prompt: 10 + rng.random_range(0..200),
+            completion: 1 + rng.random_range(0..if long { 400 } else { 60 }),
             done: 0,
         };
         largest = largest.max(job.prompt + job.completion);
@@ -142,23 +128,23 @@ fn backlogged_persons_get_equal_service_within_the_vtc_bound() {
 #[test]
 fn random_events_keep_every_invariant() {
     for seed in 1..=20 {
-        let mut rng = Rng(seed);
+        let mut rng = XorShiftRng::seed_from_u64(seed);
         let mut scheduler = Scheduler::new(Limits {
-            capacity: 1 + rng.below(4) as usize,
-            queue_depth_max_per_person: 1 + rng.below(5) as usize,
-            queue_depth_max: 1 + rng.below(20) as usize,
-            queue_wait_max_ms: 1 + rng.below(100),
+            capacity: 1 + rng.random_range(0..4) as usize,
+            queue_depth_max_per_person: 1 + rng.random_range(0..5) as usize,
+            queue_depth_max: 1 + rng.random_range(0..20) as usize,
+            queue_wait_max_ms: 1 + rng.random_range(0..100),
         });
         let mut running: Vec<Ticket> = Vec::new();
         let mut queued: Vec<Ticket> = Vec::new();
         let mut now = 0;
         for _ in 0..5_000 {
-            now += rng.below(5);
-            match rng.below(6) {
+            now += rng.random_range(0..5);
+            match rng.random_range(0..6) {
                 0 | 1 => match scheduler.arrive(
-                    rng.below(8),
-                    1 + rng.below(3) as u32,
-                    rng.below(50),
+                    rng.random_range(0..8),
+                    1 + rng.random_range(0..3) as u32,
+                    rng.random_range(0..50),
                     now,
                 ) {
                     Arrival::Admitted(ticket) => running.push(ticket),
@@ -166,18 +152,20 @@ fn random_events_keep_every_invariant() {
                     Arrival::Rejected(_) => {}
                 },
                 2 if !running.is_empty() => {
-                    let ticket = running[rng.below(running.len() as u64) as usize];
-                    scheduler.charge(ticket, rng.below(20));
+                    let ticket = running[rng.random_range(0..running.len() as u64) as usize];
+                    scheduler.charge(ticket, rng.random_range(0..20));
                 }
                 3 if !running.is_empty() => {
-                    let ticket = running.swap_remove(rng.below(running.len() as u64) as usize);
-                    for admitted in scheduler.finish(ticket, rng.below(100)) {
+                    let ticket =
+                        running.swap_remove(rng.random_range(0..running.len() as u64) as usize);
+                    for admitted in scheduler.finish(ticket, rng.random_range(0..100)) {
                         queued.retain(|waiting| *waiting != admitted);
                         running.push(admitted);
                     }
                 }
                 4 if !queued.is_empty() => {
-                    let ticket = queued.swap_remove(rng.below(queued.len() as u64) as usize);
+                    let ticket =
+                        queued.swap_remove(rng.random_range(0..queued.len() as u64) as usize);
                     assert!(scheduler.cancel(ticket));
                 }
                 5 => {

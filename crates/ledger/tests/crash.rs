@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use rand::{RngExt, SeedableRng};
+use rand_xorshift::XorShiftRng;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -96,17 +98,6 @@ fn crash_child() {
     });
 }
 
-/// A small xorshift for kill delays; seeded from the clock, printed for replay.
-fn delays(seed: u64) -> impl Iterator<Item = u64> {
-    let mut x = seed | 1;
-    std::iter::repeat_with(move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    })
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let rounds: usize = std::env::var("STIPEND_CRASH_ROUNDS")
@@ -120,7 +111,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     eprintln!("kill delays seeded with {seed}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
-    let mut delays = delays(seed);
+    let mut delays = XorShiftRng::seed_from_u64(seed);
     let mut acknowledged_total = 0usize;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -148,7 +139,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // Wait for start-up, then kill somewhere in the next 20–300 ms of load.
         let started = Instant::now();
         std::thread::sleep(Duration::from_millis(150));
-        let delay = 20 + delays.next().unwrap() % 280;
+        let delay = 20 + delays.random_range(0..280);
         std::thread::sleep(Duration::from_millis(delay));
         let killed = Command::new("kill")
             .args(["-KILL", &child.id().to_string()])

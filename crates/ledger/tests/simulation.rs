@@ -7,6 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use rand::seq::IndexedRandom;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_xorshift::XorShiftRng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,29 +21,10 @@ use stipend_ledger::{
 };
 use stipend_store_sqlite::SqliteStore;
 
-/// SplitMix64: small, fast, and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
 const DAY_MS: i64 = 86_400_000;
 
 struct Sim {
-    rng: Rng,
+    rng: XorShiftRng,
     path: PathBuf,
     clock: Arc<ManualClock>,
     policy: StipendPolicy,
@@ -128,10 +112,10 @@ impl Sim {
     }
 
     fn reserve(&mut self) {
-        let account = *self.rng.pick(&self.spenders);
-        let sink = *self.rng.pick(&self.sinks);
-        let amount_cu = 1 + self.rng.below(700);
-        let timeout = Duration::from_millis(1 + self.rng.below(120_000));
+        let account = *self.spenders.choose(&mut self.rng).expect("never empty");
+        let sink = *self.sinks.choose(&mut self.rng).expect("never empty");
+        let amount_cu = 1 + self.rng.random_range(0..700);
+        let timeout = Duration::from_millis(1 + self.rng.random_range(0..120_000));
         let available = self.available(account);
         match self.ledger().reserve(account, sink, amount_cu, timeout) {
             Ok(reservation) => {
@@ -158,13 +142,13 @@ impl Sim {
         if self.open.is_empty() {
             return;
         }
-        let index = self.rng.below(self.open.len() as u64) as usize;
+        let index = self.rng.random_range(0..self.open.len() as u64) as usize;
         let reservation = self.open.swap_remove(index);
         let held = reservation.amount_cu();
-        let actual = match self.rng.below(3) {
-            0 => self.rng.below(held + 1),
+        let actual = match self.rng.random_range(0..3) {
+            0 => self.rng.random_range(0..held + 1),
             1 => held,
-            _ => held + 1 + self.rng.below(500),
+            _ => held + 1 + self.rng.random_range(0..500),
         };
         let expired = reservation.expires_at_ms() <= self.ledger().now_ms();
         // What the account could cover beyond this hold, seen just before.
@@ -199,7 +183,7 @@ impl Sim {
         if self.open.is_empty() {
             return;
         }
-        let index = self.rng.below(self.open.len() as u64) as usize;
+        let index = self.rng.random_range(0..self.open.len() as u64) as usize;
         let reservation = self.open.swap_remove(index);
         let expired = reservation.expires_at_ms() <= self.ledger().now_ms();
         let result = self.ledger().void(reservation.id());
@@ -216,7 +200,7 @@ impl Sim {
         if self.closed.is_empty() {
             return;
         }
-        let reservation = *self.rng.pick(&self.closed);
+        let reservation = *self.closed.choose(&mut self.rng).expect("never empty");
         let before = self.available(reservation.account());
         let settle = self.ledger().settle(reservation.id(), 1).map(drop);
         let void = self.ledger().void(reservation.id()).map(drop);
@@ -231,13 +215,13 @@ impl Sim {
     }
 
     fn give(&mut self) {
-        if !self.used_ids.is_empty() && self.rng.below(4) == 0 {
+        if !self.used_ids.is_empty() && self.rng.random_range(0..4) == 0 {
             return self.replay();
         }
-        let from = *self.rng.pick(&self.givers);
-        let to = *self.rng.pick(&self.givers);
-        let amount_cu = 1 + self.rng.below(400);
-        let id = TransferId(u128::from(self.rng.next()) << 1);
+        let from = *self.givers.choose(&mut self.rng).expect("never empty");
+        let to = *self.givers.choose(&mut self.rng).expect("never empty");
+        let amount_cu = 1 + self.rng.random_range(0..400);
+        let id = TransferId(u128::from(self.rng.next_u64()) << 1);
         let available = self.available(from);
         match self.ledger().give(id, from, to, amount_cu) {
             Ok(durable) => {
@@ -260,14 +244,14 @@ impl Sim {
     }
 
     fn grant(&mut self) {
-        let to = *self.rng.pick(&self.givers);
-        let amount_cu = 1 + self.rng.below(300);
+        let to = *self.givers.choose(&mut self.rng).expect("never empty");
+        let amount_cu = 1 + self.rng.random_range(0..300);
         let now = self.ledger().now_ms();
-        let expires = match self.rng.below(3) {
+        let expires = match self.rng.random_range(0..3) {
             0 => None,
-            _ => Some(now + 1 + self.rng.below(3 * DAY_MS as u64) as i64),
+            _ => Some(now + 1 + self.rng.random_range(0..3 * DAY_MS as u64) as i64),
         };
-        let id = TransferId((u128::from(self.rng.next()) << 1) | 1);
+        let id = TransferId((u128::from(self.rng.next_u64()) << 1) | 1);
         match self.ledger().grant(id, to, amount_cu, expires) {
             Ok(durable) => {
                 durable.wait().unwrap();
@@ -280,8 +264,8 @@ impl Sim {
 
     /// Replays an earlier id: the same content is a no-op, other content a conflict.
     fn replay(&mut self) {
-        let (id, op) = *self.rng.pick(&self.used_ids);
-        let tamper = self.rng.below(2) == 0;
+        let (id, op) = *self.used_ids.choose(&mut self.rng).expect("never empty");
+        let tamper = self.rng.random_range(0..2) == 0;
         let result = match op {
             Op::Give {
                 from,
@@ -306,10 +290,10 @@ impl Sim {
     }
 
     fn advance(&mut self) {
-        let delta = match self.rng.below(10) {
-            0 => DAY_MS * (1 + self.rng.below(3) as i64),
+        let delta = match self.rng.random_range(0..10) {
+            0 => DAY_MS * (1 + self.rng.random_range(0..3) as i64),
             1 => DAY_MS / 3,
-            _ => self.rng.below(30_000) as i64,
+            _ => self.rng.random_range(0..30_000) as i64,
         };
         self.clock.advance_ms(delta);
     }
@@ -383,7 +367,7 @@ fn run(seed: u64, steps: u64, dir: &Path) {
         ledger.sink("sink:b").unwrap(),
     ];
     let mut sim = Sim {
-        rng: Rng(seed),
+        rng: XorShiftRng::seed_from_u64(seed),
         path,
         clock,
         policy,
@@ -400,7 +384,7 @@ fn run(seed: u64, steps: u64, dir: &Path) {
     };
     for step in 0..steps {
         sim.step = step;
-        let choice = sim.rng.below(100);
+        let choice = sim.rng.random_range(0..100);
         let what = match choice {
             0..=29 => {
                 sim.reserve();
