@@ -592,3 +592,49 @@ async fn fail(output: &mut Output, error: ApiError) {
         Output::Whole(_) => output.reply(Err(error)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn shape(endpoint: Endpoint) -> Shape {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Completion => "cmpl-",
+        };
+        Shape {
+            id: format!("{prefix}0123456789abcdef01234567"),
+            created: 1_796_000_000,
+            model: "smollm2-135m".to_string(),
+            endpoint,
+        }
+    }
+
+    /// What OpenAI's clients parse of an embedded model's answers, whole and streamed, for both
+    /// endpoints: every field and its place.
+    #[test]
+    fn the_answers_have_openais_shapes() {
+        let usage = Usage {
+            prompt_tokens: 12,
+            completion_tokens: 3,
+        };
+        let mut out = String::new();
+        for endpoint in [Endpoint::Chat, Endpoint::Completion] {
+            let shape = shape(endpoint);
+            let whole = shape.whole("Hi there".to_string(), usage, FinishReason::Stop);
+            out.push_str(&serde_json::to_string_pretty(&whole).unwrap());
+            out.push('\n');
+            for chunk in [
+                shape.chunk(true, "", None),
+                shape.chunk(false, "Hi", None),
+                shape.chunk(false, "", Some(FinishReason::Length)),
+                shape.usage_chunk(usage),
+            ] {
+                out.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        }
+        insta::assert_snapshot!(out);
+    }
+}

@@ -325,3 +325,77 @@ impl IntoResponse for ApiError {
         (status, headers, axum::Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Every refusal as a client receives it: status, the headers that steer retries, and the
+    /// OpenAI-shaped body.
+    #[test]
+    fn every_error_has_openais_shape() {
+        let errors = [
+            ApiError::Unauthorized("the key is revoked".to_string()),
+            ApiError::param("temperature", "`temperature` must be a number from 0 to 2"),
+            ApiError::ContextLengthExceeded {
+                message: "This model's maximum context length is 2048 tokens.".to_string(),
+                param: "messages",
+            },
+            ApiError::UnknownPath {
+                method: "GET".to_string(),
+                path: "/v1/nothing".to_string(),
+                other_method: false,
+            },
+            ApiError::UnknownPath {
+                method: "GET".to_string(),
+                path: "/v1/chat/completions".to_string(),
+                other_method: true,
+            },
+            ApiError::ModelNotFound("gpt-9".to_string()),
+            ApiError::PayloadTooLarge(4_194_304),
+            ApiError::BodyTimeout(30),
+            ApiError::BudgetExhausted {
+                needed_cu: 5_000,
+                available_cu: 1_200,
+                next_grant_at_ms: Some(1_796_083_200_000),
+            },
+            ApiError::RateLimited {
+                reason: stipend_fairshare::Rejection::PersonQueueFull,
+                retry_after_s: 2,
+            },
+            ApiError::Overloaded(
+                "The server is at capacity (reservations); try again shortly.".to_string(),
+            ),
+            ApiError::Upstream("HTTP 500".to_string()),
+            ApiError::UpstreamTimeout,
+            ApiError::CutShort {
+                reason: "the model server broke off".to_string(),
+                charged_cu: 420,
+            },
+            ApiError::ShuttingDown,
+            ApiError::LedgerUnavailable,
+            ApiError::Internal,
+        ];
+        let mut out = String::new();
+        for error in errors {
+            let body = error.body();
+            let response = error.into_response();
+            out.push_str(&format!("{}\n", response.status()));
+            for name in [
+                "retry-after",
+                "x-should-retry",
+                "x-stipend-available-cu",
+                "x-stipend-next-grant",
+            ] {
+                if let Some(value) = response.headers().get(name) {
+                    out.push_str(&format!("{name}: {}\n", value.to_str().unwrap()));
+                }
+            }
+            out.push_str(&serde_json::to_string(&body).unwrap());
+            out.push_str("\n\n");
+        }
+        insta::assert_snapshot!(out);
+    }
+}

@@ -167,41 +167,85 @@ pub struct QueueView<'a> {
     pub counters: &'a crate::queue::QueueCounters,
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// The Prometheus text format, one metric family at a time.
+struct Exposition {
+    out: String,
 }
 
-/// Renders the fair-share queues' gauges and counters.
-fn render_queues(out: &mut String, queues: &[QueueView<'_>]) {
-    header(
-        out,
+impl Exposition {
+    /// Starts a family: its help and its type.
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    /// One sample. Label values are configured model names and fixed words, which need no
+    /// escaping (model names are letters, digits and `- _ . : /`).
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (index, (label, text)) in labels.iter().enumerate() {
+                if index > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{label}=\"{text}\"");
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A histogram's samples: its cumulative buckets, `+Inf`, the sum in seconds and the count.
+    fn histogram(
+        &mut self,
+        name: &str,
+        label: (&str, &str),
+        buckets: impl IntoIterator<Item = (f64, u64)>,
+        sum_us: u64,
+        count: u64,
+    ) {
+        let bucket_name = format!("{name}_bucket");
+        for (bound, value) in buckets {
+            self.sample(&bucket_name, &[label, ("le", &bound.to_string())], value);
+        }
+        self.sample(&bucket_name, &[label, ("le", "+Inf")], count);
+        self.sample(&format!("{name}_sum"), &[label], sum_us as f64 / 1e6);
+        self.sample(&format!("{name}_count"), &[label], count);
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// The fair-share queues' gauges and counters.
+fn render_queues(out: &mut Exposition, queues: &[QueueView<'_>]) {
+    out.family(
         "stipend_queue_running",
         "gauge",
         "Requests holding a slot of a model, read together with stipend_queue_depth.",
     );
     for queue in queues {
-        let _ = writeln!(
-            out,
-            "stipend_queue_running{{model=\"{}\"}} {}",
-            queue.model, queue.running
+        out.sample(
+            "stipend_queue_running",
+            &[("model", queue.model)],
+            queue.running,
         );
     }
-    header(
-        out,
+    out.family(
         "stipend_queue_depth",
         "gauge",
         "Requests waiting in a model's fair-share queue.",
     );
     for queue in queues {
-        let _ = writeln!(
-            out,
-            "stipend_queue_depth{{model=\"{}\"}} {}",
-            queue.model, queue.waiting
+        out.sample(
+            "stipend_queue_depth",
+            &[("model", queue.model)],
+            queue.waiting,
         );
     }
-    header(
-        out,
+    out.family(
         "stipend_queue_rejections_total",
         "counter",
         "Requests the fair-share queue turned away, by reason.",
@@ -211,52 +255,153 @@ fn render_queues(out: &mut String, queues: &[QueueView<'_>]) {
             .iter()
             .zip(&queue.counters.rejected)
         {
-            let _ = writeln!(
-                out,
-                "stipend_queue_rejections_total{{model=\"{}\",reason=\"{}\"}} {}",
-                queue.model,
-                reason.as_str(),
-                count.load(Ordering::Relaxed)
+            out.sample(
+                "stipend_queue_rejections_total",
+                &[("model", queue.model), ("reason", reason.as_str())],
+                load(count),
             );
         }
     }
-    header(
-        out,
+    out.family(
         "stipend_queue_wait_seconds",
         "histogram",
         "Time from reservation to a slot, for requests given one.",
     );
     for queue in queues {
         let counters = queue.counters;
-        for (bound, bucket) in crate::queue::WAIT_BUCKETS_S
-            .iter()
-            .zip(&counters.wait_buckets)
-        {
-            let _ = writeln!(
-                out,
-                "stipend_queue_wait_seconds_bucket{{model=\"{}\",le=\"{bound}\"}} {}",
-                queue.model,
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = counters.admitted.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "stipend_queue_wait_seconds_bucket{{model=\"{}\",le=\"+Inf\"}} {count}",
-            queue.model
-        );
-        let _ = writeln!(
-            out,
-            "stipend_queue_wait_seconds_sum{{model=\"{}\"}} {}",
-            queue.model,
-            counters.wait_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "stipend_queue_wait_seconds_count{{model=\"{}\"}} {count}",
-            queue.model
+        out.histogram(
+            "stipend_queue_wait_seconds",
+            ("model", queue.model),
+            crate::queue::WAIT_BUCKETS_S
+                .iter()
+                .zip(&counters.wait_buckets)
+                .map(|(bound, bucket)| (*bound, load(bucket))),
+            load(&counters.wait_sum_us),
+            load(&counters.admitted),
         );
     }
+}
+
+/// Each model's requests: outcomes, compute charged, failures, streams cut short, latency.
+fn render_requests(out: &mut Exposition, models: &[(&str, &Counters)], unrouted: &Counters) {
+    out.family(
+        "stipend_requests_total",
+        "counter",
+        "API requests by model and outcome (model \"\" before a model was known).",
+    );
+    for (model, counters) in models.iter().copied().chain([("", unrouted)]) {
+        for outcome in OUTCOMES {
+            out.sample(
+                "stipend_requests_total",
+                &[("model", model), ("outcome", outcome.label())],
+                counters.outcome_count(outcome),
+            );
+        }
+    }
+    out.family(
+        "stipend_charged_cu_total",
+        "counter",
+        "Compute charged, in cu (1 cu = 1 GFLOP).",
+    );
+    for (model, counters) in models {
+        out.sample(
+            "stipend_charged_cu_total",
+            &[("model", model)],
+            load(&counters.charged_cu),
+        );
+    }
+    out.family(
+        "stipend_upstream_errors_total",
+        "counter",
+        "Upstream failures and timeouts, by model.",
+    );
+    for (model, counters) in models {
+        let errors = counters.outcome_count(Outcome::UpstreamError)
+            + counters.outcome_count(Outcome::UpstreamTimeout);
+        out.sample("stipend_upstream_errors_total", &[("model", model)], errors);
+    }
+    out.family(
+        "stipend_streams_cut_short_total",
+        "counter",
+        "Streams that ended early: the upstream broke off or the client left.",
+    );
+    for (model, counters) in models {
+        out.sample(
+            "stipend_streams_cut_short_total",
+            &[("model", model)],
+            load(&counters.streams_cut_short),
+        );
+    }
+    out.family(
+        "stipend_request_duration_seconds",
+        "histogram",
+        "Time to answer (streams: to the first byte), by model.",
+    );
+    for (model, counters) in models {
+        out.histogram(
+            "stipend_request_duration_seconds",
+            ("model", model),
+            LATENCY_BUCKETS_S
+                .iter()
+                .zip(&counters.latency_buckets)
+                .map(|(bound, bucket)| (*bound, load(bucket))),
+            load(&counters.latency_sum_us),
+            load(&counters.latency_count),
+        );
+    }
+}
+
+/// What is read at scrape time: calls in flight, busy slots, the ledger's reservations and
+/// commits.
+fn render_gauges(out: &mut Exposition, gauges: &Gauges) {
+    out.family(
+        "stipend_upstream_in_flight",
+        "gauge",
+        "Requests in flight, by model: upstream, or holding a slot of an embedded model.",
+    );
+    for (model, in_flight) in &gauges.in_flight {
+        out.sample("stipend_upstream_in_flight", &[("model", model)], in_flight);
+    }
+    out.family(
+        "stipend_model_slots_busy",
+        "gauge",
+        "An embedded model's sequence slots generating right now.",
+    );
+    for (model, busy) in &gauges.slots_busy {
+        out.sample("stipend_model_slots_busy", &[("model", model)], busy);
+    }
+    out.family(
+        "stipend_reservations_open",
+        "gauge",
+        "Reservations open now.",
+    );
+    out.sample("stipend_reservations_open", &[], gauges.reservations_open);
+    out.family(
+        "stipend_ledger_commits_total",
+        "counter",
+        "Group commits to the store.",
+    );
+    out.sample("stipend_ledger_commits_total", &[], gauges.ledger_commits);
+    out.family(
+        "stipend_ledger_checkpoints_total",
+        "counter",
+        "Checkpoints of account state.",
+    );
+    out.sample(
+        "stipend_ledger_checkpoints_total",
+        &[],
+        gauges.ledger_checkpoints,
+    );
+    out.family(
+        "stipend_ledger_commit_seconds_total",
+        "counter",
+        "Time spent inside store commits.",
+    );
+    out.sample(
+        "stipend_ledger_commit_seconds_total",
+        &[],
+        gauges.ledger_commit_seconds,
+    );
 }
 
 /// Renders every counter in the Prometheus text format.
@@ -266,162 +411,58 @@ pub fn render(
     gauges: &Gauges,
     queues: &[QueueView<'_>],
 ) -> String {
-    let mut out = String::new();
+    let mut out = Exposition { out: String::new() };
     render_queues(&mut out, queues);
-    let all: Vec<(&str, &Counters)> = models
-        .iter()
-        .copied()
-        .chain(std::iter::once(("", unrouted)))
-        .collect();
-    header(
-        &mut out,
-        "stipend_requests_total",
-        "counter",
-        "API requests by model and outcome (model \"\" before a model was known).",
-    );
-    for (model, counters) in &all {
-        for outcome in OUTCOMES {
-            let _ = writeln!(
-                out,
-                "stipend_requests_total{{model=\"{model}\",outcome=\"{}\"}} {}",
-                outcome.label(),
-                counters.outcome_count(outcome)
-            );
+    render_requests(&mut out, models, unrouted);
+    render_gauges(&mut out, gauges);
+    out.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueCounters;
+
+    /// The whole exposition for fixed counts: names, labels, help texts and bucket bounds are
+    /// what dashboards and alerts are built on, so any change to them shows here.
+    #[test]
+    fn the_exposition_is_stable() {
+        let model = Counters::default();
+        model.request(Outcome::Ok, Duration::from_millis(30));
+        model.request(Outcome::Ok, Duration::from_millis(700));
+        model.request(Outcome::BudgetExhausted, Duration::from_micros(400));
+        model.request(Outcome::UpstreamTimeout, Duration::from_secs(3));
+        model.charged(1_234);
+        model.stream_cut_short();
+        let unrouted = Counters::default();
+        unrouted.request(Outcome::Unauthorized, Duration::from_micros(50));
+        let queue = QueueCounters::default();
+        queue.rejected[1].store(2, Ordering::Relaxed);
+        // Cumulative, as the queue counts them: one wait within 0.1 s, two more within 0.25 s.
+        for (index, bucket) in queue.wait_buckets.iter().enumerate().skip(3) {
+            bucket.store(if index == 3 { 1 } else { 3 }, Ordering::Relaxed);
         }
-    }
-    header(
-        &mut out,
-        "stipend_charged_cu_total",
-        "counter",
-        "Compute charged, in cu (1 cu = 1 GFLOP).",
-    );
-    for (model, counters) in models {
-        let _ = writeln!(
-            out,
-            "stipend_charged_cu_total{{model=\"{model}\"}} {}",
-            counters.charged_cu.load(Ordering::Relaxed)
+        queue.wait_sum_us.store(450_000, Ordering::Relaxed);
+        queue.admitted.store(3, Ordering::Relaxed);
+        let gauges = Gauges {
+            reservations_open: 4,
+            ledger_commits: 17,
+            ledger_checkpoints: 2,
+            ledger_commit_seconds: 0.125,
+            in_flight: vec![("smollm2-135m".to_string(), 3)],
+            slots_busy: vec![("smollm2-135m".to_string(), 2)],
+        };
+        let text = render(
+            &[("smollm2-135m", &model)],
+            &unrouted,
+            &gauges,
+            &[QueueView {
+                model: "smollm2-135m",
+                running: 2,
+                waiting: 5,
+                counters: &queue,
+            }],
         );
+        insta::assert_snapshot!(text);
     }
-    header(
-        &mut out,
-        "stipend_upstream_errors_total",
-        "counter",
-        "Upstream failures and timeouts, by model.",
-    );
-    for (model, counters) in models {
-        let errors = counters.outcome_count(Outcome::UpstreamError)
-            + counters.outcome_count(Outcome::UpstreamTimeout);
-        let _ = writeln!(
-            out,
-            "stipend_upstream_errors_total{{model=\"{model}\"}} {errors}"
-        );
-    }
-    header(
-        &mut out,
-        "stipend_streams_cut_short_total",
-        "counter",
-        "Streams that ended early: the upstream broke off or the client left.",
-    );
-    for (model, counters) in models {
-        let _ = writeln!(
-            out,
-            "stipend_streams_cut_short_total{{model=\"{model}\"}} {}",
-            counters.streams_cut_short.load(Ordering::Relaxed)
-        );
-    }
-    header(
-        &mut out,
-        "stipend_request_duration_seconds",
-        "histogram",
-        "Time to answer (streams: to the first byte), by model.",
-    );
-    for (model, counters) in models {
-        for (bucket, bound) in counters.latency_buckets.iter().zip(LATENCY_BUCKETS_S) {
-            let _ = writeln!(
-                out,
-                "stipend_request_duration_seconds_bucket{{model=\"{model}\",le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = counters.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "stipend_request_duration_seconds_bucket{{model=\"{model}\",le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "stipend_request_duration_seconds_sum{{model=\"{model}\"}} {}",
-            counters.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "stipend_request_duration_seconds_count{{model=\"{model}\"}} {count}"
-        );
-    }
-    header(
-        &mut out,
-        "stipend_upstream_in_flight",
-        "gauge",
-        "Requests in flight, by model: upstream, or holding a slot of an embedded model.",
-    );
-    for (model, in_flight) in &gauges.in_flight {
-        let _ = writeln!(
-            out,
-            "stipend_upstream_in_flight{{model=\"{model}\"}} {in_flight}"
-        );
-    }
-    header(
-        &mut out,
-        "stipend_model_slots_busy",
-        "gauge",
-        "An embedded model's sequence slots generating right now.",
-    );
-    for (model, busy) in &gauges.slots_busy {
-        let _ = writeln!(out, "stipend_model_slots_busy{{model=\"{model}\"}} {busy}");
-    }
-    header(
-        &mut out,
-        "stipend_reservations_open",
-        "gauge",
-        "Reservations open now.",
-    );
-    let _ = writeln!(
-        out,
-        "stipend_reservations_open {}",
-        gauges.reservations_open
-    );
-    header(
-        &mut out,
-        "stipend_ledger_commits_total",
-        "counter",
-        "Group commits to the store.",
-    );
-    let _ = writeln!(
-        out,
-        "stipend_ledger_commits_total {}",
-        gauges.ledger_commits
-    );
-    header(
-        &mut out,
-        "stipend_ledger_checkpoints_total",
-        "counter",
-        "Checkpoints of account state.",
-    );
-    let _ = writeln!(
-        out,
-        "stipend_ledger_checkpoints_total {}",
-        gauges.ledger_checkpoints
-    );
-    header(
-        &mut out,
-        "stipend_ledger_commit_seconds_total",
-        "counter",
-        "Time spent inside store commits.",
-    );
-    let _ = writeln!(
-        out,
-        "stipend_ledger_commit_seconds_total {}",
-        gauges.ledger_commit_seconds
-    );
-    out
 }

@@ -421,21 +421,7 @@ struct MessageHead<'a> {
 
 /// Checks what every backend needs of a request body; the reply is a 400 naming the field.
 fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, ApiError> {
-    let request = match RawObject::parse(bytes) {
-        Ok(request) => request,
-        Err(RawError::Syntax(error)) => {
-            return Err(ApiError::InvalidRequest {
-                message: format!("We could not parse the JSON body of your request: {error}"),
-                param: None,
-            });
-        }
-        Err(RawError::NotObject) => {
-            return Err(ApiError::InvalidRequest {
-                message: "The request body must be a JSON object.".to_string(),
-                param: None,
-            });
-        }
-    };
+    let request = parse_object(bytes)?;
     let model_name = match request.get::<String>("model") {
         Some(Ok(name)) => name,
         _ => {
@@ -450,12 +436,59 @@ fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, 
         .get(&model_name)
         .cloned()
         .ok_or(ApiError::ModelNotFound(model_name))?;
-    let stream = match scalar(&request, "stream") {
+    let (stream, include_usage) = parse_stream(&request)?;
+    let max_tokens_asked = parse_max_tokens(&request, gateway.options.max_tokens_max)?;
+    check_sampling(&request)?;
+    let messages = match endpoint {
+        Endpoint::Chat => count_messages(&request)?,
+        Endpoint::Completion => {
+            if !matches!(
+                request.raw("prompt").and_then(|raw| raw.bytes().next()),
+                Some(b'"' | b'[')
+            ) {
+                return Err(ApiError::param(
+                    "prompt",
+                    "`prompt` must be a string or an array",
+                ));
+            }
+            0
+        }
+    };
+    let choices = count_choices(&request, endpoint)?;
+    Ok(Parsed {
+        model,
+        stream,
+        include_usage,
+        max_tokens_asked,
+        messages,
+        choices,
+        request,
+    })
+}
+
+/// The body as a JSON object, read at its top level only.
+fn parse_object(bytes: Bytes) -> Result<RawObject, ApiError> {
+    match RawObject::parse(bytes) {
+        Ok(request) => Ok(request),
+        Err(RawError::Syntax(error)) => Err(ApiError::InvalidRequest {
+            message: format!("We could not parse the JSON body of your request: {error}"),
+            param: None,
+        }),
+        Err(RawError::NotObject) => Err(ApiError::InvalidRequest {
+            message: "The request body must be a JSON object.".to_string(),
+            param: None,
+        }),
+    }
+}
+
+/// `stream`, and `stream_options.include_usage`.
+fn parse_stream(request: &RawObject) -> Result<(bool, bool), ApiError> {
+    let stream = match scalar(request, "stream") {
         None => false,
         Some(Value::Bool(stream)) => stream,
         Some(_) => return Err(ApiError::param("stream", "`stream` must be true or false")),
     };
-    let include_usage = match scalar(&request, "stream_options") {
+    let include_usage = match scalar(request, "stream_options") {
         None => false,
         Some(Value::Object(options)) => match options.get("include_usage") {
             None | Some(Value::Null) => false,
@@ -474,8 +507,81 @@ fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, 
             ));
         }
     };
-    let n = count(&request, "n")?;
-    let best_of = count(&request, "best_of")?;
+    Ok((stream, include_usage))
+}
+
+/// `max_completion_tokens` (or else `max_tokens`), if given: from 1 to `max`.
+fn parse_max_tokens(request: &RawObject, max: u64) -> Result<Option<u64>, ApiError> {
+    let asked = match integer(request, "max_completion_tokens")? {
+        Some(tokens) => Some(("max_completion_tokens", tokens)),
+        None => integer(request, "max_tokens")?.map(|tokens| ("max_tokens", tokens)),
+    };
+    match asked {
+        None => Ok(None),
+        Some((key, tokens)) if tokens < 1 => Err(ApiError::param(
+            key,
+            format!("`{key}` must be at least 1, got {tokens}"),
+        )),
+        Some((key, tokens)) if tokens as u64 > max => Err(ApiError::param(
+            key,
+            format!("`{key}` must be at most {max}, got {tokens}"),
+        )),
+        Some((_, tokens)) => Ok(Some(tokens as u64)),
+    }
+}
+
+/// The sampling options every backend takes, in OpenAI's ranges.
+fn check_sampling(request: &RawObject) -> Result<(), ApiError> {
+    number_in(request, "temperature", 0.0, 2.0)?;
+    number_in(request, "top_p", 0.0, 1.0)?;
+    number_in(request, "frequency_penalty", -2.0, 2.0)?;
+    number_in(request, "presence_penalty", -2.0, 2.0)?;
+    integer(request, "seed")?;
+    match scalar(request, "stop") {
+        None | Some(Value::String(_)) => Ok(()),
+        Some(Value::Array(stops))
+            if stops.len() <= STOP_SEQUENCES_MAX && stops.iter().all(Value::is_string) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(ApiError::param(
+            "stop",
+            format!("`stop` must be a string or up to {STOP_SEQUENCES_MAX} strings"),
+        )),
+    }
+}
+
+/// A chat's messages: a non-empty array, each with a known role. Returns how many.
+fn count_messages(request: &RawObject) -> Result<u64, ApiError> {
+    let messages = match request.get::<Vec<&serde_json::value::RawValue>>("messages") {
+        Some(Ok(messages)) if !messages.is_empty() => messages,
+        _ => {
+            return Err(ApiError::param(
+                "messages",
+                "`messages` must be a non-empty array",
+            ));
+        }
+    };
+    for (index, message) in messages.iter().enumerate() {
+        let role = serde_json::from_str::<MessageHead<'_>>(message.get());
+        if !matches!(
+            role.as_ref().map(|head| head.role.as_ref()),
+            Ok("system" | "developer" | "user" | "assistant" | "tool")
+        ) {
+            return Err(ApiError::param(
+                &format!("messages[{index}].role"),
+                "each message needs a `role` of system, developer, user, assistant or tool",
+            ));
+        }
+    }
+    Ok(messages.len() as u64)
+}
+
+/// The choices a call computes: every prompt is answered with `n` choices, each drawn from
+/// `best_of` generations; at most [`CHOICES_MAX`].
+fn count_choices(request: &RawObject, endpoint: Endpoint) -> Result<u64, ApiError> {
+    let n = count(request, "n")?;
+    let best_of = count(request, "best_of")?;
     if let (Some(n), Some(best_of)) = (n, best_of)
         && best_of < n
     {
@@ -484,90 +590,12 @@ fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, 
             format!("`best_of` ({best_of}) must be at least `n` ({n})"),
         ));
     }
-    let asked = match integer(&request, "max_completion_tokens")? {
-        Some(tokens) => Some(("max_completion_tokens", tokens)),
-        None => integer(&request, "max_tokens")?.map(|tokens| ("max_tokens", tokens)),
-    };
-    let max_tokens_asked = match asked {
-        None => None,
-        Some((key, tokens)) if tokens < 1 => {
-            return Err(ApiError::param(
-                key,
-                format!("`{key}` must be at least 1, got {tokens}"),
-            ));
-        }
-        Some((key, tokens)) if tokens as u64 > gateway.options.max_tokens_max => {
-            return Err(ApiError::param(
-                key,
-                format!(
-                    "`{key}` must be at most {}, got {tokens}",
-                    gateway.options.max_tokens_max
-                ),
-            ));
-        }
-        Some((_, tokens)) => Some(tokens as u64),
-    };
-    number_in(&request, "temperature", 0.0, 2.0)?;
-    number_in(&request, "top_p", 0.0, 1.0)?;
-    number_in(&request, "frequency_penalty", -2.0, 2.0)?;
-    number_in(&request, "presence_penalty", -2.0, 2.0)?;
-    integer(&request, "seed")?;
-    match scalar(&request, "stop") {
-        None | Some(Value::String(_)) => {}
-        Some(Value::Array(stops))
-            if stops.len() <= STOP_SEQUENCES_MAX && stops.iter().all(Value::is_string) => {}
-        Some(_) => {
-            return Err(ApiError::param(
-                "stop",
-                format!("`stop` must be a string or up to {STOP_SEQUENCES_MAX} strings"),
-            ));
-        }
-    }
-    let messages = match endpoint {
-        Endpoint::Chat => {
-            let messages = match request.get::<Vec<&serde_json::value::RawValue>>("messages") {
-                Some(Ok(messages)) if !messages.is_empty() => messages,
-                _ => {
-                    return Err(ApiError::param(
-                        "messages",
-                        "`messages` must be a non-empty array",
-                    ));
-                }
-            };
-            for (index, message) in messages.iter().enumerate() {
-                let role = serde_json::from_str::<MessageHead<'_>>(message.get());
-                if !matches!(
-                    role.as_ref().map(|head| head.role.as_ref()),
-                    Ok("system" | "developer" | "user" | "assistant" | "tool")
-                ) {
-                    return Err(ApiError::param(
-                        &format!("messages[{index}].role"),
-                        "each message needs a `role` of system, developer, user, assistant or tool",
-                    ));
-                }
-            }
-            messages.len() as u64
-        }
-        Endpoint::Completion => {
-            if !matches!(
-                request.raw("prompt").and_then(|raw| raw.bytes().next()),
-                Some(b'"' | b'[')
-            ) {
-                return Err(ApiError::param(
-                    "prompt",
-                    "`prompt` must be a string or an array",
-                ));
-            }
-            0
-        }
-    };
-    // Every prompt is answered with `n` choices, each drawn from `best_of` generations.
     let prompts = match endpoint {
         Endpoint::Chat => 1,
-        Endpoint::Completion => prompts(&request)?,
+        Endpoint::Completion => prompts(request)?,
     };
     let per_prompt = n.unwrap_or(1).max(best_of.unwrap_or(1));
-    let choices = prompts
+    prompts
         .checked_mul(per_prompt)
         .filter(|choices| *choices <= CHOICES_MAX)
         .ok_or_else(|| {
@@ -577,16 +605,7 @@ fn parse(gateway: &Gateway, bytes: Bytes, endpoint: Endpoint) -> Result<Parsed, 
                     "The request asks for {prompts} prompt(s) × {per_prompt} choice(s); a call may compute at most {CHOICES_MAX} choices."
                 ),
             )
-        })?;
-    Ok(Parsed {
-        model,
-        stream,
-        include_usage,
-        max_tokens_asked,
-        messages,
-        choices,
-        request,
-    })
+        })
 }
 
 /// A count of choices (`n`, `best_of`): an integer from 1 to [`CHOICES_MAX`], if given.

@@ -607,4 +607,152 @@ mod tests {
             );
         }
     }
+
+    /// Every reply as the operator reads it and as scripts and the control socket carry it, and
+    /// every request as the control socket carries it: a change to either shows here.
+    #[test]
+    fn the_cli_text_and_the_control_messages_are_stable() {
+        let lot = LotInfo {
+            remaining_cu: 9_750_000,
+            source: LotSource::Stipend,
+            expires_at: Some("2026-12-05T00:00:00Z".into()),
+        };
+        let alice = AccountInfo {
+            id: AccountId(2),
+            name: "alice".into(),
+            kind: AccountKind::Person,
+            balance_cu: 10_003_500,
+            reserved_cu: 3_500,
+            available_cu: 10_000_000,
+            next_grant_at: Some("2026-12-05T00:00:00Z".into()),
+            next_grant_cu: Some(10_000_000),
+            lots: vec![
+                lot,
+                LotInfo {
+                    remaining_cu: 3_500,
+                    source: LotSource::Grant,
+                    expires_at: None,
+                },
+            ],
+            usage: vec![UsageInfo {
+                sink: "sink:smollm2-135m".into(),
+                requests: 12,
+                charged_cu: 250_000,
+            }],
+            history: vec![
+                TransferInfo {
+                    id: TransferId(0xabc123),
+                    kind: TransferKind::Grant,
+                    amount_cu: 3_500,
+                    counterparty: "issuer".into(),
+                    at: "2026-12-04T10:00:00Z".into(),
+                },
+                TransferInfo {
+                    id: TransferId(7),
+                    kind: TransferKind::Gift,
+                    amount_cu: -250,
+                    counterparty: "bob".into(),
+                    at: "2026-12-04T09:00:00Z".into(),
+                },
+            ],
+        };
+        let lab = AccountInfo {
+            id: AccountId(4),
+            name: "lab".into(),
+            kind: AccountKind::Pool,
+            balance_cu: 1_000_000,
+            reserved_cu: 0,
+            available_cu: 1_000_000,
+            next_grant_at: None,
+            next_grant_cu: None,
+            lots: Vec::new(),
+            usage: Vec::new(),
+            history: Vec::new(),
+        };
+        let key = KeyInfo {
+            id: "k1a2b3".into(),
+            account: "alice".into(),
+            key: Some("sk-stipend-k1a2b3-secret".into()),
+            created_at: "2026-12-04T08:00:00Z".into(),
+            revoked_at: None,
+        };
+        let revoked = KeyInfo {
+            key: None,
+            revoked_at: Some("2026-12-04T11:00:00Z".into()),
+            ..key.clone()
+        };
+        let responses = [
+            Response::Account(alice.clone()),
+            Response::Accounts {
+                accounts: vec![alice, lab],
+                next_after: Some(4),
+            },
+            Response::Posted(PostedInfo {
+                id: TransferId(0xabc123),
+                kind: TransferKind::PoolContribution,
+                from: "alice".into(),
+                to: "lab".into(),
+                amount_cu: 1_000_000,
+                replayed: true,
+            }),
+            Response::Key(key.clone()),
+            Response::Key(revoked.clone()),
+            Response::Keys {
+                keys: vec![key, revoked],
+            },
+            Response::Invariants {
+                violations: vec!["account 9: balance -1 cu is negative".into()],
+            },
+        ];
+        let mut out = String::new();
+        for response in &responses {
+            out.push_str("=== text\n");
+            out.push_str(&render(response));
+            out.push_str("=== json\n");
+            out.push_str(&serde_json::to_string_pretty(response).unwrap());
+            out.push('\n');
+        }
+        let requests = [
+            Request::CreateAccount {
+                name: "lab".into(),
+                kind: AccountKind::Pool,
+            },
+            Request::ListAccounts {
+                after: Some(4),
+                limit: 100,
+            },
+            Request::ShowAccount {
+                name: "alice".into(),
+                history: 20,
+            },
+            Request::Grant {
+                name: "alice".into(),
+                amount_cu: 3_500,
+                id: Some(TransferId(0xabc123)),
+                expires_at_ms: Some(1_796_000_000_000),
+            },
+            Request::Give {
+                from: "alice".into(),
+                to: "lab".into(),
+                amount_cu: 250,
+                id: None,
+            },
+            Request::CheckInvariants,
+            Request::CreateKey {
+                account: "alice".into(),
+            },
+            Request::ListKeys {
+                account: "alice".into(),
+            },
+            Request::RevokeKey {
+                id: "k1a2b3".into(),
+            },
+        ];
+        out.push_str("=== requests\n");
+        for request in &requests {
+            out.push_str(&serde_json::to_string(request).unwrap());
+            out.push('\n');
+        }
+        insta::assert_snapshot!(out);
+    }
 }

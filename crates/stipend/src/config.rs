@@ -165,6 +165,149 @@ fn model_name_ok(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
 }
 
+/// Refuses a field that belongs to the other backend.
+fn only(
+    key: &dyn Fn(&str) -> String,
+    field: &str,
+    present: bool,
+    backend: &str,
+) -> anyhow::Result<()> {
+    if present {
+        bail!("{}: only for backend = \"{backend}\"", key(field));
+    }
+    Ok(())
+}
+
+/// An embedded model's part of `[[models]]`: its GGUF, slots, context and threads.
+fn check_embedded(
+    raw: &RawModel,
+    base: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> anyhow::Result<BackendConfig> {
+    for (field, present) in [
+        ("base_url", raw.base_url.is_some()),
+        ("api_key_env", raw.api_key_env.is_some()),
+        ("upstream_model", raw.upstream_model.is_some()),
+        ("max_concurrency", raw.max_concurrency.is_some()),
+        ("timeout", raw.timeout.is_some()),
+        ("ca_file", raw.ca_file.is_some()),
+    ] {
+        only(key, field, present, "openai")?;
+    }
+    // A relative path is the config file's; `join` keeps an absolute one as it is.
+    let path = base.join(
+        raw.path
+            .as_ref()
+            .with_context(|| format!("{} is missing (the GGUF file)", key("path")))?,
+    );
+    let bounded =
+        |field: &str, value: Option<i64>, default: u32, range: std::ops::RangeInclusive<i64>| {
+            match value {
+                None => Ok(default),
+                Some(n) if range.contains(&n) => Ok(n as u32),
+                Some(n) => Err(anyhow::anyhow!(
+                    "{}: must be from {} to {}, got {n}",
+                    key(field),
+                    range.start(),
+                    range.end()
+                )),
+            }
+        };
+    Ok(BackendConfig::Embedded {
+        path,
+        slots: bounded(
+            "slots",
+            raw.slots,
+            SLOTS_DEFAULT,
+            1..=i64::from(stipend_model::SLOTS_MAX),
+        )?,
+        context: bounded("context", raw.context, CONTEXT_DEFAULT, 64..=131_072)?,
+        threads: match raw.threads {
+            None => None,
+            Some(n) => Some(bounded("threads", Some(n), 0, 1..=1_024)?),
+        },
+    })
+}
+
+/// An upstream model's part of `[[models]]`: where it is, its key, how many calls at once, its
+/// timeout and the CAs that vouch for it.
+fn check_upstream(
+    raw: &RawModel,
+    name: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    key: &dyn Fn(&str) -> String,
+) -> anyhow::Result<BackendConfig> {
+    for (field, present) in [
+        ("path", raw.path.is_some()),
+        ("slots", raw.slots.is_some()),
+        ("context", raw.context.is_some()),
+        ("threads", raw.threads.is_some()),
+    ] {
+        only(key, field, present, "embedded")?;
+    }
+    let base_url = raw
+        .base_url
+        .clone()
+        .with_context(|| format!("{} is missing", key("base_url")))?;
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        bail!(
+            "{}: {base_url:?} must start with http:// or https://",
+            key("base_url")
+        );
+    }
+    let api_key = match &raw.api_key_env {
+        None => None,
+        Some(variable) => Some(
+            env(variable)
+                .filter(|value| !value.is_empty())
+                .with_context(|| {
+                    format!(
+                        "{}: the environment variable {variable} is not set",
+                        key("api_key_env")
+                    )
+                })?,
+        ),
+    };
+    let max_concurrency = match raw.max_concurrency {
+        None => MAX_CONCURRENCY_DEFAULT,
+        Some(n) if (1..=100_000).contains(&n) => n as usize,
+        Some(n) => bail!(
+            "{}: must be from 1 to 100000, got {n}",
+            key("max_concurrency")
+        ),
+    };
+    let timeout_text = raw.timeout.as_deref().unwrap_or(UPSTREAM_TIMEOUT_DEFAULT);
+    let timeout = parse_duration(timeout_text).with_context(|| key("timeout"))?;
+    if timeout < std::time::Duration::from_secs(1)
+        || timeout > stipend_gateway::UPSTREAM_TIMEOUT_MAX
+    {
+        bail!(
+            "{}: must be from 1s to 10m, got {timeout_text}",
+            key("timeout")
+        );
+    }
+    let roots = match &raw.ca_file {
+        None => stipend_gateway::upstream::Roots::Platform,
+        Some(path) => {
+            // A relative path is the config file's; `join` keeps an absolute one as it is.
+            stipend_gateway::upstream::Roots::platform_and_pem_file(&base.join(path))
+                .map_err(|error| anyhow::anyhow!("{}: {error}", key("ca_file")))?
+        }
+    };
+    Ok(BackendConfig::Upstream {
+        base_url,
+        api_key,
+        upstream_model: raw
+            .upstream_model
+            .clone()
+            .unwrap_or_else(|| name.to_string()),
+        max_concurrency,
+        timeout,
+        roots,
+    })
+}
+
 fn check_model(
     index: usize,
     raw: RawModel,
@@ -174,6 +317,7 @@ fn check_model(
     let key = |field: &str| format!("models[{index}].{field}");
     let name = raw
         .name
+        .clone()
         .with_context(|| format!("{} is missing", key("name")))?;
     if !model_name_ok(&name) {
         bail!(
@@ -193,129 +337,10 @@ fn check_model(
             key("backend")
         ),
     };
-    let only = |field: &str, present: bool, backend: &str| -> anyhow::Result<()> {
-        if present {
-            bail!("{}: only for backend = \"{backend}\"", key(field));
-        }
-        Ok(())
-    };
     let backend = if embedded {
-        for (field, present) in [
-            ("base_url", raw.base_url.is_some()),
-            ("api_key_env", raw.api_key_env.is_some()),
-            ("upstream_model", raw.upstream_model.is_some()),
-            ("max_concurrency", raw.max_concurrency.is_some()),
-            ("timeout", raw.timeout.is_some()),
-            ("ca_file", raw.ca_file.is_some()),
-        ] {
-            only(field, present, "openai")?;
-        }
-        let path = raw
-            .path
-            .with_context(|| format!("{} is missing (the GGUF file)", key("path")))?;
-        let path = if path.is_relative() {
-            base.join(path)
-        } else {
-            path
-        };
-        let bounded = |field: &str,
-                       value: Option<i64>,
-                       default: u32,
-                       range: std::ops::RangeInclusive<i64>| {
-            match value {
-                None => Ok(default),
-                Some(n) if range.contains(&n) => Ok(n as u32),
-                Some(n) => Err(anyhow::anyhow!(
-                    "{}: must be from {} to {}, got {n}",
-                    key(field),
-                    range.start(),
-                    range.end()
-                )),
-            }
-        };
-        BackendConfig::Embedded {
-            path,
-            slots: bounded(
-                "slots",
-                raw.slots,
-                SLOTS_DEFAULT,
-                1..=i64::from(stipend_model::SLOTS_MAX),
-            )?,
-            context: bounded("context", raw.context, CONTEXT_DEFAULT, 64..=131_072)?,
-            threads: match raw.threads {
-                None => None,
-                Some(n) => Some(bounded("threads", Some(n), 0, 1..=1_024)?),
-            },
-        }
+        check_embedded(&raw, base, &key)?
     } else {
-        for (field, present) in [
-            ("path", raw.path.is_some()),
-            ("slots", raw.slots.is_some()),
-            ("context", raw.context.is_some()),
-            ("threads", raw.threads.is_some()),
-        ] {
-            only(field, present, "embedded")?;
-        }
-        let base_url = raw
-            .base_url
-            .with_context(|| format!("{} is missing", key("base_url")))?;
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            bail!(
-                "{}: {base_url:?} must start with http:// or https://",
-                key("base_url")
-            );
-        }
-        let api_key = match raw.api_key_env {
-            None => None,
-            Some(variable) => Some(
-                env(&variable)
-                    .filter(|value| !value.is_empty())
-                    .with_context(|| {
-                        format!(
-                            "{}: the environment variable {variable} is not set",
-                            key("api_key_env")
-                        )
-                    })?,
-            ),
-        };
-        let max_concurrency = match raw.max_concurrency {
-            None => MAX_CONCURRENCY_DEFAULT,
-            Some(n) if (1..=100_000).contains(&n) => n as usize,
-            Some(n) => bail!(
-                "{}: must be from 1 to 100000, got {n}",
-                key("max_concurrency")
-            ),
-        };
-        let timeout_text = raw.timeout.as_deref().unwrap_or(UPSTREAM_TIMEOUT_DEFAULT);
-        let timeout = parse_duration(timeout_text).with_context(|| key("timeout"))?;
-        if timeout < std::time::Duration::from_secs(1)
-            || timeout > stipend_gateway::UPSTREAM_TIMEOUT_MAX
-        {
-            bail!(
-                "{}: must be from 1s to 10m, got {timeout_text}",
-                key("timeout")
-            );
-        }
-        let roots = match raw.ca_file {
-            None => stipend_gateway::upstream::Roots::Platform,
-            Some(path) => {
-                let path = if path.is_relative() {
-                    base.join(path)
-                } else {
-                    path
-                };
-                stipend_gateway::upstream::Roots::platform_and_pem_file(&path)
-                    .map_err(|error| anyhow::anyhow!("{}: {error}", key("ca_file")))?
-            }
-        };
-        BackendConfig::Upstream {
-            base_url,
-            api_key,
-            upstream_model: raw.upstream_model.unwrap_or_else(|| name.clone()),
-            max_concurrency,
-            timeout,
-            roots,
-        }
+        check_upstream(&raw, &name, base, env, &key)?
     };
     let from_params = match &raw.params {
         None => None,
