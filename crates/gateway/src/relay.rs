@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::call::{Call, Counted, End, Usage};
+use crate::call::{Call, Counted, End, Ended, Usage};
 use crate::error::ApiError;
 use crate::rawjson::{self, RawObject};
 use crate::routes::Endpoint;
@@ -190,6 +190,133 @@ impl Client {
     }
 }
 
+/// What a relayed stream has shown so far.
+#[derive(Default)]
+struct Seen {
+    /// The usage the upstream reported, and its text as sent.
+    usage: Option<Usage>,
+    usage_text: Option<String>,
+    /// The last chunk seen: the chunks Stipend writes itself (the usage, a cut's finish) copy
+    /// its id and times.
+    last_chunk: Option<RawObject>,
+    /// The choices that have carried output, for a cut's own finish.
+    choices_seen: u64,
+}
+
+impl Seen {
+    /// Takes the events of one read: meters each chunk's output through the call, and writes
+    /// what the client gets (if it is there) into `out`. Returns how the stream ended, if an
+    /// event ended it.
+    fn take(
+        &mut self,
+        events: Vec<String>,
+        call: &mut Call,
+        request: &Request,
+        model_text: &str,
+        to_client: bool,
+        out: &mut Vec<u8>,
+    ) -> Option<Stop> {
+        for data in events {
+            if data == "[DONE]" {
+                return Some(Stop::Done);
+            }
+            let Ok(chunk) = RawObject::parse_text(data) else {
+                return Some(Stop::BrokeOff(ApiError::Upstream(
+                    "a stream event is not a JSON object".to_string(),
+                )));
+            };
+            if chunk.raw("error").is_some() {
+                return Some(Stop::BrokeOff(ApiError::Upstream(
+                    "it reported an error mid-stream".to_string(),
+                )));
+            }
+            if let Some(reported) = reported_usage(&chunk) {
+                self.usage = Some(reported);
+                self.usage_text = chunk.raw("usage").map(str::to_string);
+            }
+            let choices = chunk
+                .get::<Vec<&RawValue>>("choices")
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            if choices.is_empty() {
+                // The usage chunk: sent (if asked for) with the usage charged, once it is durable.
+                self.last_chunk = Some(chunk);
+                continue;
+            }
+            let mut within = true;
+            for choice in &choices {
+                let (index, bytes) = choice_output(choice);
+                // An index past the choices asked for ends the stream; it is not echoed back.
+                self.choices_seen = self
+                    .choices_seen
+                    .max(index.saturating_add(1).min(call.choices()));
+                within &= call.deliver(index, bytes);
+            }
+            if !within {
+                // Past max_tokens: this chunk is not passed on, and the upstream is stopped.
+                self.last_chunk = Some(chunk);
+                return Some(Stop::Length);
+            }
+            if to_client {
+                // The usage is the one charged, sent at the end: none rides on content chunks.
+                let written = if request.include_usage && chunk.raw("usage").is_some() {
+                    chunk.write(&[("model", model_text), ("usage", "null")], &[])
+                } else {
+                    chunk.write(&[("model", model_text)], &["usage"])
+                };
+                sse::write_raw(out, &written);
+            }
+            self.last_chunk = Some(chunk);
+        }
+        None
+    }
+
+    /// The stream's last events, once its charge is durable: the error; or a cut's own finish
+    /// (if Stipend cut it), the usage chunk with the usage charged (if asked for), and `[DONE]`.
+    fn closing(&self, ended: Ended, stop: &Stop, request: &Request, model_text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(error) = ended.error {
+            out.extend_from_slice(&sse::event(&error.body()));
+            return out;
+        }
+        // A chunk of Stipend's own: the last chunk seen with these fields, or a bare one.
+        let own = |fields: &[(&str, &str)], removed: &[&str], bare: String| match &self.last_chunk {
+            Some(chunk) => chunk.write(fields, removed),
+            None => bare.into_bytes(),
+        };
+        if matches!(stop, Stop::Length) {
+            let finish = length_choices(request.endpoint, self.choices_seen.max(1));
+            let written = own(
+                &[("model", model_text), ("choices", &finish)],
+                &["usage"],
+                format!(
+                    r#"{{"object":"{}","model":{model_text},"choices":{finish}}}"#,
+                    request.endpoint.chunk_object()
+                ),
+            );
+            sse::write_raw(&mut out, &written);
+        }
+        if request.include_usage {
+            let charged = ended.usage.to_json(self.usage_text.as_deref());
+            let written = own(
+                &[
+                    ("model", model_text),
+                    ("choices", "[]"),
+                    ("usage", &charged),
+                ],
+                &[],
+                format!(
+                    r#"{{"object":"{}","model":{model_text},"choices":[],"usage":{charged}}}"#,
+                    request.endpoint.chunk_object()
+                ),
+            );
+            sse::write_raw(&mut out, &written);
+        }
+        out.extend_from_slice(sse::DONE);
+        out
+    }
+}
+
 /// Relays a stream: passes each chunk on as it comes (with the model renamed), meters its
 /// output, reads on to the end when the client leaves, ends the call, and then sends the usage
 /// chunk (if asked for) and `[DONE]`, or the error, once the charge is durable.
@@ -209,104 +336,43 @@ async fn relay(
         deadline,
     };
     let mut parser = SseParser::default();
-    let mut usage: Option<Usage> = None;
-    let mut usage_text: Option<String> = None;
-    // The last chunk seen: the chunks Stipend writes itself (the usage, a cut's finish) copy its
-    // id and times.
-    let mut last_chunk: Option<RawObject> = None;
-    // The choices that have been given a finish reason, for a cut's own.
-    let mut choices_seen = 0u64;
-    let stop = 'read: loop {
+    let mut seen = Seen::default();
+    let stop = loop {
         let next = tokio::select! {
             () = client.gone(), if client.sender.is_some() => {
                 client.sender = None;
                 left(&mut call);
                 continue;
             }
-            () = cut.cut() => break 'read Stop::BrokeOff(ApiError::ShuttingDown),
+            () = cut.cut() => break Stop::BrokeOff(ApiError::ShuttingDown),
             next = tokio::time::timeout_at(
                 deadline.min(Instant::now() + timeout),
                 chunks.chunk(),
             ) => next,
         };
         let bytes = match next {
-            Err(_) if Instant::now() >= deadline && call.delivered_any() => {
-                break 'read Stop::Length;
-            }
-            Err(_) => break 'read Stop::BrokeOff(ApiError::UpstreamTimeout),
-            Ok(Ok(None)) if usage.is_some() => break 'read Stop::Done,
+            Err(_) if Instant::now() >= deadline && call.delivered_any() => break Stop::Length,
+            Err(_) => break Stop::BrokeOff(ApiError::UpstreamTimeout),
+            Ok(Ok(None)) if seen.usage.is_some() => break Stop::Done,
             Ok(Ok(None)) => {
-                break 'read Stop::BrokeOff(ApiError::Upstream(
+                break Stop::BrokeOff(ApiError::Upstream(
                     "the stream ended before it was done".to_string(),
                 ));
             }
             Ok(Err(_)) => {
-                break 'read Stop::BrokeOff(ApiError::Upstream("the stream broke off".to_string()));
+                break Stop::BrokeOff(ApiError::Upstream("the stream broke off".to_string()));
             }
             Ok(Ok(Some(bytes))) => bytes,
         };
         let events = match parser.push(&bytes) {
             Ok(events) => events,
-            Err(error) => break 'read Stop::BrokeOff(error),
+            Err(error) => break Stop::BrokeOff(error),
         };
         // Everything this read carried goes to the client in one write: a burst of events (an
         // upstream that batches, or a fast one) costs one send, not one per event.
         let mut out = Vec::new();
-        let mut ended = None;
-        for data in events {
-            if data == "[DONE]" {
-                ended = Some(Stop::Done);
-                break;
-            }
-            let Ok(chunk) = RawObject::parse_text(data) else {
-                ended = Some(Stop::BrokeOff(ApiError::Upstream(
-                    "a stream event is not a JSON object".to_string(),
-                )));
-                break;
-            };
-            if chunk.raw("error").is_some() {
-                ended = Some(Stop::BrokeOff(ApiError::Upstream(
-                    "it reported an error mid-stream".to_string(),
-                )));
-                break;
-            }
-            if let Some(reported) = reported_usage(&chunk) {
-                usage = Some(reported);
-                usage_text = chunk.raw("usage").map(str::to_string);
-            }
-            let choices = chunk
-                .get::<Vec<&RawValue>>("choices")
-                .and_then(Result::ok)
-                .unwrap_or_default();
-            if choices.is_empty() {
-                // The usage chunk: sent (if asked for) with the usage charged, once it is durable.
-                last_chunk = Some(chunk);
-                continue;
-            }
-            let mut within = true;
-            for choice in &choices {
-                let (index, bytes) = choice_output(choice);
-                // An index past the choices asked for ends the stream; it is not echoed back.
-                choices_seen = choices_seen.max(index.saturating_add(1).min(call.choices()));
-                within &= call.deliver(index, bytes);
-            }
-            if !within {
-                // Past max_tokens: this chunk is not passed on, and the upstream is stopped.
-                last_chunk = Some(chunk);
-                ended = Some(Stop::Length);
-                break;
-            }
-            if client.sender.is_some() {
-                // The usage is the one charged, sent at the end: none rides on content chunks.
-                let written = if request.include_usage && chunk.raw("usage").is_some() {
-                    chunk.write(&[("model", &model_text), ("usage", "null")], &[])
-                } else {
-                    chunk.write(&[("model", &model_text)], &["usage"])
-                };
-                sse::write_raw(&mut out, &written);
-            }
-            last_chunk = Some(chunk);
-        }
+        let to_client = client.sender.is_some();
+        let ended = seen.take(events, &mut call, request, &model_text, to_client, &mut out);
         if !out.is_empty() {
             client.send(out).await;
             if client.sender.is_none() {
@@ -314,62 +380,28 @@ async fn relay(
             }
         }
         if let Some(stop) = ended {
-            break 'read stop;
+            break stop;
         }
     };
     // A finished stream's connection can be kept for the next call once the rest of its body
     // (the end of the chunked encoding, after `[DONE]`) is read; any other ending closes it
     // now, so that the upstream stops generating.
-    let (end, finished) = match stop {
-        Stop::Done => (End::Answered(Counted::Reported(usage)), Some(chunks)),
+    let (end, finished) = match &stop {
+        Stop::Done => (End::Answered(Counted::Reported(seen.usage)), Some(chunks)),
         Stop::Length => {
             drop(chunks);
             (End::Answered(Counted::Reported(None)), None)
         }
-        Stop::BrokeOff(ref error) => {
+        Stop::BrokeOff(error) => {
             drop(chunks);
             (End::BrokeOff(error.clone(), Counted::Reported(None)), None)
         }
     };
     let ended = call.end(end).await;
     if client.sender.is_some() {
-        let mut out = Vec::new();
-        match ended.error {
-            Some(error) => out.extend_from_slice(&sse::event(&error.body())),
-            None => {
-                if matches!(stop, Stop::Length) {
-                    let finish = length_choices(request.endpoint, choices_seen.max(1));
-                    let written = match &last_chunk {
-                        Some(chunk) => {
-                            chunk.write(&[("model", &model_text), ("choices", &finish)], &["usage"])
-                        }
-                        None => format!(
-                            r#"{{"object":"{}","model":{model_text},"choices":{finish}}}"#,
-                            request.endpoint.chunk_object()
-                        )
-                        .into_bytes(),
-                    };
-                    sse::write_raw(&mut out, &written);
-                }
-                if request.include_usage {
-                    let charged = ended.usage.to_json(usage_text.as_deref());
-                    let written = match &last_chunk {
-                        Some(chunk) => chunk.write(
-                            &[("model", &model_text), ("choices", "[]"), ("usage", &charged)],
-                            &[],
-                        ),
-                        None => format!(
-                            r#"{{"object":"{}","model":{model_text},"choices":[],"usage":{charged}}}"#,
-                            request.endpoint.chunk_object()
-                        )
-                        .into_bytes(),
-                    };
-                    sse::write_raw(&mut out, &written);
-                }
-                out.extend_from_slice(sse::DONE);
-            }
-        }
-        client.send(out).await;
+        client
+            .send(seen.closing(ended, &stop, request, &model_text))
+            .await;
     }
     drop(client); // the client has everything: end its body now
     if let Some(body) = finished {
