@@ -17,6 +17,7 @@
 //!   delivered;
 //! - and never more than the bounds the call was reserved for.
 
+use crate::limits::TOKEN_BYTES_MAX;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -27,14 +28,6 @@ use tokio::time::Instant;
 use crate::error::ApiError;
 use crate::queue::Place;
 use crate::{Gateway, Model};
-
-/// The most choices one call may compute (`n` × `best_of` × prompts): each is metered on its own.
-pub const CHOICES_MAX: u64 = 1_024;
-
-/// The most bytes of text one token can decode to, for every tokenizer in use (the longest tokens
-/// of common vocabularies are runs of a few dozen spaces or dashes). A choice that delivered more
-/// than `max_tokens` times this has provably overrun `max_tokens`.
-pub const TOKEN_BYTES_MAX: u64 = 256;
 
 /// What a call may use: the limits it is reserved for and metered against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

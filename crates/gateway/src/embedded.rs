@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::call::{Bounds, Call, Counted, End, Usage};
 use crate::error::ApiError;
 use crate::routes::{Endpoint, Parsed};
-use crate::{Backend, relay, sse};
+use crate::{Backend, sse};
 
 impl From<ModelError> for ApiError {
     fn from(error: ModelError) -> ApiError {
@@ -438,7 +438,7 @@ pub(crate) async fn serve(
     };
     let shape = Shape::new(&call.model().name, endpoint);
     let (output, answer) = if stream {
-        let (sender, receiver) = mpsc::channel::<Bytes>(relay::RELAY_CHANNEL_CAPACITY);
+        let (sender, receiver) = mpsc::channel::<Bytes>(crate::limits::RELAY_CHANNEL_CAPACITY);
         (Output::Stream(sender), Answer::Stream(receiver))
     } else {
         let (reply, answer) = oneshot::channel();

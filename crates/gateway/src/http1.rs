@@ -11,6 +11,9 @@
 //! What it does not do, on purpose: redirects, compression, HTTP/2, proxies, cookies. An
 //! OpenAI-compatible upstream needs none of them.
 
+use crate::limits::{
+    UPSTREAM_CHUNK_LINE_MAX, UPSTREAM_HEAD_BYTES_MAX, UPSTREAM_HEADERS_MAX, UPSTREAM_IDLE_MAX,
+};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,19 +26,8 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-/// The largest response head accepted.
-const HEAD_BYTES_MAX: usize = 64 * 1024;
-/// The most response headers accepted.
-const HEADERS_MAX: usize = 64;
-/// The longest chunk-size line (with extensions) accepted.
-const CHUNK_LINE_MAX: usize = 1024;
 /// How much the read buffer grows by when it needs room.
 const READ_CHUNK: usize = 16 * 1024;
-/// An idle connection older than this is not reused. Servers close idle keep-alive connections
-/// on their own schedule (uvicorn, under vLLM, after 5 s); one closed while pooled is noticed
-/// before reuse (plain TCP) or on first use (the retry in `send`), so this bound is for tidiness,
-/// and long enough to keep a TLS session to a distant upstream across quiet spells.
-const IDLE_MAX: Duration = Duration::from_secs(50);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -239,7 +231,7 @@ impl Client {
     fn checkout(&self) -> Option<Connection> {
         let mut idle = self.idle.lock();
         while let Some(mut connection) = idle.pop() {
-            if connection.idle_since.elapsed() < IDLE_MAX && connection.looks_open() {
+            if connection.idle_since.elapsed() < UPSTREAM_IDLE_MAX && connection.looks_open() {
                 return Some(connection);
             }
         }
@@ -487,15 +479,15 @@ impl Connection {
     /// Parses a response head from the buffer, if a whole one is there; skips 1xx responses.
     fn read_head(&mut self) -> Result<Option<ResponseHead>, Error> {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            let mut headers = [httparse::EMPTY_HEADER; UPSTREAM_HEADERS_MAX];
             let mut response = httparse::Response::new(&mut headers);
             let length = match response.parse(&self.buffer) {
                 // The limit holds however the head arrived: in pieces, or whole in one read.
-                Ok(httparse::Status::Complete(length)) if length > HEAD_BYTES_MAX => {
+                Ok(httparse::Status::Complete(length)) if length > UPSTREAM_HEAD_BYTES_MAX => {
                     return Err(Error::Protocol("the response head is too large"));
                 }
                 Ok(httparse::Status::Complete(length)) => length,
-                Ok(httparse::Status::Partial) if self.buffer.len() > HEAD_BYTES_MAX => {
+                Ok(httparse::Status::Partial) if self.buffer.len() > UPSTREAM_HEAD_BYTES_MAX => {
                     return Err(Error::Protocol("the response head is too large"));
                 }
                 Ok(httparse::Status::Partial) => return Ok(None),
@@ -627,7 +619,7 @@ impl Connection {
                             break;
                         }
                         trailer_bytes += line.len();
-                        if trailer_bytes > HEAD_BYTES_MAX {
+                        if trailer_bytes > UPSTREAM_HEAD_BYTES_MAX {
                             return Err(Error::Protocol("the trailers are too large"));
                         }
                     }
@@ -645,7 +637,7 @@ impl Connection {
                 self.buffer.advance(2);
                 return Ok(line);
             }
-            if self.buffer.len() > CHUNK_LINE_MAX {
+            if self.buffer.len() > UPSTREAM_CHUNK_LINE_MAX {
                 return Err(Error::Protocol("a chunk line is too long"));
             }
             if self.fill().await? == 0 {
@@ -930,7 +922,7 @@ mod tests {
             [
                 b"HTTP/1.1 200 OK\r\n".to_vec(),
                 b"X: ".to_vec(),
-                vec![b'a'; HEAD_BYTES_MAX + 10],
+                vec![b'a'; UPSTREAM_HEAD_BYTES_MAX + 10],
             ]
             .concat(),
             // A body that ends before its Content-Length.

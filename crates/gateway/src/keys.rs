@@ -2,6 +2,7 @@
 //! revocations); the secret is 256 random bits, shown once, stored only as its SHA-256, and
 //! compared in constant time.
 
+use crate::limits::{KEY_CACHE_MAX, UNKNOWN_KEYS_MAX};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -92,12 +93,6 @@ pub struct KeyRing {
     unknown: Arc<RwLock<HashSet<String>>>,
 }
 
-/// The most keys cached; past it the cache is cleared and refills from the store as keys are used.
-const CACHE_MAX: usize = 1_000_000;
-/// The most unknown ids remembered; past it they are forgotten (a flood of them then costs one
-/// store read each again, until the set refills).
-const UNKNOWN_MAX: usize = 65_536;
-
 impl KeyRing {
     /// A key ring over a store.
     pub fn new(store: Arc<dyn Store>) -> KeyRing {
@@ -120,7 +115,7 @@ impl KeyRing {
                 }
                 let Some(record) = self.store.key(id)? else {
                     let mut unknown = self.unknown.write();
-                    if unknown.len() >= UNKNOWN_MAX {
+                    if unknown.len() >= UNKNOWN_KEYS_MAX {
                         unknown.clear();
                     }
                     unknown.insert(id.to_string());
@@ -128,7 +123,7 @@ impl KeyRing {
                 };
                 let record = Arc::new(record);
                 let mut cache = self.cache.write();
-                if cache.len() >= CACHE_MAX {
+                if cache.len() >= KEY_CACHE_MAX {
                     cache.clear();
                 }
                 cache.insert(id.to_string(), Arc::clone(&record));

@@ -10,6 +10,7 @@ mod embedded;
 pub mod error;
 mod http1;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod queue;
 mod rawjson;
@@ -21,13 +22,13 @@ pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use stipend_ledger::{AccountId, Ledger};
 
 pub use call::Calls;
 pub use error::ApiError;
 pub use keys::KeyRing;
+pub use limits::{GatewayOptions, RESERVATION_MARGIN, RESERVATION_TIMEOUT, UPSTREAM_TIMEOUT_MAX};
 pub use routes::{metrics_router, router};
 pub use upstream::{Upstream, UpstreamConfig};
 
@@ -64,65 +65,8 @@ pub struct Model {
     pub counters: metrics::Counters,
 }
 
-/// The gateway's limits.
-#[derive(Debug, Clone)]
-pub struct GatewayOptions {
-    /// Completion tokens reserved when a request gives no `max_tokens`.
-    pub max_tokens_default: u64,
-    /// The most completion tokens one request may ask for.
-    pub max_tokens_max: u64,
-    /// The largest request body.
-    pub body_bytes_max: usize,
-    /// The largest answer accepted from an upstream (a plain, not streamed, answer).
-    pub upstream_body_bytes_max: usize,
-    /// The longest a request's body may take to arrive, once its head has.
-    pub body_read_timeout: Duration,
-    /// How long a request's reservation stays open. Every call ends before it can expire: a
-    /// stream still running at `reservation_timeout − RESERVATION_MARGIN` is cut off and charged
-    /// for what it produced, so nothing is ever served on a hold that timed out.
-    pub reservation_timeout: Duration,
-    /// Whether the API's listener serves `/metrics` (the default); false when it is served on
-    /// a listener of its own ([`metrics_router`]).
-    pub metrics_on_api: bool,
-}
-
-/// How long a call's reservation stays open by default.
-pub const RESERVATION_TIMEOUT: Duration = Duration::from_secs(3_600);
-
-// The relations between the limits, checked when the crate compiles: a reservation the gateway
-// asks for is one the ledger grants; and an upstream that stalls for as long as it may still
-// times out while the call's hold stands (a call ends `RESERVATION_MARGIN` before its hold could
-// expire).
-const _: () = assert!(
-    RESERVATION_TIMEOUT.as_secs() <= stipend_ledger::RESERVATION_TIMEOUT_MAX_DEFAULT.as_secs()
-);
-const _: () = assert!(
-    UPSTREAM_TIMEOUT_MAX.as_secs() + RESERVATION_MARGIN.as_secs() < RESERVATION_TIMEOUT.as_secs()
-);
-
-impl Default for GatewayOptions {
-    fn default() -> GatewayOptions {
-        GatewayOptions {
-            max_tokens_default: 1_024,
-            max_tokens_max: 131_072,
-            body_bytes_max: 4 * 1024 * 1024,
-            upstream_body_bytes_max: 16 * 1024 * 1024,
-            body_read_timeout: Duration::from_secs(60),
-            reservation_timeout: RESERVATION_TIMEOUT,
-            metrics_on_api: true,
-        }
-    }
-}
-
 /// The header of a plain answer that says what it was charged, in cu.
 pub const CHARGED_HEADER: &str = "x-stipend-charged-cu";
-
-/// How long before its reservation would expire a call is ended.
-pub const RESERVATION_MARGIN: Duration = Duration::from_secs(60);
-
-/// The longest an upstream may be given to start answering or between chunks; well under the
-/// reservation, so a stalled upstream always times out while the hold still stands.
-pub const UPSTREAM_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 
 /// Everything a request handler needs.
 pub struct Gateway {

@@ -9,6 +9,7 @@
 //! upstream's timeout between chunks, its `max_tokens` (a stream that provably overruns it is
 //! cut and ends with `finish_reason: "length"`), and the server's shutdown.
 
+use crate::limits::{DRAIN_BYTES_MAX, DRAIN_TIME_MAX, RELAY_CHANNEL_CAPACITY};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +28,6 @@ use crate::rawjson::{self, RawObject};
 use crate::routes::Endpoint;
 use crate::sse::{self, SseParser};
 use crate::upstream::{Body, Upstream};
-
-/// Chunks buffered between the backend and a slow client.
-pub(crate) const RELAY_CHANNEL_CAPACITY: usize = 64;
 
 /// What the upstream backend is asked to do.
 pub(crate) struct Request {
@@ -433,8 +431,6 @@ fn length_choices(endpoint: Endpoint, n: u64) -> String {
 /// Reads what is left of a finished stream's body (normally just the chunked encoding's last
 /// chunk), so its connection goes back to the pool; gives up, closing it, past a small bound.
 async fn drain(mut body: Body) {
-    const DRAIN_BYTES_MAX: usize = 64 * 1024;
-    const DRAIN_TIME_MAX: Duration = Duration::from_secs(1);
     let _ = tokio::time::timeout(DRAIN_TIME_MAX, async {
         let mut drained = 0;
         while let Ok(Some(piece)) = body.chunk().await {

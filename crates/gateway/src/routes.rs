@@ -1,6 +1,7 @@
 //! The routes: parse and check a request, price its worst case, reserve, call the upstream,
 //! settle exactly, answer.
 
+use crate::limits::PATH_QUOTED_MAX;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -13,8 +14,9 @@ use serde_json::{Value, json};
 use stipend_ledger::units::{format_duration, format_utc};
 use stipend_ledger::{AccountId, AccountKind};
 
-use crate::call::{Bounds, CHOICES_MAX, Call};
+use crate::call::{Bounds, Call};
 use crate::error::ApiError;
+use crate::limits::CHOICES_MAX;
 use crate::rawjson::{self, RawError, RawObject};
 use crate::{Backend, Gateway, Model};
 
@@ -86,9 +88,6 @@ async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     unknown_path(method, uri, true)
 }
-
-/// The longest path quoted back in an error.
-const PATH_QUOTED_MAX: usize = 200;
 
 fn unknown_path(method: axum::http::Method, uri: axum::http::Uri, other_method: bool) -> ApiError {
     let mut path = uri.path().to_string();

@@ -1,6 +1,7 @@
 //! Server-sent events: splitting an upstream's stream into its events' data, and writing events
 //! and `text/event-stream` responses.
 
+use crate::limits::SSE_EVENT_BYTES_MAX;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -8,9 +9,6 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-
-/// The largest single SSE event accepted from an upstream.
-pub(crate) const SSE_EVENT_BYTES_MAX: usize = 1024 * 1024;
 
 /// The event that ends an OpenAI stream.
 pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";

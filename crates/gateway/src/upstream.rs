@@ -1,6 +1,9 @@
 //! An OpenAI-compatible upstream: vLLM, llama.cpp's server, OpenAI itself, or anything that speaks
 //! `POST {base_url}/chat/completions`.
 
+use crate::limits::{
+    UPSTREAM_CONNECT_TIMEOUT_MAX, UPSTREAM_ERROR_BYTES_MAX, UPSTREAM_ERROR_TIME_MAX,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +45,7 @@ impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
         let client = http1::Client::new(
             &config.base_url,
-            config.timeout.min(Duration::from_secs(10)),
+            config.timeout.min(UPSTREAM_CONNECT_TIMEOUT_MAX),
             config.idle_connections.max(1),
             config.roots,
         )
@@ -98,11 +101,14 @@ impl Upstream {
         if status.is_success() {
             return Ok(response.body);
         }
-        let text = tokio::time::timeout(Duration::from_secs(5), response.body.collect(64 * 1024))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let text = tokio::time::timeout(
+            UPSTREAM_ERROR_TIME_MAX,
+            response.body.collect(UPSTREAM_ERROR_BYTES_MAX),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
         // An upstream's own 400 (a prompt too long for it, say) is the client's problem and is
         // passed on as one; anything else is the upstream's.
         let message = serde_json::from_slice::<Value>(&text)

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::limits::ACCOUNT_NAME_LEN_MAX;
+
 /// An account's number. Assigned by the ledger, never reused.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -161,9 +163,6 @@ pub struct AccountRecord {
     /// When it was created (ms since the UNIX epoch).
     pub created_at_ms: i64,
 }
-
-/// The longest account name, in bytes of its normalized form.
-pub const ACCOUNT_NAME_LEN_MAX: usize = 128;
 
 /// The prefix of sink names: only the ledger makes accounts named so, one per model.
 pub const SINK_NAME_PREFIX: &str = "sink:";

@@ -32,63 +32,18 @@ use crate::account::{
 };
 use crate::clock::Clock;
 use crate::error::LedgerError;
+use crate::limits::{AMOUNT_MAX_CU, LedgerOptions, SWEEP_INTERVAL_MS};
 use crate::policy::StipendPolicy;
 use crate::reservation::{Reservation, ReservationId, Settlement};
 use crate::state::{Balance, apply, can_receive_gift};
 use crate::store::{AccountUpdate, Batch, Store, StoreError};
 use crate::transfer::{Transfer, TransferId, TransferKind};
-use crate::units::AMOUNT_MAX_CU;
 
 /// The issuer's account name.
 pub const ISSUER_NAME: &str = "issuer";
 
-/// The longest a reservation may be held, by default (`LedgerOptions::reservation_timeout_max`).
-pub const RESERVATION_TIMEOUT_MAX_DEFAULT: Duration = Duration::from_secs(3_600);
-
 /// How many times a contender checks the state lock before parking (about 5 µs here).
 const LOCK_SPINS: u32 = 256;
-
-/// How often timed-out reservations are looked for, at most.
-const SWEEP_INTERVAL_MS: i64 = 100;
-
-/// Limits and policy for one ledger.
-#[derive(Debug, Clone)]
-pub struct LedgerOptions {
-    /// The stipend every person receives.
-    pub policy: StipendPolicy,
-    /// The longest a reservation may stay open.
-    pub reservation_timeout_max: Duration,
-    /// The most reservations open at once.
-    pub reservations_open_max: usize,
-    /// The most queued changes written in one commit.
-    pub commit_batch_max: usize,
-    /// The most changes waiting for the writer before new work is refused.
-    pub pending_mutations_max: usize,
-    /// How often changed accounts are checkpointed. Longer means fewer writes and a longer log
-    /// tail to replay after a crash.
-    pub checkpoint_interval: Duration,
-    /// Checkpoint at once when this many accounts have changed since the last checkpoint.
-    pub checkpoint_dirty_max: usize,
-    /// Checkpoint when the ledger closes, so the next start replays nothing. Turned off only by
-    /// tests of recovery.
-    pub checkpoint_on_close: bool,
-}
-
-impl LedgerOptions {
-    /// The defaults, with this policy.
-    pub fn new(policy: StipendPolicy) -> LedgerOptions {
-        LedgerOptions {
-            policy,
-            reservation_timeout_max: RESERVATION_TIMEOUT_MAX_DEFAULT,
-            reservations_open_max: 1_000_000,
-            commit_batch_max: 32_768,
-            pending_mutations_max: 1 << 20,
-            checkpoint_interval: Duration::from_secs(1),
-            checkpoint_dirty_max: 200_000,
-            checkpoint_on_close: true,
-        }
-    }
-}
 
 /// An account as a person or operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,6 +33,7 @@ pub mod account;
 pub mod clock;
 pub mod error;
 pub mod ledger;
+pub mod limits;
 pub mod policy;
 pub mod reservation;
 mod state;
@@ -42,16 +43,13 @@ pub mod units;
 pub mod verify;
 
 pub use account::{
-    ACCOUNT_NAME_LEN_MAX, ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountName,
-    AccountRecord, Lot, LotSource, SINK_NAME_PREFIX, Usage, account_name_skeleton,
-    normalize_account_name,
+    ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountName, AccountRecord, Lot,
+    LotSource, SINK_NAME_PREFIX, Usage, account_name_skeleton, normalize_account_name,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LedgerError;
-pub use ledger::{
-    AccountView, Durable, DurableFuture, ISSUER_NAME, Ledger, LedgerOptions, Posted,
-    RESERVATION_TIMEOUT_MAX_DEFAULT, WriterStats,
-};
+pub use ledger::{AccountView, Durable, DurableFuture, ISSUER_NAME, Ledger, Posted, WriterStats};
+pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DEFAULT};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
 pub use store::{AccountUpdate, AuditRow, Batch, KeyRecord, Store, StoreError, TransferAudit};

@@ -6,21 +6,8 @@
 use std::time::Duration;
 
 use crate::account::{Lot, LotSource};
-use crate::units::{AMOUNT_MAX_CU, Flops, format_duration};
-
-/// The largest stipend per period. Keeps every sum of a few stipends far from `i64::MAX`.
-pub const STIPEND_MAX_CU: u64 = 1 << 50;
-
-/// The shortest period.
-pub const PERIOD_MIN: Duration = Duration::from_secs(1);
-
-/// The longest period (about ten years).
-pub const PERIOD_MAX: Duration = Duration::from_secs(3_650 * 86_400);
-
-/// The most lots one account may hold. Lots with the same expiry and source merge, so real
-/// accounts hold a handful; the cap keeps a flood of oddly-dated grants from growing one account
-/// without bound.
-pub const LOTS_MAX: usize = 64;
+use crate::limits::{AMOUNT_MAX_CU, LOTS_MAX, PERIOD_MAX, PERIOD_MIN, STIPEND_MAX_CU};
+use crate::units::{Flops, format_duration};
 
 /// Why a policy is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

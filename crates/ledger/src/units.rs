@@ -4,16 +4,12 @@
 //! People read and write amounts as FLOPs with SI prefixes ("10 PFLOP", "3.5 TFLOP"); this
 //! module converts exactly between the two and refuses anything that is not a whole number of cu.
 
+use crate::limits::AMOUNT_MAX_CU;
 use std::fmt;
 use std::time::Duration;
 
 /// FLOPs in one compute unit.
 pub const FLOP_PER_CU: u128 = 1_000_000_000;
-
-/// The largest amount the ledger accepts in one operation. Balances are `i64`; keeping single
-/// amounts far below `i64::MAX` leaves room to add many of them without overflow checks failing
-/// on ordinary input.
-pub const AMOUNT_MAX_CU: u64 = 1 << 60;
 
 /// SI prefixes from FLOP up, as powers of 1000.
 const PREFIXES: [(&str, u32); 9] = [

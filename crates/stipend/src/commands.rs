@@ -2,6 +2,7 @@
 //! the store or, while a server holds the store, inside that server through its control socket.
 //! Either way the same [`execute`] runs it, so the two paths cannot drift apart.
 
+use crate::limits::{HISTORY_LIMIT_MAX, LIST_LIMIT_MAX};
 use serde::{Deserialize, Serialize};
 use stipend_gateway::KeyRing;
 use stipend_ledger::units::format_utc;
@@ -9,11 +10,6 @@ use stipend_ledger::{
     AccountId, AccountKind, Flops, Ledger, LedgerError, Lot, LotSource, Transfer, TransferId,
     TransferKind,
 };
-
-/// The most accounts one listing returns.
-pub const LIST_LIMIT_MAX: usize = 10_000;
-/// The most history entries one `account show` returns.
-pub const HISTORY_LIMIT_MAX: usize = 1_000;
 
 /// An operator command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use stipend_ledger::StipendPolicy;
-use stipend_ledger::policy::STIPEND_MAX_CU;
+use stipend_ledger::limits::STIPEND_MAX_CU;
 use stipend_ledger::units::{
     default_price_cu_per_token, parse_amount_cu, parse_duration, parse_params,
 };
@@ -94,6 +94,14 @@ pub const EMBEDDED_DEFAULT_NAME: &str = "smollm2-135m";
 pub const SLOTS_DEFAULT: u32 = 8;
 /// Tokens of context per slot of an embedded model, when the config does not say.
 pub const CONTEXT_DEFAULT: u32 = 2_048;
+
+/// The default `client_read_timeout`: nginx's `client_header_timeout`, and a minute for a body
+/// of up to the 4 MiB limit on a slow uplink.
+pub const CLIENT_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The default `drain_timeout`: how long calls in flight may take to finish after a shutdown
+/// signal before they are cut off.
+pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 /// One configured model.
 #[derive(Debug, Clone)]
@@ -382,14 +390,6 @@ struct RawStipend {
     period: Option<String>,
     rollover_max: Option<AmountText>,
 }
-
-/// The default `client_read_timeout`: nginx's `client_header_timeout`, and a minute for a body
-/// of up to the 4 MiB limit on a slow uplink.
-pub const CLIENT_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
-
-/// The default `drain_timeout`: how long calls in flight may take to finish after a shutdown
-/// signal before they are cut off.
-pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 /// The checked configuration.
 #[derive(Debug, Clone)]

@@ -7,6 +7,10 @@
 //! moment at which it has the umask's mode), is itself 0600, and the server checks each peer's
 //! uid (`SO_PEERCRED`) against its own. One JSON line in, one out, within a few seconds.
 
+use crate::limits::{
+    CONTROL_CLIENT_TIMEOUT, CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX,
+    CONTROL_REQUEST_TIMEOUT,
+};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -21,15 +25,6 @@ use stipend_ledger::Ledger;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::commands::{Request, Response, execute};
-
-/// The longest request line accepted.
-pub const REQUEST_BYTES_MAX: u64 = 64 * 1024;
-/// The longest a client waits for the server.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest the server waits for a connection's request line.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Control connections served at once; more are closed at once.
-pub const CONNECTIONS_MAX: usize = 64;
 
 /// A reply on the control socket.
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,7 +66,7 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 
 /// Accepts control connections until the task is dropped.
 pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>, keys: KeyRing) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS_MAX));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -119,12 +114,15 @@ async fn handle(
         return Ok(());
     }
     let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(REQUEST_BYTES_MAX));
-    if tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+    let mut reader = tokio::io::BufReader::new(read.take(CONTROL_REQUEST_BYTES_MAX));
+    if tokio::time::timeout(CONTROL_REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .is_err()
     {
-        anyhow::bail!("no request within {} s; closed", REQUEST_TIMEOUT.as_secs());
+        anyhow::bail!(
+            "no request within {} s; closed",
+            CONTROL_REQUEST_TIMEOUT.as_secs()
+        );
     }
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
@@ -158,8 +156,8 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
             socket.display()
         )
     })?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_read_timeout(Some(CONTROL_CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CONTROL_CLIENT_TIMEOUT))?;
     let mut text = serde_json::to_string(request)?;
     text.push('\n');
     stream.write_all(text.as_bytes())?;

@@ -5,4 +5,5 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod fetch;
+pub mod limits;
 pub mod serve;

@@ -1,9 +1,10 @@
 //! `stipend serve`: owns the store, runs the ledger, serves the OpenAI-compatible API and the
 //! control socket until it is told to stop, then drains (bounded) and flushes.
 
+use crate::limits::{CUT_GRACE, SWEEP_INTERVAL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use stipend_gateway::queue::FairQueue;
@@ -34,9 +35,6 @@ fn raise_open_files_limit() {
         Err(error) => tracing::warn!(%error, limit = ?soft, "cannot raise the open files limit"),
     }
 }
-
-/// How often timed-out reservations are voided.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Creates the data directory if needed, readable by the operator's user only: it holds who
 /// spent how much, which is nobody else's business.
@@ -83,9 +81,6 @@ pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
     )
     .context("cannot open the ledger")
 }
-
-/// How long calls cut off at the end of the drain may take to settle and tell their clients.
-const CUT_GRACE: Duration = Duration::from_secs(10);
 
 /// The Python that runs pip when the default model must be fetched.
 const PYTHON: &str = "python3";
