@@ -3,6 +3,8 @@
 //! Each backend (SQLite now, PostgreSQL later) implements [`Store`] with its own schema and
 //! migrations; the ledger logic never sees a driver type.
 
+pub mod rows;
+
 use crate::account::{AccountId, AccountRecord, Lot, Usage};
 use crate::transfer::{Transfer, TransferId};
 

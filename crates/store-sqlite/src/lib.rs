@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
-use serde::{Deserialize, Serialize};
+use stipend_ledger::store::rows::{lots_from_json, lots_json, usage_from_json, usage_json};
 use stipend_ledger::{
     ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountRecord, AuditRow, Batch,
-    KeyRecord, Lot, LotSource, Store, StoreError, Transfer, TransferAudit, TransferId,
-    TransferKind, Usage, account_name_skeleton,
+    KeyRecord, Store, StoreError, Transfer, TransferAudit, TransferId, TransferKind,
+    account_name_skeleton,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
@@ -474,94 +474,6 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
         }))
 }
 
-/// A lot as `accounts.lots` holds it, in a JSON array. The file's format is this type's, not the
-/// ledger's [`Lot`]'s, so a change to the ledger cannot change what is on disk unseen.
-#[derive(Serialize, Deserialize)]
-struct LotRow {
-    remaining_cu: u64,
-    expires_at_ms: Option<i64>,
-    /// `stipend`, `grant` or `gift`.
-    source: String,
-}
-
-impl LotRow {
-    fn from_lot(lot: &Lot) -> LotRow {
-        let source = match lot.source {
-            LotSource::Stipend => "stipend",
-            LotSource::Grant => "grant",
-            LotSource::Gift => "gift",
-        };
-        LotRow {
-            remaining_cu: lot.remaining_cu,
-            expires_at_ms: lot.expires_at_ms,
-            source: source.to_string(),
-        }
-    }
-
-    fn into_lot(self) -> Result<Lot, String> {
-        let source = match self.source.as_str() {
-            "stipend" => LotSource::Stipend,
-            "grant" => LotSource::Grant,
-            "gift" => LotSource::Gift,
-            other => return Err(format!("unknown lot source {other:?}")),
-        };
-        Ok(Lot {
-            remaining_cu: self.remaining_cu,
-            expires_at_ms: self.expires_at_ms,
-            source,
-        })
-    }
-}
-
-/// One period's spending at one sink as `accounts.usage` holds it, in a JSON array.
-#[derive(Serialize, Deserialize)]
-struct UsageRow {
-    sink: u64,
-    period: i64,
-    requests: u64,
-    charged_cu: u64,
-}
-
-impl UsageRow {
-    fn from_usage(usage: &Usage) -> UsageRow {
-        UsageRow {
-            sink: usage.sink.0,
-            period: usage.period,
-            requests: usage.requests,
-            charged_cu: usage.charged_cu,
-        }
-    }
-
-    fn into_usage(self) -> Usage {
-        Usage {
-            sink: AccountId(self.sink),
-            period: self.period,
-            requests: self.requests,
-            charged_cu: self.charged_cu,
-        }
-    }
-}
-
-fn usage_json(usage: &[Usage]) -> Result<String, StoreError> {
-    let rows: Vec<UsageRow> = usage.iter().map(UsageRow::from_usage).collect();
-    serde_json::to_string(&rows).map_err(corrupt)
-}
-
-fn lots_json(lots: &[Lot]) -> Result<String, StoreError> {
-    let rows: Vec<LotRow> = lots.iter().map(LotRow::from_lot).collect();
-    serde_json::to_string(&rows).map_err(corrupt)
-}
-
-fn lots_from_json(json: &str) -> Result<Vec<Lot>, String> {
-    let rows: Vec<LotRow> = serde_json::from_str(json).map_err(|error| error.to_string())?;
-    rows.into_iter().map(LotRow::into_lot).collect()
-}
-
-fn usage_from_json(json: &str) -> Result<Vec<Usage>, String> {
-    let rows: Vec<UsageRow> = serde_json::from_str(json).map_err(|error| error.to_string())?;
-    Ok(rows.into_iter().map(UsageRow::into_usage).collect())
-}
-
 impl Store for SqliteStore {
     fn account(&self, id: AccountId) -> Result<Option<AccountRecord>, StoreError> {
         self.with_reader(|connection| {
@@ -953,7 +865,7 @@ fn audit_in_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stipend_ledger::{AccountUpdate, LotSource};
+    use stipend_ledger::{AccountUpdate, Lot, LotSource, Usage};
 
     fn record(id: u64, name: &str) -> AccountRecord {
         AccountRecord {
@@ -1150,38 +1062,6 @@ mod tests {
         let _store = SqliteStore::open(&path).unwrap();
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&lock_path(&path)), 0o600);
-    }
-
-    #[test]
-    fn lots_and_usage_keep_their_file_format() {
-        // What a store written today holds; a change to the ledger's types must not change it.
-        let lots = vec![
-            Lot {
-                remaining_cu: 7,
-                expires_at_ms: Some(100),
-                source: LotSource::Stipend,
-            },
-            Lot {
-                remaining_cu: 1,
-                expires_at_ms: None,
-                source: LotSource::Gift,
-            },
-        ];
-        let lots_on_disk = r#"[{"remaining_cu":7,"expires_at_ms":100,"source":"stipend"},{"remaining_cu":1,"expires_at_ms":null,"source":"gift"}]"#;
-        assert_eq!(lots_json(&lots).unwrap(), lots_on_disk);
-        assert_eq!(lots_from_json(lots_on_disk).unwrap(), lots);
-        let usage = vec![Usage {
-            sink: AccountId(3),
-            period: 20_000,
-            requests: 2,
-            charged_cu: 90,
-        }];
-        let usage_on_disk = r#"[{"sink":3,"period":20000,"requests":2,"charged_cu":90}]"#;
-        assert_eq!(usage_json(&usage).unwrap(), usage_on_disk);
-        assert_eq!(usage_from_json(usage_on_disk).unwrap(), usage);
-        let error = lots_from_json(r#"[{"remaining_cu":1,"expires_at_ms":null,"source":"loan"}]"#)
-            .unwrap_err();
-        assert!(error.contains("unknown lot source \"loan\""), "{error}");
     }
 
     #[test]
