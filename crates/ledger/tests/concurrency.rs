@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use common::{Harness, policy};
 use stipend_ledger::{AccountKind, LedgerError};
 
-#[test]
 fn sixty_four_threads_on_one_account_never_overspend() {
     const THREADS: u64 = 64;
     const ROUNDS: u64 = 200;
@@ -73,3 +73,5 @@ fn sixty_four_threads_on_one_account_never_overspend() {
     let report = h.verify();
     assert!(report.ok(), "{report:?}");
 }
+
+on_every_store!(sixty_four_threads_on_one_account_never_overspend,);

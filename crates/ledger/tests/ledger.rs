@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -12,7 +13,6 @@ use stipend_ledger::{AccountKind, LedgerError, LotSource, TransferId, TransferKi
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-#[test]
 fn a_new_person_receives_the_stipend_at_once() {
     let h = Harness::new(policy(1_000, 1_000));
     let ann = h
@@ -29,7 +29,6 @@ fn a_new_person_receives_the_stipend_at_once() {
     assert!(h.verify().ok());
 }
 
-#[test]
 fn reserve_settle_charges_exactly_and_releases_the_rest() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -77,7 +76,6 @@ fn reserve_settle_charges_exactly_and_releases_the_rest() {
     assert!(h.verify().ok(), "{:?}", h.verify());
 }
 
-#[test]
 fn refusal_carries_the_available_balance_and_next_grant_and_changes_nothing() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -105,7 +103,6 @@ fn refusal_carries_the_available_balance_and_next_grant_and_changes_nothing() {
     assert_eq!(ledger.view(ann).unwrap().available_cu, 0);
 }
 
-#[test]
 fn settling_more_than_reserved_charges_what_the_balance_covers_and_reports_the_shortfall() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -133,7 +130,6 @@ fn settling_more_than_reserved_charges_what_the_balance_covers_and_reports_the_s
     assert!(h.verify().ok());
 }
 
-#[test]
 fn void_and_double_settle_are_handled() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -164,7 +160,6 @@ fn void_and_double_settle_are_handled() {
     assert!(h.verify().ok());
 }
 
-#[test]
 fn timed_out_reservations_are_voided() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -197,7 +192,6 @@ fn timed_out_reservations_are_voided() {
     assert_eq!(ledger.open_reservations(), 0);
 }
 
-#[test]
 fn stipends_arrive_lazily_with_the_rollover_cap_across_many_periods() {
     let mut h = Harness::new(policy(1_000, 1_500));
     let ann = h
@@ -230,7 +224,6 @@ fn stipends_arrive_lazily_with_the_rollover_cap_across_many_periods() {
     assert!(report.ok(), "{report:?}");
 }
 
-#[test]
 fn a_grant_expires_and_spending_burns_the_soonest_expiry_first() {
     let h = Harness::new(policy(1_000, 0));
     let ledger = h.ledger();
@@ -269,7 +262,6 @@ fn a_grant_expires_and_spending_burns_the_soonest_expiry_first() {
     assert!(h.verify().ok());
 }
 
-#[test]
 fn gifts_keep_their_expiry_and_pools_receive_contributions() {
     let h = Harness::new(policy(1_000, 0));
     let ledger = h.ledger();
@@ -322,7 +314,6 @@ fn gifts_keep_their_expiry_and_pools_receive_contributions() {
     assert!(h.verify().ok());
 }
 
-#[test]
 fn replaying_a_transfer_id_is_a_no_op_and_reusing_it_is_a_conflict() {
     let mut h = Harness::new(policy(1_000, 1_000));
     let ann = h
@@ -380,7 +371,6 @@ fn replaying_a_transfer_id_is_a_no_op_and_reusing_it_is_a_conflict() {
     assert!(h.verify().ok());
 }
 
-#[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -497,7 +487,6 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(report.n_transfers, 1);
 }
 
-#[test]
 fn a_restart_keeps_every_settle_and_voids_open_reservations() {
     let mut h = Harness::new(policy(1_000, 1_000));
     let ann = h
@@ -532,7 +521,7 @@ fn a_restart_keeps_every_settle_and_voids_open_reservations() {
 
 /// A real store that can be told to fail its commits, as a full disk or a lost volume would.
 struct FailingStore {
-    inner: stipend_store_sqlite::SqliteStore,
+    inner: std::sync::Arc<dyn stipend_ledger::Store>,
     fail: std::sync::atomic::AtomicBool,
 }
 
@@ -627,15 +616,14 @@ impl stipend_ledger::Store for FailingStore {
     }
 }
 
-#[test]
 fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
     // Guards against serving uncharged: once a commit fails, memory is ahead of the disk, so
     // nothing more may be decided until a restart reloads the store.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ledger.db");
+    let location = common::Location::fresh(dir.path());
     let clock = std::sync::Arc::new(stipend_ledger::ManualClock::new(T0));
     let store = std::sync::Arc::new(FailingStore {
-        inner: stipend_store_sqlite::SqliteStore::open(&path).unwrap(),
+        inner: location.open(),
         fail: std::sync::atomic::AtomicBool::new(false),
     });
     let ledger = stipend_ledger::Ledger::open(
@@ -681,9 +669,30 @@ fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
     // The disk is back: a restart sees exactly what was acknowledged.
     store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
     drop(store);
-    let ledger = common::open(&path, clock, policy(1_000, 1_000));
+    let ledger = stipend_ledger::Ledger::open(
+        location.open(),
+        clock,
+        stipend_ledger::LedgerOptions::new(policy(1_000, 1_000)),
+    )
+    .unwrap();
     let view = ledger.view(ann).unwrap();
     assert_eq!((view.balance_cu, view.reserved_cu), (900, 0));
     ledger.flush().unwrap();
-    assert!(common::audit(&path).ok());
+    assert!(location.audit().ok());
 }
+
+on_every_store!(
+    a_new_person_receives_the_stipend_at_once,
+    reserve_settle_charges_exactly_and_releases_the_rest,
+    refusal_carries_the_available_balance_and_next_grant_and_changes_nothing,
+    settling_more_than_reserved_charges_what_the_balance_covers_and_reports_the_shortfall,
+    void_and_double_settle_are_handled,
+    timed_out_reservations_are_voided,
+    stipends_arrive_lazily_with_the_rollover_cap_across_many_periods,
+    a_grant_expires_and_spending_burns_the_soonest_expiry_first,
+    gifts_keep_their_expiry_and_pools_receive_contributions,
+    replaying_a_transfer_id_is_a_no_op_and_reusing_it_is_a_conflict,
+    bad_input_is_refused_and_changes_nothing,
+    a_restart_keeps_every_settle_and_voids_open_reservations,
+    a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers,
+);

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use common::{Harness, policy};
@@ -14,7 +15,6 @@ fn create(h: &Harness, name: &str) -> Result<stipend_ledger::AccountId, LedgerEr
         .and_then(|durable| durable.wait())
 }
 
-#[test]
 fn a_name_like_an_existing_one_is_refused_and_names_it() {
     let h = Harness::new(policy(1_000, 1_000));
     create(&h, "alice").unwrap();
@@ -57,7 +57,6 @@ fn a_name_like_an_existing_one_is_refused_and_names_it() {
     assert!(h.verify().ok());
 }
 
-#[test]
 fn names_not_yet_durable_are_held_apart_too() {
     let h = Harness::new(policy(1_000, 1_000));
     let ledger = h.ledger();
@@ -76,7 +75,6 @@ fn names_not_yet_durable_are_held_apart_too() {
     ));
 }
 
-#[test]
 fn lookups_normalize_the_name_asked_for() {
     let h = Harness::new(policy(1_000, 1_000));
     let id = create(&h, "ｆｉｏｎａ").unwrap();
@@ -91,7 +89,6 @@ fn lookups_normalize_the_name_asked_for() {
     ));
 }
 
-#[test]
 fn the_ledgers_own_names_are_reserved() {
     let h = Harness::new(policy(1_000, 1_000));
     for name in ["issuer", "sink:smollm2-135m"] {
@@ -116,3 +113,10 @@ fn the_ledgers_own_names_are_reserved() {
         "{error:?}"
     );
 }
+
+on_every_store!(
+    a_name_like_an_existing_one_is_refused_and_names_it,
+    names_not_yet_durable_are_held_apart_too,
+    lookups_normalize_the_name_asked_for,
+    the_ledgers_own_names_are_reserved,
+);

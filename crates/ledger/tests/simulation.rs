@@ -1,4 +1,4 @@
-//! A seeded simulation of the ledger on the real SQLite store: random interleavings of reserve,
+//! A seeded simulation of the ledger on each real store (SQLite, PostgreSQL): random interleavings of reserve,
 //! settle (for less, equal and more), void, timeouts, stipend periods, gifts, grants, replays,
 //! crashes and reopens, with every invariant checked after every step.
 //!
@@ -7,25 +7,29 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
+mod common;
+
 use rand::seq::IndexedRandom;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_xorshift::XorShiftRng;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use stipend_ledger::{
     AccountId, AccountKind, Ledger, LedgerError, LedgerOptions, ManualClock, Reservation,
-    StipendPolicy, Store, TransferId, verify,
+    StipendPolicy, TransferId,
 };
-use stipend_store_sqlite::SqliteStore;
+
+use common::Location;
 
 const DAY_MS: i64 = 86_400_000;
 
 struct Sim {
     rng: XorShiftRng,
-    path: PathBuf,
+    location: Location,
     clock: Arc<ManualClock>,
     policy: StipendPolicy,
     checkpoints: Checkpoints,
@@ -63,12 +67,12 @@ struct Checkpoints {
 }
 
 fn open_ledger(
-    path: &Path,
+    location: &Location,
     clock: Arc<ManualClock>,
     policy: StipendPolicy,
     checkpoints: Checkpoints,
 ) -> Ledger {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).unwrap());
+    let store = location.open();
     let mut options = LedgerOptions::new(policy);
     options.commit_batch_max = 7; // small batches, so commits split mid-sequence
     options.checkpoint_interval = checkpoints.interval;
@@ -106,8 +110,7 @@ impl Sim {
 
     fn audit(&self) {
         self.ledger().flush().unwrap();
-        let store = SqliteStore::open_read_only(&self.path).unwrap();
-        let report = verify(&store).unwrap();
+        let report = self.location.audit();
         assert!(report.ok(), "step {}: {:?}", self.step, report.violations);
     }
 
@@ -307,7 +310,7 @@ impl Sim {
             .collect();
         self.ledger = None;
         self.ledger = Some(open_ledger(
-            &self.path,
+            &self.location,
             self.clock.clone(),
             self.policy,
             self.checkpoints,
@@ -331,7 +334,9 @@ impl Sim {
 }
 
 fn run(seed: u64, steps: u64, dir: &Path) {
-    let path = dir.join(format!("sim-{seed}.db"));
+    let dir = dir.join(format!("sim-{seed}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let location = Location::fresh(&dir);
     let clock = Arc::new(ManualClock::new(
         20_000 * DAY_MS + (seed % 1_000) as i64 * 60_000,
     ));
@@ -344,7 +349,7 @@ fn run(seed: u64, steps: u64, dir: &Path) {
         },
         on_close: seed.is_multiple_of(2),
     };
-    let ledger = open_ledger(&path, clock.clone(), policy, checkpoints);
+    let ledger = open_ledger(&location, clock.clone(), policy, checkpoints);
     let mut spenders = Vec::new();
     for name in ["ann", "bo", "cy", "di"] {
         spenders.push(
@@ -368,7 +373,7 @@ fn run(seed: u64, steps: u64, dir: &Path) {
     ];
     let mut sim = Sim {
         rng: XorShiftRng::seed_from_u64(seed),
-        path,
+        location,
         clock,
         policy,
         checkpoints,
@@ -427,7 +432,6 @@ fn run(seed: u64, steps: u64, dir: &Path) {
     sim.audit();
 }
 
-#[test]
 fn random_interleavings_keep_every_invariant() {
     let steps: u64 = std::env::var("STIPEND_SIM_STEPS")
         .ok()
@@ -452,3 +456,5 @@ fn random_interleavings_keep_every_invariant() {
         }
     }
 }
+
+on_every_store!(random_interleavings_keep_every_invariant);

@@ -1,0 +1,1023 @@
+//! The PostgreSQL store: the ledger's [`Store`] on a database server, with the same schema and
+//! the same meaning as the embedded SQLite store's, for an operator who keeps the ledger where
+//! their backups, replicas and monitoring already are.
+//!
+//! One process writes (it holds a session advisory lock for as long as the store is open), any
+//! number read, also while it runs: each read runs on a pooled connection, and the reads that must
+//! agree with each other (the recovery tail, the audit) run in one `REPEATABLE READ` transaction.
+//! Every commit is one transaction, durable when PostgreSQL acknowledges it (`synchronous_commit`
+//! as the server sets it; on by default); the ledger's writer batches many changes into each, and a
+//! batch travels as arrays (`UNNEST`), so a commit is a handful of statements whatever its size.
+//!
+//! The [`Store`] trait is synchronous, and its callers include async tasks, where a blocking
+//! client (which runs a runtime of its own) would panic. So the store owns a small runtime that
+//! drives its connections; each call hands its work to it and waits on a plain channel, which
+//! blocks the calling thread as a disk read of the SQLite store would.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use stipend_ledger::store::rows::{lots_from_json, lots_json, usage_from_json, usage_json};
+use stipend_ledger::{
+    ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountRecord, AuditRow, Batch,
+    KeyRecord, Store, StoreError, Transfer, TransferAudit, TransferId, TransferKind,
+    account_name_skeleton,
+};
+use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
+
+pub mod test_server;
+
+/// The schema, one migration per entry; `stipend_schema.version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('checkpoint_seq', 0), ('skeleton_version', 0);
+-- Checkpoints of each account's state: every transfer up to meta.checkpoint_seq is reflected
+-- here; recovery replays the ones after it. `skeleton` finds names that look alike.
+CREATE TABLE accounts (
+    id             BIGINT PRIMARY KEY,
+    name           TEXT   NOT NULL UNIQUE,
+    kind           TEXT   NOT NULL,
+    balance_cu     BIGINT NOT NULL,
+    lots           TEXT   NOT NULL,
+    stipend_period BIGINT,
+    created_at_ms  BIGINT NOT NULL,
+    usage          TEXT   NOT NULL DEFAULT '[]',
+    skeleton       TEXT   NOT NULL DEFAULT ''
+);
+CREATE INDEX accounts_by_skeleton ON accounts (skeleton);
+-- The log, and the truth. Appended to; never updated. `seq` is assigned by the one writer, in
+-- the order the ledger decided the transfers.
+CREATE TABLE transfers (
+    seq               BIGINT PRIMARY KEY,
+    id                BYTEA  NOT NULL,
+    kind              TEXT   NOT NULL,
+    debit_account     BIGINT NOT NULL,
+    credit_account    BIGINT NOT NULL,
+    amount_cu         BIGINT NOT NULL,
+    created_at_ms     BIGINT NOT NULL,
+    lot_expires_at_ms BIGINT,
+    period            BIGINT
+);
+-- Caller-chosen ids (grants, gifts) are unique and looked up for replays; spends, the bulk of
+-- the log, are indexed by nothing but their sequence number (see the SQLite store).
+CREATE UNIQUE INDEX transfers_by_chosen_id ON transfers (id)
+    WHERE kind IN ('grant', 'gift', 'pool_contribution');
+CREATE INDEX transfers_by_debit ON transfers (debit_account, seq) WHERE kind <> 'spend';
+CREATE INDEX transfers_by_credit ON transfers (credit_account, seq) WHERE kind <> 'spend';
+-- API keys: the secret itself is never stored, only its SHA-256.
+CREATE TABLE keys (
+    id            TEXT   PRIMARY KEY,
+    account_id    BIGINT NOT NULL,
+    secret_sha256 BYTEA  NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    revoked_at_ms BIGINT
+);
+CREATE INDEX keys_by_account ON keys (account_id);
+"#];
+
+/// The advisory lock the writer holds for the store's lifetime ("STIPEND" and 1).
+const WRITER_LOCK: i64 = 0x5354_4950_454E_4401;
+/// The advisory lock migrations run under, so that nodes starting together migrate once.
+const MIGRATION_LOCK: i64 = 0x5354_4950_454E_4402;
+
+/// How many idle read connections are kept.
+const READERS_IDLE_MAX: usize = 8;
+/// The longest a connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+const ACCOUNT_COLUMNS: &str =
+    "id, name, kind, balance_cu, lots, stipend_period, created_at_ms, usage";
+const TRANSFER_COLUMNS: &str =
+    "id, kind, debit_account, credit_account, amount_cu, created_at_ms, lot_expires_at_ms, period";
+const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms";
+
+fn io(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(error.to_string())
+}
+
+fn corrupt(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(error.to_string())
+}
+
+/// A driver error, with the server's own message when it sent one.
+fn pg(error: tokio_postgres::Error) -> StoreError {
+    match error.as_db_error() {
+        Some(db) => StoreError::Io(format!("PostgreSQL: {}", db.message())),
+        None => StoreError::Io(format!("PostgreSQL: {error}")),
+    }
+}
+
+/// A future that runs on the store's runtime.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A read: given a connection for its duration, it returns a future of its result.
+trait ReadFn<T>:
+    for<'a> FnOnce(&'a mut Client) -> BoxFuture<'a, Result<T, StoreError>> + Send + 'static
+{
+}
+
+impl<T, F> ReadFn<T> for F where
+    F: for<'a> FnOnce(&'a mut Client) -> BoxFuture<'a, Result<T, StoreError>> + Send + 'static
+{
+}
+
+/// Connections to one database: how to open one, and the idle ones.
+struct Pool {
+    config: Config,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl Pool {
+    async fn connect(config: &Config) -> Result<Client, StoreError> {
+        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "a PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    async fn get(&self) -> Result<Client, StoreError> {
+        while let Some(client) = self.idle.lock().pop() {
+            if !client.is_closed() {
+                return Ok(client);
+            }
+        }
+        Pool::connect(&self.config).await
+    }
+
+    /// Returns a connection after a read that succeeded; one that failed is dropped instead, so
+    /// that a broken connection is never handed out again.
+    fn put(&self, client: Client) {
+        let mut idle = self.idle.lock();
+        if !client.is_closed() && idle.len() < READERS_IDLE_MAX {
+            idle.push(client);
+        }
+    }
+
+    /// Runs `read` on a pooled connection.
+    async fn read<T>(&self, read: impl ReadFn<T>) -> Result<T, StoreError> {
+        let mut client = self.get().await?;
+        let result = read(&mut client).await;
+        if result.is_ok() {
+            self.put(client);
+        }
+        result
+    }
+}
+
+/// The writer's connection, which holds the store's advisory lock, and the next sequence number.
+struct Writer {
+    client: Client,
+    seq_next: i64,
+}
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    /// Drives the connections; `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Arc<Pool>,
+    /// The writer; `None` for a read-only store.
+    writer: Option<Arc<tokio::sync::Mutex<Writer>>>,
+    /// The database, for messages (without its password).
+    description: String,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Give the claim back at once, so that a process reopening the store right after does not
+        // find it still held by a connection that is only closing.
+        if let Some(writer) = self.writer.take() {
+            let _ = self.run(async move {
+                let writer = writer.lock().await;
+                let unlock = writer
+                    .client
+                    .execute("SELECT pg_advisory_unlock_all()", &[]);
+                let _ = tokio::time::timeout(Duration::from_secs(1), unlock).await;
+                Ok(())
+            });
+        }
+        // Dropping a runtime waits for its threads, which is not allowed inside another runtime;
+        // the store may be dropped there, so it is shut down in the background.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn parse_url(url: &str) -> Result<Config, StoreError> {
+    let mut config: Config = url
+        .parse()
+        .map_err(|error| io(format!("database_url: {error}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.application_name("stipend");
+    Ok(config)
+}
+
+fn describe(config: &Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    format!(
+        "database {} on {}",
+        config.get_dbname().unwrap_or("(default)"),
+        hosts.join(",")
+    )
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` for writing: migrates it (once, under a lock, however
+    /// many nodes start together) and claims it. Fails with [`StoreError::Locked`] if another
+    /// process has it open for writing.
+    pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        let mut store = PostgresStore::connect(url)?;
+        let pool = Arc::clone(&store.pool);
+        let description = store.description.clone();
+        let writer = store.run(async move {
+            let mut client = Pool::connect(&pool.config).await?;
+            migrate(&mut client).await?;
+            let claimed: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+                .await
+                .map_err(pg)?
+                .get(0);
+            if !claimed {
+                return Err(StoreError::Locked { path: description });
+            }
+            refresh_skeletons(&mut client).await?;
+            let seq_max: Option<i64> = client
+                .query_one("SELECT MAX(seq) FROM transfers", &[])
+                .await
+                .map_err(pg)?
+                .get(0);
+            Ok(Writer {
+                client,
+                seq_next: seq_max.unwrap_or(0) + 1,
+            })
+        })?;
+        store.writer = Some(Arc::new(tokio::sync::Mutex::new(writer)));
+        Ok(store)
+    }
+
+    /// Connects for reading only, without claiming: audits and listings while a server holds
+    /// the store. The database must have been set up by a writer.
+    pub fn open_read_only(url: &str) -> Result<PostgresStore, StoreError> {
+        let store = PostgresStore::connect(url)?;
+        let pool = Arc::clone(&store.pool);
+        store.run(async move {
+            pool.read(move |client| {
+                Box::pin(async move {
+                    let version = schema_version(client).await?;
+                    check_version(version)?;
+                    if version == 0 {
+                        return Err(io(
+                            "the database has no Stipend store yet (run a server once)",
+                        ));
+                    }
+                    Ok(())
+                })
+            })
+            .await
+        })?;
+        Ok(store)
+    }
+
+    /// Whether a process holds the store at `url` for writing right now.
+    pub fn is_locked(url: &str) -> Result<bool, StoreError> {
+        let store = PostgresStore::connect(url)?;
+        let pool = Arc::clone(&store.pool);
+        store.run(async move {
+            let client = Pool::connect(&pool.config).await?;
+            let free: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+                .await
+                .map_err(pg)?
+                .get(0);
+            // The connection closes when it is dropped, and its lock with it.
+            Ok(!free)
+        })
+    }
+
+    fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        let config = parse_url(url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("store-postgres")
+            .enable_all()
+            .build()
+            .map_err(|error| io(format!("cannot start the store's runtime: {error}")))?;
+        Ok(PostgresStore {
+            runtime: Some(runtime),
+            description: describe(&config),
+            pool: Arc::new(Pool {
+                config,
+                idle: Mutex::new(Vec::new()),
+            }),
+            writer: None,
+        })
+    }
+
+    /// The database, for messages.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Runs `work` on the store's runtime and waits for it on this thread.
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| io("the store is closing"))?;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let _ = sender.send(work.await);
+        });
+        receiver
+            .recv()
+            .map_err(|_| io("the store's connection task stopped"))?
+    }
+
+    /// Runs `read` on a pooled connection, on the store's runtime.
+    fn read<T: Send + 'static>(&self, read: impl ReadFn<T>) -> Result<T, StoreError> {
+        let pool = Arc::clone(&self.pool);
+        self.run(async move { pool.read(read).await })
+    }
+
+    fn writer(&self) -> Result<Arc<tokio::sync::Mutex<Writer>>, StoreError> {
+        self.writer
+            .clone()
+            .ok_or_else(|| io("this store was opened read-only"))
+    }
+}
+
+async fn schema_version(client: &Client) -> Result<i64, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('stipend_schema') IS NOT NULL", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one("SELECT version FROM stipend_schema", &[])
+        .await
+        .map_err(pg)?
+        .get(0))
+}
+
+fn check_version(version: i64) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            supported,
+        });
+    }
+    Ok(())
+}
+
+/// Applies the migrations not yet applied, in one transaction under an advisory lock: a second
+/// node starting at the same moment waits, then finds nothing to do.
+async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let transaction = client.transaction().await.map_err(pg)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    transaction
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS stipend_schema (version BIGINT NOT NULL);
+             INSERT INTO stipend_schema (version)
+                 SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM stipend_schema);",
+        )
+        .await
+        .map_err(pg)?;
+    let version: i64 = transaction
+        .query_one("SELECT version FROM stipend_schema", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    check_version(version)?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        transaction.batch_execute(migration).await.map_err(pg)?;
+        transaction
+            .execute(
+                "UPDATE stipend_schema SET version = $1",
+                &[&(index as i64 + 1)],
+            )
+            .await
+            .map_err(pg)?;
+        tracing::info!(version = index + 1, "store migrated");
+    }
+    transaction.commit().await.map_err(pg)
+}
+
+/// Remakes every account's name skeleton if they were made by another rule or other Unicode
+/// tables than this binary's (as the SQLite store does).
+async fn refresh_skeletons(client: &mut Client) -> Result<(), StoreError> {
+    let transaction = client.transaction().await.map_err(pg)?;
+    let version: i64 = transaction
+        .query_one(
+            "SELECT value FROM meta WHERE key = 'skeleton_version' FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if version == ACCOUNT_NAME_SKELETON_VERSION {
+        return Ok(());
+    }
+    let rows = transaction
+        .query("SELECT id, name FROM accounts", &[])
+        .await
+        .map_err(pg)?;
+    let ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+    let skeletons: Vec<String> = rows
+        .iter()
+        .map(|row| account_name_skeleton(row.get(1)))
+        .collect();
+    transaction
+        .execute(
+            "UPDATE accounts AS a SET skeleton = u.skeleton
+             FROM UNNEST($1::bigint[], $2::text[]) AS u(id, skeleton) WHERE a.id = u.id",
+            &[&ids, &skeletons],
+        )
+        .await
+        .map_err(pg)?;
+    transaction
+        .execute(
+            "UPDATE meta SET value = $1 WHERE key = 'skeleton_version'",
+            &[&ACCOUNT_NAME_SKELETON_VERSION],
+        )
+        .await
+        .map_err(pg)?;
+    transaction.commit().await.map_err(pg)?;
+    tracing::info!(n_accounts = ids.len(), "account name skeletons made anew");
+    Ok(())
+}
+
+fn account_from_row(row: &Row) -> Result<AccountRecord, StoreError> {
+    let id: i64 = row.try_get(0).map_err(pg)?;
+    let kind: &str = row.try_get(2).map_err(pg)?;
+    let lots: &str = row.try_get(4).map_err(pg)?;
+    let usage: &str = row.try_get(7).map_err(pg)?;
+    Ok(AccountRecord {
+        id: AccountId(id as u64),
+        name: row.try_get(1).map_err(pg)?,
+        kind: AccountKind::parse(kind)
+            .ok_or_else(|| corrupt(format!("account {id}: unknown kind {kind:?}")))?,
+        balance_cu: row.try_get(3).map_err(pg)?,
+        lots: lots_from_json(lots)
+            .map_err(|error| corrupt(format!("account {id}: lots do not decode: {error}")))?,
+        stipend_period: row.try_get(5).map_err(pg)?,
+        usage: usage_from_json(usage)
+            .map_err(|error| corrupt(format!("account {id}: usage does not decode: {error}")))?,
+        created_at_ms: row.try_get(6).map_err(pg)?,
+    })
+}
+
+fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
+    let id: &[u8] = row.try_get(0).map_err(pg)?;
+    let bytes: [u8; 16] = id
+        .try_into()
+        .map_err(|_| corrupt("a transfer id is not 16 bytes"))?;
+    let id = TransferId(u128::from_be_bytes(bytes));
+    let kind: &str = row.try_get(1).map_err(pg)?;
+    let amount_cu: i64 = row.try_get(4).map_err(pg)?;
+    Ok(Transfer {
+        id,
+        kind: TransferKind::parse(kind)
+            .ok_or_else(|| corrupt(format!("transfer {id}: unknown kind {kind:?}")))?,
+        debit: AccountId(row.try_get::<_, i64>(2).map_err(pg)? as u64),
+        credit: AccountId(row.try_get::<_, i64>(3).map_err(pg)? as u64),
+        amount_cu: u64::try_from(amount_cu)
+            .map_err(|_| corrupt(format!("transfer {id}: negative amount")))?,
+        created_at_ms: row.try_get(5).map_err(pg)?,
+        lot_expires_at_ms: row.try_get(6).map_err(pg)?,
+        period: row.try_get(7).map_err(pg)?,
+    })
+}
+
+fn key_from_row(row: &Row) -> Result<KeyRecord, StoreError> {
+    let id: String = row.try_get(0).map_err(pg)?;
+    let hash: &[u8] = row.try_get(2).map_err(pg)?;
+    Ok(KeyRecord {
+        secret_sha256: hash
+            .try_into()
+            .map_err(|_| corrupt(format!("key {id}: the hash is not 32 bytes")))?,
+        account: AccountId(row.try_get::<_, i64>(1).map_err(pg)? as u64),
+        created_at_ms: row.try_get(3).map_err(pg)?,
+        revoked_at_ms: row.try_get(4).map_err(pg)?,
+        id,
+    })
+}
+
+fn accounts_from(rows: &[Row]) -> Result<Vec<AccountRecord>, StoreError> {
+    rows.iter().map(account_from_row).collect()
+}
+
+fn transfers_from(rows: &[Row]) -> Result<Vec<Transfer>, StoreError> {
+    rows.iter().map(transfer_from_row).collect()
+}
+
+/// The transfers after the checkpoint, in order, read inside `client`'s transaction.
+async fn tail(
+    client: &impl tokio_postgres::GenericClient,
+    checkpoint: i64,
+) -> Result<Vec<Transfer>, StoreError> {
+    let rows = client
+        .query(
+            &format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE seq > $1 ORDER BY seq"),
+            &[&checkpoint],
+        )
+        .await
+        .map_err(pg)?;
+    transfers_from(&rows)
+}
+
+async fn checkpoint_seq(client: &impl tokio_postgres::GenericClient) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one("SELECT value FROM meta WHERE key = 'checkpoint_seq'", &[])
+        .await
+        .map_err(pg)?
+        .get(0))
+}
+
+/// What the audit reads from one snapshot.
+struct Audited {
+    accounts: Vec<AuditRow>,
+    tail: Vec<Transfer>,
+    audit: TransferAudit,
+}
+
+async fn audit_in_snapshot(client: &mut Client) -> Result<Audited, StoreError> {
+    let transaction = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg)?;
+    let checkpoint = checkpoint_seq(&transaction).await?;
+    // Sums are NUMERIC in PostgreSQL; they travel as text and are read exactly.
+    let rows = transaction
+        .query(
+            &format!(
+                "WITH credits AS (
+                     SELECT credit_account AS account_id, SUM(amount_cu) AS total
+                     FROM transfers WHERE seq <= $1 GROUP BY credit_account),
+                 debits AS (
+                     SELECT debit_account AS account_id, SUM(amount_cu) AS total
+                     FROM transfers WHERE seq <= $1 GROUP BY debit_account)
+                 SELECT {ACCOUNT_COLUMNS},
+                        COALESCE(credits.total, 0)::text, COALESCE(debits.total, 0)::text
+                 FROM accounts
+                 LEFT JOIN credits ON credits.account_id = accounts.id
+                 LEFT JOIN debits ON debits.account_id = accounts.id
+                 ORDER BY accounts.id"
+            ),
+            &[&checkpoint],
+        )
+        .await
+        .map_err(pg)?;
+    let mut accounts = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let sum = |index: usize| -> Result<i128, StoreError> {
+            let text: &str = row.try_get(index).map_err(pg)?;
+            text.parse()
+                .map_err(|_| corrupt(format!("a sum of transfers is not an integer: {text}")))
+        };
+        accounts.push(AuditRow {
+            account: account_from_row(row)?,
+            credits_cu: sum(8)?,
+            debits_cu: sum(9)?,
+        });
+    }
+    let tail = tail(&transaction, checkpoint).await?;
+    let counts = transaction
+        .query_one(
+            "SELECT COUNT(*),
+                    COUNT(*) FILTER (WHERE amount_cu <= 0),
+                    COUNT(*) FILTER (WHERE debit_account = credit_account),
+                    COUNT(*) FILTER (WHERE
+                        NOT EXISTS (SELECT 1 FROM accounts WHERE id = debit_account)
+                        OR NOT EXISTS (SELECT 1 FROM accounts WHERE id = credit_account))
+             FROM transfers",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    let count = |index: usize| -> Result<u64, StoreError> {
+        Ok(counts.try_get::<_, i64>(index).map_err(pg)? as u64)
+    };
+    let audit = TransferAudit {
+        checkpoint_seq: checkpoint,
+        n_transfers: count(0)?,
+        n_amount_not_positive: count(1)?,
+        n_self: count(2)?,
+        n_unknown_account: count(3)?,
+    };
+    transaction.commit().await.map_err(pg)?;
+    Ok(Audited {
+        accounts,
+        tail,
+        audit,
+    })
+}
+
+/// Writes one batch in one transaction: new accounts, new transfers (numbered from `seq_next`),
+/// and the checkpoint. Returns the next sequence number.
+async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
+    let seq_first = writer.seq_next;
+    let transaction = writer.client.transaction().await.map_err(pg)?;
+    if !batch.created.is_empty() {
+        let mut ids = Vec::new();
+        let mut names = Vec::new();
+        let mut kinds = Vec::new();
+        let mut balances = Vec::new();
+        let mut lots = Vec::new();
+        let mut periods = Vec::new();
+        let mut created = Vec::new();
+        let mut usages = Vec::new();
+        let mut skeletons = Vec::new();
+        for record in &batch.created {
+            ids.push(record.id.0 as i64);
+            skeletons.push(account_name_skeleton(&record.name));
+            names.push(record.name.clone());
+            kinds.push(record.kind.as_str());
+            balances.push(record.balance_cu);
+            lots.push(lots_json(&record.lots)?);
+            periods.push(record.stipend_period);
+            created.push(record.created_at_ms);
+            usages.push(usage_json(&record.usage)?);
+        }
+        transaction
+            .execute(
+                &format!(
+                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}, skeleton)
+                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[],
+                                          $5::text[], $6::bigint[], $7::bigint[], $8::text[],
+                                          $9::text[])"
+                ),
+                &[
+                    &ids, &names, &kinds, &balances, &lots, &periods, &created, &usages, &skeletons,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+    }
+    let seq_next = seq_first + batch.transfers.len() as i64;
+    if !batch.transfers.is_empty() {
+        let mut seqs = Vec::with_capacity(batch.transfers.len());
+        let mut ids = Vec::with_capacity(batch.transfers.len());
+        let mut kinds = Vec::with_capacity(batch.transfers.len());
+        let mut debits = Vec::with_capacity(batch.transfers.len());
+        let mut credits = Vec::with_capacity(batch.transfers.len());
+        let mut amounts = Vec::with_capacity(batch.transfers.len());
+        let mut times = Vec::with_capacity(batch.transfers.len());
+        let mut expiries = Vec::with_capacity(batch.transfers.len());
+        let mut periods = Vec::with_capacity(batch.transfers.len());
+        for (offset, transfer) in batch.transfers.iter().enumerate() {
+            seqs.push(seq_first + offset as i64);
+            ids.push(transfer.id.0.to_be_bytes().to_vec());
+            kinds.push(transfer.kind.as_str());
+            debits.push(transfer.debit.0 as i64);
+            credits.push(transfer.credit.0 as i64);
+            amounts.push(transfer.amount_cu as i64);
+            times.push(transfer.created_at_ms);
+            expiries.push(transfer.lot_expires_at_ms);
+            periods.push(transfer.period);
+        }
+        transaction
+            .execute(
+                &format!(
+                    "INSERT INTO transfers (seq, {TRANSFER_COLUMNS})
+                     SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::text[], $4::bigint[],
+                                          $5::bigint[], $6::bigint[], $7::bigint[],
+                                          $8::bigint[], $9::bigint[])"
+                ),
+                &[
+                    &seqs, &ids, &kinds, &debits, &credits, &amounts, &times, &expiries, &periods,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+    }
+    if let Some(updates) = &batch.checkpoint {
+        let mut ids = Vec::with_capacity(updates.len());
+        let mut balances = Vec::with_capacity(updates.len());
+        let mut lots = Vec::with_capacity(updates.len());
+        let mut periods = Vec::with_capacity(updates.len());
+        let mut usages = Vec::with_capacity(updates.len());
+        for update in updates {
+            ids.push(update.id.0 as i64);
+            balances.push(update.balance_cu);
+            lots.push(lots_json(&update.lots)?);
+            periods.push(update.stipend_period);
+            usages.push(usage_json(&update.usage)?);
+        }
+        let changed = transaction
+            .execute(
+                "UPDATE accounts AS a
+                 SET balance_cu = u.balance_cu, lots = u.lots,
+                     stipend_period = u.stipend_period, usage = u.usage
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[])
+                     AS u(id, balance_cu, lots, stipend_period, usage)
+                 WHERE a.id = u.id",
+                &[&ids, &balances, &lots, &periods, &usages],
+            )
+            .await
+            .map_err(pg)?;
+        if changed != updates.len() as u64 {
+            return Err(corrupt(format!(
+                "a checkpoint updated {changed} of {} accounts",
+                updates.len()
+            )));
+        }
+        transaction
+            .execute(
+                "UPDATE meta SET value = $1 WHERE key = 'checkpoint_seq'",
+                &[&(seq_next - 1)],
+            )
+            .await
+            .map_err(pg)?;
+    }
+    transaction.commit().await.map_err(pg)?;
+    Ok(seq_next)
+}
+
+impl Store for PostgresStore {
+    fn account(&self, id: AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"),
+                        &[&(id.0 as i64)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(accounts_from(&rows)?.pop())
+            })
+        })
+    }
+
+    fn account_by_name(&self, name: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let name = name.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = $1"),
+                        &[&name],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(accounts_from(&rows)?.pop())
+            })
+        })
+    }
+
+    fn account_by_skeleton(&self, skeleton: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let skeleton = skeleton.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE skeleton = $1
+                         ORDER BY id LIMIT 1"
+                        ),
+                        &[&skeleton],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(accounts_from(&rows)?.pop())
+            })
+        })
+    }
+
+    fn accounts(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let after = after.map_or(0, |id| id.0 as i64);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                .query(
+                    &format!(
+                        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id > $1 ORDER BY id LIMIT $2"
+                    ),
+                    &[&after, &limit],
+                )
+                .await
+                .map_err(pg)?;
+                accounts_from(&rows)
+            })
+        })
+    }
+
+    fn account_id_max(&self) -> Result<Option<AccountId>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let max: Option<i64> = client
+                    .query_one("SELECT MAX(id) FROM accounts", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                Ok(max.map(|id| AccountId(id as u64)))
+            })
+        })
+    }
+
+    fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StoreError> {
+        let bytes = id.0.to_be_bytes().to_vec();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {TRANSFER_COLUMNS} FROM transfers
+                         WHERE id = $1 AND kind IN ('grant', 'gift', 'pool_contribution')"
+                        ),
+                        &[&bytes],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(transfers_from(&rows)?.pop())
+            })
+        })
+    }
+
+    fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError> {
+        let account = account.0 as i64;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {TRANSFER_COLUMNS} FROM (
+                            SELECT seq, {TRANSFER_COLUMNS} FROM transfers
+                            WHERE debit_account = $1 AND kind <> 'spend'
+                            UNION ALL
+                            SELECT seq, {TRANSFER_COLUMNS} FROM transfers
+                            WHERE credit_account = $1 AND kind <> 'spend'
+                         ) AS mine ORDER BY seq DESC LIMIT $2"
+                        ),
+                        &[&account, &limit],
+                    )
+                    .await
+                    .map_err(pg)?;
+                transfers_from(&rows)
+            })
+        })
+    }
+
+    fn checkpoint_seq(&self) -> Result<i64, StoreError> {
+        self.read(|client| Box::pin(checkpoint_seq(&*client)))
+    }
+
+    fn transfers_after_checkpoint(
+        &self,
+        visit: &mut dyn FnMut(Transfer),
+    ) -> Result<(), StoreError> {
+        let transfers = self.read(move |client| {
+            Box::pin(async move {
+                let transaction = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(pg)?;
+                let checkpoint = checkpoint_seq(&transaction).await?;
+                let transfers = tail(&transaction, checkpoint).await?;
+                transaction.commit().await.map_err(pg)?;
+                Ok(transfers)
+            })
+        })?;
+        transfers.into_iter().for_each(visit);
+        Ok(())
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let writer = self.writer()?;
+        let batch = batch.clone();
+        self.run(async move {
+            let mut writer = writer.lock().await;
+            let seq_next = commit(&mut writer, batch).await?;
+            writer.seq_next = seq_next;
+            Ok(())
+        })
+    }
+
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let writer = self.writer()?;
+        let key = key.clone();
+        self.run(async move {
+            let writer = writer.lock().await;
+            writer
+                .client
+                .execute(
+                    &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+                    &[
+                        &key.id,
+                        &(key.account.0 as i64),
+                        &key.secret_sha256.as_slice(),
+                        &key.created_at_ms,
+                        &key.revoked_at_ms,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
+        let writer = self.writer()?;
+        let id = id.to_string();
+        self.run(async move {
+            let writer = writer.lock().await;
+            let changed = writer
+                .client
+                .execute(
+                    "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1",
+                    &[&id, &at_ms],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = $1"),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg)?;
+                rows.first().map(key_from_row).transpose()
+            })
+        })
+    }
+
+    fn keys_of(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+        let account = account.0 as i64;
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {KEY_COLUMNS} FROM keys WHERE account_id = $1
+                         ORDER BY created_at_ms, id"
+                        ),
+                        &[&account],
+                    )
+                    .await
+                    .map_err(pg)?;
+                rows.iter().map(key_from_row).collect()
+            })
+        })
+    }
+
+    fn audit(
+        &self,
+        visit_account: &mut dyn FnMut(AuditRow),
+        visit_tail: &mut dyn FnMut(Transfer),
+    ) -> Result<TransferAudit, StoreError> {
+        let audited = self.read(|client| Box::pin(audit_in_snapshot(client)))?;
+        audited.accounts.into_iter().for_each(visit_account);
+        audited.tail.into_iter().for_each(visit_tail);
+        Ok(audited.audit)
+    }
+}
