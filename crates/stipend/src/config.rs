@@ -50,6 +50,7 @@ struct RawConfig {
     client_read_timeout: Option<String>,
     drain_timeout: Option<String>,
     store_cache_mb: Option<i64>,
+    database_url: Option<String>,
     workers: Option<i64>,
     #[serde(default)]
     stipend: RawStipend,
@@ -416,11 +417,43 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The embedded store's page cache, in bytes.
     pub store_cache_bytes: u64,
+    /// The PostgreSQL database that holds the ledger instead of the embedded store, if one is
+    /// configured (`database_url`, or `STIPEND_DATABASE_URL`).
+    pub database_url: Option<DatabaseUrl>,
     /// Threads serving HTTP (`None`: half the cores, at least one).
     pub workers: Option<usize>,
     /// The models.
     pub models: Vec<ModelConfig>,
 }
+
+/// A PostgreSQL URL, which may hold a password: shown only as the database and host it names.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    url: String,
+    description: String,
+}
+
+impl DatabaseUrl {
+    /// The URL itself, to connect with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.description)
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({})", self.description)
+    }
+}
+
+/// The environment variable that gives `database_url` when the config file does not.
+pub const DATABASE_URL_ENV: &str = "STIPEND_DATABASE_URL";
 
 impl Config {
     /// The embedded store's file.
@@ -579,6 +612,15 @@ impl Config {
             Some(mb) if (1..=4_096).contains(&mb) => mb as u64 * 1024 * 1024,
             Some(mb) => bail!("config {name}: store_cache_mb must be from 1 to 4096, got {mb}"),
         };
+        let from_env = || env(DATABASE_URL_ENV).filter(|url| !url.is_empty());
+        let database_url = match raw.database_url.or_else(from_env) {
+            None => None,
+            Some(url) => Some(DatabaseUrl {
+                description: stipend_store_postgres::check_url(&url)
+                    .map_err(|error| anyhow::anyhow!("config {name}: {error}"))?,
+                url,
+            }),
+        };
         let workers = match raw.workers {
             None => None,
             Some(n) if (1..=1_024).contains(&n) => Some(n as usize),
@@ -610,6 +652,7 @@ impl Config {
             client_read_timeout,
             drain_timeout,
             store_cache_bytes,
+            database_url,
             workers,
             models,
         })
@@ -647,6 +690,37 @@ mod tests {
             "{:#}",
             Config::parse(text, Some(Path::new("/etc/stipend.toml"))).unwrap_err()
         )
+    }
+
+    #[test]
+    fn a_database_url_comes_from_the_file_or_the_environment_and_its_password_stays_hidden() {
+        let url = "postgres://stipend:s3cret@db.internal:5432/ledger";
+        let from_env = |name: &str| (name == DATABASE_URL_ENV).then(|| url.to_string());
+        let config = Config::parse_with_env("", None, &from_env).unwrap();
+        let database = config.database_url.as_ref().unwrap();
+        assert_eq!(database.url(), url);
+        assert_eq!(database.to_string(), "database ledger on db.internal");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        // The file wins over the environment; an empty variable is no URL.
+        let text = "database_url = \"postgres://stipend@127.0.0.1/other\"";
+        let config = Config::parse_with_env(text, None, &from_env).unwrap();
+        assert_eq!(
+            config.database_url.unwrap().url(),
+            "postgres://stipend@127.0.0.1/other"
+        );
+        let empty = |_: &str| Some(String::new());
+        assert!(
+            Config::parse_with_env("", None, &empty)
+                .unwrap()
+                .database_url
+                .is_none()
+        );
+        let error =
+            Config::parse_with_env("database_url = \"sqlite://x\"", None, &|_| None).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("must be a postgres:// URL"),
+            "{error:#}"
+        );
     }
 
     #[test]

@@ -11,7 +11,6 @@ use stipend::config::Config;
 use stipend::{control, serve};
 use stipend_ledger::units::{parse_amount_cu, parse_duration};
 use stipend_ledger::{AccountKind, StoreError, TransferId, verify};
-use stipend_store_sqlite::SqliteStore;
 
 /// A fair, private compute budget for everyone, in front of your AI models.
 #[derive(Debug, Parser)]
@@ -292,6 +291,14 @@ fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
                 Some(StoreError::Locked { .. })
             ) =>
         {
+            if let Some(url) = &config.database_url
+                && !config.socket_path().exists()
+            {
+                anyhow::bail!(
+                    "the ledger in {url} is held by a `stipend serve` on another machine; \
+                     one server writes a database for now, so run this command where it runs"
+                );
+            }
             match control::call(&config.socket_path(), &request)? {
                 control::Reply::Ok(response) => Ok(response),
                 control::Reply::Error { message } => anyhow::bail!("{message}"),
@@ -320,14 +327,16 @@ fn default_workers() -> usize {
 }
 
 fn verify_command(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let path = config.store_path();
-    if !path.exists() {
-        anyhow::bail!("no ledger at {} (nothing has run yet)", path.display());
-    }
-    let store = SqliteStore::open_read_only(&path)?;
-    let mut report = verify(&store)?;
+    let store = serve::open_store_read_only(config)?;
+    let mut report = verify(store.as_ref())?;
     // A running server also holds reservations in memory: check those too.
-    if SqliteStore::is_locked(&path) {
+    let held = serve::store_is_held(config)?;
+    if held && config.database_url.is_some() && !config.socket_path().exists() {
+        eprintln!(
+            "note: the server holding the database runs on another machine; the store was \
+             audited, its reservations in memory were not"
+        );
+    } else if held {
         match control::call(&config.socket_path(), &Request::CheckInvariants)? {
             control::Reply::Ok(Response::Invariants { violations }) => {
                 report.violations.extend(violations)

@@ -12,6 +12,7 @@ use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream
 use stipend_ledger::units::{default_price_cu_per_token, format_duration};
 use stipend_ledger::{AccountKind, Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock};
 use stipend_model::{EmbeddedModel, LoadOptions};
+use stipend_store_postgres::PostgresStore;
 use stipend_store_sqlite::SqliteStore;
 
 use crate::config::{BackendConfig, Config};
@@ -69,11 +70,44 @@ pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the ledger on the embedded store for writing.
-pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
+/// Opens the configured store for writing: the PostgreSQL database if `database_url` names one,
+/// else the embedded SQLite file in `data_dir`.
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, anyhow::Error> {
     ensure_data_dir(config)?;
-    let store = SqliteStore::open_with_cache(&config.store_path(), config.store_cache_bytes)?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    Ok(match &config.database_url {
+        Some(url) => Arc::new(PostgresStore::open(url.url())?),
+        None => Arc::new(SqliteStore::open_with_cache(
+            &config.store_path(),
+            config.store_cache_bytes,
+        )?),
+    })
+}
+
+/// Opens the configured store for reading beside a running server, without claiming it.
+pub fn open_store_read_only(config: &Config) -> Result<Box<dyn Store>, anyhow::Error> {
+    Ok(match &config.database_url {
+        Some(url) => Box::new(PostgresStore::open_read_only(url.url())?),
+        None => {
+            let path = config.store_path();
+            if !path.exists() {
+                anyhow::bail!("no ledger at {} (nothing has run yet)", path.display());
+            }
+            Box::new(SqliteStore::open_read_only(&path)?)
+        }
+    })
+}
+
+/// Whether a running server holds the configured store.
+pub fn store_is_held(config: &Config) -> Result<bool, anyhow::Error> {
+    Ok(match &config.database_url {
+        Some(url) => PostgresStore::is_locked(url.url())?,
+        None => SqliteStore::is_locked(&config.store_path()),
+    })
+}
+
+/// Opens the ledger on the configured store for writing.
+pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
+    let store = open_store(config)?;
     Ledger::open(
         store,
         Arc::new(SystemClock),
@@ -229,9 +263,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Some(StoreError::Locked { .. })
             ) =>
         {
+            let store = match &config.database_url {
+                Some(url) => format!("the ledger in {url}"),
+                None => config.data_dir.display().to_string(),
+            };
             anyhow::bail!(
-                "another stipend server is already using {}; stop it first",
-                config.data_dir.display()
+                "another stipend server is already using {store} (the store is in use by another \
+                 process); stop it first"
             )
         }
         Err(error) => return Err(error),
@@ -429,9 +467,13 @@ fn print_summary(
         Some(metrics) => format!("http://{metrics}/metrics (metrics_listen)"),
         None => format!("http://{address}/metrics"),
     };
+    let ledger = match &config.database_url {
+        Some(url) => format!("PostgreSQL: {url}"),
+        None => config.store_path().display().to_string(),
+    };
     println!(
         "Stipend is running on http://{address}/v1\n  \
-         data      {}\n  \
+         ledger    {ledger}\n  \
          metrics   {metrics}\n  \
          stipend   {} per person every {}, up to {} carried over\n  \
          ready in  {} ms\n\
@@ -446,7 +488,6 @@ fn print_summary(
          Your budget:\n  \
          curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n\n\
          Press Ctrl-C to stop.",
-        config.data_dir.display(),
         Flops(policy.amount_cu() as i64),
         format_duration(policy.period()),
         Flops(policy.rollover_max_cu() as i64),

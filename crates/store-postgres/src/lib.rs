@@ -211,10 +211,34 @@ impl Drop for PostgresStore {
     }
 }
 
+/// Checks a `database_url` without connecting, and says which database it names (without its
+/// password), for the config's checks and messages.
+pub fn check_url(url: &str) -> Result<String, String> {
+    parse_url(url)
+        .map(|config| describe(&config))
+        .map_err(|error| match error {
+            StoreError::Io(message) => message,
+            other => other.to_string(),
+        })
+}
+
 fn parse_url(url: &str) -> Result<Config, StoreError> {
-    let mut config: Config = url
-        .parse()
-        .map_err(|error| io(format!("database_url: {error}")))?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(io(
+            "database_url must be a postgres:// URL (postgres://user@host:port/database)",
+        ));
+    }
+    let mut config: Config = url.parse().map_err(|error| {
+        io(format!(
+            "database_url is not a valid PostgreSQL URL: {error}"
+        ))
+    })?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(io(
+            "database_url asks for TLS (sslmode=require), which this build does not speak yet; \
+             reach the database over a private network or leave sslmode out",
+        ));
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }

@@ -471,3 +471,105 @@ pub fn assert_written_nowhere(marker: &str, dir: &std::path::Path, output: &str)
     }
     assert!(n_files > 0, "nothing was written below {}", dir.display());
 }
+
+/// Every operator command once, with its edges: what `stipend` does for an operator on a fresh
+/// store, whichever store and whether or not a server holds it.
+pub fn exercise(env: &Env) {
+    let alice = env.json(&["account", "create", "alice"]);
+    assert_eq!(alice["balance_cu"], 10_000_000);
+    assert_eq!(alice["available_cu"], 10_000_000);
+    assert_eq!(alice["reserved_cu"], 0);
+    assert!(
+        alice["next_grant_at"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+    env.json(&["account", "create", "bob"]);
+    let lab = env.json(&["account", "create", "lab", "--kind", "pool"]);
+    assert_eq!(lab["balance_cu"], 0);
+    // Names are held apart from look-alikes, so a grant cannot reach the wrong one.
+    let message = env.refused(&["account", "create", "Alice"]);
+    assert!(
+        message.contains("\"Alice\" is too like the existing \"alice\""),
+        "{message}"
+    );
+    let message = env.refused(&["account", "create", "\u{430}lice"]);
+    assert!(message.contains("one script"), "{message}");
+    let message = env.refused(&["account", "create", "ｂｏｂ"]);
+    assert!(message.contains("\"bob\" already exists"), "{message}");
+    assert_eq!(env.json(&["account", "show", "ｂｏｂ"])["name"], "bob");
+
+    let grant = env.json(&["grant", "bob", "3.5 TFLOP", "--id", "abc123"]);
+    assert_eq!(grant["amount_cu"], 3_500);
+    assert_eq!(grant["replayed"], false);
+    // The same id again is a no-op; with another amount it is refused.
+    let again = env.json(&["grant", "bob", "3.5 TFLOP", "--id", "abc123"]);
+    assert_eq!(again["replayed"], true);
+    let message = env.refused(&["grant", "bob", "4 TFLOP", "--id", "abc123"]);
+    assert!(
+        message.contains("already used for a different transfer"),
+        "{message}"
+    );
+
+    env.json(&["give", "alice", "bob", "250 GFLOP"]);
+    let contribution = env.json(&["give", "alice", "lab", "1 PFLOP"]);
+    assert_eq!(contribution["kind"], "pool_contribution");
+
+    let bob = env.json(&["account", "show", "bob"]);
+    assert_eq!(bob["balance_cu"], 10_000_000 + 3_500 + 250);
+    let history = bob["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0]["kind"], "gift");
+    assert_eq!(history[0]["counterparty"], "alice");
+    assert_eq!(history[0]["amount_cu"], 250);
+
+    let list = env.json(&["account", "list"]);
+    let names: Vec<&str> = list["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|account| account["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["issuer", "alice", "bob", "lab"]);
+    let page = env.json(&["account", "list", "--limit", "2"]);
+    assert_eq!(page["accounts"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next_after"], 2);
+
+    // Bad input: a clear message, exit 2, nothing changed.
+    for (args, expected) in [
+        (
+            &["give", "alice", "nobody", "5"][..],
+            "no account named \"nobody\"",
+        ),
+        (&["give", "alice", "bob", "0"][..], "greater than zero"),
+        (&["give", "alice", "bob", "-5"][..], "negative"),
+        (&["give", "alice", "bob", "1.5 GFLOP"][..], "whole number"),
+        (&["give", "alice", "bob", "100 PFLOP"][..], "available"),
+        (&["give", "alice", "alice", "5"][..], "itself"),
+        (&["grant", "bob", "5 bananas"][..], "unknown unit"),
+        (
+            &["grant", "bob", "5", "--id", "xyz"][..],
+            "not a transfer id",
+        ),
+        (
+            &["grant", "bob", "5", "--expires-in", "soon"][..],
+            "--expires-in",
+        ),
+        (&["account", "create", "alice"][..], "already exists"),
+        (
+            &["account", "create", "has space"][..],
+            "invalid account name",
+        ),
+        (&["account", "show", "nobody"][..], "no account named"),
+    ] {
+        let message = env.refused(args);
+        assert!(message.contains(expected), "{args:?}: {message}");
+    }
+    let alice = env.json(&["account", "show", "alice"]);
+    assert_eq!(alice["balance_cu"], 10_000_000 - 250 - 1_000_000);
+    assert_eq!(
+        env.json(&["ledger", "verify"])["violations"],
+        Value::Array(vec![])
+    );
+}
