@@ -75,6 +75,13 @@ pub const TOKEN_BYTES_MAX: u64 = 256;
 
 // HTTP: what a client sends, what an upstream answers.
 
+/// How much of a refused request body (over the limit) is read and dropped before the 413 is
+/// sent, and for how long, so that a client still writing it reads the 413 rather than a broken
+/// pipe; a body declared larger is not waited for.
+pub const LINGER_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// See [`LINGER_BYTES_MAX`].
+pub const LINGER_TIME_MAX: Duration = Duration::from_secs(2);
+
 /// The longest path quoted back in an error.
 pub const PATH_QUOTED_MAX: usize = 200;
 

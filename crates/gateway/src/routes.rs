@@ -16,7 +16,7 @@ use stipend_ledger::{AccountId, AccountKind};
 
 use crate::call::{Bounds, Call};
 use crate::error::ApiError;
-use crate::limits::CHOICES_MAX;
+use crate::limits::{CHOICES_MAX, LINGER_BYTES_MAX, LINGER_TIME_MAX};
 use crate::rawjson::{self, RawError, RawObject};
 use crate::{Backend, Gateway, Model};
 
@@ -295,21 +295,55 @@ async fn read_body(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
+    if let Some(length) = declared
+        && length > limit as u64
+    {
+        if length <= LINGER_BYTES_MAX {
+            tokio::spawn(discard(body));
+        }
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    let mut body = body;
+    let read = async {
+        let mut collected = Vec::new();
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if let Some(data) = frame?.data_ref() {
+                if collected.len() + data.len() > limit {
+                    return Ok::<_, axum::Error>(None);
+                }
+                collected.extend_from_slice(data);
+            }
+        }
+        Ok(Some(Bytes::from(collected)))
+    };
     match tokio::time::timeout(waited, read).await {
         Err(_) => Err(ApiError::BodyTimeout(waited.as_secs())),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+        Ok(Ok(Some(collected))) => Ok(collected),
+        Ok(Ok(None)) => {
+            tokio::spawn(discard(body));
             Err(ApiError::PayloadTooLarge(limit))
         }
         Ok(Err(error)) => Err(ApiError::InvalidRequest {
-            message: format!("The request body could not be read: {error}."),
+            message: format!("The request body could not be read: {}.", error),
             param: None,
         }),
     }
+}
+
+/// Reads and drops what is left of a refused body, within bounds, while the refusal is sent: a
+/// client still writing its body when the connection closes would get a broken pipe instead of
+/// the 413 (nginx lingers the same way). A body past the bounds is not waited for.
+async fn discard(mut body: Body) {
+    let _ = tokio::time::timeout(LINGER_TIME_MAX, async {
+        let mut discarded = 0u64;
+        while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+            discarded += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if discarded > LINGER_BYTES_MAX {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// A request parsed and checked the same way for every backend.
