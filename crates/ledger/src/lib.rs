@@ -32,6 +32,7 @@ macro_rules! serde_by_name {
 pub mod account;
 pub mod clock;
 pub mod error;
+pub mod escrow;
 pub mod ledger;
 pub mod limits;
 pub mod policy;

@@ -27,10 +27,14 @@ use stipend_ledger::{
 };
 use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 
+mod escrow;
 pub mod test_server;
 
+pub use escrow::LeaseRequest;
+
 /// The schema, one migration per entry; `stipend_schema.version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BIGINT NOT NULL
@@ -78,7 +82,35 @@ CREATE TABLE keys (
     revoked_at_ms BIGINT
 );
 CREATE INDEX keys_by_account ON keys (account_id);
-"#];
+"#,
+    r#"
+-- Escrow (several nodes on one database): a lease marks part of an account's available balance
+-- as held for one node until it is spent, given back or expired. The database itself keeps the
+-- sum of what leases hold within the balance, on every statement, whoever runs it.
+ALTER TABLE accounts ADD COLUMN held_cu BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE accounts ADD CONSTRAINT leases_within_balance
+    CHECK (held_cu >= 0 AND (kind NOT IN ('person', 'pool', 'agent') OR held_cu <= balance_cu));
+-- The soonest lot expiry, so that "nothing is due" is a comparison in the lease statement.
+ALTER TABLE accounts ADD COLUMN next_expiry_ms BIGINT;
+UPDATE accounts SET next_expiry_ms = (
+    SELECT MIN((lot->>'expires_at_ms')::bigint) FROM jsonb_array_elements(lots::jsonb) AS lot);
+CREATE TABLE leases (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id   BIGINT NOT NULL,
+    node         TEXT   NOT NULL,
+    remaining_cu BIGINT NOT NULL CHECK (remaining_cu >= 0),
+    granted_cu   BIGINT NOT NULL,
+    -- By the database's clock, so that every node's lease ends at one moment whatever its own
+    -- clock says.
+    expires_at   TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX leases_by_expiry ON leases (expires_at);
+CREATE INDEX leases_by_account ON leases (account_id);
+-- Transfers from several writers are numbered by one sequence.
+CREATE SEQUENCE transfers_seq;
+SELECT setval('transfers_seq', COALESCE((SELECT MAX(seq) FROM transfers), 0) + 1, false);
+"#,
+];
 
 /// The advisory lock the writer holds for the store's lifetime ("STIPEND" and 1).
 const WRITER_LOCK: i64 = 0x5354_4950_454E_4401;
@@ -172,10 +204,9 @@ impl Pool {
     }
 }
 
-/// The writer's connection, which holds the store's advisory lock, and the next sequence number.
+/// The writer's connection, which holds the store's advisory lock.
 struct Writer {
     client: Client,
-    seq_next: i64,
 }
 
 /// The PostgreSQL store.
@@ -282,15 +313,7 @@ impl PostgresStore {
                 return Err(StoreError::Locked { path: description });
             }
             refresh_skeletons(&mut client).await?;
-            let seq_max: Option<i64> = client
-                .query_one("SELECT MAX(seq) FROM transfers", &[])
-                .await
-                .map_err(pg)?
-                .get(0);
-            Ok(Writer {
-                client,
-                seq_next: seq_max.unwrap_or(0) + 1,
-            })
+            Ok(Writer { client })
         })?;
         store.writer = Some(Arc::new(tokio::sync::Mutex::new(writer)));
         Ok(store)
@@ -666,11 +689,28 @@ async fn audit_in_snapshot(client: &mut Client) -> Result<Audited, StoreError> {
     })
 }
 
-/// Writes one batch in one transaction: new accounts, new transfers (numbered from `seq_next`),
-/// and the checkpoint. Returns the next sequence number.
-async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
-    let seq_first = writer.seq_next;
+/// Writes one batch in one transaction: new accounts, new transfers (numbered in order from the
+/// transfers' sequence), and the checkpoint.
+async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
     let transaction = writer.client.transaction().await.map_err(pg)?;
+    let seqs: Vec<i64> = transaction
+        .query(
+            "SELECT nextval('transfers_seq') FROM generate_series(1::bigint, $1::bigint)",
+            &[&(batch.transfers.len() as i64)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let seq_last = match seqs.last() {
+        Some(seq) => *seq,
+        None => transaction
+            .query_one("SELECT COALESCE(MAX(seq), 0) FROM transfers", &[])
+            .await
+            .map_err(pg)?
+            .get(0),
+    };
     if !batch.created.is_empty() {
         let mut ids = Vec::new();
         let mut names = Vec::new();
@@ -681,7 +721,9 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
         let mut created = Vec::new();
         let mut usages = Vec::new();
         let mut skeletons = Vec::new();
+        let mut expiries = Vec::new();
         for record in &batch.created {
+            expiries.push(stipend_ledger::escrow::next_expiry_ms(record));
             ids.push(record.id.0 as i64);
             skeletons.push(account_name_skeleton(&record.name));
             names.push(record.name.clone());
@@ -707,9 +749,7 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
             .await
             .map_err(pg)?;
     }
-    let seq_next = seq_first + batch.transfers.len() as i64;
     if !batch.transfers.is_empty() {
-        let mut seqs = Vec::with_capacity(batch.transfers.len());
         let mut ids = Vec::with_capacity(batch.transfers.len());
         let mut kinds = Vec::with_capacity(batch.transfers.len());
         let mut debits = Vec::with_capacity(batch.transfers.len());
@@ -718,8 +758,7 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
         let mut times = Vec::with_capacity(batch.transfers.len());
         let mut expiries = Vec::with_capacity(batch.transfers.len());
         let mut periods = Vec::with_capacity(batch.transfers.len());
-        for (offset, transfer) in batch.transfers.iter().enumerate() {
-            seqs.push(seq_first + offset as i64);
+        for transfer in &batch.transfers {
             ids.push(transfer.id.0.to_be_bytes().to_vec());
             kinds.push(transfer.kind.as_str());
             debits.push(transfer.debit.0 as i64);
@@ -750,7 +789,9 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
         let mut lots = Vec::with_capacity(updates.len());
         let mut periods = Vec::with_capacity(updates.len());
         let mut usages = Vec::with_capacity(updates.len());
+        let mut expiries = Vec::with_capacity(updates.len());
         for update in updates {
+            expiries.push(update.lots.iter().filter_map(|lot| lot.expires_at_ms).min());
             ids.push(update.id.0 as i64);
             balances.push(update.balance_cu);
             lots.push(lots_json(&update.lots)?);
@@ -761,11 +802,13 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
             .execute(
                 "UPDATE accounts AS a
                  SET balance_cu = u.balance_cu, lots = u.lots,
-                     stipend_period = u.stipend_period, usage = u.usage
-                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[])
-                     AS u(id, balance_cu, lots, stipend_period, usage)
+                     stipend_period = u.stipend_period, usage = u.usage,
+                     next_expiry_ms = u.next_expiry_ms
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[],
+                             $6::bigint[])
+                     AS u(id, balance_cu, lots, stipend_period, usage, next_expiry_ms)
                  WHERE a.id = u.id",
-                &[&ids, &balances, &lots, &periods, &usages],
+                &[&ids, &balances, &lots, &periods, &usages, &expiries],
             )
             .await
             .map_err(pg)?;
@@ -778,13 +821,12 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<i64, StoreError> {
         transaction
             .execute(
                 "UPDATE meta SET value = $1 WHERE key = 'checkpoint_seq'",
-                &[&(seq_next - 1)],
+                &[&seq_last],
             )
             .await
             .map_err(pg)?;
     }
-    transaction.commit().await.map_err(pg)?;
-    Ok(seq_next)
+    transaction.commit().await.map_err(pg)
 }
 
 impl Store for PostgresStore {
@@ -953,9 +995,7 @@ impl Store for PostgresStore {
         let batch = batch.clone();
         self.run(async move {
             let mut writer = writer.lock().await;
-            let seq_next = commit(&mut writer, batch).await?;
-            writer.seq_next = seq_next;
-            Ok(())
+            commit(&mut writer, batch).await
         })
     }
 
