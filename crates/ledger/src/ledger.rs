@@ -32,7 +32,7 @@ use crate::account::{
 };
 use crate::clock::Clock;
 use crate::error::LedgerError;
-use crate::limits::{AMOUNT_MAX_CU, LedgerOptions, SWEEP_INTERVAL_MS};
+use crate::limits::{AMOUNT_MAX_CU, LedgerOptions, RECOVERY_INTERVAL, SWEEP_INTERVAL_MS};
 use crate::policy::StipendPolicy;
 use crate::reservation::{Reservation, ReservationId, Settlement};
 use crate::state::{Balance, apply, can_receive_gift};
@@ -137,22 +137,22 @@ impl<T: Unpin> Future for DurableFuture<T> {
 
     fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
         let mut durable = self.shared.durable.lock();
-        if durable.seq >= self.seq {
-            drop(durable);
-            return match self.value.take() {
-                Some(value) => Poll::Ready(Ok(value)),
-                None => Poll::Ready(Err(LedgerError::Unavailable {
-                    reason: "a durable result was awaited twice".to_string(),
-                })),
-            };
+        match durable.outcome(self.seq) {
+            Some(Ok(())) => {
+                drop(durable);
+                match self.value.take() {
+                    Some(value) => Poll::Ready(Ok(value)),
+                    None => Poll::Ready(Err(LedgerError::Unavailable {
+                        reason: "a durable result was awaited twice".to_string(),
+                    })),
+                }
+            }
+            Some(Err(error)) => Poll::Ready(Err(error)),
+            None => {
+                durable.wakers.push((self.seq, context.waker().clone()));
+                Poll::Pending
+            }
         }
-        if let Some(failure) = &durable.failure {
-            return Poll::Ready(Err(LedgerError::Unavailable {
-                reason: failure.clone(),
-            }));
-        }
-        durable.wakers.push((self.seq, context.waker().clone()));
-        Poll::Pending
     }
 }
 
@@ -193,6 +193,33 @@ struct Durability {
     failure: Option<String>,
     /// Async waiters: woken when `seq` reaches theirs (or on failure).
     wakers: Vec<(u64, Waker)>,
+    /// The changes a failed commit lost, as ranges of sequence numbers `(after, up_to]`: decided
+    /// in memory, never durable, and dropped when the ledger recovered in place.
+    lost: Vec<(u64, u64)>,
+}
+
+impl Durability {
+    /// Whether the change numbered `seq` is durable (`Some(Ok)`), will never be (`Some(Err)`),
+    /// or is still on its way (`None`).
+    fn outcome(&self, seq: u64) -> Option<Result<(), LedgerError>> {
+        if self
+            .lost
+            .iter()
+            .any(|(after, up_to)| *after < seq && seq <= *up_to)
+        {
+            return Some(Err(LedgerError::Unavailable {
+                reason: "a commit to the store failed, and this change with it".to_string(),
+            }));
+        }
+        if self.seq >= seq {
+            return Some(Ok(()));
+        }
+        self.failure.as_ref().map(|failure| {
+            Err(LedgerError::Unavailable {
+                reason: failure.clone(),
+            })
+        })
+    }
 }
 
 enum Mutation {
@@ -251,6 +278,8 @@ struct State {
     sweep_next_at_ms: i64,
     shutdown: bool,
     failure: Option<String>,
+    /// Counts resets: an account read from the store before one is read again after it.
+    generation: u64,
 }
 
 impl State {
@@ -388,13 +417,8 @@ impl Shared {
     fn wait_durable(&self, seq: u64) -> Result<(), LedgerError> {
         let mut durable = self.durable.lock();
         loop {
-            if durable.seq >= seq {
-                return Ok(());
-            }
-            if let Some(failure) = &durable.failure {
-                return Err(LedgerError::Unavailable {
-                    reason: failure.clone(),
-                });
+            if let Some(outcome) = durable.outcome(seq) {
+                return outcome;
             }
             self.durable_changed.wait(&mut durable);
         }
@@ -420,40 +444,61 @@ impl Shared {
     /// Locks the state with every account in `ids` loaded from the store. Store reads happen
     /// outside the lock, so a cold account never stalls the hot ones.
     fn lock_with(&self, ids: &[AccountId]) -> Result<MutexGuard<'_, State>, LedgerError> {
-        let state = self.lock_state();
-        if let Some(failure) = &state.failure {
-            return Err(LedgerError::Unavailable {
+        self.lock_loaded(ids, false)
+    }
+
+    /// [`Shared::lock_with`], and for the replay of the log after a reset (`replaying`), which
+    /// runs while the ledger is still closed to everyone else.
+    fn lock_loaded(
+        &self,
+        ids: &[AccountId],
+        replaying: bool,
+    ) -> Result<MutexGuard<'_, State>, LedgerError> {
+        let closed = |state: &State| match &state.failure {
+            Some(failure) if !replaying => Err(LedgerError::Unavailable {
                 reason: failure.clone(),
-            });
-        }
-        let missing: Vec<AccountId> = ids
-            .iter()
-            .copied()
-            .filter(|id| !state.accounts.contains_key(id))
-            .collect();
-        if missing.is_empty() {
+            }),
+            _ => Ok(()),
+        };
+        loop {
+            let state = self.lock_state();
+            closed(&state)?;
+            let generation = state.generation;
+            let missing: Vec<AccountId> = ids
+                .iter()
+                .copied()
+                .filter(|id| !state.accounts.contains_key(id))
+                .collect();
+            if missing.is_empty() {
+                return Ok(state);
+            }
+            drop(state);
+            let mut loaded = Vec::with_capacity(missing.len());
+            for id in missing {
+                let record =
+                    self.store
+                        .account(id)?
+                        .ok_or_else(|| LedgerError::UnknownAccount {
+                            name: id.to_string(),
+                        })?;
+                loaded.push(record);
+            }
+            let mut state = self.lock_state();
+            closed(&state)?;
+            if state.generation != generation {
+                // The ledger was reset while these were read: what was read may be older than
+                // the log replayed since. Read again.
+                continue;
+            }
+            for record in loaded {
+                // Another thread may have loaded (and changed) it meanwhile: keep theirs.
+                state
+                    .accounts
+                    .entry(record.id)
+                    .or_insert_with(|| AccountState::from_record(record));
+            }
             return Ok(state);
         }
-        drop(state);
-        let mut loaded = Vec::with_capacity(missing.len());
-        for id in missing {
-            let record = self
-                .store
-                .account(id)?
-                .ok_or_else(|| LedgerError::UnknownAccount {
-                    name: id.to_string(),
-                })?;
-            loaded.push(record);
-        }
-        let mut state = self.lock_state();
-        for record in loaded {
-            // Another thread may have loaded (and changed) it meanwhile: keep theirs.
-            state
-                .accounts
-                .entry(record.id)
-                .or_insert_with(|| AccountState::from_record(record));
-        }
-        Ok(state)
     }
 
     /// Applies due stipends and expiries to one loaded account.
@@ -572,6 +617,80 @@ impl Shared {
         Ok(self.store.transfer(id)?)
     }
 
+    /// Replays the transfers after the store's last checkpoint onto the accounts they name.
+    fn replay_tail(&self) -> Result<(), LedgerError> {
+        let started = Instant::now();
+        let mut tail = Vec::new();
+        self.store
+            .transfers_after_checkpoint(&mut |transfer| tail.push(transfer))?;
+        for transfer in &tail {
+            let mut state = self.lock_loaded(&[transfer.debit, transfer.credit], true)?;
+            state.try_apply_loaded(transfer).map_err(|reason| {
+                LedgerError::Store(StoreError::Corrupt(format!(
+                    "the log does not replay: {reason}"
+                )))
+            })?;
+        }
+        if !tail.is_empty() {
+            tracing::info!(
+                n_transfers = tail.len(),
+                replay_ms = started.elapsed().as_millis() as u64,
+                "replayed the log after the last checkpoint"
+            );
+            self.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// After a failed commit, once the store takes writes again: forgets everything in memory
+    /// (what the failed commit held, and every reservation: a crash's rule, which releases
+    /// compute and never charges it twice), reloads from the store as an open does, and reopens.
+    /// The changes decided since the last durable commit are marked lost, so that whoever still
+    /// waits on one is told it failed, however late they ask.
+    fn reset(&self) -> Result<(), LedgerError> {
+        let issuer = self.store.account(self.issuer)?.ok_or_else(|| {
+            LedgerError::Store(StoreError::Corrupt(
+                "the issuer's account is gone".to_string(),
+            ))
+        })?;
+        let account_id_next = self.store.account_id_max()?.map_or(1, |id| id.0 + 1);
+        let mut prefix = [0u8; 8];
+        let prefix = match getrandom::fill(&mut prefix) {
+            Ok(()) => u64::from_be_bytes(prefix),
+            Err(_) => self.clock.now_ms() as u64,
+        };
+        {
+            let mut state = self.state.lock();
+            let mut durable = self.durable.lock();
+            if state.seq_last > durable.seq {
+                let after = durable.seq;
+                durable.lost.push((after, state.seq_last));
+            }
+            durable.seq = state.seq_last;
+            durable.failure = None;
+            // Closed until the log is replayed: a decision on a row read now, before the log's
+            // tail is applied to it, could grant a stipend twice.
+            state.failure = Some("the ledger is reloading from the store".to_string());
+            state.generation += 1;
+            state.accounts.clear();
+            state
+                .accounts
+                .insert(issuer.id, AccountState::from_record(issuer));
+            state.dirty.clear();
+            state.reservations.clear();
+            state.queue.clear();
+            state.pending_transfers.clear();
+            state.pending_names.clear();
+            state.pending_skeletons.clear();
+            state.account_id_next = account_id_next;
+            state.transfer_prefix = prefix;
+            state.transfer_counter = 0;
+        }
+        self.replay_tail()?;
+        self.state.lock().failure = None;
+        Ok(())
+    }
+
     fn durable<T>(self: &Arc<Self>, value: T, seq: u64) -> Durable<T> {
         Durable {
             value,
@@ -671,6 +790,7 @@ impl Ledger {
             sweep_next_at_ms: 0,
             shutdown: false,
             failure: None,
+            generation: 0,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -679,6 +799,7 @@ impl Ledger {
                 seq: 0,
                 failure: None,
                 wakers: Vec::new(),
+                lost: Vec::new(),
             }),
             durable_changed: Condvar::new(),
             store,
@@ -720,28 +841,7 @@ impl Ledger {
     /// same [`apply`] that made them live. The accounts they touch are then loaded and dirty, so
     /// the next checkpoint (within one interval) brings their rows up to date.
     fn recover(&self) -> Result<(), LedgerError> {
-        let started = Instant::now();
-        let mut tail = Vec::new();
-        self.shared
-            .store
-            .transfers_after_checkpoint(&mut |transfer| tail.push(transfer))?;
-        for transfer in &tail {
-            let mut state = self.shared.lock_with(&[transfer.debit, transfer.credit])?;
-            state.try_apply_loaded(transfer).map_err(|reason| {
-                LedgerError::Store(StoreError::Corrupt(format!(
-                    "the log does not replay: {reason}"
-                )))
-            })?;
-        }
-        if !tail.is_empty() {
-            tracing::info!(
-                n_transfers = tail.len(),
-                replay_ms = started.elapsed().as_millis() as u64,
-                "replayed the log after the last checkpoint"
-            );
-            self.shared.work.notify_one();
-        }
-        Ok(())
+        self.shared.replay_tail()
     }
 
     /// The stipend policy.
@@ -1357,8 +1457,54 @@ impl Drop for Ledger {
 /// transfers up to the batch's end.
 ///
 /// A failed commit fails the ledger closed: the in-memory state is ahead of the disk, so nothing
-/// more may be decided until a restart reloads it.
+/// more is decided until the store takes writes again (probed every [`RECOVERY_INTERVAL`]), and
+/// then the ledger reloads from it as a restart would ([`Shared::reset`]).
 fn run_writer(shared: &Shared) {
+    while write_until_failure(shared) {
+        if !wait_for_the_store(shared) {
+            return;
+        }
+    }
+}
+
+/// After a failed commit: probes the store until it takes writes, then resets the ledger onto
+/// it. Returns false if the ledger is shutting down first.
+fn wait_for_the_store(shared: &Shared) -> bool {
+    loop {
+        {
+            let mut state = shared.state.lock();
+            if state.shutdown {
+                return false;
+            }
+            shared.work.wait_for(&mut state, RECOVERY_INTERVAL);
+            if state.shutdown {
+                return false;
+            }
+        }
+        if let Err(error) = shared.store.probe_write() {
+            tracing::debug!(%error, "the store does not take writes yet");
+            continue;
+        }
+        match shared.reset() {
+            Ok(()) => {
+                tracing::warn!(
+                    "the store takes writes again; the ledger reloaded from it and reopened"
+                );
+                return true;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the ledger could not reload from the store yet");
+                let mut state = shared.state.lock();
+                state.failure = Some(format!(
+                    "the ledger could not reload from the store ({error})"
+                ));
+            }
+        }
+    }
+}
+
+/// Writes what is queued until the ledger shuts down (false) or a commit fails (true).
+fn write_until_failure(shared: &Shared) -> bool {
     let options = &shared.options;
     let mut last_checkpoint = Instant::now();
     let checkpoint_due = |state: &State, last_checkpoint: Instant| {
@@ -1383,7 +1529,7 @@ fn run_writer(shared: &Shared) {
         }
         let checkpoint = checkpoint_due(&state, last_checkpoint);
         if state.queue.is_empty() && !checkpoint {
-            return; // shut down, with nothing left to write
+            return false; // shut down, with nothing left to write
         }
         let items: Vec<(u64, Mutation)> =
             if checkpoint || state.queue.len() <= options.commit_batch_max {
@@ -1455,8 +1601,10 @@ fn run_writer(shared: &Shared) {
                 }
             }
             Err(error) => {
-                tracing::error!(%error, "ledger commit failed; refusing all work until restart");
-                let reason = format!("a commit to the store failed ({error}); restart to recover");
+                tracing::error!(%error, "ledger commit failed; refusing all work until the store takes writes again");
+                let reason = format!(
+                    "a commit to the store failed ({error}); refusing all work until it takes writes again"
+                );
                 // Close the state first: whoever is woken by the failure below must already find
                 // every door shut, or it could slip one more decision past a store that failed.
                 {
@@ -1473,7 +1621,7 @@ fn run_writer(shared: &Shared) {
                 for (_, waker) in wakers {
                     waker.wake();
                 }
-                return;
+                return true;
             }
         }
     }

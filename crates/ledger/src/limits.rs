@@ -76,3 +76,6 @@ impl LedgerOptions {
 // A few stipends (a person's, a pool's gifts) and many single amounts sum far inside a balance.
 const _: () = assert!(STIPEND_MAX_CU < AMOUNT_MAX_CU);
 const _: () = assert!(AMOUNT_MAX_CU < (i64::MAX as u64) / 4);
+
+/// How often a ledger whose commit failed probes the store for writes, to reopen by itself.
+pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);

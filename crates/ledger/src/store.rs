@@ -145,6 +145,9 @@ pub trait Store: Send + Sync {
     -> Result<(), StoreError>;
     /// Writes a batch atomically and durably.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Writes nothing, durably: succeeds once the store takes writes again after a failed
+    /// commit (the disk has room, the database is back and this process holds it again).
+    fn probe_write(&self) -> Result<(), StoreError>;
     /// Stores a new key, durably.
     fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Marks a key revoked, durably. Returns false if there is no such key.

@@ -523,6 +523,8 @@ fn a_restart_keeps_every_settle_and_voids_open_reservations() {
 struct FailingStore {
     inner: std::sync::Arc<dyn stipend_ledger::Store>,
     fail: std::sync::atomic::AtomicBool,
+    /// Held by a test to keep commits waiting, so that it can queue several changes first.
+    gate: std::sync::Mutex<()>,
 }
 
 impl stipend_ledger::Store for FailingStore {
@@ -537,6 +539,12 @@ impl stipend_ledger::Store for FailingStore {
         name: &str,
     ) -> Result<Option<stipend_ledger::AccountRecord>, stipend_ledger::StoreError> {
         self.inner.account_by_name(name)
+    }
+    fn probe_write(&self) -> Result<(), stipend_ledger::StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(stipend_ledger::StoreError::Io("injected".to_string()));
+        }
+        self.inner.probe_write()
     }
     fn account_by_skeleton(
         &self,
@@ -579,6 +587,7 @@ impl stipend_ledger::Store for FailingStore {
         self.inner.transfers_after_checkpoint(visit)
     }
     fn commit(&self, batch: &stipend_ledger::Batch) -> Result<(), stipend_ledger::StoreError> {
+        drop(self.gate.lock().unwrap());
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(stipend_ledger::StoreError::Io(
                 "database or disk is full".to_string(),
@@ -616,15 +625,16 @@ impl stipend_ledger::Store for FailingStore {
     }
 }
 
-fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
-    // Guards against serving uncharged: once a commit fails, memory is ahead of the disk, so
-    // nothing more may be decided until a restart reloads the store.
+fn a_failed_commit_fails_the_ledger_closed_until_the_store_takes_writes_again() {
+    // Guards against serving uncharged: once a commit fails, memory is ahead of the store, so
+    // nothing more may be decided until the ledger has reloaded from it.
     let dir = tempfile::tempdir().unwrap();
     let location = common::Location::fresh(dir.path());
     let clock = std::sync::Arc::new(stipend_ledger::ManualClock::new(T0));
     let store = std::sync::Arc::new(FailingStore {
         inner: location.open(),
         fail: std::sync::atomic::AtomicBool::new(false),
+        gate: std::sync::Mutex::new(()),
     });
     let ledger = stipend_ledger::Ledger::open(
         store.clone(),
@@ -642,13 +652,20 @@ fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
     ledger.settle(kept.id(), 100).unwrap().wait().unwrap();
     let held = ledger.reserve(ann, sink, 200, MINUTE).unwrap();
     store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Two settles decided before the failure is known (the commits held back meanwhile):
+    // neither is ever acknowledged, however late it is asked about.
+    let gate = store.gate.lock().unwrap();
     let lost = ledger.reserve(ann, sink, 50, MINUTE).unwrap();
-    let error = ledger.settle(lost.id(), 50).unwrap().wait().unwrap_err();
+    let also_lost = ledger.reserve(ann, sink, 30, MINUTE).unwrap();
+    let first = ledger.settle(lost.id(), 50).unwrap();
+    let second = ledger.settle(also_lost.id(), 30).unwrap();
+    drop(gate);
+    let error = first.wait().unwrap_err();
     assert!(
         matches!(error, LedgerError::Unavailable { .. }),
         "{error:?}"
     );
-    // Everything after is refused, reads included.
+    // Everything after is refused, reads included, while the store refuses writes.
     assert!(matches!(
         ledger.reserve(ann, sink, 1, MINUTE),
         Err(LedgerError::Unavailable { .. })
@@ -665,9 +682,33 @@ fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
         ledger.flush(),
         Err(LedgerError::Unavailable { .. })
     ));
-    drop(ledger);
-    // The disk is back: a restart sees exactly what was acknowledged.
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    assert!(matches!(
+        ledger.view(ann),
+        Err(LedgerError::Unavailable { .. })
+    ));
+    // The store takes writes again: the same ledger reopens by itself, as a restart would have
+    // reopened it: exactly what was acknowledged, no reservation left open.
     store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let view = loop {
+        match ledger.view(ann) {
+            Ok(view) => break view,
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(10) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => panic!("the ledger did not reopen: {error:?}"),
+        }
+    };
+    assert_eq!((view.balance_cu, view.reserved_cu), (900, 0));
+    assert!(second.wait().is_err(), "a lost settle was acknowledged");
+    assert!(matches!(
+        ledger.settle(held.id(), 1),
+        Err(LedgerError::UnknownReservation { .. })
+    ));
+    let again = ledger.reserve(ann, sink, 40, MINUTE).unwrap();
+    ledger.settle(again.id(), 40).unwrap().wait().unwrap();
+    drop(ledger);
     drop(store);
     let ledger = stipend_ledger::Ledger::open(
         location.open(),
@@ -676,7 +717,7 @@ fn a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers() {
     )
     .unwrap();
     let view = ledger.view(ann).unwrap();
-    assert_eq!((view.balance_cu, view.reserved_cu), (900, 0));
+    assert_eq!((view.balance_cu, view.reserved_cu), (860, 0));
     ledger.flush().unwrap();
     assert!(location.audit().ok());
 }
@@ -694,5 +735,5 @@ on_every_store!(
     replaying_a_transfer_id_is_a_no_op_and_reusing_it_is_a_conflict,
     bad_input_is_refused_and_changes_nothing,
     a_restart_keeps_every_settle_and_voids_open_reservations,
-    a_failed_commit_fails_the_ledger_closed_and_a_restart_recovers,
+    a_failed_commit_fails_the_ledger_closed_until_the_store_takes_writes_again,
 );

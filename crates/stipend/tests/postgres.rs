@@ -133,3 +133,100 @@ fn a_bad_database_url_is_refused_by_name() {
     let message = env.refused(&["account", "list"]);
     assert!(message.contains("PostgreSQL"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_under_load_fails_closed_and_serving_resumes() {
+    // A server of its own: this test restarts it.
+    let database = TestServer::start().unwrap();
+    let url = database.fresh_database().unwrap();
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&format!(
+        "database_url = \"{url}\"\nlisten = \"127.0.0.1:0\"\n[stipend]\namount = \"10 PFLOP\"\n\
+         [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
+    ));
+    let server = Server::start(&env);
+    let key = env.person_with_key("ada");
+    let start = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let body =
+        json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let cost = ((stipend_testkit::prompt_tokens(&body) + 4) * 16) as i64;
+    let http = reqwest::Client::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (http, url, key, body, stop) = (
+            http.clone(),
+            format!("{}/chat/completions", server.base),
+            key.clone(),
+            body.clone(),
+            std::sync::Arc::clone(&stop),
+        );
+        load.push(tokio::spawn(async move {
+            // (answered, refused, answered after a refusal)
+            let mut counts = (0i64, 0i64, 0i64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let answer: serde_json::Value = response.json().await.unwrap();
+                match status {
+                    200 => {
+                        assert!(answer["choices"].is_array(), "{answer}");
+                        counts.0 += 1;
+                        if counts.1 > 0 {
+                            counts.2 += 1;
+                        }
+                    }
+                    503 => {
+                        assert_eq!(answer["error"]["code"], "ledger_unavailable", "{answer}");
+                        assert!(
+                            answer.get("choices").is_none(),
+                            "served uncharged: {answer}"
+                        );
+                        counts.1 += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected {other}: {answer}"),
+                }
+            }
+            counts
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    database.restart_immediate().unwrap();
+    // Serving resumes by itself: wait until every client has been answered since.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    let mut refused = 0;
+    let mut resumed = 0;
+    for task in load {
+        let (a, r, after) = task.await.unwrap();
+        answered += a;
+        refused += r;
+        resumed += after;
+    }
+    assert!(refused > 0, "the restart was never noticed");
+    assert!(
+        resumed > 0,
+        "serving did not resume ({answered} answered, {refused} refused)"
+    );
+    server.stop();
+    // Every answered call is charged, exactly; nothing refused is.
+    let balance = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        start - balance,
+        answered * cost,
+        "{answered} answered, {refused} refused"
+    );
+    assert_eq!(env.json(&["ledger", "verify"])["violations"], json!([]));
+}

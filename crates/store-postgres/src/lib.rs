@@ -999,6 +999,39 @@ impl Store for PostgresStore {
         })
     }
 
+    fn probe_write(&self) -> Result<(), StoreError> {
+        let writer = self.writer()?;
+        let pool = Arc::clone(&self.pool);
+        let description = self.description.clone();
+        self.run(async move {
+            let mut writer = writer.lock().await;
+            if writer.client.is_closed() {
+                // The database went away (a restart, a lost network): claim it again on a new
+                // connection, unless another process took it meanwhile.
+                let client = Pool::connect(&pool.config).await?;
+                let claimed: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if !claimed {
+                    return Err(StoreError::Locked { path: description });
+                }
+                writer.client = client;
+                tracing::info!("reconnected to the database and claimed it again");
+            }
+            writer
+                .client
+                .execute(
+                    "UPDATE meta SET value = value WHERE key = 'checkpoint_seq'",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
     fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let writer = self.writer()?;
         let key = key.clone();

@@ -91,6 +91,11 @@ const READERS_IDLE_MAX: usize = 8;
 /// pages it will not read again (docs/benchmarks.md, "Memory under a sustained load").
 pub const CACHE_BYTES_DEFAULT: u64 = 16 * 1024 * 1024;
 
+/// How many more times a held store lock is tried before the store is called in use, and how
+/// long apart (see `open_with_cache`).
+const LOCK_TRIES: u32 = 10;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// How long a statement waits for a lock held by another connection.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
@@ -157,15 +162,25 @@ impl SqliteStore {
                 make_private(&file)?;
             }
         }
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked {
-                    path: path.display().to_string(),
-                });
-            }
-            Err(TryLockError::Error(error)) => {
-                return Err(io(format!("cannot lock {}: {error}", lock_path.display())));
+        // A lock held by another process is refused at once, after a few short tries: a child
+        // process forked by any thread holds a copy of every descriptor (this lock's included)
+        // until it execs, which is microseconds, and must not pass for a second server.
+        let mut tries = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if tries < LOCK_TRIES => {
+                    tries += 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked {
+                        path: path.display().to_string(),
+                    });
+                }
+                Err(TryLockError::Error(error)) => {
+                    return Err(io(format!("cannot lock {}: {error}", lock_path.display())));
+                }
             }
         }
         let mut connection = Connection::open(path)
@@ -671,6 +686,21 @@ impl Store for SqliteStore {
                 )
                 .map_err(io)?;
         }
+        transaction.commit().map_err(io)
+    }
+
+    fn probe_write(&self) -> Result<(), StoreError> {
+        let mut connection = self.writer()?;
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(io)?;
+        // A real write of one page, so that a full disk still says so.
+        transaction
+            .execute(
+                "UPDATE meta SET value = value WHERE key = 'checkpoint_seq'",
+                [],
+            )
+            .map_err(io)?;
         transaction.commit().map_err(io)
     }
 
