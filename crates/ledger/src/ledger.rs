@@ -16,10 +16,8 @@
 //! exactly the product's rule: a crash can release compute, never charge it twice.
 
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +29,7 @@ use crate::account::{
     normalize_account_name,
 };
 use crate::clock::Clock;
+use crate::durable::{Durable, Tracker};
 use crate::error::LedgerError;
 use crate::limits::{AMOUNT_MAX_CU, LedgerOptions, RECOVERY_INTERVAL, SWEEP_INTERVAL_MS};
 use crate::policy::StipendPolicy;
@@ -79,83 +78,6 @@ pub struct Posted {
     pub replayed: bool,
 }
 
-/// A result whose changes are queued for the store; [`Durable::wait`] returns it once they are
-/// durable. Dropping it without waiting leaves the changes queued; they are written all the same.
-#[must_use = "wait() for durability before acknowledging"]
-pub struct Durable<T> {
-    value: T,
-    seq: u64,
-    shared: Arc<Shared>,
-}
-
-impl<T: std::fmt::Debug> std::fmt::Debug for Durable<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Durable")
-            .field("value", &self.value)
-            .field("seq", &self.seq)
-            .finish()
-    }
-}
-
-impl<T> Durable<T> {
-    /// Blocks until the changes are durable.
-    pub fn wait(self) -> Result<T, LedgerError> {
-        self.shared.wait_durable(self.seq)?;
-        Ok(self.value)
-    }
-
-    /// The result, before it is durable: for callers that will wait some other way.
-    pub fn peek(&self) -> &T {
-        &self.value
-    }
-}
-
-/// Awaiting a [`Durable`] waits for the same commit as [`Durable::wait`], without blocking a
-/// thread: the writer wakes the task when the commit is on disk.
-impl<T: Unpin> IntoFuture for Durable<T> {
-    type Output = Result<T, LedgerError>;
-    type IntoFuture = DurableFuture<T>;
-
-    fn into_future(self) -> DurableFuture<T> {
-        DurableFuture {
-            value: Some(self.value),
-            seq: self.seq,
-            shared: self.shared,
-        }
-    }
-}
-
-/// The future of a [`Durable`]: ready when its commit is durable.
-pub struct DurableFuture<T> {
-    value: Option<T>,
-    seq: u64,
-    shared: Arc<Shared>,
-}
-
-impl<T: Unpin> Future for DurableFuture<T> {
-    type Output = Result<T, LedgerError>;
-
-    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut durable = self.shared.durable.lock();
-        match durable.outcome(self.seq) {
-            Some(Ok(())) => {
-                drop(durable);
-                match self.value.take() {
-                    Some(value) => Poll::Ready(Ok(value)),
-                    None => Poll::Ready(Err(LedgerError::Unavailable {
-                        reason: "a durable result was awaited twice".to_string(),
-                    })),
-                }
-            }
-            Some(Err(error)) => Poll::Ready(Err(error)),
-            None => {
-                durable.wakers.push((self.seq, context.waker().clone()));
-                Poll::Pending
-            }
-        }
-    }
-}
-
 /// The ledger. Share it with `Arc<Ledger>`; dropping it flushes every queued change.
 pub struct Ledger {
     shared: Arc<Shared>,
@@ -166,8 +88,7 @@ struct Shared {
     state: Mutex<State>,
     /// Signals the writer that work is queued (or shutdown).
     work: Condvar,
-    durable: Mutex<Durability>,
-    durable_changed: Condvar,
+    durable: Arc<Tracker>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     options: LedgerOptions,
@@ -186,40 +107,6 @@ pub struct WriterStats {
     pub checkpoints: u64,
     /// Time spent inside the store's commit, in µs.
     pub commit_us_total: u64,
-}
-
-struct Durability {
-    seq: u64,
-    failure: Option<String>,
-    /// Async waiters: woken when `seq` reaches theirs (or on failure).
-    wakers: Vec<(u64, Waker)>,
-    /// The changes a failed commit lost, as ranges of sequence numbers `(after, up_to]`: decided
-    /// in memory, never durable, and dropped when the ledger recovered in place.
-    lost: Vec<(u64, u64)>,
-}
-
-impl Durability {
-    /// Whether the change numbered `seq` is durable (`Some(Ok)`), will never be (`Some(Err)`),
-    /// or is still on its way (`None`).
-    fn outcome(&self, seq: u64) -> Option<Result<(), LedgerError>> {
-        if self
-            .lost
-            .iter()
-            .any(|(after, up_to)| *after < seq && seq <= *up_to)
-        {
-            return Some(Err(LedgerError::Unavailable {
-                reason: "a commit to the store failed, and this change with it".to_string(),
-            }));
-        }
-        if self.seq >= seq {
-            return Some(Ok(()));
-        }
-        self.failure.as_ref().map(|failure| {
-            Err(LedgerError::Unavailable {
-                reason: failure.clone(),
-            })
-        })
-    }
 }
 
 enum Mutation {
@@ -412,16 +299,6 @@ fn transfer(
 impl Shared {
     fn now_ms(&self) -> i64 {
         self.clock.now_ms()
-    }
-
-    fn wait_durable(&self, seq: u64) -> Result<(), LedgerError> {
-        let mut durable = self.durable.lock();
-        loop {
-            if let Some(outcome) = durable.outcome(seq) {
-                return outcome;
-            }
-            self.durable_changed.wait(&mut durable);
-        }
     }
 
     /// Locks the state, spinning briefly first. A decision holds the lock for well under a
@@ -661,13 +538,7 @@ impl Shared {
         };
         {
             let mut state = self.state.lock();
-            let mut durable = self.durable.lock();
-            if state.seq_last > durable.seq {
-                let after = durable.seq;
-                durable.lost.push((after, state.seq_last));
-            }
-            durable.seq = state.seq_last;
-            durable.failure = None;
+            self.durable.reopen(state.seq_last);
             // Closed until the log is replayed: a decision on a row read now, before the log's
             // tail is applied to it, could grant a stipend twice.
             state.failure = Some("the ledger is reloading from the store".to_string());
@@ -692,11 +563,7 @@ impl Shared {
     }
 
     fn durable<T>(self: &Arc<Self>, value: T, seq: u64) -> Durable<T> {
-        Durable {
-            value,
-            seq,
-            shared: Arc::clone(self),
-        }
+        Durable::new(value, seq, Arc::clone(&self.durable))
     }
 }
 
@@ -795,13 +662,7 @@ impl Ledger {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             work: Condvar::new(),
-            durable: Mutex::new(Durability {
-                seq: 0,
-                failure: None,
-                wakers: Vec::new(),
-                lost: Vec::new(),
-            }),
-            durable_changed: Condvar::new(),
+            durable: Arc::new(Tracker::default()),
             store,
             clock,
             options,
@@ -1382,7 +1243,7 @@ impl Ledger {
             state.seq_last
         };
         self.shared.work.notify_one();
-        self.shared.wait_durable(seq)
+        self.shared.durable.wait(seq)
     }
 
     /// What the group-commit writer has done so far.
@@ -1580,20 +1441,7 @@ fn write_until_failure(shared: &Shared) -> bool {
                     last_checkpoint = Instant::now();
                 }
                 if let Some(seq_max) = seq_max {
-                    let ready: Vec<Waker> = {
-                        let mut durable = shared.durable.lock();
-                        durable.seq = seq_max;
-                        let (ready, waiting): (Vec<_>, Vec<_>) =
-                            std::mem::take(&mut durable.wakers)
-                                .into_iter()
-                                .partition(|(seq, _)| *seq <= seq_max);
-                        durable.wakers = waiting;
-                        ready.into_iter().map(|(_, waker)| waker).collect()
-                    };
-                    shared.durable_changed.notify_all();
-                    for waker in ready {
-                        waker.wake();
-                    }
+                    shared.durable.advance(seq_max);
                     let mut state = shared.state.lock();
                     state.pending_transfers.retain(|_, (_, seq)| *seq > seq_max);
                     state.pending_names.retain(|_, (_, seq)| *seq > seq_max);
@@ -1612,15 +1460,7 @@ fn write_until_failure(shared: &Shared) -> bool {
                     state.failure = Some(reason.clone());
                     state.queue.clear();
                 }
-                let wakers = {
-                    let mut durable = shared.durable.lock();
-                    durable.failure = Some(reason);
-                    std::mem::take(&mut durable.wakers)
-                };
-                shared.durable_changed.notify_all();
-                for (_, waker) in wakers {
-                    waker.wake();
-                }
+                shared.durable.fail(reason);
                 return true;
             }
         }

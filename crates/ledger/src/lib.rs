@@ -31,6 +31,7 @@ macro_rules! serde_by_name {
 
 pub mod account;
 pub mod clock;
+pub mod durable;
 pub mod error;
 pub mod escrow;
 pub mod ledger;
@@ -48,8 +49,9 @@ pub use account::{
     LotSource, SINK_NAME_PREFIX, Usage, account_name_skeleton, normalize_account_name,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use durable::{Durable, DurableFuture};
 pub use error::LedgerError;
-pub use ledger::{AccountView, Durable, DurableFuture, ISSUER_NAME, Ledger, Posted, WriterStats};
+pub use ledger::{AccountView, ISSUER_NAME, Ledger, Posted, WriterStats};
 pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DEFAULT};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
