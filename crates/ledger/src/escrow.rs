@@ -31,6 +31,9 @@ pub struct Lease {
     pub account: AccountId,
     /// What it held when granted, in cu.
     pub granted_cu: u64,
+    /// What was left available of the account after it was granted, in cu: how a node sizes its
+    /// next lease.
+    pub available_cu: u64,
     /// How long it lives from the moment it was granted, by the database's clock. The node
     /// stops spending on it a margin before that, by its own monotonic clock.
     pub ttl: Duration,

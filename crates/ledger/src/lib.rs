@@ -36,6 +36,7 @@ pub mod error;
 pub mod escrow;
 pub mod ledger;
 pub mod limits;
+pub mod node;
 pub mod policy;
 pub mod reservation;
 mod state;

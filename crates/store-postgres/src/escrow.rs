@@ -145,12 +145,17 @@ impl PostgresStore {
                                AND (a.next_expiry_ms IS NULL OR a.next_expiry_ms > $4)
                                AND g.grant_cu >= $5
                                AND a.balance_cu - a.held_cu >= g.grant_cu
-                             RETURNING a.id, g.grant_cu
+                             RETURNING a.id, g.grant_cu, a.balance_cu - a.held_cu AS available_cu
+                         ),
+                         lease AS (
+                             INSERT INTO leases
+                                 (account_id, node, remaining_cu, granted_cu, expires_at)
+                             SELECT id, $6, grant_cu, grant_cu, now() + make_interval(secs => $7)
+                             FROM up
+                             RETURNING id, account_id
                          )
-                         INSERT INTO leases (account_id, node, remaining_cu, granted_cu, expires_at)
-                         SELECT id, $6, grant_cu, grant_cu, now() + make_interval(secs => $7)
-                         FROM up
-                         RETURNING id, granted_cu",
+                         SELECT lease.id, up.grant_cu, up.available_cu
+                         FROM lease JOIN up ON up.id = lease.account_id",
                         &[
                             &(account.0 as i64),
                             &want,
@@ -168,6 +173,7 @@ impl PostgresStore {
                         id: row.get(0),
                         account,
                         granted_cu: row.get::<_, i64>(1) as u64,
+                        available_cu: row.get::<_, i64>(2).max(0) as u64,
                         ttl: request.ttl,
                     }));
                 }
@@ -345,6 +351,7 @@ async fn take_slowly(
             id: row.get(0),
             account,
             granted_cu: grant as u64,
+            available_cu: (available - grant).max(0) as u64,
             ttl: request.ttl,
         })
     } else {
@@ -438,4 +445,70 @@ async fn settle(
     append(&transaction, &charged).await?;
     transaction.commit().await.map_err(pg)?;
     Ok(outcomes)
+}
+
+/// The database as one node of several sees it: the escrow statements, with this node's name and
+/// its leases' life.
+pub struct PostgresEscrow {
+    store: std::sync::Arc<PostgresStore>,
+    request: LeaseRequest,
+}
+
+impl PostgresEscrow {
+    /// The escrow of `store` (opened with [`PostgresStore::open_shared`]) for one node.
+    pub fn new(store: std::sync::Arc<PostgresStore>, request: LeaseRequest) -> PostgresEscrow {
+        PostgresEscrow { store, request }
+    }
+}
+
+impl stipend_ledger::node::EscrowStore for PostgresEscrow {
+    fn take_lease(
+        &self,
+        account: AccountId,
+        want_cu: u64,
+        min_cu: u64,
+        now_ms: i64,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.store
+            .take_lease(&self.request, account, want_cu, min_cu, now_ms)
+    }
+
+    fn renew_lease(&self, lease: i64) -> Result<bool, StoreError> {
+        self.store.renew_lease(lease, self.request.ttl)
+    }
+
+    fn release_lease(&self, lease: i64) -> Result<u64, StoreError> {
+        self.store.release_lease(lease)
+    }
+
+    fn settle_leased(&self, spends: &[LeaseSpend]) -> Result<Vec<SpendOutcome>, StoreError> {
+        self.store.settle_leased(spends)
+    }
+
+    fn reclaim_expired_leases(&self) -> Result<u64, StoreError> {
+        self.store.reclaim_expired_leases()
+    }
+
+    fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError> {
+        self.store.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        &format!("SELECT {ACCOUNT_COLUMNS}, held_cu FROM accounts WHERE id = $1"),
+                        &[&(id.0 as i64)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                row.map(|row| {
+                    let held: i64 = row.get(8);
+                    account_from_row(&row).map(|record| (record, held.max(0) as u64))
+                })
+                .transpose()
+            })
+        })
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.request.ttl
+    }
 }

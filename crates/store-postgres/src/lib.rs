@@ -30,7 +30,7 @@ use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 mod escrow;
 pub mod test_server;
 
-pub use escrow::LeaseRequest;
+pub use escrow::{LeaseRequest, PostgresEscrow};
 
 /// The schema, one migration per entry; `stipend_schema.version` counts those applied.
 const MIGRATIONS: &[&str] = &[

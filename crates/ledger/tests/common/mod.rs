@@ -82,6 +82,7 @@ impl Location {
 
 /// Turns each named test function into two tests, one on each store:
 /// `sqlite::NAME` and `postgres::NAME`.
+#[allow(unused_macros)]
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod sqlite {

@@ -1,0 +1,670 @@
+//! A node of several sharing one database: reservations decided in memory against leases.
+//!
+//! A [`Node`] holds leases on people's balances (see [`escrow`](crate::escrow)) and decides each
+//! reservation against what its lease on that person still has free, under one lock, as the
+//! single-node [`Ledger`](crate::Ledger) does against the whole balance. Only when a lease runs
+//! short does it ask the database for another, sized as a fraction of what is available (so a
+//! person with an ample balance costs about one database write per many calls, and the leases
+//! shrink as the balance falls), and never less than the call needs (so a person can spend down
+//! to the last cu through any node). Settles are queued and committed many to a transaction by
+//! the node's writer, and acknowledged ([`Durable`]) only once committed.
+//!
+//! Time: a lease lives `ttl` by the database's clock. The node counts it from a moment taken
+//! before it asked, by its own monotonic clock, and stops deciding on it `margin` before that
+//! ends; a reservation never outlives the lease it was decided on. Leases in use are renewed
+//! well before their end; idle ones go back; at shutdown all go back. A node that is killed
+//! leaves its leases to expire, and any node reclaims them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use rustc_hash::FxHashMap;
+
+use crate::account::{AccountId, AccountRecord};
+use crate::clock::Clock;
+use crate::durable::{Durable, Tracker};
+use crate::error::LedgerError;
+use crate::escrow::{Lease, LeaseSpend, SpendOutcome, bring_up_to_date};
+use crate::ledger::AccountView;
+use crate::policy::StipendPolicy;
+use crate::reservation::{Reservation, ReservationId, Settlement};
+use crate::store::StoreError;
+use crate::transfer::{Transfer, TransferId, TransferKind};
+
+/// What a node needs of the shared database (the PostgreSQL store implements it).
+pub trait EscrowStore: Send + Sync {
+    /// Takes a lease of up to `want_cu`, at least `min_cu`, of the account's available balance
+    /// (applying its due stipends first), or `None` if less than `min_cu` is available.
+    fn take_lease(
+        &self,
+        account: AccountId,
+        want_cu: u64,
+        min_cu: u64,
+        now_ms: i64,
+    ) -> Result<Option<Lease>, StoreError>;
+    /// Renews a lease for another `ttl`; false if it had already expired.
+    fn renew_lease(&self, lease: i64) -> Result<bool, StoreError>;
+    /// Gives a lease back.
+    fn release_lease(&self, lease: i64) -> Result<u64, StoreError>;
+    /// Commits spends decided against leases, in one transaction.
+    fn settle_leased(&self, spends: &[LeaseSpend]) -> Result<Vec<SpendOutcome>, StoreError>;
+    /// Gives back every expired lease, whoever held it.
+    fn reclaim_expired_leases(&self) -> Result<u64, StoreError>;
+    /// An account's row and what leases hold of it.
+    fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError>;
+    /// How long a lease lives without renewal.
+    fn lease_ttl(&self) -> Duration;
+}
+
+/// A node's limits and timings.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The stipend policy (for views: what is due, when the next stipend comes).
+    pub policy: StipendPolicy,
+    /// The issuer's account (stipends come from it).
+    pub issuer: AccountId,
+    /// How long before a lease could expire the node stops deciding on it.
+    pub lease_margin: Duration,
+    /// A lease unused this long goes back.
+    pub idle_return: Duration,
+    /// A new lease is this fraction of what is available (1/`lease_divisor`), and at least what
+    /// the call needs.
+    pub lease_divisor: u64,
+    /// The longest a reservation may stay open.
+    pub reservation_timeout_max: Duration,
+    /// The most spends committed in one transaction.
+    pub commit_batch_max: usize,
+    /// How often the node renews, returns and reclaims leases.
+    pub tick: Duration,
+}
+
+impl NodeOptions {
+    /// The defaults for a lease time-to-live of `ttl`.
+    pub fn new(policy: StipendPolicy, issuer: AccountId, ttl: Duration) -> NodeOptions {
+        NodeOptions {
+            policy,
+            issuer,
+            lease_margin: (ttl / 5).max(Duration::from_millis(50)),
+            idle_return: (ttl / 3).max(Duration::from_millis(100)),
+            lease_divisor: 10,
+            reservation_timeout_max: crate::limits::RESERVATION_TIMEOUT_MAX_DEFAULT,
+            commit_batch_max: 4_096,
+            tick: (ttl / 10).clamp(Duration::from_millis(10), Duration::from_millis(500)),
+        }
+    }
+}
+
+struct LeaseState {
+    account: AccountId,
+    /// Neither reserved nor spent.
+    free_cu: u64,
+    reserved_cu: u64,
+    /// When the node stops deciding on it (by its monotonic clock).
+    deadline: Instant,
+    last_used: Instant,
+}
+
+struct NodeState {
+    leases: FxHashMap<i64, LeaseState>,
+    reservations: FxHashMap<ReservationId, (Reservation, i64)>,
+    /// What was available after the last lease taken for each account: the next lease's size.
+    available_hint: HashMap<AccountId, u64>,
+    queue: Vec<(u64, LeaseSpend)>,
+    seq_last: u64,
+    reservation_prefix: u64,
+    reservation_counter: u64,
+    transfer_prefix: u64,
+    transfer_counter: u64,
+    shutdown: bool,
+    /// Stop without giving leases back: what a killed process leaves behind.
+    abandon: bool,
+    failure: Option<String>,
+}
+
+impl NodeState {
+    fn next_transfer_id(&mut self) -> TransferId {
+        self.transfer_counter += 1;
+        TransferId((u128::from(self.transfer_prefix) << 64) | u128::from(self.transfer_counter))
+    }
+
+    /// A lease of `account`'s with at least `amount_cu` free that will still be live at
+    /// `until`.
+    fn lease_with(&self, account: AccountId, amount_cu: u64, until: Instant) -> Option<i64> {
+        self.leases
+            .iter()
+            .filter(|(_, lease)| {
+                lease.account == account && lease.free_cu >= amount_cu && lease.deadline > until
+            })
+            .map(|(id, _)| *id)
+            .next()
+    }
+}
+
+struct Shared {
+    state: Mutex<NodeState>,
+    work: Condvar,
+    tracker: Arc<Tracker>,
+    store: Arc<dyn EscrowStore>,
+    clock: Arc<dyn Clock>,
+    options: NodeOptions,
+}
+
+/// A node sharing a database's balances with others through leases.
+pub struct Node {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_be_bytes(bytes),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64),
+    }
+}
+
+impl Node {
+    /// Starts a node on the shared database.
+    pub fn open(
+        store: Arc<dyn EscrowStore>,
+        clock: Arc<dyn Clock>,
+        options: NodeOptions,
+    ) -> Result<Node, LedgerError> {
+        if options.lease_margin >= store.lease_ttl() {
+            return Err(LedgerError::InvalidTimeout {
+                reason: "the lease margin must be shorter than the lease's life".to_string(),
+            });
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(NodeState {
+                leases: FxHashMap::default(),
+                reservations: FxHashMap::default(),
+                available_hint: HashMap::new(),
+                queue: Vec::new(),
+                seq_last: 0,
+                reservation_prefix: random_u64(),
+                reservation_counter: 0,
+                transfer_prefix: random_u64(),
+                transfer_counter: 0,
+                shutdown: false,
+                abandon: false,
+                failure: None,
+            }),
+            work: Condvar::new(),
+            tracker: Arc::new(Tracker::default()),
+            store,
+            clock,
+            options,
+        });
+        let writer_shared = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("escrow-writer".to_string())
+            .spawn(move || run_writer(&writer_shared))
+            .map_err(|error| LedgerError::Unavailable {
+                reason: format!("cannot start the node's writer: {error}"),
+            })?;
+        Ok(Node {
+            shared,
+            writer: Some(writer),
+        })
+    }
+
+    /// Reserves `amount_cu` of `account`'s balance for a call to `sink`, against a lease of
+    /// this node's (taking one if none has enough free).
+    pub fn reserve(
+        &self,
+        account: AccountId,
+        sink: AccountId,
+        amount_cu: u64,
+        timeout: Duration,
+    ) -> Result<Reservation, LedgerError> {
+        let shared = &self.shared;
+        if amount_cu == 0 || amount_cu > crate::limits::AMOUNT_MAX_CU {
+            return Err(LedgerError::InvalidAmount {
+                reason: format!(
+                    "the amount must be from 1 to {} cu",
+                    crate::limits::AMOUNT_MAX_CU
+                ),
+            });
+        }
+        if timeout.is_zero() || timeout > shared.options.reservation_timeout_max {
+            return Err(LedgerError::InvalidTimeout {
+                reason: format!(
+                    "must be between 1ms and {}s",
+                    shared.options.reservation_timeout_max.as_secs()
+                ),
+            });
+        }
+        // A lease must outlive the decision by a moment; two tries: the lease just taken may
+        // have been reserved away by a concurrent call before this one got to it.
+        for _ in 0..2 {
+            {
+                let mut state = shared.state.lock();
+                if let Some(failure) = &state.failure {
+                    return Err(LedgerError::Unavailable {
+                        reason: failure.clone(),
+                    });
+                }
+                let now = Instant::now();
+                if let Some(reservation) =
+                    shared.reserve_on(&mut state, account, sink, amount_cu, timeout, now)
+                {
+                    return Ok(reservation);
+                }
+            }
+            let want = {
+                let state = shared.state.lock();
+                let hint = state.available_hint.get(&account).copied().unwrap_or(0);
+                amount_cu.max(hint / shared.options.lease_divisor.max(1))
+            };
+            let asked_at = Instant::now();
+            let lease = shared
+                .store
+                .take_lease(account, want, amount_cu, shared.clock.now_ms())?;
+            let Some(lease) = lease else {
+                return Err(self.insufficient(account, amount_cu));
+            };
+            let mut state = shared.state.lock();
+            state.available_hint.insert(account, lease.available_cu);
+            state.leases.insert(
+                lease.id,
+                LeaseState {
+                    account,
+                    free_cu: lease.granted_cu,
+                    reserved_cu: 0,
+                    deadline: asked_at + lease.ttl.saturating_sub(shared.options.lease_margin),
+                    last_used: asked_at,
+                },
+            );
+            if let Some(reservation) = shared.reserve_on(
+                &mut state,
+                account,
+                sink,
+                amount_cu,
+                timeout,
+                Instant::now(),
+            ) {
+                return Ok(reservation);
+            }
+        }
+        Err(self.insufficient(account, amount_cu))
+    }
+
+    fn insufficient(&self, account: AccountId, needed_cu: u64) -> LedgerError {
+        let view = self.view(account).ok();
+        LedgerError::InsufficientBalance {
+            account,
+            needed_cu,
+            available_cu: view.as_ref().map_or(0, |view| view.available_cu),
+            next_grant_at_ms: view.and_then(|view| view.next_grant_at_ms),
+        }
+    }
+
+    /// Charges `actual_cu` of a reservation (at most what it holds; the rest is reported as a
+    /// shortfall) and gives the rest back to its lease. Acknowledged once committed.
+    pub fn settle(
+        &self,
+        id: ReservationId,
+        actual_cu: u64,
+    ) -> Result<Durable<Settlement>, LedgerError> {
+        let shared = &self.shared;
+        let mut state = shared.state.lock();
+        if let Some(failure) = &state.failure {
+            return Err(LedgerError::Unavailable {
+                reason: failure.clone(),
+            });
+        }
+        let (reservation, lease_id) = state
+            .reservations
+            .remove(&id)
+            .ok_or(LedgerError::UnknownReservation { id })?;
+        let charged_cu = actual_cu.min(reservation.amount_cu);
+        if let Some(lease) = state.leases.get_mut(&lease_id) {
+            lease.reserved_cu -= reservation.amount_cu;
+            lease.free_cu += reservation.amount_cu - charged_cu;
+            lease.last_used = Instant::now();
+        }
+        let mut settlement = Settlement {
+            reservation: id,
+            charged_cu,
+            shortfall_cu: actual_cu - charged_cu,
+            released_cu: reservation.amount_cu - charged_cu,
+            transfer: None,
+        };
+        if charged_cu == 0 {
+            return Ok(Durable::new(settlement, 0, Arc::clone(&shared.tracker)));
+        }
+        let now_ms = shared.clock.now_ms();
+        let transfer = Transfer {
+            id: state.next_transfer_id(),
+            kind: TransferKind::Spend,
+            debit: reservation.account,
+            credit: reservation.sink,
+            amount_cu: charged_cu,
+            created_at_ms: now_ms,
+            lot_expires_at_ms: None,
+            period: Some(shared.options.policy.period_index(now_ms)),
+        };
+        settlement.transfer = Some(transfer.id);
+        state.seq_last += 1;
+        let seq = state.seq_last;
+        state.queue.push((
+            seq,
+            LeaseSpend {
+                lease: lease_id,
+                transfer,
+            },
+        ));
+        drop(state);
+        shared.work.notify_one();
+        Ok(Durable::new(settlement, seq, Arc::clone(&shared.tracker)))
+    }
+
+    /// Gives a reservation back to its lease, whole.
+    pub fn void(&self, id: ReservationId) -> Result<u64, LedgerError> {
+        let mut state = self.shared.state.lock();
+        let (reservation, lease_id) = state
+            .reservations
+            .remove(&id)
+            .ok_or(LedgerError::UnknownReservation { id })?;
+        if let Some(lease) = state.leases.get_mut(&lease_id) {
+            lease.reserved_cu -= reservation.amount_cu;
+            lease.free_cu += reservation.amount_cu;
+        }
+        Ok(reservation.amount_cu)
+    }
+
+    /// An account as its person sees it through this node: its balance (with what is due
+    /// applied), what this node holds reserved of it, and what is available: the balance less
+    /// every node's leases, plus what this node's leases still have free.
+    pub fn view(&self, id: AccountId) -> Result<AccountView, LedgerError> {
+        let shared = &self.shared;
+        let (mut record, held_cu) =
+            shared
+                .store
+                .account_held(id)?
+                .ok_or_else(|| LedgerError::UnknownAccount {
+                    name: id.to_string(),
+                })?;
+        let now_ms = shared.clock.now_ms();
+        let mut counter = 0u128;
+        bring_up_to_date(
+            &shared.options.policy,
+            &mut record,
+            held_cu,
+            shared.options.issuer,
+            now_ms,
+            &mut || {
+                counter += 1;
+                TransferId(counter)
+            },
+        )
+        .map_err(|error| LedgerError::Store(StoreError::Corrupt(error.to_string())))?;
+        let (reserved_cu, free_cu, open_reservations) = {
+            let state = shared.state.lock();
+            let (reserved, free) = state
+                .leases
+                .values()
+                .filter(|lease| lease.account == id)
+                .fold((0, 0), |(reserved, free), lease| {
+                    (reserved + lease.reserved_cu, free + lease.free_cu)
+                });
+            let open = state
+                .reservations
+                .values()
+                .filter(|(reservation, _)| reservation.account == id)
+                .count() as u32;
+            (reserved, free, open)
+        };
+        let person = record.kind == crate::account::AccountKind::Person;
+        Ok(AccountView {
+            id,
+            name: record.name,
+            kind: record.kind,
+            balance_cu: record.balance_cu,
+            reserved_cu,
+            available_cu: (record.balance_cu.max(0) as u64).saturating_sub(held_cu) + free_cu,
+            next_grant_at_ms: person.then(|| shared.options.policy.next_grant_at_ms(now_ms)),
+            open_reservations,
+            lots: record.lots,
+            usage: record.usage,
+        })
+    }
+
+    /// Waits until every settle queued so far is committed.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        let seq = self.shared.state.lock().seq_last;
+        self.shared.work.notify_one();
+        self.shared.tracker.wait(seq)
+    }
+
+    /// How many leases this node holds now.
+    pub fn leases_held(&self) -> usize {
+        self.shared.state.lock().leases.len()
+    }
+
+    /// Stops the node as a killed process would: nothing more is committed and no lease goes
+    /// back; they expire in the database. For tests of what the others do then.
+    pub fn abandon(mut self) {
+        {
+            let mut state = self.shared.state.lock();
+            state.abandon = true;
+            state.shutdown = true;
+        }
+        self.shared.work.notify_all();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shared.state.lock().shutdown = true;
+        self.shared.work.notify_all();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the node's writer panicked");
+        }
+    }
+}
+
+impl Shared {
+    /// Reserves against a lease of `account`'s with enough free, if the node holds one.
+    fn reserve_on(
+        &self,
+        state: &mut NodeState,
+        account: AccountId,
+        sink: AccountId,
+        amount_cu: u64,
+        timeout: Duration,
+        now: Instant,
+    ) -> Option<Reservation> {
+        let lease_id = state.lease_with(account, amount_cu, now)?;
+        let lease = state.leases.get_mut(&lease_id)?;
+        lease.free_cu -= amount_cu;
+        lease.reserved_cu += amount_cu;
+        lease.last_used = now;
+        // A reservation never outlives the lease it was decided on.
+        let life = timeout.min(lease.deadline.saturating_duration_since(now));
+        state.reservation_counter += 1;
+        let id = ReservationId(
+            (u128::from(state.reservation_prefix) << 64) | u128::from(state.reservation_counter),
+        );
+        let reservation = Reservation {
+            id,
+            account,
+            sink,
+            amount_cu,
+            expires_at_ms: self.clock.now_ms() + life.as_millis() as i64,
+        };
+        state.reservations.insert(id, (reservation, lease_id));
+        Some(reservation)
+    }
+
+    /// Renews the leases in use that are past half their life, gives back the idle ones and
+    /// drops the ones past their deadline; then gives back expired leases of any node.
+    fn maintain(&self, last_reclaim: &mut Instant) {
+        let now = Instant::now();
+        let ttl = self.store.lease_ttl();
+        let (renew, release): (Vec<i64>, Vec<i64>) = {
+            let mut state = self.state.lock();
+            let options = &self.options;
+            let mut renew = Vec::new();
+            let mut release = Vec::new();
+            state.leases.retain(|id, lease| {
+                let idle = lease.reserved_cu == 0
+                    && now.duration_since(lease.last_used) >= options.idle_return;
+                if lease.deadline <= now {
+                    // Past its deadline: nothing more is decided on it, and its reservations
+                    // (cut by their own deadlines) settle against what is available.
+                    return lease.reserved_cu > 0;
+                }
+                if idle {
+                    release.push(*id);
+                    return false;
+                }
+                if lease.deadline.saturating_duration_since(now) < ttl / 2 {
+                    renew.push(*id);
+                }
+                true
+            });
+            (renew, release)
+        };
+        for id in release {
+            if let Err(error) = self.store.release_lease(id) {
+                tracing::warn!(%error, lease = id, "a lease could not be given back; it will expire");
+            }
+        }
+        for id in renew {
+            let asked_at = Instant::now();
+            match self.store.renew_lease(id) {
+                Ok(true) => {
+                    let mut state = self.state.lock();
+                    if let Some(lease) = state.leases.get_mut(&id) {
+                        lease.deadline = asked_at + ttl.saturating_sub(self.options.lease_margin);
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(lease = id, "a lease expired before it was renewed");
+                    let mut state = self.state.lock();
+                    if let Some(lease) = state.leases.get_mut(&id) {
+                        lease.deadline = asked_at;
+                        lease.free_cu = 0;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, lease = id, "a lease could not be renewed");
+                }
+            }
+        }
+        if last_reclaim.elapsed() >= ttl {
+            *last_reclaim = Instant::now();
+            if let Err(error) = self.store.reclaim_expired_leases() {
+                tracing::warn!(%error, "expired leases could not be reclaimed");
+            }
+        }
+    }
+}
+
+/// The node's writer: commits queued settles many to a transaction, and looks after the leases
+/// between commits. At shutdown it commits what is queued and gives every lease back.
+fn run_writer(shared: &Shared) {
+    let mut last_maintained = Instant::now();
+    let mut last_reclaim = Instant::now();
+    loop {
+        let batch: Vec<(u64, LeaseSpend)> = {
+            let mut state = shared.state.lock();
+            if state.queue.is_empty() && !state.shutdown {
+                let left = shared
+                    .options
+                    .tick
+                    .saturating_sub(last_maintained.elapsed());
+                shared
+                    .work
+                    .wait_for(&mut state, left.max(Duration::from_millis(1)));
+            }
+            if state.abandon {
+                return;
+            }
+            if state.queue.is_empty() && state.shutdown {
+                break;
+            }
+            let take = state.queue.len().min(shared.options.commit_batch_max);
+            state.queue.drain(..take).collect()
+        };
+        if !batch.is_empty() {
+            commit(shared, batch);
+        }
+        if last_maintained.elapsed() >= shared.options.tick {
+            last_maintained = Instant::now();
+            shared.maintain(&mut last_reclaim);
+        }
+    }
+    // Shutdown: every lease goes back.
+    let leases: Vec<i64> = shared
+        .state
+        .lock()
+        .leases
+        .drain()
+        .map(|(id, _)| id)
+        .collect();
+    for id in leases {
+        if let Err(error) = shared.store.release_lease(id) {
+            tracing::warn!(%error, lease = id, "a lease could not be given back; it will expire");
+        }
+    }
+}
+
+fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
+    let seq_max = batch.last().map_or(0, |(seq, _)| *seq);
+    let spends: Vec<LeaseSpend> = batch.into_iter().map(|(_, spend)| spend).collect();
+    match shared.store.settle_leased(&spends) {
+        Ok(outcomes) => {
+            for (spend, outcome) in spends.iter().zip(outcomes) {
+                if let SpendOutcome::Unleased { shortfall_cu } = outcome {
+                    tracing::warn!(
+                        lease = spend.lease,
+                        shortfall_cu,
+                        "a spend was committed after its lease had expired"
+                    );
+                }
+            }
+            shared.tracker.advance(seq_max);
+        }
+        Err(error) => {
+            // Nothing of the batch is known to be committed: every later decision would rest on
+            // leases whose state is unknown, so the node closes, forgets its leases (they expire
+            // in the database) and reopens once the database takes writes again.
+            tracing::error!(%error, "a settle could not be committed; the node refuses work until the database is back");
+            let reason = format!("a commit to the database failed ({error})");
+            let seq_last = {
+                let mut state = shared.state.lock();
+                state.failure = Some(reason.clone());
+                state.queue.clear();
+                state.leases.clear();
+                state.reservations.clear();
+                state.seq_last
+            };
+            shared.tracker.fail(reason);
+            loop {
+                std::thread::sleep(crate::limits::RECOVERY_INTERVAL);
+                if shared.state.lock().shutdown {
+                    return;
+                }
+                if shared.store.reclaim_expired_leases().is_ok() {
+                    break;
+                }
+            }
+            shared.tracker.reopen(seq_last);
+            shared.state.lock().failure = None;
+            tracing::warn!("the database takes writes again; the node reopened");
+        }
+    }
+}

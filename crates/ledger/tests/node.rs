@@ -1,0 +1,221 @@
+//! Several escrow nodes on one PostgreSQL database (a server of the tests' own): reservations
+//! decided in memory against leases, settles committed in batches, leases renewed, returned and,
+//! when a node dies, reclaimed; never more spent than a person has, and every acknowledged
+//! charge in the database.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use stipend_ledger::node::{Node, NodeOptions};
+use stipend_ledger::{
+    AccountId, AccountKind, AccountRecord, Batch, LedgerError, StipendPolicy, Store, SystemClock,
+};
+use stipend_store_postgres::{LeaseRequest, PostgresEscrow, PostgresStore};
+
+const DAY_MS: i64 = 86_400_000;
+const STIPEND_CU: u64 = 100_000;
+const ISSUER: AccountId = AccountId(1);
+const SINK: AccountId = AccountId(2);
+const ADA: AccountId = AccountId(3);
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn policy() -> StipendPolicy {
+    StipendPolicy::new(STIPEND_CU, Duration::from_millis(DAY_MS as u64), STIPEND_CU).unwrap()
+}
+
+fn record(id: u64, name: &str, kind: AccountKind) -> AccountRecord {
+    AccountRecord {
+        id: AccountId(id),
+        name: name.to_string(),
+        kind,
+        balance_cu: 0,
+        lots: Vec::new(),
+        stipend_period: None,
+        usage: Vec::new(),
+        created_at_ms: 0,
+    }
+}
+
+/// A database with the issuer, a sink and one person, ada, not yet given her stipend.
+fn database() -> String {
+    let url = common::pg_server().fresh_database().unwrap();
+    PostgresStore::open(&url)
+        .unwrap()
+        .commit(&Batch {
+            created: vec![
+                record(1, "issuer", AccountKind::Issuer),
+                record(2, "sink:model", AccountKind::Sink),
+                record(3, "ada", AccountKind::Person),
+            ],
+            ..Batch::default()
+        })
+        .unwrap();
+    url
+}
+
+fn node(url: &str, name: &str, ttl: Duration) -> Node {
+    let store = Arc::new(PostgresStore::open_shared(url).unwrap());
+    let escrow = PostgresEscrow::new(
+        store,
+        LeaseRequest {
+            policy: policy(),
+            issuer: ISSUER,
+            node: name.to_string(),
+            ttl,
+        },
+    );
+    Node::open(
+        Arc::new(escrow),
+        Arc::new(SystemClock),
+        NodeOptions::new(policy(), ISSUER, ttl),
+    )
+    .unwrap()
+}
+
+/// Ada's row, what leases hold of it, and what she spent this period.
+fn ada(url: &str) -> (i64, u64, u64) {
+    let store = PostgresStore::open_read_only(url).unwrap();
+    let row = store.account(ADA).unwrap().unwrap();
+    let spent = row.usage.iter().map(|usage| usage.charged_cu).sum();
+    (row.balance_cu, store.held(ADA).unwrap().0, spent)
+}
+
+#[test]
+fn three_nodes_spend_one_balance_exactly_and_never_more() {
+    let url = database();
+    let nodes: Vec<Node> = (0..3)
+        .map(|index| node(&url, &format!("n{index}"), Duration::from_secs(5)))
+        .collect();
+    let acknowledged = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    let until = Instant::now() + Duration::from_secs(3);
+    std::thread::scope(|scope| {
+        for (index, node) in nodes.iter().enumerate() {
+            for thread in 0..6 {
+                let (acknowledged, refused) = (&acknowledged, &refused);
+                scope.spawn(move || {
+                    let mut x = (index * 97 + thread * 13 + 5) as u64;
+                    let mut random = move |n: u64| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x % n
+                    };
+                    while Instant::now() < until {
+                        let amount = 1 + random(3_000);
+                        let reservation = match node.reserve(ADA, SINK, amount, MINUTE) {
+                            Ok(reservation) => reservation,
+                            Err(LedgerError::InsufficientBalance { .. }) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(error) => panic!("{error:?}"),
+                        };
+                        if random(8) == 0 {
+                            node.void(reservation.id()).unwrap();
+                            continue;
+                        }
+                        let actual = random(amount + 1);
+                        let settlement = node
+                            .settle(reservation.id(), actual)
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                        assert_eq!(settlement.charged_cu, actual);
+                        acknowledged.fetch_add(settlement.charged_cu, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+    });
+    let leases_during: usize = nodes.iter().map(Node::leases_held).sum();
+    drop(nodes);
+    let (balance, held, spent) = ada(&url);
+    let acknowledged = acknowledged.load(Ordering::Relaxed);
+    // Every acknowledged charge is in the database, nothing else is, nothing stays held, and
+    // the stipend was granted once whichever node asked first.
+    assert_eq!(spent, acknowledged);
+    assert_eq!(held, 0);
+    assert_eq!(balance as u64 + spent, STIPEND_CU);
+    eprintln!(
+        "spent {spent} of {STIPEND_CU} cu; {} refusals; {leases_during} leases held at the end",
+        refused.load(Ordering::Relaxed)
+    );
+    // What is left can be spent to the last cu through any one node.
+    let last = node(&url, "last", Duration::from_secs(5));
+    let view = last.view(ADA).unwrap();
+    assert_eq!(view.available_cu, balance as u64);
+    if view.available_cu > 0 {
+        let all = last.reserve(ADA, SINK, view.available_cu, MINUTE).unwrap();
+        last.settle(all.id(), view.available_cu)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    assert!(matches!(
+        last.reserve(ADA, SINK, 1, MINUTE),
+        Err(LedgerError::InsufficientBalance {
+            available_cu: 0,
+            ..
+        })
+    ));
+    drop(last);
+    assert_eq!(ada(&url), (0, 0, STIPEND_CU));
+}
+
+#[test]
+fn a_dead_nodes_leases_come_back_after_their_life() {
+    let url = database();
+    let ttl = Duration::from_millis(800);
+    let dead = node(&url, "dead", ttl);
+    // It leases most of ada's balance, then dies holding it.
+    let held = dead.reserve(ADA, SINK, 70_000, MINUTE).unwrap();
+    dead.settle(held.id(), 1_000).unwrap().wait().unwrap();
+    dead.abandon();
+    let alive = node(&url, "alive", ttl);
+    assert!(matches!(
+        alive.reserve(ADA, SINK, 40_000, MINUTE),
+        Err(LedgerError::InsufficientBalance { .. })
+    ));
+    // After the lease's life, it is reclaimed (any node does it) and all is available again.
+    let started = Instant::now();
+    let reservation = loop {
+        match alive.reserve(ADA, SINK, 99_000, MINUTE) {
+            Ok(reservation) => break reservation,
+            Err(LedgerError::InsufficientBalance { .. })
+                if started.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => panic!("{error:?}"),
+        }
+    };
+    alive
+        .settle(reservation.id(), 99_000)
+        .unwrap()
+        .wait()
+        .unwrap();
+    drop(alive);
+    assert_eq!(ada(&url), (0, 0, STIPEND_CU));
+}
+
+#[test]
+fn a_reservation_never_outlives_its_lease() {
+    let url = database();
+    let ttl = Duration::from_secs(2);
+    let node = node(&url, "n", ttl);
+    let reservation = node
+        .reserve(ADA, SINK, 10, Duration::from_secs(3_600))
+        .unwrap();
+    let now_ms = stipend_ledger::Clock::now_ms(&SystemClock);
+    assert!(
+        reservation.expires_at_ms() <= now_ms + ttl.as_millis() as i64,
+        "{} > {now_ms} + {ttl:?}",
+        reservation.expires_at_ms()
+    );
+}
