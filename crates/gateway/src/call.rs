@@ -21,7 +21,7 @@ use crate::limits::TOKEN_BYTES_MAX;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stipend_ledger::{AccountId, Ledger, ReservationId, Settlement};
+use stipend_ledger::{AccountId, Budget, ReservationId, Settlement};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -210,7 +210,7 @@ pub(crate) struct Ended {
 /// A reservation held for a call. Settling consumes it; dropping it unsettled voids it, so
 /// nothing is ever left held or charged by accident.
 struct Hold {
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn Budget>,
     id: Option<ReservationId>,
 }
 

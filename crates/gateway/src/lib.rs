@@ -2,7 +2,7 @@
 //! priced at its worst case, reserved, served, and settled for exactly what it used.
 //!
 //! This crate is where the wire ends: it knows HTTP, JSON and the OpenAI format, and turns them
-//! into ledger calls (`reserve`, `settle`, `void`) on `stipend_ledger::Ledger`, which knows
+//! into ledger calls (`reserve`, `settle`, `void`) on a `stipend_ledger::Budget`, which knows
 //! none of them.
 
 pub mod call;
@@ -23,7 +23,7 @@ pub mod upstream;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use stipend_ledger::{AccountId, Ledger};
+use stipend_ledger::{AccountId, Budget};
 
 pub use call::Calls;
 pub use error::ApiError;
@@ -70,8 +70,8 @@ pub const CHARGED_HEADER: &str = "x-stipend-charged-cu";
 
 /// Everything a request handler needs.
 pub struct Gateway {
-    /// The ledger.
-    pub ledger: Arc<Ledger>,
+    /// The ledger: the single-node `Ledger`, or an escrow `Node` of several.
+    pub ledger: Arc<dyn Budget>,
     /// The API keys.
     pub keys: KeyRing,
     /// The models, by name.

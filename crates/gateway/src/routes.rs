@@ -107,7 +107,7 @@ fn unknown_path(method: axum::http::Method, uri: axum::http::Uri, other_method: 
 }
 
 async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
-    match gateway.ledger.view(gateway.ledger.issuer()) {
+    match gateway.ledger.check_open() {
         Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Err(_) => ApiError::LedgerUnavailable.into_response(),
     }

@@ -51,7 +51,7 @@ async fn a_stream_is_ended_before_its_hold_expires_and_charged_for_what_it_made(
     } = Setup::new();
     let model = trickle(&ledger, 4).await;
     // A hold of the margin plus one second: the stream must end after about a second.
-    let address = serve_with_a_short_hold(&ledger, keys, model).await;
+    let address = serve_with_a_short_hold(ledger.clone(), keys, model).await;
 
     let before = ledger.view(alice).unwrap().balance_cu;
     let started = std::time::Instant::now();
@@ -130,7 +130,7 @@ async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
         max_concurrency: 1,
         counters: Default::default(),
     };
-    let address = serve_with_a_short_hold(&ledger, keys, model).await;
+    let address = serve_with_a_short_hold(ledger.clone(), keys, model).await;
 
     let before = ledger.view(alice).unwrap().balance_cu;
     let answer: Value = reqwest::Client::new()
@@ -186,7 +186,7 @@ async fn a_call_that_waited_for_a_slot_ends_before_its_hold_could_expire() {
         reservation_timeout: stipend_gateway::RESERVATION_MARGIN + Duration::from_secs(2),
         ..stipend_gateway::GatewayOptions::default()
     };
-    let address = common::serve(&ledger, keys, vec![model], options).await;
+    let address = common::serve(ledger.clone(), keys, vec![model], options).await;
     let call = |key: String| {
         tokio::spawn(async move {
             let started = std::time::Instant::now();

@@ -71,7 +71,7 @@ impl Metered {
             })
             .collect();
         let address = common::serve(
-            &setup.ledger,
+            setup.ledger.clone(),
             setup.keys.clone(),
             models,
             GatewayOptions::default(),

@@ -42,7 +42,7 @@ async fn finished_calls_reuse_one_connection_and_so_does_a_stream_its_client_lef
         counters: Default::default(),
     };
     let address = common::serve(
-        &setup.ledger,
+        setup.ledger.clone(),
         setup.keys.clone(),
         vec![model("echo"), model("slow")],
         GatewayOptions::default(),

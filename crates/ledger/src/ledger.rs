@@ -1246,6 +1246,12 @@ impl Ledger {
         self.shared.durable.wait(seq)
     }
 
+    /// Whether the ledger decides anything now: it refuses everything after a failed commit,
+    /// until its store takes writes again.
+    pub fn check_open(&self) -> Result<(), LedgerError> {
+        self.shared.lock_with(&[]).map(drop)
+    }
+
     /// What the group-commit writer has done so far.
     pub fn writer_stats(&self) -> WriterStats {
         *self.shared.stats.lock()

@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::durable::{Durable, Tracker};
 use crate::error::LedgerError;
 use crate::escrow::{Lease, LeaseSpend, SpendOutcome, bring_up_to_date};
-use crate::ledger::AccountView;
+use crate::ledger::{AccountView, WriterStats};
 use crate::policy::StipendPolicy;
 use crate::reservation::{Reservation, ReservationId, Settlement};
 use crate::store::StoreError;
@@ -150,12 +150,13 @@ struct Shared {
     store: Arc<dyn EscrowStore>,
     clock: Arc<dyn Clock>,
     options: NodeOptions,
+    stats: Mutex<WriterStats>,
 }
 
 /// A node sharing a database's balances with others through leases.
 pub struct Node {
     shared: Arc<Shared>,
-    writer: Option<JoinHandle<()>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn random_u64() -> u64 {
@@ -200,6 +201,7 @@ impl Node {
             store,
             clock,
             options,
+            stats: Mutex::new(WriterStats::default()),
         });
         let writer_shared = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -210,7 +212,7 @@ impl Node {
             })?;
         Ok(Node {
             shared,
-            writer: Some(writer),
+            writer: Mutex::new(Some(writer)),
         })
     }
 
@@ -248,6 +250,11 @@ impl Node {
                 if let Some(failure) = &state.failure {
                     return Err(LedgerError::Unavailable {
                         reason: failure.clone(),
+                    });
+                }
+                if state.shutdown {
+                    return Err(LedgerError::Unavailable {
+                        reason: "the node is shutting down".to_string(),
                     });
                 }
                 let now = Instant::now();
@@ -443,6 +450,32 @@ impl Node {
         self.shared.tracker.wait(seq)
     }
 
+    /// The stipend policy.
+    pub fn policy(&self) -> &StipendPolicy {
+        &self.shared.options.policy
+    }
+
+    /// Whether the node decides anything now.
+    pub fn check_open(&self) -> Result<(), LedgerError> {
+        match &self.shared.state.lock().failure {
+            Some(failure) => Err(LedgerError::Unavailable {
+                reason: failure.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// What its writer has done so far (it writes no checkpoints: the database's rows are kept
+    /// by every commit).
+    pub fn writer_stats(&self) -> WriterStats {
+        *self.shared.stats.lock()
+    }
+
+    /// How many reservations are open on this node.
+    pub fn open_reservations(&self) -> usize {
+        self.shared.state.lock().reservations.len()
+    }
+
     /// How many leases this node holds now.
     pub fn leases_held(&self) -> usize {
         self.shared.state.lock().leases.len()
@@ -450,28 +483,28 @@ impl Node {
 
     /// Stops the node as a killed process would: nothing more is committed and no lease goes
     /// back; they expire in the database. For tests of what the others do then.
-    pub fn abandon(mut self) {
-        {
-            let mut state = self.shared.state.lock();
-            state.abandon = true;
-            state.shutdown = true;
-        }
+    pub fn abandon(self) {
+        self.shared.state.lock().abandon = true;
+        self.close();
+    }
+
+    /// Closes the node: refuses new reservations, commits what is queued and gives every lease
+    /// back. Dropping it does the same; this is for a node shared behind an `Arc`.
+    pub fn close(&self) {
+        self.shared.state.lock().shutdown = true;
         self.shared.work.notify_all();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!("the node's writer panicked");
         }
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.shared.state.lock().shutdown = true;
-        self.shared.work.notify_all();
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!("the node's writer panicked");
-        }
+        self.close();
     }
 }
 
@@ -625,7 +658,15 @@ fn run_writer(shared: &Shared) {
 fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
     let seq_max = batch.last().map_or(0, |(seq, _)| *seq);
     let spends: Vec<LeaseSpend> = batch.into_iter().map(|(_, spend)| spend).collect();
-    match shared.store.settle_leased(&spends) {
+    let started = Instant::now();
+    let result = shared.store.settle_leased(&spends);
+    {
+        let mut stats = shared.stats.lock();
+        stats.commits += 1;
+        stats.mutations += spends.len() as u64;
+        stats.commit_us_total += started.elapsed().as_micros() as u64;
+    }
+    match result {
         Ok(outcomes) => {
             for (spend, outcome) in spends.iter().zip(outcomes) {
                 if let SpendOutcome::Unleased { shortfall_cu } = outcome {

@@ -223,7 +223,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
         ..GatewayOptions::default()
     };
     Ok(Gateway {
-        ledger: Arc::clone(ledger),
+        ledger: Arc::clone(ledger) as Arc<dyn stipend_ledger::Budget>,
         keys,
         models,
         options,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use stipend_gateway::{Gateway, GatewayOptions, KeyRing, Model, RESERVATION_MARGIN};
 use stipend_ledger::{
-    AccountId, AccountKind, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock,
+    AccountId, AccountKind, Budget, Ledger, LedgerOptions, StipendPolicy, Store, SystemClock,
 };
 use stipend_store_sqlite::SqliteStore;
 
@@ -56,7 +56,7 @@ impl Setup {
 /// Serves one model on loopback with reservations that last the margin plus one second, so a
 /// call must end after about a second; returns the address.
 pub async fn serve_with_a_short_hold(
-    ledger: &Arc<Ledger>,
+    ledger: Arc<dyn Budget>,
     keys: KeyRing,
     model: Model,
 ) -> std::net::SocketAddr {
@@ -69,13 +69,13 @@ pub async fn serve_with_a_short_hold(
 
 /// Serves models on loopback; returns the address.
 pub async fn serve(
-    ledger: &Arc<Ledger>,
+    ledger: Arc<dyn Budget>,
     keys: KeyRing,
     models: Vec<Model>,
     options: GatewayOptions,
 ) -> std::net::SocketAddr {
     let gateway = Arc::new(Gateway {
-        ledger: Arc::clone(ledger),
+        ledger,
         keys,
         models: models
             .into_iter()

@@ -1,0 +1,172 @@
+//! The gateway on escrow nodes: two gateways, each on its own `Node`, share one person's balance
+//! in one PostgreSQL database (a server of the tests' own), in front of the honest upstream.
+//! Every call answered through either is charged exactly what the upstream computed, in the
+//! database, and nothing stays held.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use stipend_gateway::queue::{FairQueue, QueueOptions};
+use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
+use stipend_ledger::node::{Node, NodeOptions};
+use stipend_ledger::{
+    AccountId, AccountKind, AccountRecord, Batch, StipendPolicy, Store, SystemClock,
+};
+use stipend_store_postgres::test_server::TestServer;
+use stipend_store_postgres::{LeaseRequest, PostgresEscrow, PostgresStore};
+
+const STIPEND_CU: u64 = 1_000_000;
+const ISSUER: AccountId = AccountId(1);
+const SINK: AccountId = AccountId(2);
+const ALICE: AccountId = AccountId(3);
+
+fn policy() -> StipendPolicy {
+    StipendPolicy::new(STIPEND_CU, Duration::from_secs(86_400), 0).unwrap()
+}
+
+fn record(id: u64, name: &str, kind: AccountKind) -> AccountRecord {
+    AccountRecord {
+        id: AccountId(id),
+        name: name.to_string(),
+        kind,
+        balance_cu: 0,
+        lots: Vec::new(),
+        stipend_period: None,
+        usage: Vec::new(),
+        created_at_ms: 0,
+    }
+}
+
+/// One node: a shared store, its escrow, and a gateway on it serving `honest` at 1 cu a token.
+async fn gateway(url: &str, name: &str, upstream: &str) -> (Arc<Node>, String) {
+    let store = Arc::new(PostgresStore::open_shared(url).unwrap());
+    let escrow = PostgresEscrow::new(
+        Arc::clone(&store),
+        LeaseRequest {
+            policy: policy(),
+            issuer: ISSUER,
+            node: name.to_string(),
+            ttl: Duration::from_secs(10),
+        },
+    );
+    let node = Arc::new(
+        Node::open(
+            Arc::new(escrow),
+            Arc::new(SystemClock),
+            NodeOptions::new(policy(), ISSUER, Duration::from_secs(10)),
+        )
+        .unwrap(),
+    );
+    let model = Model {
+        name: "honest".to_string(),
+        price_prompt_cu: 1,
+        price_completion_cu: 1,
+        sink: SINK,
+        backend: Backend::Upstream {
+            upstream: Upstream::new(UpstreamConfig {
+                base_url: upstream.to_string(),
+                api_key: None,
+                timeout: Duration::from_secs(10),
+                idle_connections: 8,
+                roots: Default::default(),
+            })
+            .unwrap(),
+            model: "honest".to_string(),
+        },
+        queue: Arc::new(FairQueue::new(16, QueueOptions::default())),
+        max_concurrency: 16,
+        counters: Default::default(),
+    };
+    let gateway = Arc::new(Gateway {
+        ledger: Arc::clone(&node) as Arc<dyn stipend_ledger::Budget>,
+        keys: KeyRing::new(store as Arc<dyn Store>),
+        models: BTreeMap::from([("honest".to_string(), Arc::new(model))]),
+        options: GatewayOptions::default(),
+        unrouted: Default::default(),
+        calls: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, stipend_gateway::router(gateway)).await });
+    (node, format!("http://{address}/v1"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_balance_charge_exactly_what_was_computed() {
+    let server = TestServer::start().unwrap();
+    let url = server.fresh_database().unwrap();
+    // The database's accounts and alice's key, written by a store that claims it, then let go.
+    let key = {
+        let store = Arc::new(PostgresStore::open(&url).unwrap());
+        store
+            .commit(&Batch {
+                created: vec![
+                    record(1, "issuer", AccountKind::Issuer),
+                    record(2, "sink:honest", AccountKind::Sink),
+                    record(3, "alice", AccountKind::Person),
+                ],
+                ..Batch::default()
+            })
+            .unwrap();
+        KeyRing::new(store as Arc<dyn Store>)
+            .create(ALICE, 0)
+            .unwrap()
+            .key
+    };
+    let (upstream, computed) = stipend_testkit::spawn_metered().await.unwrap();
+    let (one, base_one) = gateway(&url, "one", &upstream).await;
+    let (two, base_two) = gateway(&url, "two", &upstream).await;
+    let http = reqwest::Client::new();
+    let mut calls = Vec::new();
+    for index in 0..40u64 {
+        let base = if index % 2 == 0 { &base_one } else { &base_two };
+        let (http, url, key) = (
+            http.clone(),
+            format!("{base}/chat/completions"),
+            key.clone(),
+        );
+        calls.push(tokio::spawn(async move {
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({
+                    "model": "honest",
+                    "messages": [{"role": "user", "content": format!("call {index} asks a question")}],
+                    "max_tokens": 20 + index,
+                    "stream": index % 4 == 1,
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap();
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    // Both nodes gone (their leases given back), the database holds exactly what was computed.
+    one.close();
+    two.close();
+    let store = PostgresStore::open_read_only(&url).unwrap();
+    let alice = store.account(ALICE).unwrap().unwrap();
+    let spent: u64 = alice.usage.iter().map(|usage| usage.charged_cu).sum();
+    let (prompt, completion) = computed.tokens();
+    assert_eq!(
+        spent,
+        prompt + completion,
+        "computed {prompt} + {completion}"
+    );
+    assert_eq!(
+        alice.usage.iter().map(|usage| usage.requests).sum::<u64>(),
+        40
+    );
+    assert_eq!(alice.balance_cu as u64 + spent, STIPEND_CU);
+    assert_eq!(store.held(ALICE).unwrap(), (0, 0));
+}
