@@ -49,6 +49,8 @@ pub trait EscrowStore: Send + Sync {
     fn renew_lease(&self, lease: i64) -> Result<bool, StoreError>;
     /// Gives a lease back.
     fn release_lease(&self, lease: i64) -> Result<u64, StoreError>;
+    /// Gives `amount_cu` of a lease back, keeping the rest; false if it no longer held that much.
+    fn shrink_lease(&self, lease: i64, amount_cu: u64) -> Result<bool, StoreError>;
     /// Commits spends decided against leases, in one transaction.
     fn settle_leased(&self, spends: &[LeaseSpend]) -> Result<Vec<SpendOutcome>, StoreError>;
     /// Gives back every expired lease, whoever held it.
@@ -102,6 +104,9 @@ struct LeaseState {
     /// Neither reserved nor spent.
     free_cu: u64,
     reserved_cu: u64,
+    /// Settled and not yet committed: the lease must stay in the database until it is, or the
+    /// spend would find it gone.
+    pending_cu: u64,
     /// When the node stops deciding on it (by its monotonic clock).
     deadline: Instant,
     last_used: Instant,
@@ -264,6 +269,10 @@ impl Node {
                     return Ok(reservation);
                 }
             }
+            // What this node's leases on the account have free, spread too thin for the call,
+            // goes back first, so that the new lease can be made of it: a person can spend down
+            // to the last cu through one node, however the leases were cut before.
+            self.give_back_free(account);
             let want = {
                 let state = shared.state.lock();
                 let hint = state.available_hint.get(&account).copied().unwrap_or(0);
@@ -284,6 +293,7 @@ impl Node {
                     account,
                     free_cu: lease.granted_cu,
                     reserved_cu: 0,
+                    pending_cu: 0,
                     deadline: asked_at + lease.ttl.saturating_sub(shared.options.lease_margin),
                     last_used: asked_at,
                 },
@@ -300,6 +310,40 @@ impl Node {
             }
         }
         Err(self.insufficient(account, amount_cu))
+    }
+
+    /// Gives back what this node's leases on `account` have free: whole leases with nothing
+    /// reserved, and the free part of the others.
+    fn give_back_free(&self, account: AccountId) {
+        let shared = &self.shared;
+        let (release, shrink): (Vec<i64>, Vec<(i64, u64)>) = {
+            let mut state = shared.state.lock();
+            let mut release = Vec::new();
+            let mut shrink = Vec::new();
+            state.leases.retain(|id, lease| {
+                if lease.account != account || lease.free_cu == 0 {
+                    return true;
+                }
+                if lease.reserved_cu == 0 && lease.pending_cu == 0 {
+                    release.push(*id);
+                    return false;
+                }
+                shrink.push((*id, lease.free_cu));
+                lease.free_cu = 0;
+                true
+            });
+            (release, shrink)
+        };
+        for id in release {
+            if let Err(error) = shared.store.release_lease(id) {
+                tracing::warn!(%error, lease = id, "a lease could not be given back; it will expire");
+            }
+        }
+        for (id, free_cu) in shrink {
+            if let Err(error) = shared.store.shrink_lease(id, free_cu) {
+                tracing::warn!(%error, lease = id, "a lease's free part could not be given back");
+            }
+        }
     }
 
     fn insufficient(&self, account: AccountId, needed_cu: u64) -> LedgerError {
@@ -334,6 +378,7 @@ impl Node {
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.reserved_cu -= reservation.amount_cu;
             lease.free_cu += reservation.amount_cu - charged_cu;
+            lease.pending_cu += charged_cu;
             lease.last_used = Instant::now();
         }
         let mut settlement = Settlement {
@@ -553,11 +598,12 @@ impl Shared {
             let mut release = Vec::new();
             state.leases.retain(|id, lease| {
                 let idle = lease.reserved_cu == 0
+                    && lease.pending_cu == 0
                     && now.duration_since(lease.last_used) >= options.idle_return;
                 if lease.deadline <= now {
                     // Past its deadline: nothing more is decided on it, and its reservations
                     // (cut by their own deadlines) settle against what is available.
-                    return lease.reserved_cu > 0;
+                    return lease.reserved_cu > 0 || lease.pending_cu > 0;
                 }
                 if idle {
                     release.push(*id);
@@ -668,9 +714,19 @@ fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
     }
     match result {
         Ok(outcomes) => {
+            {
+                let mut state = shared.state.lock();
+                for spend in &spends {
+                    if let Some(lease) = state.leases.get_mut(&spend.lease) {
+                        lease.pending_cu -= spend.transfer.amount_cu;
+                    }
+                }
+            }
             for (spend, outcome) in spends.iter().zip(outcomes) {
                 if let SpendOutcome::Unleased { shortfall_cu } = outcome {
-                    tracing::warn!(
+                    // Only a node past its lease's deadline gets here (a bug, or a clock gone
+                    // wrong): what was acknowledged as charged may then exceed what was.
+                    tracing::error!(
                         lease = spend.lease,
                         shortfall_cu,
                         "a spend was committed after its lease had expired"

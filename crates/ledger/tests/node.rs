@@ -219,3 +219,24 @@ fn a_reservation_never_outlives_its_lease() {
         reservation.expires_at_ms()
     );
 }
+
+#[test]
+fn leases_cut_thin_are_given_back_so_the_last_cu_can_be_spent() {
+    let url = database();
+    let node = node(&url, "n", Duration::from_secs(30));
+    // A first lease of 40 000, voided: it stays on the node, all free.
+    let first = node.reserve(ADA, SINK, 40_000, MINUTE).unwrap();
+    node.void(first.id()).unwrap();
+    // A second of 50 000, spent whole: the database has 10 000 left available, the node's first
+    // lease 40 000 free.
+    let second = node.reserve(ADA, SINK, 50_000, MINUTE).unwrap();
+    node.settle(second.id(), 50_000).unwrap().wait().unwrap();
+    // 45 000 fits in neither alone, but ada has 50 000: the first lease goes back and the call
+    // gets one lease of what she has.
+    let third = node.reserve(ADA, SINK, 45_000, MINUTE).unwrap();
+    node.settle(third.id(), 45_000).unwrap().wait().unwrap();
+    let rest = node.reserve(ADA, SINK, 5_000, MINUTE).unwrap();
+    node.settle(rest.id(), 5_000).unwrap().wait().unwrap();
+    drop(node);
+    assert_eq!(ada(&url), (0, 0, STIPEND_CU));
+}

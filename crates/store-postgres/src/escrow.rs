@@ -221,6 +221,28 @@ impl PostgresStore {
         })
     }
 
+    /// Gives `amount_cu` of a lease back (to its account's available balance), keeping the rest.
+    /// Returns false if the lease no longer held that much.
+    pub fn shrink_lease(&self, lease: i64, amount_cu: u64) -> Result<bool, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let amount = amount_cu.min(i64::MAX as u64) as i64;
+                let changed = client
+                    .execute(
+                        "WITH shrunk AS (UPDATE leases SET remaining_cu = remaining_cu - $2
+                                         WHERE id = $1 AND remaining_cu >= $2
+                                         RETURNING account_id)
+                         UPDATE accounts AS a SET held_cu = a.held_cu - $2
+                         FROM shrunk WHERE a.id = shrunk.account_id",
+                        &[&lease, &amount],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(changed == 1)
+            })
+        })
+    }
+
     /// Gives back every lease past its expiry, whoever held it (a node that was killed, or
     /// paused past its deadline). Returns how many.
     pub fn reclaim_expired_leases(&self) -> Result<u64, StoreError> {
@@ -479,6 +501,10 @@ impl stipend_ledger::node::EscrowStore for PostgresEscrow {
 
     fn release_lease(&self, lease: i64) -> Result<u64, StoreError> {
         self.store.release_lease(lease)
+    }
+
+    fn shrink_lease(&self, lease: i64, amount_cu: u64) -> Result<bool, StoreError> {
+        self.store.shrink_lease(lease, amount_cu)
     }
 
     fn settle_leased(&self, spends: &[LeaseSpend]) -> Result<Vec<SpendOutcome>, StoreError> {
