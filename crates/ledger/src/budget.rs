@@ -1,15 +1,21 @@
-//! What a gateway needs of a ledger, whichever engine decides: the single-node [`Ledger`], which
-//! holds every balance, or an escrow [`Node`], which holds leases on them.
+//! What a gateway needs of a ledger ([`Budget`]) and what an operator does with one ([`Books`]),
+//! whichever engine decides: the single-node [`Ledger`], which holds every balance, or, on a
+//! database shared by several nodes, an escrow [`Node`] (the gateway's side) and the database's
+//! own transactions (the operator's).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::account::AccountId;
+use crate::account::{AccountId, AccountKind};
 use crate::durable::Durable;
 use crate::error::LedgerError;
+use crate::ledger::Posted;
 use crate::ledger::{AccountView, Ledger, WriterStats};
 use crate::node::Node;
 use crate::policy::StipendPolicy;
 use crate::reservation::{Reservation, ReservationId, Settlement};
+use crate::store::Store;
+use crate::transfer::{Transfer, TransferId};
 
 /// A ledger as the gateway uses it: reserve a call's worst case, settle it exactly (durably) or
 /// void it, and show a person their budget.
@@ -125,5 +131,117 @@ impl Budget for Node {
 
     fn open_reservations(&self) -> usize {
         Node::open_reservations(self)
+    }
+}
+
+/// The operator's side of a ledger: accounts, grants, gifts, listings and the in-memory audit.
+/// Every change is durable when the call returns.
+pub trait Books: Send + Sync {
+    /// Finds an account's id by name (NFKC-normalized, as names are stored).
+    fn account_id(&self, name: &str) -> Result<AccountId, LedgerError>;
+    /// An account as its person sees it.
+    fn view(&self, id: AccountId) -> Result<AccountView, LedgerError>;
+    /// Up to `limit` accounts after `after`, in id order.
+    fn views(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountView>, LedgerError>;
+    /// Creates a person or pool account (its name normalized and held apart from look-alikes).
+    fn create_account(&self, name: &str, kind: AccountKind) -> Result<AccountId, LedgerError>;
+    /// Finds or creates a model's sink account.
+    fn sink(&self, name: &str) -> Result<AccountId, LedgerError>;
+    /// An operator's grant from the issuer; idempotent by `id`.
+    fn grant(
+        &self,
+        id: TransferId,
+        to: AccountId,
+        amount_cu: u64,
+        expires_at_ms: Option<i64>,
+    ) -> Result<Posted, LedgerError>;
+    /// A gift or pool contribution; idempotent by `id`.
+    fn give(
+        &self,
+        id: TransferId,
+        from: AccountId,
+        to: AccountId,
+        amount_cu: u64,
+    ) -> Result<Posted, LedgerError>;
+    /// The latest `limit` transfers other than spends that name the account, newest first.
+    fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError>;
+    /// What is wrong in memory (nothing, for books kept in the database alone).
+    fn check_invariants(&self) -> Vec<String>;
+    /// The stipend policy.
+    fn policy(&self) -> &StipendPolicy;
+    /// Now, by the ledger's clock.
+    fn now_ms(&self) -> i64;
+    /// The store, for the API keys.
+    fn store(&self) -> Arc<dyn Store>;
+}
+
+impl Books for Ledger {
+    fn account_id(&self, name: &str) -> Result<AccountId, LedgerError> {
+        Ledger::account_id(self, name)
+    }
+
+    fn view(&self, id: AccountId) -> Result<AccountView, LedgerError> {
+        Ledger::view(self, id)
+    }
+
+    fn views(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<AccountView>, LedgerError> {
+        Ledger::views(self, after, limit)
+    }
+
+    fn create_account(&self, name: &str, kind: AccountKind) -> Result<AccountId, LedgerError> {
+        Ledger::create_account(self, name, kind)?.wait()
+    }
+
+    fn sink(&self, name: &str) -> Result<AccountId, LedgerError> {
+        Ledger::sink(self, name)
+    }
+
+    fn grant(
+        &self,
+        id: TransferId,
+        to: AccountId,
+        amount_cu: u64,
+        expires_at_ms: Option<i64>,
+    ) -> Result<Posted, LedgerError> {
+        Ledger::grant(self, id, to, amount_cu, expires_at_ms)?.wait()
+    }
+
+    fn give(
+        &self,
+        id: TransferId,
+        from: AccountId,
+        to: AccountId,
+        amount_cu: u64,
+    ) -> Result<Posted, LedgerError> {
+        Ledger::give(self, id, from, to, amount_cu)?.wait()
+    }
+
+    fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError> {
+        Ledger::flush(self)?;
+        Ledger::history(self, id, limit)
+    }
+
+    fn check_invariants(&self) -> Vec<String> {
+        Ledger::check_invariants(self)
+    }
+
+    fn policy(&self) -> &StipendPolicy {
+        Ledger::policy(self)
+    }
+
+    fn now_ms(&self) -> i64 {
+        Ledger::now_ms(self)
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        Ledger::store(self)
     }
 }

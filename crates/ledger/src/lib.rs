@@ -50,7 +50,7 @@ pub use account::{
     ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountName, AccountRecord, Lot,
     LotSource, SINK_NAME_PREFIX, Usage, account_name_skeleton, normalize_account_name,
 };
-pub use budget::Budget;
+pub use budget::{Books, Budget};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::{Durable, DurableFuture};
 pub use error::LedgerError;

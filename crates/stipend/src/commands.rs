@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use stipend_gateway::KeyRing;
 use stipend_ledger::units::format_utc;
 use stipend_ledger::{
-    AccountId, AccountKind, Flops, Ledger, LedgerError, Lot, LotSource, Transfer, TransferId,
+    AccountId, AccountKind, Books, Flops, LedgerError, Lot, LotSource, Transfer, TransferId,
     TransferKind,
 };
 
@@ -223,7 +223,7 @@ pub enum Response {
 }
 
 fn account_info(
-    ledger: &Ledger,
+    ledger: &dyn Books,
     id: AccountId,
     history: usize,
 ) -> Result<AccountInfo, LedgerError> {
@@ -250,7 +250,6 @@ fn account_info(
         });
     }
     if history > 0 {
-        ledger.flush()?;
         for transfer in ledger.history(id, history.min(HISTORY_LIMIT_MAX))? {
             info.history.push(transfer_info(ledger, id, &transfer)?);
         }
@@ -267,7 +266,7 @@ fn lot_info(lot: &Lot) -> LotInfo {
 }
 
 fn transfer_info(
-    ledger: &Ledger,
+    ledger: &dyn Books,
     account: AccountId,
     transfer: &Transfer,
 ) -> Result<TransferInfo, LedgerError> {
@@ -313,7 +312,7 @@ pub enum CommandError {
 
 /// Runs one command against the ledger and the key ring.
 pub fn execute(
-    ledger: &Ledger,
+    ledger: &dyn Books,
     keys: &KeyRing,
     request: Request,
 ) -> Result<Response, CommandError> {
@@ -364,7 +363,7 @@ pub fn execute(
                 }
                 .into());
             }
-            let id = ledger.create_account(&name, kind)?.wait()?;
+            let id = ledger.create_account(&name, kind)?;
             Ok(Response::Account(account_info(ledger, id, 0)?))
         }
         Request::ListAccounts { after, limit } => {
@@ -394,7 +393,7 @@ pub fn execute(
         } => {
             let to = ledger.account_id(&name)?;
             let id = id.unwrap_or_else(TransferId::random);
-            let posted = ledger.grant(id, to, amount_cu, expires_at_ms)?.wait()?;
+            let posted = ledger.grant(id, to, amount_cu, expires_at_ms)?;
             Ok(Response::Posted(PostedInfo {
                 id,
                 kind: posted.transfer.kind,
@@ -413,7 +412,7 @@ pub fn execute(
             let from_id = ledger.account_id(&from)?;
             let to_id = ledger.account_id(&to)?;
             let id = id.unwrap_or_else(TransferId::random);
-            let posted = ledger.give(id, from_id, to_id, amount_cu)?.wait()?;
+            let posted = ledger.give(id, from_id, to_id, amount_cu)?;
             Ok(Response::Posted(PostedInfo {
                 id,
                 kind: posted.transfer.kind,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use stipend_gateway::KeyRing;
-use stipend_ledger::Ledger;
+use stipend_ledger::Books;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::commands::{Request, Response, execute};
@@ -65,7 +65,7 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 }
 
 /// Accepts control connections until the task is dropped.
-pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>, keys: KeyRing) {
+pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<dyn Books>, keys: KeyRing) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS_MAX));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -93,7 +93,7 @@ pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<Ledger>, keys
 
 async fn handle(
     stream: tokio::net::UnixStream,
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn Books>,
     keys: KeyRing,
 ) -> anyhow::Result<()> {
     // The directory's mode already keeps other users out; this holds even if it is changed.
@@ -127,7 +127,7 @@ async fn handle(
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             tracing::info!(command = request.name(), "control command");
-            match tokio::task::spawn_blocking(move || execute(&ledger, &keys, request)).await {
+            match tokio::task::spawn_blocking(move || execute(&*ledger, &keys, request)).await {
                 Ok(Ok(response)) => Reply::Ok(response),
                 Ok(Err(error)) => Reply::Error {
                     message: error.to_string(),

@@ -294,7 +294,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let address = http.local_addr()?;
     let socket = config.socket_path();
     let listener = control::bind(&socket)?;
-    let control_task = tokio::spawn(control::serve(listener, Arc::clone(&ledger), keys));
+    let control_task = tokio::spawn(control::serve(
+        listener,
+        Arc::clone(&ledger) as Arc<dyn stipend_ledger::Books>,
+        keys,
+    ));
     let sweeper = {
         let ledger = Arc::clone(&ledger);
         tokio::spawn(async move {
