@@ -161,6 +161,23 @@ impl KeyRing {
     pub fn list(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
         self.store.keys_of(account)
     }
+
+    /// Forgets what this ring remembers of the keys created or revoked elsewhere since `since`
+    /// (see [`Store::keys_changed_since`]), so that the next use reads them again; returns the
+    /// position to follow from. On a database that several servers share, each server calls it
+    /// every [`KEYS_FOLLOW_INTERVAL`](crate::limits::KEYS_FOLLOW_INTERVAL).
+    pub fn follow(&self, since: Option<i64>) -> Result<i64, StoreError> {
+        let (changed, next) = self.store.keys_changed_since(since)?;
+        if !changed.is_empty() {
+            let mut cache = self.cache.write();
+            let mut unknown = self.unknown.write();
+            for id in &changed {
+                cache.remove(id);
+                unknown.remove(id);
+            }
+        }
+        Ok(next)
+    }
 }
 
 #[cfg(test)]

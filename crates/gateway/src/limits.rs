@@ -129,3 +129,7 @@ pub const KEY_CACHE_MAX: usize = 1_000_000;
 /// The most unknown ids remembered; past it they are forgotten (a flood of them then costs one
 /// store read each again, until the set refills).
 pub const UNKNOWN_KEYS_MAX: usize = 65_536;
+
+/// How often a server sharing its database with others follows the keys created and revoked
+/// elsewhere: a key made anywhere works, and a revoked one stops, within about this.
+pub const KEYS_FOLLOW_INTERVAL: Duration = Duration::from_millis(500);

@@ -170,3 +170,38 @@ async fn two_gateways_on_one_balance_charge_exactly_what_was_computed() {
     assert_eq!(alice.balance_cu as u64 + spent, STIPEND_CU);
     assert_eq!(store.held(ALICE).unwrap(), (0, 0));
 }
+
+#[test]
+fn a_key_revoked_anywhere_stops_everywhere_that_follows() {
+    let server = TestServer::start().unwrap();
+    let url = server.fresh_database().unwrap();
+    {
+        let store = PostgresStore::open(&url).unwrap();
+        store
+            .commit(&Batch {
+                created: vec![
+                    record(1, "issuer", AccountKind::Issuer),
+                    record(3, "alice", AccountKind::Person),
+                ],
+                ..Batch::default()
+            })
+            .unwrap();
+    }
+    let ring = |url: &str| {
+        KeyRing::new(Arc::new(PostgresStore::open_shared(url).unwrap()) as Arc<dyn Store>)
+    };
+    let (here, there) = (ring(&url), ring(&url));
+    let position = here.follow(None).unwrap();
+    // A key made on one server works on the other at once: nothing of it was remembered there.
+    let key = there.create(ALICE, 0).unwrap().key;
+    assert_eq!(here.authenticate(&key).unwrap(), ALICE);
+    // Revoked on the other: remembered here as valid until this server follows the changes.
+    let id = key.split('-').nth(2).unwrap().to_string();
+    assert!(there.revoke(&id, 1).unwrap());
+    assert_eq!(here.authenticate(&key).unwrap(), ALICE);
+    here.follow(Some(position)).unwrap();
+    assert!(matches!(
+        here.authenticate(&key),
+        Err(stipend_gateway::keys::KeyError::Revoked)
+    ));
+}

@@ -594,7 +594,7 @@ fn check_amount(amount_cu: u64) -> Result<(), LedgerError> {
 
 /// The issuer's name and the sinks' prefix belong to those kinds alone, so that no person can
 /// be mistaken for either, nor take a name a model's sink will need.
-fn check_name_reserved(name: &str, kind: AccountKind) -> Result<(), LedgerError> {
+pub fn check_name_reserved(name: &str, kind: AccountKind) -> Result<(), LedgerError> {
     let reserved = if name == ISSUER_NAME {
         kind != AccountKind::Issuer
     } else if name.starts_with(SINK_NAME_PREFIX) {

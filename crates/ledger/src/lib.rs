@@ -54,7 +54,7 @@ pub use budget::{Books, Budget};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::{Durable, DurableFuture};
 pub use error::LedgerError;
-pub use ledger::{AccountView, ISSUER_NAME, Ledger, Posted, WriterStats};
+pub use ledger::{AccountView, ISSUER_NAME, Ledger, Posted, WriterStats, check_name_reserved};
 pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DEFAULT};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};

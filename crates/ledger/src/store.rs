@@ -156,6 +156,13 @@ pub trait Store: Send + Sync {
     fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Every key of an account, oldest first.
     fn keys_of(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError>;
+    /// The ids of the keys created or revoked since `since` (a position this returns, by the
+    /// store's own clock; `None` for the first call), and the position to ask from next time.
+    /// A store that only one process writes needs none: its key ring sees every change itself.
+    fn keys_changed_since(&self, since: Option<i64>) -> Result<(Vec<String>, i64), StoreError> {
+        let _ = since;
+        Ok((Vec::new(), 0))
+    }
     /// From one consistent snapshot: visits every account with its transfer sums up to the
     /// checkpoint, then every transfer after it, in order; and returns facts about all transfers.
     fn audit(

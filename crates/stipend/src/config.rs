@@ -51,6 +51,7 @@ struct RawConfig {
     drain_timeout: Option<String>,
     store_cache_mb: Option<i64>,
     database_url: Option<String>,
+    lease_ttl: Option<String>,
     workers: Option<i64>,
     #[serde(default)]
     stipend: RawStipend,
@@ -99,6 +100,9 @@ pub const CONTEXT_DEFAULT: u32 = 2_048;
 /// The default `client_read_timeout`: nginx's `client_header_timeout`, and a minute for a body
 /// of up to the 4 MiB limit on a slow uplink.
 pub const CLIENT_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The default `lease_ttl`: how long a node's lease lives without renewal.
+pub const LEASE_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// The default `drain_timeout`: how long calls in flight may take to finish after a shutdown
 /// signal before they are cut off.
@@ -420,6 +424,9 @@ pub struct Config {
     /// The PostgreSQL database that holds the ledger instead of the embedded store, if one is
     /// configured (`database_url`, or `STIPEND_DATABASE_URL`).
     pub database_url: Option<DatabaseUrl>,
+    /// How long a node's lease on a person's balance lives without renewal (with
+    /// `database_url`): a killed node's leases come back after this.
+    pub lease_ttl: Duration,
     /// Threads serving HTTP (`None`: half the cores, at least one).
     pub workers: Option<usize>,
     /// The models.
@@ -621,6 +628,14 @@ impl Config {
                 url,
             }),
         };
+        let lease_ttl = duration_key(
+            &name,
+            "lease_ttl",
+            raw.lease_ttl.as_deref(),
+            LEASE_TTL_DEFAULT,
+            (Duration::from_secs(2), Duration::from_secs(600)),
+            "from 2s to 10m",
+        )?;
         let workers = match raw.workers {
             None => None,
             Some(n) if (1..=1_024).contains(&n) => Some(n as usize),
@@ -653,6 +668,7 @@ impl Config {
             drain_timeout,
             store_cache_bytes,
             database_url,
+            lease_ttl,
             workers,
             models,
         })

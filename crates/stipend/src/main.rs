@@ -277,9 +277,16 @@ fn parse_transfer_id(text: &str) -> anyhow::Result<TransferId> {
         .with_context(|| format!("--id {text:?} is not a transfer id (up to 32 hex digits)"))
 }
 
-/// Runs a command on the store directly, or, while a server holds the store, through the
-/// server's control socket.
+/// Runs a command on the store directly, or, while a server holds the embedded store, through
+/// the server's control socket. A PostgreSQL ledger is shared: commands run on the database
+/// directly, from any machine, whether or not servers run.
 fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
+    if let Some(url) = &config.database_url {
+        let (store, books) = serve::open_shared_books(config, url)?;
+        let keys =
+            stipend_gateway::KeyRing::new(store as std::sync::Arc<dyn stipend_ledger::Store>);
+        return Ok(execute(books.as_ref(), &keys, request)?);
+    }
     match serve::open_ledger(config) {
         Ok(ledger) => {
             let keys = stipend_gateway::KeyRing::new(ledger.store());
@@ -291,14 +298,6 @@ fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
                 Some(StoreError::Locked { .. })
             ) =>
         {
-            if let Some(url) = &config.database_url
-                && !config.socket_path().exists()
-            {
-                anyhow::bail!(
-                    "the ledger in {url} is held by a `stipend serve` on another machine; \
-                     one server writes a database for now, so run this command where it runs"
-                );
-            }
             match control::call(&config.socket_path(), &request)? {
                 control::Reply::Ok(response) => Ok(response),
                 control::Reply::Error { message } => anyhow::bail!("{message}"),
@@ -327,24 +326,11 @@ fn default_workers() -> usize {
 }
 
 fn verify_command(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let store = serve::open_store_read_only(config)?;
-    let mut report = verify(store.as_ref())?;
-    // A running server also holds reservations in memory: check those too.
-    let held = serve::store_is_held(config)?;
-    if held && config.database_url.is_some() && !config.socket_path().exists() {
-        eprintln!(
-            "note: the server holding the database runs on another machine; the store was \
-             audited, its reservations in memory were not"
-        );
-    } else if held {
-        match control::call(&config.socket_path(), &Request::CheckInvariants)? {
-            control::Reply::Ok(Response::Invariants { violations }) => {
-                report.violations.extend(violations)
-            }
-            control::Reply::Ok(_) => anyhow::bail!("the server answered something else"),
-            control::Reply::Error { message } => anyhow::bail!("{message}"),
-        }
-    }
+    let report = match &config.database_url {
+        // A shared database keeps every row current: its audit is its own.
+        Some(url) => serve::open_shared_books(config, url)?.1.verify()?,
+        None => verify_embedded(config)?,
+    };
     if json {
         // `ledger verify --json`'s format, decided here rather than by the ledger's report.
         #[derive(serde::Serialize)]
@@ -379,4 +365,20 @@ fn verify_command(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Audits the embedded store, and a running server's reservations in memory.
+fn verify_embedded(config: &Config) -> anyhow::Result<stipend_ledger::VerifyReport> {
+    let store = serve::open_store_read_only(config)?;
+    let mut report = verify(store.as_ref())?;
+    if serve::store_is_held(config) {
+        match control::call(&config.socket_path(), &Request::CheckInvariants)? {
+            control::Reply::Ok(Response::Invariants { violations }) => {
+                report.violations.extend(violations)
+            }
+            control::Reply::Ok(_) => anyhow::bail!("the server answered something else"),
+            control::Reply::Error { message } => anyhow::bail!("{message}"),
+        }
+    }
+    Ok(report)
 }

@@ -1,5 +1,6 @@
-//! `stipend serve`: owns the store, runs the ledger, serves the OpenAI-compatible API and the
-//! control socket until it is told to stop, then drains (bounded) and flushes.
+//! `stipend serve`: runs the ledger (the single-node engine on the embedded store, or an escrow
+//! node on a PostgreSQL database that several servers share), serves the OpenAI-compatible API
+//! and the control socket until it is told to stop, then drains (bounded) and flushes.
 
 use crate::limits::{CUT_GRACE, SWEEP_INTERVAL};
 use std::collections::BTreeMap;
@@ -9,10 +10,13 @@ use std::time::Instant;
 use anyhow::Context;
 use stipend_gateway::queue::FairQueue;
 use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream, UpstreamConfig};
+use stipend_ledger::node::{Node, NodeOptions};
 use stipend_ledger::units::{default_price_cu_per_token, format_duration};
-use stipend_ledger::{AccountKind, Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock};
+use stipend_ledger::{
+    AccountKind, Books, Budget, Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock,
+};
 use stipend_model::{EmbeddedModel, LoadOptions};
-use stipend_store_postgres::PostgresStore;
+use stipend_store_postgres::{LeaseRequest, PostgresBooks, PostgresEscrow, PostgresStore};
 use stipend_store_sqlite::SqliteStore;
 
 use crate::config::{BackendConfig, Config};
@@ -70,42 +74,41 @@ pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the configured store for writing: the PostgreSQL database if `database_url` names one,
-/// else the embedded SQLite file in `data_dir`.
+/// Opens the embedded store for writing.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, anyhow::Error> {
     ensure_data_dir(config)?;
-    Ok(match &config.database_url {
-        Some(url) => Arc::new(PostgresStore::open(url.url())?),
-        None => Arc::new(SqliteStore::open_with_cache(
-            &config.store_path(),
-            config.store_cache_bytes,
-        )?),
-    })
+    Ok(Arc::new(SqliteStore::open_with_cache(
+        &config.store_path(),
+        config.store_cache_bytes,
+    )?))
 }
 
-/// Opens the configured store for reading beside a running server, without claiming it.
+/// Opens the embedded store for reading beside a running server, without claiming it.
 pub fn open_store_read_only(config: &Config) -> Result<Box<dyn Store>, anyhow::Error> {
-    Ok(match &config.database_url {
-        Some(url) => Box::new(PostgresStore::open_read_only(url.url())?),
-        None => {
-            let path = config.store_path();
-            if !path.exists() {
-                anyhow::bail!("no ledger at {} (nothing has run yet)", path.display());
-            }
-            Box::new(SqliteStore::open_read_only(&path)?)
-        }
-    })
+    let path = config.store_path();
+    if !path.exists() {
+        anyhow::bail!("no ledger at {} (nothing has run yet)", path.display());
+    }
+    Ok(Box::new(SqliteStore::open_read_only(&path)?))
 }
 
-/// Whether a running server holds the configured store.
-pub fn store_is_held(config: &Config) -> Result<bool, anyhow::Error> {
-    Ok(match &config.database_url {
-        Some(url) => PostgresStore::is_locked(url.url())?,
-        None => SqliteStore::is_locked(&config.store_path()),
-    })
+/// Whether a running server holds the embedded store.
+pub fn store_is_held(config: &Config) -> bool {
+    SqliteStore::is_locked(&config.store_path())
 }
 
-/// Opens the ledger on the configured store for writing.
+/// The books of the PostgreSQL database `database_url` names, which escrow nodes share: the
+/// operator's commands run on it directly, from any machine, with or without servers running.
+pub fn open_shared_books(
+    config: &Config,
+    url: &crate::config::DatabaseUrl,
+) -> Result<(Arc<PostgresStore>, Arc<PostgresBooks>), anyhow::Error> {
+    let store = Arc::new(PostgresStore::open_shared(url.url())?);
+    let books = PostgresBooks::open(Arc::clone(&store), config.policy, Arc::new(SystemClock))?;
+    Ok((store, Arc::new(books)))
+}
+
+/// Opens the ledger on the embedded store for writing.
 pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
     let store = open_store(config)?;
     Ledger::open(
@@ -143,10 +146,15 @@ fn load_embedded(
 }
 
 /// Builds the gateway's models: a sink account each, and an upstream client or a loaded model.
-fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow::Result<Gateway> {
+fn build_gateway(
+    config: &Config,
+    books: &dyn Books,
+    budget: Arc<dyn Budget>,
+    keys: KeyRing,
+) -> anyhow::Result<Gateway> {
     let mut models = BTreeMap::new();
     for model in &config.models {
-        let sink = ledger
+        let sink = books
             .sink(&format!(
                 "{}{}",
                 stipend_ledger::SINK_NAME_PREFIX,
@@ -223,7 +231,7 @@ fn build_gateway(config: &Config, ledger: &Arc<Ledger>, keys: KeyRing) -> anyhow
         ..GatewayOptions::default()
     };
     Ok(Gateway {
-        ledger: Arc::clone(ledger) as Arc<dyn stipend_ledger::Budget>,
+        ledger: budget,
         keys,
         models,
         options,
@@ -237,53 +245,138 @@ pub const DEMO_ACCOUNT: &str = "demo";
 
 /// With no config file: makes the demo person and a key the first time, returning the key (it
 /// is shown once; only its hash is kept).
-fn demo_account(ledger: &Ledger, keys: &KeyRing) -> anyhow::Result<Option<String>> {
-    if ledger.account_id(DEMO_ACCOUNT).is_ok() {
+fn demo_account(books: &dyn Books, keys: &KeyRing) -> anyhow::Result<Option<String>> {
+    if books.account_id(DEMO_ACCOUNT).is_ok() {
         return Ok(None);
     }
-    let account = ledger
-        .create_account(DEMO_ACCOUNT, AccountKind::Person)?
-        .wait()
+    let account = books
+        .create_account(DEMO_ACCOUNT, AccountKind::Person)
         .context("cannot create the demo account")?;
     let key = keys
-        .create(account, ledger.now_ms())
+        .create(account, books.now_ms())
         .context("cannot create the demo key")?;
     Ok(Some(key.key))
+}
+
+/// The ledger a server runs on: the single-node engine on the embedded store, or, on a
+/// PostgreSQL database several servers share, an escrow node (for calls) and the database's
+/// books (for the operator's commands).
+struct Engine {
+    books: Arc<dyn Books>,
+    budget: Arc<dyn Budget>,
+    store: Arc<dyn Store>,
+    local: Option<Arc<Ledger>>,
+    node: Option<Arc<Node>>,
+    /// Held while the server runs: one server per `data_dir` (its control socket is there).
+    _claim: Option<std::fs::File>,
+}
+
+/// Claims `data_dir` for this server alone: its control socket lives there.
+fn claim_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.data_dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another stipend server is already using {} (its control socket is there); give \
+             each server on this machine a data_dir of its own",
+            config.data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// A node's name in the database's `leases`, for the operator's eyes: host and process.
+fn node_name(config: &Config) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "node".to_string());
+    format!("{host}:{}:{}", std::process::id(), config.listen)
+}
+
+fn open_engine(config: &Config) -> anyhow::Result<Engine> {
+    let Some(url) = &config.database_url else {
+        let ledger = match open_ledger(config) {
+            Ok(ledger) => Arc::new(ledger),
+            Err(error)
+                if matches!(
+                    error.downcast_ref::<StoreError>(),
+                    Some(StoreError::Locked { .. })
+                ) =>
+            {
+                anyhow::bail!(
+                    "another stipend server is already using {} (the store is in use by another \
+                     process); stop it first",
+                    config.data_dir.display()
+                )
+            }
+            Err(error) => return Err(error),
+        };
+        return Ok(Engine {
+            books: Arc::clone(&ledger) as Arc<dyn Books>,
+            budget: Arc::clone(&ledger) as Arc<dyn Budget>,
+            store: ledger.store(),
+            local: Some(ledger),
+            node: None,
+            _claim: None,
+        });
+    };
+    ensure_data_dir(config)?;
+    let claim = claim_data_dir(config)?;
+    let (store, books) = open_shared_books(config, url)?;
+    let escrow = PostgresEscrow::new(
+        Arc::clone(&store),
+        LeaseRequest {
+            policy: config.policy,
+            issuer: books.issuer(),
+            node: node_name(config),
+            ttl: config.lease_ttl,
+        },
+    );
+    let node = Arc::new(Node::open(
+        Arc::new(escrow),
+        Arc::new(SystemClock),
+        NodeOptions::new(config.policy, books.issuer(), config.lease_ttl),
+    )?);
+    Ok(Engine {
+        books: books as Arc<dyn Books>,
+        budget: Arc::clone(&node) as Arc<dyn Budget>,
+        store: store as Arc<dyn Store>,
+        local: None,
+        node: Some(node),
+        _claim: Some(claim),
+    })
 }
 
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_open_files_limit();
-    let ledger = match open_ledger(&config) {
-        Ok(ledger) => Arc::new(ledger),
-        Err(error)
-            if matches!(
-                error.downcast_ref::<StoreError>(),
-                Some(StoreError::Locked { .. })
-            ) =>
-        {
-            let store = match &config.database_url {
-                Some(url) => format!("the ledger in {url}"),
-                None => config.data_dir.display().to_string(),
-            };
-            anyhow::bail!(
-                "another stipend server is already using {store} (the store is in use by another \
-                 process); stop it first"
-            )
-        }
-        Err(error) => return Err(error),
-    };
-    let keys = KeyRing::new(ledger.store());
+    let engine = open_engine(&config)?;
+    let keys = KeyRing::new(Arc::clone(&engine.store));
     let demo_key = if config.source.is_none() {
-        Some(demo_account(&ledger, &keys)?)
+        Some(demo_account(engine.books.as_ref(), &keys)?)
     } else {
         None
     };
     let gateway = {
-        let (config, ledger, keys) = (config.clone(), Arc::clone(&ledger), keys.clone());
+        let (config, books, budget, keys) = (
+            config.clone(),
+            Arc::clone(&engine.books),
+            Arc::clone(&engine.budget),
+            keys.clone(),
+        );
         // Loading a model is blocking work (and may fetch it first).
-        tokio::task::spawn_blocking(move || build_gateway(&config, &ledger, keys))
+        tokio::task::spawn_blocking(move || build_gateway(&config, books.as_ref(), budget, keys))
             .await
             .context("the model loading task failed")??
     };
@@ -294,13 +387,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let address = http.local_addr()?;
     let socket = config.socket_path();
     let listener = control::bind(&socket)?;
-    let control_task = tokio::spawn(control::serve(
-        listener,
-        Arc::clone(&ledger) as Arc<dyn stipend_ledger::Books>,
-        keys,
-    ));
-    let sweeper = {
-        let ledger = Arc::clone(&ledger);
+    // On a shared database, keys are created and revoked by other servers and the CLI too.
+    let follower = engine.node.is_some().then(|| {
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let mut since = None;
+            let mut interval = tokio::time::interval(stipend_gateway::limits::KEYS_FOLLOW_INTERVAL);
+            loop {
+                interval.tick().await;
+                let ring = keys.clone();
+                match tokio::task::spawn_blocking(move || ring.follow(since)).await {
+                    Ok(Ok(next)) => since = Some(next),
+                    Ok(Err(error)) => tracing::warn!(%error, "cannot follow the keys' changes"),
+                    Err(_) => {}
+                }
+            }
+        })
+    });
+    let control_task = tokio::spawn(control::serve(listener, Arc::clone(&engine.books), keys));
+    // The single-node engine voids timed-out reservations on a timer; a node's reservations
+    // end with their calls and its leases by its own writer.
+    let sweeper = engine.local.clone().map(|ledger| {
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(SWEEP_INTERVAL);
             loop {
@@ -310,7 +417,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         })
-    };
+    });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     // `/metrics` on a listener of its own, if so configured; stopped with the API.
     let metrics_address = match config.metrics_listen {
@@ -393,18 +500,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     control_task.abort();
-    sweeper.abort();
     let _ = control_task.await;
-    let _ = sweeper.await;
+    if let Some(follower) = follower {
+        follower.abort();
+        let _ = follower.await;
+    }
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+        let _ = sweeper.await;
+    }
     if let Err(error) = std::fs::remove_file(&socket) {
         tracing::warn!(%error, "cannot remove the control socket");
     }
     drop(gateway);
-    let flush = Arc::clone(&ledger);
-    tokio::task::spawn_blocking(move || flush.flush())
-        .await
-        .context("the flush task failed")??;
-    drop(ledger);
+    let Engine { local, node, .. } = engine;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if let Some(ledger) = local {
+            ledger.flush()?;
+        }
+        // Every settle committed, every lease given back.
+        if let Some(node) = node {
+            node.close();
+        }
+        Ok(())
+    })
+    .await
+    .context("the flush task failed")??;
     println!("Stipend stopped; the ledger is flushed.");
     Ok(())
 }

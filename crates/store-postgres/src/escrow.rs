@@ -37,7 +37,7 @@ fn seconds(duration: Duration) -> f64 {
 }
 
 /// Writes an account row as escrow changes it: balance, lots, stipend, usage, what leases hold.
-async fn write_row(
+pub(crate) async fn write_row(
     client: &impl GenericClient,
     record: &AccountRecord,
     held_cu: i64,
@@ -63,7 +63,10 @@ async fn write_row(
 }
 
 /// Appends transfers, numbered by the transfers' sequence in the order given.
-async fn append(client: &impl GenericClient, transfers: &[Transfer]) -> Result<(), StoreError> {
+pub(crate) async fn append(
+    client: &impl GenericClient,
+    transfers: &[Transfer],
+) -> Result<(), StoreError> {
     for transfer in transfers {
         client
             .execute(
@@ -88,8 +91,64 @@ async fn append(client: &impl GenericClient, transfers: &[Transfer]) -> Result<(
     Ok(())
 }
 
+/// Marks the database as shared by nodes, once: from then on a single writer's engine, whose
+/// checkpoints would overwrite what the nodes decide, refuses it. A database a single writer
+/// left with rows behind its log (a crash: the log's tail not yet checkpointed) is refused
+/// until one server has opened and closed it cleanly.
+async fn share(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
+    let transaction = client.transaction().await.map_err(pg)?;
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::MIGRATION_LOCK],
+        )
+        .await
+        .map_err(pg)?;
+    let shared = transaction
+        .query_opt("SELECT 1 FROM meta WHERE key = 'shared'", &[])
+        .await
+        .map_err(pg)?;
+    if shared.is_none() {
+        let free: bool = transaction
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock($1)",
+                &[&super::WRITER_LOCK],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if !free {
+            return Err(StoreError::Locked {
+                path: "a database a single-writer server holds".to_string(),
+            });
+        }
+        let behind: bool = transaction
+            .query_one(
+                "SELECT (SELECT value FROM meta WHERE key = 'checkpoint_seq')
+                        < (SELECT COALESCE(MAX(seq), 0) FROM transfers)",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if behind {
+            return Err(StoreError::Corrupt(
+                "the database's account rows are behind its log (a single server stopped \
+                 without closing it); open it with one server once, stop it cleanly, then share it"
+                    .to_string(),
+            ));
+        }
+        transaction
+            .execute("INSERT INTO meta (key, value) VALUES ('shared', 1)", &[])
+            .await
+            .map_err(pg)?;
+        tracing::info!("the database is now shared by escrow nodes");
+    }
+    transaction.commit().await.map_err(pg)
+}
+
 /// A fresh transfer id: random, as a node's own ids are.
-fn random_id() -> Result<TransferId, StoreError> {
+pub(crate) fn random_id() -> Result<TransferId, StoreError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|error| StoreError::Io(error.to_string()))?;
     Ok(TransferId(u128::from_be_bytes(bytes)))
@@ -104,6 +163,7 @@ impl PostgresStore {
         store.run(async move {
             let mut client = Pool::connect(&pool.config).await?;
             migrate(&mut client).await?;
+            share(&mut client).await?;
             pool.put(client);
             Ok(())
         })?;
@@ -274,6 +334,56 @@ impl PostgresStore {
     pub fn settle_leased(&self, spends: &[LeaseSpend]) -> Result<Vec<SpendOutcome>, StoreError> {
         let spends = spends.to_vec();
         self.read(move |client| Box::pin(async move { settle(client, spends).await }))
+    }
+
+    /// An account's row and what leases hold of it.
+    pub fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        &format!("SELECT {ACCOUNT_COLUMNS}, held_cu FROM accounts WHERE id = $1"),
+                        &[&(id.0 as i64)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                row.map(|row| {
+                    let held: i64 = row.get(8);
+                    account_from_row(&row).map(|record| (record, held.max(0) as u64))
+                })
+                .transpose()
+            })
+        })
+    }
+
+    /// Up to `limit` accounts after `after` in id order, each with what leases hold of it.
+    pub fn accounts_held(
+        &self,
+        after: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<(AccountRecord, u64)>, StoreError> {
+        let after = after.map_or(0, |id| id.0 as i64);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {ACCOUNT_COLUMNS}, held_cu FROM accounts WHERE id > $1
+                             ORDER BY id LIMIT $2"
+                        ),
+                        &[&after, &limit],
+                    )
+                    .await
+                    .map_err(pg)?;
+                rows.iter()
+                    .map(|row| {
+                        let held: i64 = row.get(8);
+                        account_from_row(row).map(|record| (record, held.max(0) as u64))
+                    })
+                    .collect()
+            })
+        })
     }
 
     /// What leases hold of an account, and how many there are (for tests and operators).
@@ -516,22 +626,7 @@ impl stipend_ledger::node::EscrowStore for PostgresEscrow {
     }
 
     fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError> {
-        self.store.read(move |client| {
-            Box::pin(async move {
-                let row = client
-                    .query_opt(
-                        &format!("SELECT {ACCOUNT_COLUMNS}, held_cu FROM accounts WHERE id = $1"),
-                        &[&(id.0 as i64)],
-                    )
-                    .await
-                    .map_err(pg)?;
-                row.map(|row| {
-                    let held: i64 = row.get(8);
-                    account_from_row(&row).map(|record| (record, held.max(0) as u64))
-                })
-                .transpose()
-            })
-        })
+        self.store.account_held(id)
     }
 
     fn lease_ttl(&self) -> Duration {

@@ -27,9 +27,11 @@ use stipend_ledger::{
 };
 use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 
+mod books;
 mod escrow;
 pub mod test_server;
 
+pub use books::PostgresBooks;
 pub use escrow::{LeaseRequest, PostgresEscrow};
 
 /// The schema, one migration per entry; `stipend_schema.version` counts those applied.
@@ -109,6 +111,12 @@ CREATE INDEX leases_by_account ON leases (account_id);
 -- Transfers from several writers are numbered by one sequence.
 CREATE SEQUENCE transfers_seq;
 SELECT setval('transfers_seq', COALESCE((SELECT MAX(seq) FROM transfers), 0) + 1, false);
+"#,
+    r#"
+-- When a key was created or revoked, by the database's clock, so that every node's key ring can
+-- follow the changes made anywhere.
+ALTER TABLE keys ADD COLUMN changed_at TIMESTAMPTZ NOT NULL DEFAULT now();
+CREATE INDEX keys_by_change ON keys (changed_at);
 "#,
 ];
 
@@ -311,6 +319,17 @@ impl PostgresStore {
                 .get(0);
             if !claimed {
                 return Err(StoreError::Locked { path: description });
+            }
+            let shared = client
+                .query_opt("SELECT 1 FROM meta WHERE key = 'shared'", &[])
+                .await
+                .map_err(pg)?;
+            if shared.is_some() {
+                return Err(StoreError::Io(
+                    "this database is shared by escrow nodes: a single writer's engine may not \
+                     run on it"
+                        .to_string(),
+                ));
             }
             refresh_skeletons(&mut client).await?;
             Ok(Writer { client })
@@ -1033,42 +1052,42 @@ impl Store for PostgresStore {
     }
 
     fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        let writer = self.writer()?;
+        // On a database shared by nodes there is no writer: any connection will do.
         let key = key.clone();
-        self.run(async move {
-            let writer = writer.lock().await;
-            writer
-                .client
-                .execute(
-                    &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
-                    &[
-                        &key.id,
-                        &(key.account.0 as i64),
-                        &key.secret_sha256.as_slice(),
-                        &key.created_at_ms,
-                        &key.revoked_at_ms,
-                    ],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(())
+        self.read(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+                        &[
+                            &key.id,
+                            &(key.account.0 as i64),
+                            &key.secret_sha256.as_slice(),
+                            &key.created_at_ms,
+                            &key.revoked_at_ms,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
         })
     }
 
     fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
-        let writer = self.writer()?;
         let id = id.to_string();
-        self.run(async move {
-            let writer = writer.lock().await;
-            let changed = writer
-                .client
-                .execute(
-                    "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1",
-                    &[&id, &at_ms],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(changed == 1)
+        self.read(move |client| {
+            Box::pin(async move {
+                let changed = client
+                    .execute(
+                        "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2), changed_at = now()
+                         WHERE id = $1",
+                        &[&id, &at_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(changed == 1)
+            })
         })
     }
 
@@ -1103,6 +1122,33 @@ impl Store for PostgresStore {
                     .await
                     .map_err(pg)?;
                 rows.iter().map(key_from_row).collect()
+            })
+        })
+    }
+
+    fn keys_changed_since(&self, since: Option<i64>) -> Result<(Vec<String>, i64), StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                // Positions are microseconds of the database's clock. A change whose transaction
+                // took its timestamp before this read but committed after it is caught by the
+                // next read, which looks back a few seconds.
+                let now: i64 = client
+                    .query_one("SELECT (extract(epoch FROM now()) * 1e6)::bigint", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                let Some(since) = since else {
+                    return Ok((Vec::new(), now));
+                };
+                let rows = client
+                    .query(
+                        "SELECT id FROM keys
+                         WHERE changed_at >= to_timestamp($1::bigint::float8 / 1e6) - interval '5 seconds'",
+                        &[&since],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok((rows.iter().map(|row| row.get(0)).collect(), now))
             })
         })
     }
