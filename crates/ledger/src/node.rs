@@ -34,6 +34,11 @@ use crate::reservation::{Reservation, ReservationId, Settlement};
 use crate::store::StoreError;
 use crate::transfer::{Transfer, TransferId, TransferKind};
 
+/// A lease that covers fewer calls like the one it was taken for is given back as soon as it
+/// is idle: the person is near the end of their balance, and what is left belongs wherever the
+/// next call goes.
+pub const EDGE_CALLS: u64 = 8;
+
 /// What a node needs of the shared database (the PostgreSQL store implements it).
 pub trait EscrowStore: Send + Sync {
     /// Takes a lease of up to `want_cu`, at least `min_cu`, of the account's available balance
@@ -107,6 +112,10 @@ struct LeaseState {
     /// Settled and not yet committed: the lease must stay in the database until it is, or the
     /// spend would find it gone.
     pending_cu: u64,
+    /// Taken when the person had little left (the lease covers fewer than [`EDGE_CALLS`] such
+    /// calls): given back as soon as it is idle, so that what is left is not parked on one node
+    /// while another is asked for it.
+    at_the_edge: bool,
     /// When the node stops deciding on it (by its monotonic clock).
     deadline: Instant,
     last_used: Instant,
@@ -247,9 +256,11 @@ impl Node {
                 ),
             });
         }
-        // A lease must outlive the decision by a moment; two tries: the lease just taken may
-        // have been reserved away by a concurrent call before this one got to it.
-        for _ in 0..2 {
+        // A lease must outlive the decision by a moment; a few tries: the lease just taken may
+        // have been reserved away by a concurrent call before this one got to it, and expired
+        // leases may be given back on the way.
+        let mut reclaimed = false;
+        for _ in 0..3 {
             {
                 let mut state = shared.state.lock();
                 if let Some(failure) = &state.failure {
@@ -283,6 +294,12 @@ impl Node {
                 .store
                 .take_lease(account, want, amount_cu, shared.clock.now_ms())?;
             let Some(lease) = lease else {
+                // What a dead node held may be past its life and not yet given back: give back
+                // every expired lease and ask once more, before saying the person has too little.
+                if !reclaimed && shared.store.reclaim_expired_leases()? > 0 {
+                    reclaimed = true;
+                    continue;
+                }
                 return Err(self.insufficient(account, amount_cu));
             };
             let mut state = shared.state.lock();
@@ -294,6 +311,7 @@ impl Node {
                     free_cu: lease.granted_cu,
                     reserved_cu: 0,
                     pending_cu: 0,
+                    at_the_edge: want < amount_cu.saturating_mul(EDGE_CALLS),
                     deadline: asked_at + lease.ttl.saturating_sub(shared.options.lease_margin),
                     last_used: asked_at,
                 },
@@ -424,9 +442,15 @@ impl Node {
             .reservations
             .remove(&id)
             .ok_or(LedgerError::UnknownReservation { id })?;
+        let mut at_the_edge = false;
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.reserved_cu -= reservation.amount_cu;
             lease.free_cu += reservation.amount_cu;
+            at_the_edge = lease.at_the_edge;
+        }
+        drop(state);
+        if at_the_edge {
+            self.shared.work.notify_one();
         }
         Ok(reservation.amount_cu)
     }
@@ -586,6 +610,30 @@ impl Shared {
         Some(reservation)
     }
 
+    /// Gives back at once the leases taken at the edge of a balance that nothing uses now.
+    fn return_idle_edge_leases(&self) {
+        let idle: Vec<i64> = {
+            let mut state = self.state.lock();
+            let idle: Vec<i64> = state
+                .leases
+                .iter()
+                .filter(|(_, lease)| {
+                    lease.at_the_edge && lease.reserved_cu == 0 && lease.pending_cu == 0
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &idle {
+                state.leases.remove(id);
+            }
+            idle
+        };
+        for id in idle {
+            if let Err(error) = self.store.release_lease(id) {
+                tracing::warn!(%error, lease = id, "a lease could not be given back; it will expire");
+            }
+        }
+    }
+
     /// Renews the leases in use that are past half their life, gives back the idle ones and
     /// drops the ones past their deadline; then gives back expired leases of any node.
     fn maintain(&self, last_reclaim: &mut Instant) {
@@ -681,6 +729,7 @@ fn run_writer(shared: &Shared) {
         if !batch.is_empty() {
             commit(shared, batch);
         }
+        shared.return_idle_edge_leases();
         if last_maintained.elapsed() >= shared.options.tick {
             last_maintained = Instant::now();
             shared.maintain(&mut last_reclaim);

@@ -173,9 +173,10 @@ fn a_dead_nodes_leases_come_back_after_their_life() {
     let url = database();
     let ttl = Duration::from_millis(800);
     let dead = node(&url, "dead", ttl);
-    // It leases most of ada's balance, then dies holding it.
-    let held = dead.reserve(ADA, SINK, 70_000, MINUTE).unwrap();
-    dead.settle(held.id(), 1_000).unwrap().wait().unwrap();
+    // It spends a little, leases most of ada's balance for a call, then dies holding it.
+    let spent = dead.reserve(ADA, SINK, 1_000, MINUTE).unwrap();
+    dead.settle(spent.id(), 1_000).unwrap().wait().unwrap();
+    let _held = dead.reserve(ADA, SINK, 70_000, MINUTE).unwrap();
     dead.abandon();
     let alive = node(&url, "alive", ttl);
     assert!(matches!(

@@ -237,3 +237,205 @@ async fn a_database_restart_under_load_fails_closed_and_serving_resumes() {
     );
     assert_eq!(env.json(&["ledger", "verify"])["violations"], json!([]));
 }
+
+/// A config for one of several servers on one database: its own data_dir, short leases.
+fn node_config(url: &str, upstream: &str, amount_cu: u64, data_dir: &str) -> String {
+    format!(
+        "database_url = \"{url}\"\nlease_ttl = \"2s\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{data_dir}\"\n\
+         [stipend]\namount = {amount_cu}\n\
+         [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
+    )
+}
+
+/// Spends what is left through one server, one call at a time, down to the last call that
+/// fits: until the budget refuses three times in a row (what other servers held is given back
+/// within moments of their calls ending). Returns how many calls were answered.
+async fn spend_down(base: &str, key: &str, body: &serde_json::Value) -> i64 {
+    let http = reqwest::Client::new();
+    let (mut answered, mut refused_in_a_row) = (0, 0);
+    while refused_in_a_row < 3 {
+        let response = http
+            .post(format!("{base}/chat/completions"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => {
+                answered += 1;
+                refused_in_a_row = 0;
+            }
+            429 => {
+                refused_in_a_row += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    answered
+}
+
+/// What a call of `body` reserves: its worst case, as the refusal of one says it.
+async fn worst_case(base: &str, key: &str, body: &serde_json::Value) -> i64 {
+    let refusal: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let message = refusal["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let needed = message
+        .split(" cu)")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|number| number.parse().ok());
+    needed.unwrap_or_else(|| panic!("not a refusal for the budget: {refusal}"))
+}
+
+/// Sends `calls` calls spread over `bases`, 16 at a time; returns (answered, refused for the
+/// budget, failed without an answer).
+async fn load(bases: &[String], key: &str, calls: usize) -> (i64, i64, i64) {
+    let http = reqwest::Client::new();
+    let body =
+        json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, bases, key, body, next) = (
+            http.clone(),
+            bases.to_vec(),
+            key.to_string(),
+            body.clone(),
+            std::sync::Arc::clone(&next),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut counts = (0i64, 0i64, 0i64);
+            loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if index >= calls {
+                    return counts;
+                }
+                let mut call = body.clone();
+                call["stream"] = json!(index % 3 == 0);
+                let sent = http
+                    .post(format!("{}/chat/completions", bases[index % bases.len()]))
+                    .bearer_auth(&key)
+                    .json(&call)
+                    .send()
+                    .await;
+                let Ok(response) = sent else {
+                    counts.2 += 1;
+                    continue;
+                };
+                let status = response.status().as_u16();
+                let Ok(text) = response.text().await else {
+                    counts.2 += 1;
+                    continue;
+                };
+                match status {
+                    200 if text.contains("[DONE]") || text.contains("\"choices\"") => counts.0 += 1,
+                    200 => counts.2 += 1,
+                    429 => {
+                        assert!(text.contains("insufficient_quota"), "{text}");
+                        counts.1 += 1;
+                    }
+                    // A server being killed may refuse or cut what it had in hand.
+                    _ => counts.2 += 1,
+                }
+            }
+        }));
+    }
+    let mut total = (0, 0, 0);
+    for task in tasks {
+        let (answered, refused, failed) = task.await.unwrap();
+        total = (total.0 + answered, total.1 + refused, total.2 + failed);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_on_one_balance_never_overspend_and_a_killed_ones_leases_come_back() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let url = pg().fresh_database().unwrap();
+    let body =
+        json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let cost = ((stipend_testkit::prompt_tokens(&body) + 4) * 16) as i64;
+    // A stipend that covers 50 calls.
+    let amount = 50 * cost as u64;
+    let envs: Vec<Env> = (0..3)
+        .map(|index| Env::new(&node_config(&url, &upstream, amount, &format!("n{index}"))))
+        .collect();
+    let mut servers: Vec<Option<Server>> =
+        envs.iter().map(|env| Some(Server::start(env))).collect();
+    let bases: Vec<String> = servers
+        .iter()
+        .map(|server| server.as_ref().unwrap().base.clone())
+        .collect();
+    let key = envs[0].person_with_key("ada");
+    // 600 calls over three servers, for a budget of about 50: every answered call charged
+    // exactly, the others refused for the budget (429 insufficient_quota), none failed.
+    let (answered, refused, failed) = load(&bases, &key, 600).await;
+    assert_eq!(failed, 0);
+    assert_eq!(answered + refused, 600);
+    let ada = envs[1].json(&["account", "show", "ada"]);
+    assert_eq!(ada["usage"][0]["requests"], answered);
+    assert_eq!(ada["usage"][0]["charged_cu"], answered * cost);
+    assert!(answered * cost <= amount as i64);
+    // What is left is spent through one server, down to the last call that fits: a call
+    // reserves its worst case (the body's bytes as prompt tokens, and max_tokens), so less than
+    // that stays.
+    let more = spend_down(&bases[0], &key, &body).await;
+    let worst = worst_case(&bases[0], &key, &body).await;
+    let ada = envs[1].json(&["account", "show", "ada"]);
+    assert_eq!(ada["usage"][0]["charged_cu"], (answered + more) * cost);
+    assert!(ada["available_cu"].as_i64().unwrap() < worst, "{ada}");
+    let answered = answered + more;
+    // Another 50 calls' worth, spent while one server is killed with SIGKILL.
+    let left = ada["balance_cu"].as_i64().unwrap();
+    envs[2].json(&["grant", "ada", &(50 * cost).to_string()]);
+    let killer = {
+        let server = servers[2].take().unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            server.kill();
+        })
+    };
+    let (answered_two, _, failed_two) = load(&bases, &key, 300).await;
+    killer.await.unwrap();
+    // The killed server's leases come back after their life; then the rest can be spent
+    // through the others, to the last call.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let answered_three = spend_down(&bases[0], &key, &body).await;
+    let ada = envs[0].json(&["account", "show", "ada"]);
+    let charged = ada["usage"][0]["charged_cu"].as_i64().unwrap();
+    // Everything answered was charged; nothing beyond what was granted; a call whose server
+    // died before answering may have been charged (its client saw no answer), no more.
+    let answered_all = answered + answered_two + answered_three;
+    assert!(
+        charged >= answered_all * cost,
+        "{charged} < {answered_all} calls"
+    );
+    assert!(charged <= (answered_all + failed_two) * cost);
+    // Nothing stranded: the dead server's leases came back, every cu is accounted for, and
+    // what is left is less than one call's worst case.
+    assert_eq!(
+        ada["balance_cu"].as_i64().unwrap(),
+        amount as i64 + 50 * cost - charged
+    );
+    assert_eq!(ada["available_cu"], ada["balance_cu"]);
+    assert!(ada["available_cu"].as_i64().unwrap() < worst, "{ada}");
+    assert!(left < worst);
+    for server in servers.iter_mut().filter_map(Option::take) {
+        server.stop();
+    }
+    let verify = envs[0].json(&["ledger", "verify"]);
+    assert_eq!(verify["violations"], json!([]), "{verify}");
+}

@@ -124,6 +124,9 @@ impl PostgresBooks {
             clock,
             issuer: AccountId(0),
         };
+        // Leases of servers that died are given back first, so that what a person has free
+        // shows as free.
+        books.store.reclaim_expired_leases()?;
         books.issuer = match books.store.account_by_name(ISSUER_NAME)? {
             Some(record) if record.kind == AccountKind::Issuer => record.id,
             Some(record) => {
