@@ -249,9 +249,12 @@ fn demo_account(books: &dyn Books, keys: &KeyRing) -> anyhow::Result<Option<Stri
     if books.account_id(DEMO_ACCOUNT).is_ok() {
         return Ok(None);
     }
-    let account = books
-        .create_account(DEMO_ACCOUNT, AccountKind::Person)
-        .context("cannot create the demo account")?;
+    let account = match books.create_account(DEMO_ACCOUNT, AccountKind::Person) {
+        Ok(account) => account,
+        // Another server on the same database made it first.
+        Err(stipend_ledger::LedgerError::AccountExists { .. }) => return Ok(None),
+        Err(error) => return Err(error).context("cannot create the demo account"),
+    };
     let key = keys
         .create(account, books.now_ms())
         .context("cannot create the demo key")?;

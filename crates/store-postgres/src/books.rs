@@ -135,7 +135,20 @@ impl PostgresBooks {
                     record.kind
                 ))));
             }
-            None => books.insert(ISSUER_NAME, AccountKind::Issuer)?,
+            // Several servers starting together on a new database: one makes the issuer, and the
+            // others find it.
+            None => match books.insert(ISSUER_NAME, AccountKind::Issuer) {
+                Err(LedgerError::AccountExists { .. }) => books
+                    .store
+                    .account_by_name(ISSUER_NAME)?
+                    .map(|record| record.id)
+                    .ok_or_else(|| {
+                        LedgerError::Store(StoreError::Corrupt(
+                            "the issuer was made and then was gone".to_string(),
+                        ))
+                    })?,
+                other => other?,
+            },
         };
         Ok(books)
     }

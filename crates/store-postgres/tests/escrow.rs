@@ -322,3 +322,32 @@ fn many_nodes_spending_at_once_never_pass_what_anyone_has() {
         shortfalls.load(Ordering::Relaxed)
     );
 }
+
+#[test]
+fn servers_opening_a_new_database_together_share_one_issuer() {
+    let url = server().fresh_database().unwrap();
+    let opened: Vec<AccountId> = std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let store = std::sync::Arc::new(PostgresStore::open_shared(&url).unwrap());
+                    stipend_store_postgres::PostgresBooks::open(
+                        store,
+                        policy(),
+                        std::sync::Arc::new(stipend_ledger::SystemClock),
+                    )
+                    .unwrap()
+                    .issuer()
+                })
+            })
+            .collect();
+        opening
+            .into_iter()
+            .map(|open| open.join().unwrap())
+            .collect()
+    });
+    assert!(
+        opened.iter().all(|issuer| *issuer == opened[0]),
+        "{opened:?}"
+    );
+}
