@@ -11,9 +11,12 @@
 //!
 //! Time: a lease lives `ttl` by the database's clock. The node counts it from a moment taken
 //! before it asked, by its own monotonic clock, and stops deciding on it `margin` before that
-//! ends; a reservation never outlives the lease it was decided on. Leases in use are renewed
-//! well before their end; idle ones go back; at shutdown all go back. A node that is killed
-//! leaves its leases to expire, and any node reclaims them.
+//! ends. Leases in use are renewed well before their end, so a call may run longer than a
+//! lease's life; idle ones go back; at shutdown all go back. A node that is killed leaves its
+//! leases to expire, and any node reclaims them. A node that cannot renew a lease in use (the
+//! database away) cannot commit its settles either, and closes until the database returns; one
+//! paused past a lease's life finds it fenced, and its settles are charged against what is
+//! available instead (see [`SpendOutcome`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -593,8 +596,9 @@ impl Shared {
         lease.free_cu -= amount_cu;
         lease.reserved_cu += amount_cu;
         lease.last_used = now;
-        // A reservation never outlives the lease it was decided on.
-        let life = timeout.min(lease.deadline.saturating_duration_since(now));
+        // The lease is renewed while the reservation is open (the writer renews leases in use
+        // past half their life), so a call may run longer than a lease's life.
+        let life = timeout;
         state.reservation_counter += 1;
         let id = ReservationId(
             (u128::from(state.reservation_prefix) << 64) | u128::from(state.reservation_counter),

@@ -206,19 +206,26 @@ fn a_dead_nodes_leases_come_back_after_their_life() {
 }
 
 #[test]
-fn a_reservation_never_outlives_its_lease() {
+fn a_lease_in_use_is_renewed_so_a_call_may_outlive_its_life() {
     let url = database();
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_millis(1_000);
     let node = node(&url, "n", ttl);
-    let reservation = node
-        .reserve(ADA, SINK, 10, Duration::from_secs(3_600))
-        .unwrap();
-    let now_ms = stipend_ledger::Clock::now_ms(&SystemClock);
-    assert!(
-        reservation.expires_at_ms() <= now_ms + ttl.as_millis() as i64,
-        "{} > {now_ms} + {ttl:?}",
-        reservation.expires_at_ms()
+    let reservation = node.reserve(ADA, SINK, 500, MINUTE).unwrap();
+    // Three lease lives later the call ends: its lease was renewed meanwhile, so the charge is
+    // made against it (a lease gone would have been reclaimed and the spend charged short).
+    std::thread::sleep(3 * ttl);
+    let store = PostgresStore::open_read_only(&url).unwrap();
+    assert_eq!(
+        store.held(ADA).unwrap(),
+        (500, 1),
+        "the lease was not kept alive"
     );
+    let settled = node.settle(reservation.id(), 500).unwrap().wait().unwrap();
+    assert_eq!(settled.charged_cu, 500);
+    drop(node);
+    let (balance, held, spent) = ada(&url);
+    assert_eq!((held, spent), (0, 500));
+    assert_eq!(balance as u64, STIPEND_CU - 500);
 }
 
 #[test]
