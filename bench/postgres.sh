@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The ledger on PostgreSQL against the ledger on SQLite, one node each, in one run: the same
-# fixed upstream (nginx), the same load (wrk, plain chat completions), budgets enforced and every
-# call settled durably on both. PostgreSQL runs with its defaults (fsync and synchronous_commit
-# on), on this machine, as a server the script starts and stops.
+# The ledger on PostgreSQL against the ledger on SQLite, in one run: one server on SQLite, one
+# server on PostgreSQL, and three servers sharing that PostgreSQL behind an nginx proxy (escrow
+# leases); the same fixed upstream (nginx), the same load (wrk, plain chat completions), budgets
+# enforced and every call settled durably. PostgreSQL runs with its defaults (fsync and
+# synchronous_commit on), on this machine, as a server the script starts and stops.
 #
 # Prints req/s, p50 and p99 per target, Stipend's CPU per call and PostgreSQL's (all its
 # processes), and what the database did per call: transactions committed, rows inserted and
@@ -34,7 +35,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 cleanup() {
     [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-    for pid in "${SQLITE_PID:-}" "${PG_PID:-}"; do
+    for pid in "${SQLITE_PID:-}" "${PG_PID:-}" "${N1_PID:-}" "${N2_PID:-}" "${N3_PID:-}"; do
         [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
     done
     [ -d "$WORK/pg/data" ] && "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg/data" -m fast -w stop >/dev/null 2>&1 || true
@@ -43,6 +44,7 @@ cleanup() {
 trap cleanup EXIT
 
 UPSTREAM_PORT=18911 SQLITE_PORT=18912 PG_STIPEND_PORT=18913 PG_PORT=18914
+NODES_PORT=18920 N1_PORT=18921 N2_PORT=18922 N3_PORT=18923
 ANSWER='{"id":"x","object":"chat.completion","created":0,"model":"fixed","choices":[{"index":0,"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":3,"total_tokens":23}}'
 mkdir -p "$WORK/nginx/logs"
 cat > "$WORK/nginx.conf" <<CONF
@@ -56,6 +58,22 @@ http {
     server {
         listen 127.0.0.1:$UPSTREAM_PORT;
         location / { default_type application/json; return 200 '$ANSWER'; }
+    }
+    upstream nodes {
+        least_conn;
+        server 127.0.0.1:$N1_PORT;
+        server 127.0.0.1:$N2_PORT;
+        server 127.0.0.1:$N3_PORT;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$NODES_PORT;
+        location / {
+            proxy_pass http://nodes;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream off;
+        }
     }
 }
 CONF
@@ -85,16 +103,25 @@ params = "8B"
 max_concurrency = 1024
 CONF
 }
-mkdir -p "$WORK/sqlite" "$WORK/postgres"
+psql -X -q -d "postgres://stipend@127.0.0.1:$PG_PORT/postgres" -c "CREATE DATABASE shared"
+SHARED_URL="postgres://stipend@127.0.0.1:$PG_PORT/shared"
+mkdir -p "$WORK/sqlite" "$WORK/postgres" "$WORK/n1" "$WORK/n2" "$WORK/n3"
 config "$SQLITE_PORT" "" > "$WORK/sqlite/stipend.toml"
 config "$PG_STIPEND_PORT" "database_url = \"$DATABASE_URL\"" > "$WORK/postgres/stipend.toml"
+for n in 1 2 3; do
+    port_var="N${n}_PORT"
+    config "${!port_var}" "database_url = \"$SHARED_URL\"" > "$WORK/n$n/stipend.toml"
+done
 start() {
     "$STIPEND" --config "$WORK/$1/stipend.toml" serve > "$WORK/$1/out" 2>&1 &
     echo $!
 }
 SQLITE_PID=$(start sqlite)
 PG_PID=$(start postgres)
-for target in sqlite postgres; do
+N1_PID=$(start n1)
+N2_PID=$(start n2)
+N3_PID=$(start n3)
+for target in sqlite postgres n1; do
     until grep -q "Press Ctrl-C" "$WORK/$target/out" 2>/dev/null; do sleep 0.05; done
     "$STIPEND" --config "$WORK/$target/stipend.toml" account create bench > /dev/null
     key=$("$STIPEND" --config "$WORK/$target/stipend.toml" --json key create bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
@@ -105,8 +132,9 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $key"
 LUA
 done
+for n in 2 3; do until grep -q "Press Ctrl-C" "$WORK/n$n/out" 2>/dev/null; do sleep 0.05; done; done
 
-cpu_ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
+cpu_ticks() { local total=0 pid; for pid in "$@"; do total=$(( total + $(awk '{print $14 + $15}' /proc/"$pid"/stat) )); done; echo "$total"; }
 # PostgreSQL's CPU: every process of the cluster (backends, WAL writer, checkpointer, ...).
 pg_ticks() {
     local total=0 pid
@@ -154,11 +182,17 @@ for connections in 1 16 64; do
     calls=$(python3 -c "print(round($p_rps * $SECONDS_PER_RUN))")
     echo "| $connections | SQLite | $s_rps | $s_p50 | $s_p99 | $s_err | $(per_call "$s_cpu" "$s_rps") | | 1.00× |"
     echo "| $connections | PostgreSQL | $p_rps | $p_p50 | $p_p99 | $p_err | $(per_call "$p_cpu" "$p_rps") | $(per_call "$d_cpu" "$p_rps") | $(python3 -c "print(f'{$p_rps / $s_rps:.2f}×')") |"
+    n_cpu0=$(cpu_ticks "$N1_PID" "$N2_PID" "$N3_PID")
+    nd_cpu0=$(pg_ticks)
+    read -r n_rps n_p50 n_p99 n_err < <(run "$NODES_PORT" "$connections" "$WORK/n1/post.lua")
+    n_cpu=$(( $(cpu_ticks "$N1_PID" "$N2_PID" "$N3_PID") - n_cpu0 ))
+    nd_cpu=$(( $(pg_ticks) - nd_cpu0 ))
+    echo "| $connections | PostgreSQL, three servers (nginx) | $n_rps | $n_p50 | $n_p99 | $n_err | $(per_call "$n_cpu" "$n_rps") | $(per_call "$nd_cpu" "$n_rps") | $(python3 -c "print(f'{$n_rps / $s_rps:.2f}×')") |"
     notes+=("$connections connections, $calls calls: $(python3 -c "c=$calls; print(f'{($c1-$c0)/c:.3f} commits, {($i1-$i0)/c:.2f} rows inserted, {($u1-$u0)/c:.3f} rows updated, {($r1-$r0)/c:.2f} rows read per call')")")
 done
 echo
 echo "What PostgreSQL did per call (pg_stat_database; the counters include the bench's own reads):"
 for note in "${notes[@]}"; do echo "  $note"; done
-for target in sqlite postgres; do
+for target in sqlite postgres n1; do
     echo "$target: ledger verify: $("$STIPEND" --config "$WORK/$target/stipend.toml" ledger verify)"
 done

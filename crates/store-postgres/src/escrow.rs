@@ -62,32 +62,57 @@ pub(crate) async fn write_row(
     Ok(())
 }
 
-/// Appends transfers, numbered by the transfers' sequence in the order given.
+/// Appends transfers, numbered by the transfers' sequence in the order given, in one statement
+/// (the sequence's numbers are drawn first, in order, so the log keeps the order decided).
 pub(crate) async fn append(
     client: &impl GenericClient,
     transfers: &[Transfer],
 ) -> Result<(), StoreError> {
-    for transfer in transfers {
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO transfers (seq, {TRANSFER_COLUMNS})
-                     VALUES (nextval('transfers_seq'), $1, $2, $3, $4, $5, $6, $7, $8)"
-                ),
-                &[
-                    &transfer.id.0.to_be_bytes().as_slice(),
-                    &transfer.kind.as_str(),
-                    &(transfer.debit.0 as i64),
-                    &(transfer.credit.0 as i64),
-                    &(transfer.amount_cu as i64),
-                    &transfer.created_at_ms,
-                    &transfer.lot_expires_at_ms,
-                    &transfer.period,
-                ],
-            )
-            .await
-            .map_err(pg)?;
+    if transfers.is_empty() {
+        return Ok(());
     }
+    let seqs: Vec<i64> = client
+        .query(
+            "SELECT nextval('transfers_seq') FROM generate_series(1::bigint, $1::bigint)",
+            &[&(transfers.len() as i64)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut ids = Vec::with_capacity(transfers.len());
+    let mut kinds = Vec::with_capacity(transfers.len());
+    let mut debits = Vec::with_capacity(transfers.len());
+    let mut credits = Vec::with_capacity(transfers.len());
+    let mut amounts = Vec::with_capacity(transfers.len());
+    let mut times = Vec::with_capacity(transfers.len());
+    let mut expiries = Vec::with_capacity(transfers.len());
+    let mut periods = Vec::with_capacity(transfers.len());
+    for transfer in transfers {
+        ids.push(transfer.id.0.to_be_bytes().to_vec());
+        kinds.push(transfer.kind.as_str());
+        debits.push(transfer.debit.0 as i64);
+        credits.push(transfer.credit.0 as i64);
+        amounts.push(transfer.amount_cu as i64);
+        times.push(transfer.created_at_ms);
+        expiries.push(transfer.lot_expires_at_ms);
+        periods.push(transfer.period);
+    }
+    client
+        .execute(
+            &format!(
+                "INSERT INTO transfers (seq, {TRANSFER_COLUMNS})
+                 SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::text[], $4::bigint[],
+                                      $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
+                                      $9::bigint[])"
+            ),
+            &[
+                &seqs, &ids, &kinds, &debits, &credits, &amounts, &times, &expiries, &periods,
+            ],
+        )
+        .await
+        .map_err(pg)?;
     Ok(())
 }
 
