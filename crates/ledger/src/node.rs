@@ -138,6 +138,8 @@ struct NodeState {
     shutdown: bool,
     /// Stop without giving leases back: what a killed process leaves behind.
     abandon: bool,
+    /// The writer does nothing until then (tests of a paused process).
+    paused_until: Option<Instant>,
     failure: Option<String>,
 }
 
@@ -211,6 +213,7 @@ impl Node {
                 transfer_counter: 0,
                 shutdown: false,
                 abandon: false,
+                paused_until: None,
                 failure: None,
             }),
             work: Condvar::new(),
@@ -396,11 +399,23 @@ impl Node {
             .remove(&id)
             .ok_or(LedgerError::UnknownReservation { id })?;
         let charged_cu = actual_cu.min(reservation.amount_cu);
+        // A lease past this node's own deadline (the node was paused, or starved, past it) may
+        // be gone from the database: the spend is then committed at once, on its own, and the
+        // result says what was charged, never more.
+        let now = Instant::now();
+        let fenced = state
+            .leases
+            .get(&lease_id)
+            .is_none_or(|lease| lease.deadline <= now);
         if let Some(lease) = state.leases.get_mut(&lease_id) {
             lease.reserved_cu -= reservation.amount_cu;
-            lease.free_cu += reservation.amount_cu - charged_cu;
-            lease.pending_cu += charged_cu;
-            lease.last_used = Instant::now();
+            if fenced {
+                lease.free_cu = 0;
+            } else {
+                lease.free_cu += reservation.amount_cu - charged_cu;
+                lease.pending_cu += charged_cu;
+            }
+            lease.last_used = now;
         }
         let mut settlement = Settlement {
             reservation: id,
@@ -424,6 +439,10 @@ impl Node {
             period: Some(shared.options.policy.period_index(now_ms)),
         };
         settlement.transfer = Some(transfer.id);
+        if fenced {
+            drop(state);
+            return self.settle_fenced(settlement, lease_id, transfer);
+        }
         state.seq_last += 1;
         let seq = state.seq_last;
         state.queue.push((
@@ -436,6 +455,42 @@ impl Node {
         drop(state);
         shared.work.notify_one();
         Ok(Durable::new(settlement, seq, Arc::clone(&shared.tracker)))
+    }
+
+    /// Commits one spend on a lease past the node's deadline, now, and reports what the
+    /// database charged: all of it if the lease was still live there, else only what the person
+    /// had available (the rest a shortfall).
+    fn settle_fenced(
+        &self,
+        mut settlement: Settlement,
+        lease_id: i64,
+        transfer: Transfer,
+    ) -> Result<Durable<Settlement>, LedgerError> {
+        let shared = &self.shared;
+        let outcome = shared.store.settle_leased(&[LeaseSpend {
+            lease: lease_id,
+            transfer,
+        }])?;
+        if let Some(SpendOutcome::Unleased { shortfall_cu }) = outcome.first() {
+            tracing::warn!(
+                lease = lease_id,
+                shortfall_cu,
+                "a spend on a lease past its deadline was charged what was available"
+            );
+            settlement.charged_cu -= shortfall_cu;
+            settlement.shortfall_cu += shortfall_cu;
+            if settlement.charged_cu == 0 {
+                settlement.transfer = None;
+            }
+        }
+        Ok(Durable::new(settlement, 0, Arc::clone(&shared.tracker)))
+    }
+
+    /// Holds the node's writer for `pause`: no commits, no renewals, as a process stopped with
+    /// SIGSTOP. For tests of fencing.
+    pub fn pause_writer_for_tests(&self, pause: Duration) {
+        self.shared.state.lock().paused_until = Some(Instant::now() + pause);
+        self.shared.work.notify_all();
     }
 
     /// Gives a reservation back to its lease, whole.
@@ -710,6 +765,10 @@ fn run_writer(shared: &Shared) {
     let mut last_maintained = Instant::now();
     let mut last_reclaim = Instant::now();
     loop {
+        let paused = shared.state.lock().paused_until.take();
+        if let Some(until) = paused {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
         let batch: Vec<(u64, LeaseSpend)> = {
             let mut state = shared.state.lock();
             if state.queue.is_empty() && !state.shutdown {

@@ -248,3 +248,37 @@ fn leases_cut_thin_are_given_back_so_the_last_cu_can_be_spent() {
     drop(node);
     assert_eq!(ada(&url), (0, 0, STIPEND_CU));
 }
+
+#[test]
+fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_only_what_was_charged() {
+    let url = database();
+    let ttl = Duration::from_millis(1_000);
+    let paused = node(&url, "paused", ttl);
+    // It holds 60 000 cu for a call, then stops (no commits, no renewals) for three lease lives.
+    let held = paused.reserve(ADA, SINK, 60_000, MINUTE).unwrap();
+    paused.pause_writer_for_tests(3 * ttl);
+    // Meanwhile its lease expires, and another node spends everything ada has.
+    let other = node(&url, "other", ttl);
+    let started = Instant::now();
+    let all = loop {
+        match other.reserve(ADA, SINK, STIPEND_CU, MINUTE) {
+            Ok(reservation) => break reservation,
+            Err(LedgerError::InsufficientBalance { .. })
+                if started.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => panic!("{error:?}"),
+        }
+    };
+    other.settle(all.id(), STIPEND_CU).unwrap().wait().unwrap();
+    // The paused node comes back and its call ends: nothing is left to charge it against, and
+    // it says so rather than acknowledging a charge that was never made.
+    std::thread::sleep((3 * ttl).saturating_sub(started.elapsed()) + Duration::from_millis(100));
+    let settled = paused.settle(held.id(), 60_000).unwrap().wait().unwrap();
+    assert_eq!((settled.charged_cu, settled.shortfall_cu), (0, 60_000));
+    drop(paused);
+    drop(other);
+    // Never more than ada had.
+    assert_eq!(ada(&url), (0, 0, STIPEND_CU));
+}

@@ -439,3 +439,84 @@ async fn three_servers_on_one_balance_never_overspend_and_a_killed_ones_leases_c
     let verify = envs[0].json(&["ledger", "verify"]);
     assert_eq!(verify["violations"], json!([]), "{verify}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_paused_past_its_leases_acknowledges_only_what_was_charged() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let url = pg().fresh_database().unwrap();
+    let envs: Vec<Env> = (0..2)
+        .map(|index| {
+            Env::new(&node_config(
+                &url,
+                &upstream,
+                10_000_000,
+                &format!("p{index}"),
+            ))
+        })
+        .collect();
+    let servers: Vec<Server> = envs.iter().map(Server::start).collect();
+    let key = envs[0].person_with_key("ada");
+    let start = envs[0].json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Clients on both servers; each sums the charges it was told of (x-stipend-charged-cu).
+    let mut clients = Vec::new();
+    for index in 0..8 {
+        let (base, key, stop) = (
+            servers[index % 2].base.clone(),
+            key.clone(),
+            std::sync::Arc::clone(&stop),
+        );
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut told = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = http
+                    .post(format!("{base}/chat/completions"))
+                    .bearer_auth(&key)
+                    .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+                    .send()
+                    .await
+                    .unwrap();
+                if response.status() == 200 {
+                    told += response.headers()["x-stipend-charged-cu"]
+                        .to_str()
+                        .unwrap()
+                        .parse::<i64>()
+                        .unwrap();
+                }
+                response.bytes().await.unwrap();
+            }
+            told
+        }));
+    }
+    // Pause the second server (SIGSTOP) for more than two lease lives, then let it go on.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let pid = servers[1].pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut told = 0;
+    for client in clients {
+        told += client.await.unwrap();
+    }
+    for server in servers {
+        server.stop();
+    }
+    // Every charge a client was told of is in the database, and nothing else; nothing is held.
+    let ada = envs[0].json(&["account", "show", "ada"]);
+    let charged = ada["usage"][0]["charged_cu"].as_i64().unwrap();
+    assert_eq!(charged, told);
+    assert_eq!(ada["balance_cu"].as_i64().unwrap(), start - charged);
+    assert_eq!(ada["available_cu"], ada["balance_cu"]);
+    assert_eq!(envs[0].json(&["ledger", "verify"])["violations"], json!([]));
+}
