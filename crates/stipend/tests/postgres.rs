@@ -408,8 +408,37 @@ async fn three_servers_on_one_balance_never_overspend_and_a_killed_ones_leases_c
             server.kill();
         })
     };
+    // A history checker beside the load: at every moment it looks, ada's charges are within
+    // what she was granted, her balance is never negative, and what leases hold is within it.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let checker = {
+        let (config, watching) = (envs[0].config(), std::sync::Arc::clone(&watching));
+        let granted = amount as i64 + 50 * cost;
+        tokio::task::spawn_blocking(move || {
+            let mut looks = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let output = std::process::Command::new(env!("CARGO_BIN_EXE_stipend"))
+                    .args(["--config"])
+                    .arg(&config)
+                    .args(["--json", "account", "show", "ada"])
+                    .output()
+                    .unwrap();
+                let ada: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+                let charged = ada["usage"][0]["charged_cu"].as_i64().unwrap_or(0);
+                let balance = ada["balance_cu"].as_i64().unwrap();
+                assert!(charged <= granted, "charged {charged} of {granted}: {ada}");
+                assert!(balance >= 0, "{ada}");
+                assert_eq!(balance + charged, granted, "{ada}");
+                assert!(ada["reserved_cu"].as_i64().unwrap() <= balance, "{ada}");
+                looks += 1;
+            }
+            looks
+        })
+    };
     let (answered_two, _, failed_two) = load(&bases, &key, 300).await;
     killer.await.unwrap();
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(checker.await.unwrap() > 0);
     // The killed server's leases come back after their life; then the rest can be spent
     // through the others, to the last call.
     tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
