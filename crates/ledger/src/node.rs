@@ -63,6 +63,9 @@ pub trait EscrowStore: Send + Sync {
     fn settle_leased(&self, spends: &[LeaseSpend]) -> Result<Vec<SpendOutcome>, StoreError>;
     /// Gives back every expired lease, whoever held it.
     fn reclaim_expired_leases(&self) -> Result<u64, StoreError>;
+    /// Whether the settle batch whose first spend is `first` was committed: asked when a
+    /// commit's acknowledgement was lost.
+    fn settled(&self, first: TransferId) -> Result<bool, StoreError>;
     /// An account's row and what leases hold of it.
     fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError>;
     /// How long a lease lives without renewal.
@@ -847,6 +850,17 @@ fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
             }
             shared.tracker.advance(seq_max);
         }
+        Err(error) if committed_after_all(shared, &spends) => {
+            tracing::warn!(%error, "a settle's acknowledgement was lost, but it was committed");
+            let mut state = shared.state.lock();
+            for spend in &spends {
+                if let Some(lease) = state.leases.get_mut(&spend.lease) {
+                    lease.pending_cu -= spend.transfer.amount_cu;
+                }
+            }
+            drop(state);
+            shared.tracker.advance(seq_max);
+        }
         Err(error) => {
             // Nothing of the batch is known to be committed: every later decision would rest on
             // leases whose state is unknown, so the node closes, forgets its leases (they expire
@@ -877,3 +891,26 @@ fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
         }
     }
 }
+
+/// After a failed commit: whether it happened after all (its acknowledgement lost with the
+/// connection), asked of the database for a few seconds; false if it did not, or if the database
+/// cannot say in that time.
+fn committed_after_all(shared: &Shared, spends: &[LeaseSpend]) -> bool {
+    let Some(first) = spends.first() else {
+        return false;
+    };
+    let until = Instant::now() + COMMIT_CHECK_TIME;
+    loop {
+        match shared.store.settled(first.transfer.id) {
+            Ok(committed) => return committed,
+            Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(200)),
+            Err(error) => {
+                tracing::error!(%error, "whether a settle was committed is unknown; it is counted as lost");
+                return false;
+            }
+        }
+    }
+}
+
+/// How long a node asks whether a commit whose acknowledgement was lost happened.
+const COMMIT_CHECK_TIME: Duration = Duration::from_secs(3);

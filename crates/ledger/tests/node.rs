@@ -282,3 +282,107 @@ fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_only_what_was_charged
     // Never more than ada had.
     assert_eq!(ada(&url), (0, 0, STIPEND_CU));
 }
+
+/// The database as a node sees it, with one commit's answer lost on the way back: either the
+/// commit happened and only its acknowledgement was lost, or it never reached the database.
+struct LosingAnswers {
+    inner: PostgresEscrow,
+    lose: std::sync::Mutex<Option<bool>>,
+}
+
+impl stipend_ledger::node::EscrowStore for LosingAnswers {
+    fn take_lease(
+        &self,
+        account: AccountId,
+        want_cu: u64,
+        min_cu: u64,
+        now_ms: i64,
+    ) -> Result<Option<stipend_ledger::escrow::Lease>, stipend_ledger::StoreError> {
+        self.inner.take_lease(account, want_cu, min_cu, now_ms)
+    }
+    fn renew_lease(&self, lease: i64) -> Result<bool, stipend_ledger::StoreError> {
+        self.inner.renew_lease(lease)
+    }
+    fn release_lease(&self, lease: i64) -> Result<u64, stipend_ledger::StoreError> {
+        self.inner.release_lease(lease)
+    }
+    fn shrink_lease(&self, lease: i64, amount_cu: u64) -> Result<bool, stipend_ledger::StoreError> {
+        self.inner.shrink_lease(lease, amount_cu)
+    }
+    fn settle_leased(
+        &self,
+        spends: &[stipend_ledger::escrow::LeaseSpend],
+    ) -> Result<Vec<stipend_ledger::escrow::SpendOutcome>, stipend_ledger::StoreError> {
+        let lost = self.lose.lock().unwrap().take();
+        match lost {
+            // Committed, and the answer lost.
+            Some(true) => {
+                self.inner.settle_leased(spends)?;
+                Err(stipend_ledger::StoreError::Io(
+                    "the connection closed".to_string(),
+                ))
+            }
+            // Never reached the database.
+            Some(false) => Err(stipend_ledger::StoreError::Io(
+                "the connection closed".to_string(),
+            )),
+            None => self.inner.settle_leased(spends),
+        }
+    }
+    fn reclaim_expired_leases(&self) -> Result<u64, stipend_ledger::StoreError> {
+        self.inner.reclaim_expired_leases()
+    }
+    fn settled(
+        &self,
+        first: stipend_ledger::TransferId,
+    ) -> Result<bool, stipend_ledger::StoreError> {
+        self.inner.settled(first)
+    }
+    fn account_held(
+        &self,
+        id: AccountId,
+    ) -> Result<Option<(AccountRecord, u64)>, stipend_ledger::StoreError> {
+        self.inner.account_held(id)
+    }
+    fn lease_ttl(&self) -> Duration {
+        self.inner.lease_ttl()
+    }
+}
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_acknowledged_if_it_happened_and_only_then() {
+    let url = database();
+    let ttl = Duration::from_secs(30);
+    let store = Arc::new(PostgresStore::open_shared(&url).unwrap());
+    let losing = Arc::new(LosingAnswers {
+        inner: PostgresEscrow::new(
+            store,
+            LeaseRequest {
+                policy: policy(),
+                issuer: ISSUER,
+                node: "losing".to_string(),
+                ttl,
+            },
+        ),
+        lose: std::sync::Mutex::new(None),
+    });
+    let node = Node::open(
+        Arc::clone(&losing) as Arc<dyn stipend_ledger::node::EscrowStore>,
+        Arc::new(SystemClock),
+        NodeOptions::new(policy(), ISSUER, ttl),
+    )
+    .unwrap();
+    // Committed, the answer lost: the node asks, finds it, and acknowledges it.
+    let first = node.reserve(ADA, SINK, 700, MINUTE).unwrap();
+    *losing.lose.lock().unwrap() = Some(true);
+    let settled = node.settle(first.id(), 700).unwrap().wait().unwrap();
+    assert_eq!(settled.charged_cu, 700);
+    // Never committed: the node says so, and refuses work until the database answers again.
+    let second = node.reserve(ADA, SINK, 300, MINUTE).unwrap();
+    *losing.lose.lock().unwrap() = Some(false);
+    assert!(node.settle(second.id(), 300).unwrap().wait().is_err());
+    drop(node);
+    let (balance, _, spent) = ada(&url);
+    assert_eq!(spent, 700);
+    assert_eq!(balance as u64, STIPEND_CU - 700);
+}

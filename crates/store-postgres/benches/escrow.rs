@@ -75,6 +75,9 @@ impl EscrowStore for Counting {
     fn reclaim_expired_leases(&self) -> Result<u64, StoreError> {
         self.inner.reclaim_expired_leases()
     }
+    fn settled(&self, first: stipend_ledger::TransferId) -> Result<bool, StoreError> {
+        self.inner.settled(first)
+    }
     fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError> {
         self.counts.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.account_held(id)

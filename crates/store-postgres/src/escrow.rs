@@ -328,11 +328,35 @@ impl PostgresStore {
         })
     }
 
+    /// Whether the settle batch whose first transfer is `first` was committed.
+    pub fn settled(&self, first: TransferId) -> Result<bool, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let found = client
+                    .query_opt(
+                        "SELECT 1 FROM settle_batches WHERE id = $1",
+                        &[&first.0.to_be_bytes().as_slice()],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(found.is_some())
+            })
+        })
+    }
+
     /// Gives back every lease past its expiry, whoever held it (a node that was killed, or
     /// paused past its deadline). Returns how many.
     pub fn reclaim_expired_leases(&self) -> Result<u64, StoreError> {
         self.read(|client| {
             Box::pin(async move {
+                // The marks of settle batches are wanted only while a node may still ask.
+                client
+                    .execute(
+                        "DELETE FROM settle_batches WHERE committed_at < now() - interval '1 hour'",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
                 let rows = client
                     .query(
                         "WITH gone AS (DELETE FROM leases WHERE expires_at <= now()
@@ -524,6 +548,15 @@ async fn settle(
     spends: Vec<LeaseSpend>,
 ) -> Result<Vec<SpendOutcome>, StoreError> {
     let transaction = client.transaction().await.map_err(pg)?;
+    if let Some(first) = spends.first() {
+        transaction
+            .execute(
+                "INSERT INTO settle_batches (id) VALUES ($1)",
+                &[&first.transfer.id.0.to_be_bytes().as_slice()],
+            )
+            .await
+            .map_err(pg)?;
+    }
     // The leases still live, charged in one statement; a lease is live while its expiry (by the
     // database's clock) is ahead, and it holds at least what is spent on it.
     let mut per_lease: BTreeMap<i64, i64> = BTreeMap::new();
@@ -648,6 +681,10 @@ impl stipend_ledger::node::EscrowStore for PostgresEscrow {
 
     fn reclaim_expired_leases(&self) -> Result<u64, StoreError> {
         self.store.reclaim_expired_leases()
+    }
+
+    fn settled(&self, first: TransferId) -> Result<bool, StoreError> {
+        self.store.settled(first)
     }
 
     fn account_held(&self, id: AccountId) -> Result<Option<(AccountRecord, u64)>, StoreError> {

@@ -118,6 +118,15 @@ SELECT setval('transfers_seq', COALESCE((SELECT MAX(seq) FROM transfers), 0) + 1
 ALTER TABLE keys ADD COLUMN changed_at TIMESTAMPTZ NOT NULL DEFAULT now();
 CREATE INDEX keys_by_change ON keys (changed_at);
 "#,
+    r#"
+-- Each escrow settle batch leaves its mark (its first transfer's id), so that a node whose
+-- commit's acknowledgement was lost with the connection can ask whether it happened.
+CREATE TABLE settle_batches (
+    id           BYTEA PRIMARY KEY,
+    committed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX settle_batches_by_time ON settle_batches (committed_at);
+"#,
 ];
 
 /// The advisory lock the writer holds for the store's lifetime ("STIPEND" and 1).
