@@ -79,3 +79,16 @@ const _: () = assert!(AMOUNT_MAX_CU < (i64::MAX as u64) / 4);
 
 /// How often a ledger whose commit failed probes the store for writes, to reopen by itself.
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+// An escrow node (`node`).
+
+/// A lease that covers fewer calls like the one it was taken for is given back as soon as it
+/// is idle: the person is near the end of their balance, and what is left belongs wherever the
+/// next call goes.
+pub const EDGE_CALLS: u64 = 8;
+
+/// The most people whose last available balance a node remembers to size their next lease.
+pub const AVAILABLE_HINTS_MAX: usize = 1_000_000;
+
+/// How long a node asks whether a commit whose acknowledgement was lost happened.
+pub const COMMIT_CHECK_TIME: Duration = Duration::from_secs(3);

@@ -32,15 +32,11 @@ use crate::durable::{Durable, Tracker};
 use crate::error::LedgerError;
 use crate::escrow::{Lease, LeaseSpend, SpendOutcome, bring_up_to_date};
 use crate::ledger::{AccountView, WriterStats};
+use crate::limits::{AVAILABLE_HINTS_MAX, COMMIT_CHECK_TIME, EDGE_CALLS};
 use crate::policy::StipendPolicy;
 use crate::reservation::{Reservation, ReservationId, Settlement};
 use crate::store::StoreError;
 use crate::transfer::{Transfer, TransferId, TransferKind};
-
-/// A lease that covers fewer calls like the one it was taken for is given back as soon as it
-/// is idle: the person is near the end of their balance, and what is left belongs wherever the
-/// next call goes.
-pub const EDGE_CALLS: u64 = 8;
 
 /// What a node needs of the shared database (the PostgreSQL store implements it).
 pub trait EscrowStore: Send + Sync {
@@ -312,6 +308,11 @@ impl Node {
                 return Err(self.insufficient(account, amount_cu));
             };
             let mut state = shared.state.lock();
+            // One hint per person served; forgotten wholesale past a bound, as a cache is (a
+            // person's next lease is then sized as a first one).
+            if state.available_hint.len() >= AVAILABLE_HINTS_MAX {
+                state.available_hint.clear();
+            }
             state.available_hint.insert(account, lease.available_cu);
             state.leases.insert(
                 lease.id,
@@ -911,6 +912,3 @@ fn committed_after_all(shared: &Shared, spends: &[LeaseSpend]) -> bool {
         }
     }
 }
-
-/// How long a node asks whether a commit whose acknowledgement was lost happened.
-const COMMIT_CHECK_TIME: Duration = Duration::from_secs(3);
