@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use crate::account::{AccountId, AccountKind, AccountRecord};
+use crate::account::{AccountId, AccountKind, AccountRecord, Lot};
 use crate::policy::StipendPolicy;
 use crate::state::{ApplyError, Balance, apply};
 use crate::transfer::{Transfer, TransferId, TransferKind};
@@ -93,13 +93,13 @@ fn write_back(record: &mut AccountRecord, balance: Balance) {
 pub fn is_up_to_date(policy: &StipendPolicy, record: &AccountRecord, now_ms: i64) -> bool {
     let stipend_due = record.kind == AccountKind::Person
         && record.stipend_period != Some(policy.period_index(now_ms));
-    !stipend_due && next_expiry_ms(record).is_none_or(|at| at > now_ms)
+    !stipend_due && next_expiry_ms(&record.lots).is_none_or(|at| at > now_ms)
 }
 
-/// When the row's soonest lot expires, if any does: the store keeps it in a column, so that
-/// "nothing is due" is a comparison in SQL.
-pub fn next_expiry_ms(record: &AccountRecord) -> Option<i64> {
-    record.lots.iter().filter_map(|lot| lot.expires_at_ms).min()
+/// When the soonest of a row's lots expires, if any does: the store keeps it in a column, so
+/// that "nothing is due" is a comparison in SQL.
+pub fn next_expiry_ms(lots: &[Lot]) -> Option<i64> {
+    lots.iter().filter_map(|lot| lot.expires_at_ms).min()
 }
 
 /// Applies what is due on a grant-holding account at `now_ms` (the stipends of the periods it
@@ -214,7 +214,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::account::{Lot, LotSource};
+    use crate::account::LotSource;
 
     const DAY_MS: i64 = 86_400_000;
 
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(transfers.len(), 1);
         assert_eq!((row.balance_cu, row.stipend_period), (1_000, Some(10)));
         assert!(is_up_to_date(&policy, &row, now));
-        assert_eq!(next_expiry_ms(&row), Some(11 * DAY_MS));
+        assert_eq!(next_expiry_ms(&row.lots), Some(11 * DAY_MS));
         // Three days later, 900 of it leased out: the rollover cap (500) would leave less than
         // the leases hold, so what they hold is kept.
         let later = 13 * DAY_MS;

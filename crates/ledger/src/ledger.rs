@@ -531,11 +531,7 @@ impl Shared {
             ))
         })?;
         let account_id_next = self.store.account_id_max()?.map_or(1, |id| id.0 + 1);
-        let mut prefix = [0u8; 8];
-        let prefix = match getrandom::fill(&mut prefix) {
-            Ok(()) => u64::from_be_bytes(prefix),
-            Err(_) => self.clock.now_ms() as u64,
-        };
+        let prefix = crate::transfer::random_u64();
         {
             let mut state = self.state.lock();
             self.durable.reopen(state.seq_last);
@@ -636,11 +632,7 @@ impl Ledger {
                 ),
             )));
         }
-        let mut prefix = [0u8; 8];
-        let prefix = match getrandom::fill(&mut prefix) {
-            Ok(()) => u64::from_be_bytes(prefix),
-            Err(_) => clock.now_ms() as u64,
-        };
+        let prefix = crate::transfer::random_u64();
         let state = State {
             accounts: FxHashMap::default(),
             dirty: FxHashSet::default(),

@@ -177,16 +177,6 @@ pub struct Node {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    match getrandom::fill(&mut bytes) {
-        Ok(()) => u64::from_be_bytes(bytes),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos() as u64),
-    }
-}
-
 impl Node {
     /// Starts a node on the shared database.
     pub fn open(
@@ -206,9 +196,9 @@ impl Node {
                 available_hint: HashMap::new(),
                 queue: Vec::new(),
                 seq_last: 0,
-                reservation_prefix: random_u64(),
+                reservation_prefix: crate::transfer::random_u64(),
                 reservation_counter: 0,
-                transfer_prefix: random_u64(),
+                transfer_prefix: crate::transfer::random_u64(),
                 transfer_counter: 0,
                 shutdown: false,
                 abandon: false,

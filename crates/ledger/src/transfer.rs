@@ -11,6 +11,12 @@ use crate::account::AccountId;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TransferId(pub u128);
 
+/// A random number for an engine's id prefixes (transfers, reservations), so that ids from one
+/// start never name those of another: the low half of a fresh random id.
+pub(crate) fn random_u64() -> u64 {
+    TransferId::random().0 as u64
+}
+
 impl TransferId {
     /// A fresh random id.
     pub fn random() -> TransferId {

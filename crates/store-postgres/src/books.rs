@@ -14,7 +14,7 @@ use stipend_ledger::{
 };
 use tokio_postgres::GenericClient;
 
-use super::escrow::{append, random_id, write_row};
+use super::escrow::{append, write_row};
 use super::{ACCOUNT_COLUMNS, PostgresStore, TRANSFER_COLUMNS, account_from_row, corrupt, pg};
 
 /// Account creations are serialized by this advisory lock ("STIPEND" and 3): a name and its
@@ -285,24 +285,15 @@ impl PostgresBooks {
                     let mut rows = lock_rows(&transaction, &ids).await?;
                     let mut transfers = Vec::new();
                     for row in &mut rows {
-                        let mut failed = None;
                         let due = bring_up_to_date(
                             &policy,
                             &mut row.record,
                             row.held_cu as u64,
                             issuer,
                             now_ms,
-                            &mut || {
-                                random_id().unwrap_or_else(|error| {
-                                    failed = Some(error);
-                                    TransferId(0)
-                                })
-                            },
+                            &mut TransferId::random,
                         )
                         .map_err(|error| store_error(corrupt(error)))?;
-                        if let Some(error) = failed {
-                            return Err(store_error(error));
-                        }
                         transfers.extend(due);
                     }
                     change(&mut rows, &candidate)?;

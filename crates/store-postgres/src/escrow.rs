@@ -54,7 +54,7 @@ pub(crate) async fn write_row(
                 &record.stipend_period,
                 &usage_json(&record.usage)?,
                 &held_cu,
-                &next_expiry_ms(record),
+                &next_expiry_ms(&record.lots),
             ],
         )
         .await
@@ -64,12 +64,13 @@ pub(crate) async fn write_row(
 
 /// Appends transfers, numbered by the transfers' sequence in the order given, in one statement
 /// (the sequence's numbers are drawn first, in order, so the log keeps the order decided).
+/// Returns the last number drawn, if any was.
 pub(crate) async fn append(
     client: &impl GenericClient,
     transfers: &[Transfer],
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     if transfers.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let seqs: Vec<i64> = client
         .query(
@@ -113,7 +114,7 @@ pub(crate) async fn append(
         )
         .await
         .map_err(pg)?;
-    Ok(())
+    Ok(seqs.last().copied())
 }
 
 /// Marks the database as shared by nodes, once: from then on a single writer's engine, whose
@@ -170,13 +171,6 @@ async fn share(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
         tracing::info!("the database is now shared by escrow nodes");
     }
     transaction.commit().await.map_err(pg)
-}
-
-/// A fresh transfer id: random, as a node's own ids are.
-pub(crate) fn random_id() -> Result<TransferId, StoreError> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|error| StoreError::Io(error.to_string()))?;
-    Ok(TransferId(u128::from_be_bytes(bytes)))
 }
 
 impl PostgresStore {
@@ -490,24 +484,15 @@ async fn take_slowly(
         return Ok(None);
     }
     if !is_up_to_date(&request.policy, &record, now_ms) {
-        let mut failed = None;
         let transfers = bring_up_to_date(
             &request.policy,
             &mut record,
             held as u64,
             request.issuer,
             now_ms,
-            &mut || {
-                random_id().unwrap_or_else(|error| {
-                    failed = Some(error);
-                    TransferId(0)
-                })
-            },
+            &mut TransferId::random,
         )
         .map_err(|error| corrupt(error.to_string()))?;
-        if let Some(error) = failed {
-            return Err(error);
-        }
         append(&transaction, &transfers).await?;
     }
     let available = record.balance_cu - held;

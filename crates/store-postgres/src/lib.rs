@@ -721,24 +721,6 @@ async fn audit_in_snapshot(client: &mut Client) -> Result<Audited, StoreError> {
 /// transfers' sequence), and the checkpoint.
 async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
     let transaction = writer.client.transaction().await.map_err(pg)?;
-    let seqs: Vec<i64> = transaction
-        .query(
-            "SELECT nextval('transfers_seq') FROM generate_series(1::bigint, $1::bigint)",
-            &[&(batch.transfers.len() as i64)],
-        )
-        .await
-        .map_err(pg)?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let seq_last = match seqs.last() {
-        Some(seq) => *seq,
-        None => transaction
-            .query_one("SELECT COALESCE(MAX(seq), 0) FROM transfers", &[])
-            .await
-            .map_err(pg)?
-            .get(0),
-    };
     if !batch.created.is_empty() {
         let mut ids = Vec::new();
         let mut names = Vec::new();
@@ -751,7 +733,7 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
         let mut skeletons = Vec::new();
         let mut expiries = Vec::new();
         for record in &batch.created {
-            expiries.push(stipend_ledger::escrow::next_expiry_ms(record));
+            expiries.push(stipend_ledger::escrow::next_expiry_ms(&record.lots));
             ids.push(record.id.0 as i64);
             skeletons.push(account_name_skeleton(&record.name));
             names.push(record.name.clone());
@@ -765,52 +747,27 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
         transaction
             .execute(
                 &format!(
-                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}, skeleton)
+                    "INSERT INTO accounts ({ACCOUNT_COLUMNS}, skeleton, next_expiry_ms)
                      SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[],
                                           $5::text[], $6::bigint[], $7::bigint[], $8::text[],
-                                          $9::text[])"
+                                          $9::text[], $10::bigint[])"
                 ),
                 &[
-                    &ids, &names, &kinds, &balances, &lots, &periods, &created, &usages, &skeletons,
+                    &ids, &names, &kinds, &balances, &lots, &periods, &created, &usages,
+                    &skeletons, &expiries,
                 ],
             )
             .await
             .map_err(pg)?;
     }
-    if !batch.transfers.is_empty() {
-        let mut ids = Vec::with_capacity(batch.transfers.len());
-        let mut kinds = Vec::with_capacity(batch.transfers.len());
-        let mut debits = Vec::with_capacity(batch.transfers.len());
-        let mut credits = Vec::with_capacity(batch.transfers.len());
-        let mut amounts = Vec::with_capacity(batch.transfers.len());
-        let mut times = Vec::with_capacity(batch.transfers.len());
-        let mut expiries = Vec::with_capacity(batch.transfers.len());
-        let mut periods = Vec::with_capacity(batch.transfers.len());
-        for transfer in &batch.transfers {
-            ids.push(transfer.id.0.to_be_bytes().to_vec());
-            kinds.push(transfer.kind.as_str());
-            debits.push(transfer.debit.0 as i64);
-            credits.push(transfer.credit.0 as i64);
-            amounts.push(transfer.amount_cu as i64);
-            times.push(transfer.created_at_ms);
-            expiries.push(transfer.lot_expires_at_ms);
-            periods.push(transfer.period);
-        }
-        transaction
-            .execute(
-                &format!(
-                    "INSERT INTO transfers (seq, {TRANSFER_COLUMNS})
-                     SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::text[], $4::bigint[],
-                                          $5::bigint[], $6::bigint[], $7::bigint[],
-                                          $8::bigint[], $9::bigint[])"
-                ),
-                &[
-                    &seqs, &ids, &kinds, &debits, &credits, &amounts, &times, &expiries, &periods,
-                ],
-            )
+    let seq_last = match escrow::append(&transaction, &batch.transfers).await? {
+        Some(seq) => seq,
+        None => transaction
+            .query_one("SELECT COALESCE(MAX(seq), 0) FROM transfers", &[])
             .await
-            .map_err(pg)?;
-    }
+            .map_err(pg)?
+            .get(0),
+    };
     if let Some(updates) = &batch.checkpoint {
         let mut ids = Vec::with_capacity(updates.len());
         let mut balances = Vec::with_capacity(updates.len());
@@ -819,7 +776,7 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
         let mut usages = Vec::with_capacity(updates.len());
         let mut expiries = Vec::with_capacity(updates.len());
         for update in updates {
-            expiries.push(update.lots.iter().filter_map(|lot| lot.expires_at_ms).min());
+            expiries.push(stipend_ledger::escrow::next_expiry_ms(&update.lots));
             ids.push(update.id.0 as i64);
             balances.push(update.balance_cu);
             lots.push(lots_json(&update.lots)?);

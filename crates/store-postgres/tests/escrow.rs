@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use stipend_ledger::escrow::{LeaseSpend, SpendOutcome};
 use stipend_ledger::{
-    AccountId, AccountKind, AccountRecord, Batch, StipendPolicy, Store, Transfer, TransferId,
-    TransferKind,
+    AccountId, AccountKind, AccountRecord, Batch, Lot, LotSource, StipendPolicy, Store, Transfer,
+    TransferId, TransferKind,
 };
 use stipend_store_postgres::test_server::TestServer;
 use stipend_store_postgres::{LeaseRequest, PostgresStore};
@@ -350,4 +350,52 @@ fn servers_opening_a_new_database_together_share_one_issuer() {
         opened.iter().all(|issuer| *issuer == opened[0]),
         "{opened:?}"
     );
+}
+
+#[test]
+fn a_grant_written_by_a_single_writer_still_expires_once_nodes_share_the_database() {
+    let url = server().fresh_database().unwrap();
+    let person = AccountId(3);
+    let expires = 20_000 * DAY_MS + 1_000;
+    let now = expires + 1;
+    let mut issuer = record(1, "issuer", AccountKind::Issuer);
+    issuer.balance_cu = -500;
+    let mut grantee = record(3, "p0", AccountKind::Person);
+    grantee.balance_cu = 500;
+    // This period's stipend is already applied, so only the lot's expiry is due.
+    grantee.stipend_period = Some(now / DAY_MS);
+    grantee.lots = vec![Lot {
+        remaining_cu: 500,
+        expires_at_ms: Some(expires),
+        source: LotSource::Grant,
+    }];
+    PostgresStore::open(&url)
+        .unwrap()
+        .commit(&Batch {
+            created: vec![issuer, record(2, "sink:model", AccountKind::Sink), grantee],
+            transfers: vec![Transfer {
+                id: TransferId(1),
+                kind: TransferKind::Grant,
+                debit: ISSUER,
+                credit: person,
+                amount_cu: 500,
+                created_at_ms: expires - DAY_MS,
+                lot_expires_at_ms: Some(expires),
+                period: None,
+            }],
+            // The rows are as of the end of this batch: a checkpoint covering its transfer.
+            checkpoint: Some(Vec::new()),
+        })
+        .unwrap();
+    // The single writer has stopped; a node now shares the database. The expired grant is not
+    // there to lease: the row is brought up to date first, and the expiry recorded.
+    let node = PostgresStore::open_shared(&url).unwrap();
+    assert!(
+        node.take_lease(&request("n", Duration::from_secs(30)), person, 500, 1, now)
+            .unwrap()
+            .is_none()
+    );
+    let row = node.account(person).unwrap().unwrap();
+    assert_eq!(row.balance_cu, 0);
+    assert!(row.lots.is_empty());
 }
