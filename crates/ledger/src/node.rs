@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::account::{AccountId, AccountRecord};
 use crate::clock::Clock;
@@ -123,8 +123,96 @@ struct LeaseState {
     last_used: Instant,
 }
 
+/// The leases a node holds, found by id and by account: a reserve looks at its person's leases
+/// only, so its cost does not grow with how many people the node serves, nor does the look
+/// after every commit at the leases taken at the edge of a balance.
+#[derive(Default)]
+struct Leases {
+    by_id: FxHashMap<i64, LeaseState>,
+    by_account: FxHashMap<AccountId, Vec<i64>>,
+    at_the_edge: FxHashSet<i64>,
+}
+
+impl Leases {
+    fn insert(&mut self, id: i64, lease: LeaseState) {
+        self.by_account.entry(lease.account).or_default().push(id);
+        if lease.at_the_edge {
+            self.at_the_edge.insert(id);
+        }
+        self.by_id.insert(id, lease);
+    }
+
+    fn get(&self, id: i64) -> Option<&LeaseState> {
+        self.by_id.get(&id)
+    }
+
+    fn get_mut(&mut self, id: i64) -> Option<&mut LeaseState> {
+        self.by_id.get_mut(&id)
+    }
+
+    fn remove(&mut self, id: i64) -> Option<LeaseState> {
+        let lease = self.by_id.remove(&id)?;
+        self.unindex(id, lease.account);
+        Some(lease)
+    }
+
+    /// Keeps the leases for which `keep` says so (it may change them on the way).
+    fn retain(&mut self, mut keep: impl FnMut(i64, &mut LeaseState) -> bool) {
+        let mut dropped = Vec::new();
+        self.by_id.retain(|id, lease| {
+            let kept = keep(*id, lease);
+            if !kept {
+                dropped.push((*id, lease.account));
+            }
+            kept
+        });
+        for (id, account) in dropped {
+            self.unindex(id, account);
+        }
+    }
+
+    fn unindex(&mut self, id: i64, account: AccountId) {
+        self.at_the_edge.remove(&id);
+        if let Some(ids) = self.by_account.get_mut(&account) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.by_account.remove(&account);
+            }
+        }
+    }
+
+    /// The leases on `account`.
+    fn of(&self, account: AccountId) -> impl Iterator<Item = (i64, &LeaseState)> {
+        self.by_account
+            .get(&account)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| Some((*id, self.by_id.get(id)?)))
+    }
+
+    /// The ids of the leases taken at the edge of a balance.
+    fn at_the_edge(&self) -> impl Iterator<Item = i64> {
+        self.at_the_edge.iter().copied()
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Forgets every lease, returning their ids.
+    fn take_all(&mut self) -> Vec<i64> {
+        let ids = self.by_id.keys().copied().collect();
+        self.clear();
+        ids
+    }
+
+    fn clear(&mut self) {
+        *self = Leases::default();
+    }
+}
+
 struct NodeState {
-    leases: FxHashMap<i64, LeaseState>,
+    leases: Leases,
     reservations: FxHashMap<ReservationId, (Reservation, i64)>,
     /// What was available after the last lease taken for each account: the next lease's size.
     available_hint: HashMap<AccountId, u64>,
@@ -152,12 +240,9 @@ impl NodeState {
     /// `until`.
     fn lease_with(&self, account: AccountId, amount_cu: u64, until: Instant) -> Option<i64> {
         self.leases
-            .iter()
-            .filter(|(_, lease)| {
-                lease.account == account && lease.free_cu >= amount_cu && lease.deadline > until
-            })
-            .map(|(id, _)| *id)
-            .next()
+            .of(account)
+            .find(|(_, lease)| lease.free_cu >= amount_cu && lease.deadline > until)
+            .map(|(id, _)| id)
     }
 }
 
@@ -191,7 +276,7 @@ impl Node {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(NodeState {
-                leases: FxHashMap::default(),
+                leases: Leases::default(),
                 reservations: FxHashMap::default(),
                 available_hint: HashMap::new(),
                 queue: Vec::new(),
@@ -338,18 +423,22 @@ impl Node {
             let mut state = shared.state.lock();
             let mut release = Vec::new();
             let mut shrink = Vec::new();
-            state.leases.retain(|id, lease| {
-                if lease.account != account || lease.free_cu == 0 {
-                    return true;
+            let ids: Vec<i64> = state.leases.of(account).map(|(id, _)| id).collect();
+            for id in ids {
+                let Some(lease) = state.leases.get_mut(id) else {
+                    continue;
+                };
+                if lease.free_cu == 0 {
+                    continue;
                 }
                 if lease.reserved_cu == 0 && lease.pending_cu == 0 {
-                    release.push(*id);
-                    return false;
+                    state.leases.remove(id);
+                    release.push(id);
+                } else {
+                    shrink.push((id, lease.free_cu));
+                    lease.free_cu = 0;
                 }
-                shrink.push((*id, lease.free_cu));
-                lease.free_cu = 0;
-                true
-            });
+            }
             (release, shrink)
         };
         for id in release {
@@ -399,9 +488,9 @@ impl Node {
         let now = Instant::now();
         let fenced = state
             .leases
-            .get(&lease_id)
+            .get(lease_id)
             .is_none_or(|lease| lease.deadline <= now);
-        if let Some(lease) = state.leases.get_mut(&lease_id) {
+        if let Some(lease) = state.leases.get_mut(lease_id) {
             lease.reserved_cu -= reservation.amount_cu;
             if fenced {
                 lease.free_cu = 0;
@@ -495,7 +584,7 @@ impl Node {
             .remove(&id)
             .ok_or(LedgerError::UnknownReservation { id })?;
         let mut at_the_edge = false;
-        if let Some(lease) = state.leases.get_mut(&lease_id) {
+        if let Some(lease) = state.leases.get_mut(lease_id) {
             lease.reserved_cu -= reservation.amount_cu;
             lease.free_cu += reservation.amount_cu;
             at_the_edge = lease.at_the_edge;
@@ -537,9 +626,8 @@ impl Node {
             let state = shared.state.lock();
             let (reserved, free) = state
                 .leases
-                .values()
-                .filter(|lease| lease.account == id)
-                .fold((0, 0), |(reserved, free), lease| {
+                .of(id)
+                .fold((0, 0), |(reserved, free), (_, lease)| {
                     (reserved + lease.reserved_cu, free + lease.free_cu)
                 });
             let open = state
@@ -641,7 +729,7 @@ impl Shared {
         now: Instant,
     ) -> Option<Reservation> {
         let lease_id = state.lease_with(account, amount_cu, now)?;
-        let lease = state.leases.get_mut(&lease_id)?;
+        let lease = state.leases.get_mut(lease_id)?;
         lease.free_cu -= amount_cu;
         lease.reserved_cu += amount_cu;
         lease.last_used = now;
@@ -669,14 +757,16 @@ impl Shared {
             let mut state = self.state.lock();
             let idle: Vec<i64> = state
                 .leases
-                .iter()
-                .filter(|(_, lease)| {
-                    lease.at_the_edge && lease.reserved_cu == 0 && lease.pending_cu == 0
+                .at_the_edge()
+                .filter(|id| {
+                    state
+                        .leases
+                        .get(*id)
+                        .is_some_and(|lease| lease.reserved_cu == 0 && lease.pending_cu == 0)
                 })
-                .map(|(id, _)| *id)
                 .collect();
             for id in &idle {
-                state.leases.remove(id);
+                state.leases.remove(*id);
             }
             idle
         };
@@ -707,11 +797,11 @@ impl Shared {
                     return lease.reserved_cu > 0 || lease.pending_cu > 0;
                 }
                 if idle {
-                    release.push(*id);
+                    release.push(id);
                     return false;
                 }
                 if lease.deadline.saturating_duration_since(now) < ttl / 2 {
-                    renew.push(*id);
+                    renew.push(id);
                 }
                 true
             });
@@ -727,14 +817,14 @@ impl Shared {
             match self.store.renew_lease(id) {
                 Ok(true) => {
                     let mut state = self.state.lock();
-                    if let Some(lease) = state.leases.get_mut(&id) {
+                    if let Some(lease) = state.leases.get_mut(id) {
                         lease.deadline = asked_at + ttl.saturating_sub(self.options.lease_margin);
                     }
                 }
                 Ok(false) => {
                     tracing::warn!(lease = id, "a lease expired before it was renewed");
                     let mut state = self.state.lock();
-                    if let Some(lease) = state.leases.get_mut(&id) {
+                    if let Some(lease) = state.leases.get_mut(id) {
                         lease.deadline = asked_at;
                         lease.free_cu = 0;
                     }
@@ -793,13 +883,7 @@ fn run_writer(shared: &Shared) {
         }
     }
     // Shutdown: every lease goes back.
-    let leases: Vec<i64> = shared
-        .state
-        .lock()
-        .leases
-        .drain()
-        .map(|(id, _)| id)
-        .collect();
+    let leases = shared.state.lock().leases.take_all();
     for id in leases {
         if let Err(error) = shared.store.release_lease(id) {
             tracing::warn!(%error, lease = id, "a lease could not be given back; it will expire");
@@ -823,7 +907,7 @@ fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
             {
                 let mut state = shared.state.lock();
                 for spend in &spends {
-                    if let Some(lease) = state.leases.get_mut(&spend.lease) {
+                    if let Some(lease) = state.leases.get_mut(spend.lease) {
                         lease.pending_cu -= spend.transfer.amount_cu;
                     }
                 }
@@ -845,7 +929,7 @@ fn commit(shared: &Shared, batch: Vec<(u64, LeaseSpend)>) {
             tracing::warn!(%error, "a settle's acknowledgement was lost, but it was committed");
             let mut state = shared.state.lock();
             for spend in &spends {
-                if let Some(lease) = state.leases.get_mut(&spend.lease) {
+                if let Some(lease) = state.leases.get_mut(spend.lease) {
                     lease.pending_cu -= spend.transfer.amount_cu;
                 }
             }
@@ -900,5 +984,64 @@ fn committed_after_all(shared: &Shared, spends: &[LeaseSpend]) -> bool {
                 return false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(account: u64, at_the_edge: bool) -> LeaseState {
+        let now = Instant::now();
+        LeaseState {
+            account: AccountId(account),
+            free_cu: 10,
+            reserved_cu: 0,
+            pending_cu: 0,
+            at_the_edge,
+            deadline: now + Duration::from_secs(30),
+            last_used: now,
+        }
+    }
+
+    fn ids_of(leases: &Leases, account: u64) -> Vec<i64> {
+        let mut ids: Vec<i64> = leases.of(AccountId(account)).map(|(id, _)| id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn the_indexes_follow_every_way_a_lease_goes() {
+        let mut leases = Leases::default();
+        leases.insert(1, lease(7, false));
+        leases.insert(2, lease(7, true));
+        leases.insert(3, lease(8, true));
+        leases.insert(4, lease(8, false));
+        assert_eq!(ids_of(&leases, 7), [1, 2]);
+        assert_eq!(ids_of(&leases, 8), [3, 4]);
+        let mut edge: Vec<i64> = leases.at_the_edge().collect();
+        edge.sort_unstable();
+        assert_eq!(edge, [2, 3]);
+
+        assert!(leases.remove(2).is_some());
+        assert!(leases.remove(2).is_none());
+        assert_eq!(ids_of(&leases, 7), [1]);
+        assert_eq!(leases.at_the_edge().collect::<Vec<_>>(), [3]);
+
+        leases.retain(|id, lease| {
+            lease.free_cu = 0;
+            id != 3
+        });
+        assert_eq!(ids_of(&leases, 8), [4]);
+        assert_eq!(leases.at_the_edge().count(), 0);
+        assert!(leases.get(4).is_some_and(|lease| lease.free_cu == 0));
+
+        assert!(leases.remove(1).is_some());
+        assert!(!leases.by_account.contains_key(&AccountId(7)));
+        let mut all = leases.take_all();
+        all.sort_unstable();
+        assert_eq!(all, [4]);
+        assert_eq!(leases.len(), 0);
+        assert_eq!(ids_of(&leases, 8), Vec::<i64>::new());
     }
 }

@@ -4,6 +4,10 @@
 //! served. Two people: one with an ample balance (the steady state), one at the edge of theirs
 //! (leases shrink to the call, and the last cu is spent).
 //!
+//! A second table times what a node decides in memory (a reserve and a void on a lease it holds)
+//! while it holds leases for many other people too: the cost of a decision must not grow with
+//! how many people a node serves.
+//!
 //! `cargo bench -p stipend-store-postgres --bench escrow`. `STIPEND_BENCH_SECS` (default 3) per
 //! run. The server runs with `fsync = off` (the test server's): the counts do not depend on it,
 //! the rates do.
@@ -188,6 +192,67 @@ fn run(server: &TestServer, label: &str, stipend_cu: u64, nodes: usize, threads:
     );
 }
 
+/// The time of one reserve and void, decided in memory on a lease the node holds, while the node
+/// also holds a lease for each of `others` other people (each with a call open on it).
+fn decide_among(server: &TestServer, others: u64, calls: u32) -> Duration {
+    let url = server.fresh_database().unwrap();
+    let mut created = vec![
+        record(1, "issuer", AccountKind::Issuer),
+        record(2, "sink:model", AccountKind::Sink),
+    ];
+    for index in 0..=others {
+        created.push(record(3 + index, &format!("p{index}"), AccountKind::Person));
+    }
+    PostgresStore::open(&url)
+        .unwrap()
+        .commit(&Batch {
+            created,
+            ..Batch::default()
+        })
+        .unwrap();
+    let ttl = Duration::from_secs(600);
+    let policy = StipendPolicy::new(CALL_CU * 1_000, Duration::from_secs(86_400), 0).unwrap();
+    let escrow = PostgresEscrow::new(
+        Arc::new(PostgresStore::open_shared(&url).unwrap()),
+        LeaseRequest {
+            policy,
+            issuer: ISSUER,
+            node: "n".to_string(),
+            ttl,
+        },
+    );
+    let node = Node::open(
+        Arc::new(escrow),
+        Arc::new(SystemClock),
+        NodeOptions::new(policy, ISSUER, ttl),
+    )
+    .unwrap();
+    let open = Duration::from_secs(60);
+    // Everyone's first lease is cut to their first call, which stays open; the measured
+    // person's second call takes a lease of a tenth of what they have, which the loop uses.
+    let mut held = Vec::new();
+    for index in 1..=others {
+        held.push(
+            node.reserve(AccountId(3 + index), SINK, CALL_CU, open)
+                .unwrap(),
+        );
+    }
+    held.push(node.reserve(PERSON, SINK, CALL_CU, open).unwrap());
+    node.void(node.reserve(PERSON, SINK, CALL_CU, open).unwrap().id())
+        .unwrap();
+    assert!(node.leases_held() as u64 >= others + 2);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let reservation = node.reserve(PERSON, SINK, CALL_CU, open).unwrap();
+        node.void(reservation.id()).unwrap();
+    }
+    let elapsed = started.elapsed() / calls;
+    for reservation in held {
+        node.void(reservation.id()).unwrap();
+    }
+    elapsed
+}
+
 fn main() {
     let secs = std::env::var("STIPEND_BENCH_SECS")
         .ok()
@@ -209,4 +274,23 @@ fn main() {
     // At the edge: 2 000 calls' worth, spent to the end.
     run(&server, "at the edge", CALL_CU * 2_000, 1, 8, secs);
     run(&server, "at the edge", CALL_CU * 2_000, 3, 4, secs);
+    println!();
+    println!("decisions in memory: one reserve and void on a lease the node holds");
+    println!();
+    println!("| other people with leases on the node | per reserve and void | ratio to none |");
+    println!("| --- | --- | --- |");
+    let calls = 200_000;
+    let alone = decide_among(&server, 0, calls);
+    for others in [0, 300, 3_000] {
+        let among = if others == 0 {
+            alone
+        } else {
+            decide_among(&server, others, calls)
+        };
+        println!(
+            "| {others} | {:.2} µs | {:.2} |",
+            among.as_secs_f64() * 1e6,
+            among.as_secs_f64() / alone.as_secs_f64()
+        );
+    }
 }
