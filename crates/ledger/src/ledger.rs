@@ -574,7 +574,7 @@ fn release(state: &mut State, id: ReservationId) -> Option<Reservation> {
     Some(reservation)
 }
 
-fn check_amount(amount_cu: u64) -> Result<(), LedgerError> {
+pub(crate) fn check_amount(amount_cu: u64) -> Result<(), LedgerError> {
     if amount_cu == 0 {
         return Err(LedgerError::InvalidAmount {
             reason: "the amount must be greater than zero".to_string(),
@@ -583,6 +583,16 @@ fn check_amount(amount_cu: u64) -> Result<(), LedgerError> {
     if amount_cu > AMOUNT_MAX_CU {
         return Err(LedgerError::InvalidAmount {
             reason: format!("the amount must be at most {AMOUNT_MAX_CU} cu"),
+        });
+    }
+    Ok(())
+}
+
+/// A reservation's timeout: from 1 ms to the engine's maximum.
+pub(crate) fn check_timeout(timeout: Duration, max: Duration) -> Result<(), LedgerError> {
+    if timeout.is_zero() || timeout > max {
+        return Err(LedgerError::InvalidTimeout {
+            reason: format!("must be between 1ms and {}s", max.as_secs()),
         });
     }
     Ok(())
@@ -908,14 +918,7 @@ impl Ledger {
     ) -> Result<Reservation, LedgerError> {
         check_amount(amount_cu)?;
         let shared = &self.shared;
-        if timeout.is_zero() || timeout > shared.options.reservation_timeout_max {
-            return Err(LedgerError::InvalidTimeout {
-                reason: format!(
-                    "must be between 1ms and {}s",
-                    shared.options.reservation_timeout_max.as_secs()
-                ),
-            });
-        }
+        check_timeout(timeout, shared.options.reservation_timeout_max)?;
         let mut state = shared.lock_with(&[account, sink])?;
         let now_ms = shared.now_ms();
         shared.sweep(&mut state, now_ms, false);

@@ -320,22 +320,8 @@ impl Node {
         timeout: Duration,
     ) -> Result<Reservation, LedgerError> {
         let shared = &self.shared;
-        if amount_cu == 0 || amount_cu > crate::limits::AMOUNT_MAX_CU {
-            return Err(LedgerError::InvalidAmount {
-                reason: format!(
-                    "the amount must be from 1 to {} cu",
-                    crate::limits::AMOUNT_MAX_CU
-                ),
-            });
-        }
-        if timeout.is_zero() || timeout > shared.options.reservation_timeout_max {
-            return Err(LedgerError::InvalidTimeout {
-                reason: format!(
-                    "must be between 1ms and {}s",
-                    shared.options.reservation_timeout_max.as_secs()
-                ),
-            });
-        }
+        crate::ledger::check_amount(amount_cu)?;
+        crate::ledger::check_timeout(timeout, shared.options.reservation_timeout_max)?;
         // A lease must outlive the decision by a moment; a few tries: the lease just taken may
         // have been reserved away by a concurrent call before this one got to it, and expired
         // leases may be given back on the way.

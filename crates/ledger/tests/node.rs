@@ -386,3 +386,29 @@ fn a_commit_whose_answer_was_lost_is_acknowledged_if_it_happened_and_only_then()
     assert_eq!(spent, 700);
     assert_eq!(balance as u64, STIPEND_CU - 700);
 }
+
+#[test]
+fn a_bad_amount_or_timeout_is_refused_and_takes_no_lease() {
+    let url = database();
+    let node = node(&url, "n", Duration::from_secs(30));
+    for amount_cu in [0, stipend_ledger::limits::AMOUNT_MAX_CU + 1] {
+        assert!(matches!(
+            node.reserve(ADA, SINK, amount_cu, MINUTE),
+            Err(LedgerError::InvalidAmount { .. })
+        ));
+    }
+    let longest =
+        NodeOptions::new(policy(), ISSUER, Duration::from_secs(30)).reservation_timeout_max;
+    for timeout in [Duration::ZERO, longest + Duration::from_secs(1)] {
+        assert!(matches!(
+            node.reserve(ADA, SINK, 10, timeout),
+            Err(LedgerError::InvalidTimeout { .. })
+        ));
+    }
+    assert_eq!(node.leases_held(), 0);
+    assert_eq!(ada(&url), (0, 0, 0));
+    // A good call still goes through.
+    let reservation = node.reserve(ADA, SINK, 10, MINUTE).unwrap();
+    node.settle(reservation.id(), 10).unwrap().wait().unwrap();
+    assert_eq!(ada(&url).2, 10);
+}
