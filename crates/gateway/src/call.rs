@@ -296,15 +296,53 @@ impl Drop for Registered {
     }
 }
 
-/// Resolves when the server cuts every call (shutdown past its drain).
+/// Resolves when a call must be cut: the server cuts every call (shutdown past its drain), or
+/// the call's hold on its person's balance can no longer be kept (an escrow node that could not
+/// renew the lease under it; see [`Budget::hold_until`]).
 #[derive(Clone)]
-pub(crate) struct CutSignal(watch::Receiver<bool>);
+pub(crate) struct CutSignal {
+    server: watch::Receiver<bool>,
+    hold: Option<HoldWatch>,
+}
+
+/// A hold that lasts only as long as the lease under it is renewed.
+#[derive(Clone)]
+struct HoldWatch {
+    ledger: Arc<dyn Budget>,
+    id: ReservationId,
+    /// The moment the call must have ended by, as last asked.
+    until: std::time::Instant,
+}
 
 impl CutSignal {
-    /// Resolves once the calls are cut (at once if they already are).
-    pub(crate) async fn cut(&mut self) {
-        if self.0.wait_for(|cut| *cut).await.is_err() {
-            std::future::pending::<()>().await;
+    /// Resolves once the call is to be cut (at once if it already is), with what to tell its
+    /// client.
+    pub(crate) async fn cut(&mut self) -> ApiError {
+        let server = &mut self.server;
+        let shutdown = async {
+            if server.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let hold_lost = async {
+            let Some(hold) = &mut self.hold else {
+                return std::future::pending::<()>().await;
+            };
+            // Asked again each time the moment comes: a renewal moves it on.
+            loop {
+                tokio::time::sleep_until(Instant::from_std(hold.until)).await;
+                match hold.ledger.hold_until(hold.id) {
+                    Some(until) if until > std::time::Instant::now() => hold.until = until,
+                    _ => return,
+                }
+            }
+        };
+        tokio::select! {
+            () = shutdown => ApiError::ShuttingDown,
+            () = hold_lost => {
+                tracing::warn!("a call was cut: the lease under its hold could not be renewed");
+                ApiError::LedgerUnavailable
+            }
         }
     }
 }
@@ -377,7 +415,17 @@ impl Call {
             place,
             deadline,
             delivered: Delivered::default(),
-            cut: CutSignal(gateway.calls.cut.subscribe()),
+            cut: CutSignal {
+                server: gateway.calls.cut.subscribe(),
+                hold: gateway
+                    .ledger
+                    .hold_until(reservation.id())
+                    .map(|until| HoldWatch {
+                        ledger: Arc::clone(&gateway.ledger),
+                        id: reservation.id(),
+                        until,
+                    }),
+            },
             client_gone: false,
             registered,
         })
@@ -398,7 +446,7 @@ impl Call {
         self.deadline
     }
 
-    /// The signal that the server is cutting every call.
+    /// The signal that the call is to be cut.
     pub(crate) fn cut_signal(&self) -> CutSignal {
         self.cut.clone()
     }

@@ -479,7 +479,8 @@ async fn drive(
     let mut text = String::new();
     let mut client_gone = false;
     let mut time_up = false;
-    let mut cut_off = false;
+    // Why the call was cut, once it is.
+    let mut cut_off: Option<ApiError> = None;
     // How the call ended, and the finish reason of an answer to send.
     let (end, finish) = loop {
         let event = tokio::select! {
@@ -494,9 +495,9 @@ async fn drive(
                 time_up = true;
                 continue;
             }
-            () = cut.cut(), if !cut_off => {
+            error = cut.cut(), if cut_off.is_none() => {
                 generation.cancel();
-                cut_off = true;
+                cut_off = Some(error);
                 continue;
             }
             event = generation.recv() => event,
@@ -531,14 +532,14 @@ async fn drive(
             Some(Event::Cancelled { counts }) if client_gone => {
                 break (End::Answered(exact(counts)), None);
             }
-            Some(Event::Cancelled { counts }) if cut_off => {
-                break (End::BrokeOff(ApiError::ShuttingDown, exact(counts)), None);
-            }
-            // At its time limit a call ends as if max_tokens had: with what it made, charged.
-            Some(Event::Cancelled { counts }) => {
-                tracing::warn!(model = %call.model().name, "a call reached its time limit");
-                break (End::Answered(exact(counts)), Some(FinishReason::Length));
-            }
+            Some(Event::Cancelled { counts }) => match cut_off.take() {
+                Some(error) => break (End::BrokeOff(error, exact(counts)), None),
+                // At its time limit a call ends as if max_tokens had: with what it made, charged.
+                None => {
+                    tracing::warn!(model = %call.model().name, "a call reached its time limit");
+                    break (End::Answered(exact(counts)), Some(FinishReason::Length));
+                }
+            },
             Some(Event::Failed { error, counts }) => {
                 break (End::BrokeOff(ApiError::from(error), exact(counts)), None);
             }

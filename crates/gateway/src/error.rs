@@ -236,6 +236,10 @@ impl ApiError {
             ApiError::UpstreamTimeout => "the model server did not answer in time".to_string(),
             ApiError::CutShort { reason, .. } => reason.clone(),
             ApiError::ShuttingDown => "the server is shutting down".to_string(),
+            ApiError::LedgerUnavailable => {
+                "the budget ledger became unreachable, so this server could not keep the call's hold on your balance"
+                    .to_string()
+            }
             other => other.parts().3,
         }
     }

@@ -55,7 +55,7 @@ async fn run(call: Call, request: Request, reply: oneshot::Sender<Result<Respons
     let posted = tokio::select! {
         posted = request.upstream.post(request.endpoint.path(), &request.body) => posted,
         () = tokio::time::sleep_until(call.deadline()) => Err(ApiError::UpstreamTimeout),
-        () = cut.cut() => Err(ApiError::ShuttingDown),
+        error = cut.cut() => Err(error),
     };
     let answer = match posted {
         Ok(answer) => answer,
@@ -95,7 +95,7 @@ async fn plain(
                 ApiError::Upstream("the response is not a JSON object".to_string())
             }),
         },
-        () = cut.cut() => Err(ApiError::ShuttingDown),
+        error = cut.cut() => Err(error),
     };
     let answer = match read {
         Ok(answer) => answer,
@@ -342,7 +342,7 @@ async fn relay(
                 left(&mut call);
                 continue;
             }
-            () = cut.cut() => break Stop::BrokeOff(ApiError::ShuttingDown),
+            error = cut.cut() => break Stop::BrokeOff(error),
             next = tokio::time::timeout_at(
                 deadline.min(Instant::now() + timeout),
                 chunks.chunk(),

@@ -4,7 +4,7 @@
 //! own transactions (the operator's).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::account::{AccountId, AccountKind};
 use crate::durable::Durable;
@@ -44,6 +44,13 @@ pub trait Budget: Send + Sync {
     fn writer_stats(&self) -> WriterStats;
     /// How many reservations are open.
     fn open_reservations(&self) -> usize;
+    /// The moment by which a call on reservation `id` must have ended for its charge to be
+    /// kept, as known now: `None` when the hold simply lasts its timeout (one node's ledger,
+    /// which holds every balance itself); on an escrow node, the end of the lease under it less
+    /// the time a settle takes, moved on by each renewal of the lease, and now if the
+    /// reservation is gone. A call still running then is cut short and charged what it
+    /// delivered.
+    fn hold_until(&self, id: ReservationId) -> Option<Instant>;
 }
 
 impl Budget for Ledger {
@@ -88,6 +95,10 @@ impl Budget for Ledger {
     fn open_reservations(&self) -> usize {
         Ledger::open_reservations(self)
     }
+
+    fn hold_until(&self, _id: ReservationId) -> Option<Instant> {
+        None
+    }
 }
 
 impl Budget for Node {
@@ -131,6 +142,10 @@ impl Budget for Node {
 
     fn open_reservations(&self) -> usize {
         Node::open_reservations(self)
+    }
+
+    fn hold_until(&self, id: ReservationId) -> Option<Instant> {
+        Some(Node::hold_until(self, id))
     }
 }
 

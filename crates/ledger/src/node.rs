@@ -14,9 +14,10 @@
 //! ends. Leases in use are renewed well before their end, so a call may run longer than a
 //! lease's life; idle ones go back; at shutdown all go back. A node that is killed leaves its
 //! leases to expire, and any node reclaims them. A node that cannot renew a lease in use (the
-//! database away) cannot commit its settles either, and closes until the database returns; one
-//! paused past a lease's life finds it fenced, and its settles are charged against what is
-//! available instead (see [`SpendOutcome`]).
+//! database away, or too slow) keeps trying until `settle_ahead` before the lease's deadline;
+//! the calls on it are then cut short ([`Node::hold_until`]) and settled while the lease still
+//! lives, charged what they delivered. One paused past a lease's life finds it fenced, and its
+//! settles are charged against what is available instead (see [`SpendOutcome`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -77,6 +78,9 @@ pub struct NodeOptions {
     pub issuer: AccountId,
     /// How long before a lease could expire the node stops deciding on it.
     pub lease_margin: Duration,
+    /// How long before that the calls on a lease that could not be renewed are cut, so that
+    /// their settles are committed while it lives.
+    pub settle_ahead: Duration,
     /// A lease unused this long goes back.
     pub idle_return: Duration,
     /// A new lease is this fraction of what is available (1/`lease_divisor`), and at least what
@@ -97,6 +101,7 @@ impl NodeOptions {
             policy,
             issuer,
             lease_margin: (ttl / 5).max(Duration::from_millis(50)),
+            settle_ahead: (ttl / 5).max(Duration::from_millis(50)),
             idle_return: (ttl / 3).max(Duration::from_millis(100)),
             lease_divisor: 10,
             reservation_timeout_max: crate::limits::RESERVATION_TIMEOUT_MAX_DEFAULT,
@@ -269,9 +274,10 @@ impl Node {
         clock: Arc<dyn Clock>,
         options: NodeOptions,
     ) -> Result<Node, LedgerError> {
-        if options.lease_margin >= store.lease_ttl() {
+        if options.lease_margin + options.settle_ahead >= store.lease_ttl() / 2 {
             return Err(LedgerError::InvalidTimeout {
-                reason: "the lease margin must be shorter than the lease's life".to_string(),
+                reason: "the lease margin and the settle time must be shorter than half the lease's life"
+                    .to_string(),
             });
         }
         let shared = Arc::new(Shared {
@@ -553,6 +559,20 @@ impl Node {
             }
         }
         Ok(Durable::new(settlement, 0, Arc::clone(&shared.tracker)))
+    }
+
+    /// The moment by which a call on reservation `id` must have ended: `settle_ahead` before
+    /// the deadline of the lease under it, which each renewal moves on; now if the reservation
+    /// or its lease is gone.
+    pub fn hold_until(&self, id: ReservationId) -> Instant {
+        let state = self.shared.state.lock();
+        let now = Instant::now();
+        state
+            .reservations
+            .get(&id)
+            .and_then(|(_, lease)| state.leases.get(*lease))
+            .and_then(|lease| lease.deadline.checked_sub(self.shared.options.settle_ahead))
+            .unwrap_or(now)
     }
 
     /// Holds the node's writer for `pause`: no commits, no renewals, as a process stopped with

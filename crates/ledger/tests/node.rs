@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use stipend_ledger::node::{Node, NodeOptions};
+use stipend_ledger::node::{EscrowStore, Node, NodeOptions};
 use stipend_ledger::{
     AccountId, AccountKind, AccountRecord, Batch, LedgerError, StipendPolicy, Store, SystemClock,
 };
+use stipend_store_postgres::faults::FaultyEscrow;
 use stipend_store_postgres::{LeaseRequest, PostgresEscrow, PostgresStore};
 
 const DAY_MS: i64 = 86_400_000;
@@ -58,23 +59,29 @@ fn database() -> String {
     url
 }
 
-fn node(url: &str, name: &str, ttl: Duration) -> Node {
-    let store = Arc::new(PostgresStore::open_shared(url).unwrap());
-    let escrow = PostgresEscrow::new(
-        store,
+fn escrow(url: &str, name: &str, ttl: Duration) -> PostgresEscrow {
+    PostgresEscrow::new(
+        Arc::new(PostgresStore::open_shared(url).unwrap()),
         LeaseRequest {
             policy: policy(),
             issuer: ISSUER,
             node: name.to_string(),
             ttl,
         },
-    );
+    )
+}
+
+fn node_on(escrow: Arc<dyn EscrowStore>, ttl: Duration) -> Node {
     Node::open(
-        Arc::new(escrow),
+        escrow,
         Arc::new(SystemClock),
         NodeOptions::new(policy(), ISSUER, ttl),
     )
     .unwrap()
+}
+
+fn node(url: &str, name: &str, ttl: Duration) -> Node {
+    node_on(Arc::new(escrow(url, name, ttl)), ttl)
 }
 
 /// Ada's row, what leases hold of it, and what she spent this period.
@@ -229,6 +236,45 @@ fn a_lease_in_use_is_renewed_so_a_call_may_outlive_its_life() {
 }
 
 #[test]
+fn a_lease_that_cannot_be_renewed_ends_its_calls_while_it_still_lives() {
+    let url = database();
+    let ttl = Duration::from_millis(1_000);
+    let faulty = Arc::new(FaultyEscrow::new(escrow(&url, "n", ttl)));
+    let node = node_on(Arc::clone(&faulty) as Arc<dyn EscrowStore>, ttl);
+    let reservation = node.reserve(ADA, SINK, 500, MINUTE).unwrap();
+    let first = node.hold_until(reservation.id());
+    assert!(first > Instant::now() && first < Instant::now() + ttl);
+    // Renewed, the moment a call must end by moves on, past the lease's first life.
+    std::thread::sleep(2 * ttl);
+    assert!(
+        node.hold_until(reservation.id()) > Instant::now(),
+        "renewals did not move the hold on"
+    );
+    // Renewals refused: the moment comes, while the lease still lives in the database, so the
+    // call cut then is charged against it in full.
+    faulty.refuse_renewals(true);
+    let give_up = Instant::now() + 3 * ttl;
+    while Instant::now() < node.hold_until(reservation.id()) {
+        assert!(Instant::now() < give_up, "the hold outlived its lease");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(faulty.renewals_refused() > 0);
+    let store = PostgresStore::open_read_only(&url).unwrap();
+    assert_eq!(
+        store.held(ADA).unwrap(),
+        (500, 1),
+        "the lease must still live when its calls are cut"
+    );
+    let settled = node.settle(reservation.id(), 300).unwrap().wait().unwrap();
+    assert_eq!((settled.charged_cu, settled.shortfall_cu), (300, 0));
+    // A reservation that is gone holds nothing: its moment is now.
+    assert!(node.hold_until(reservation.id()) <= Instant::now());
+    drop(node);
+    let (_, held, spent) = ada(&url);
+    assert_eq!((held, spent), (0, 300));
+}
+
+#[test]
 fn leases_cut_thin_are_given_back_so_the_last_cu_can_be_spent() {
     let url = database();
     let node = node(&url, "n", Duration::from_secs(30));
@@ -283,103 +329,20 @@ fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_only_what_was_charged
     assert_eq!(ada(&url), (0, 0, STIPEND_CU));
 }
 
-/// The database as a node sees it, with one commit's answer lost on the way back: either the
-/// commit happened and only its acknowledgement was lost, or it never reached the database.
-struct LosingAnswers {
-    inner: PostgresEscrow,
-    lose: std::sync::Mutex<Option<bool>>,
-}
-
-impl stipend_ledger::node::EscrowStore for LosingAnswers {
-    fn take_lease(
-        &self,
-        account: AccountId,
-        want_cu: u64,
-        min_cu: u64,
-        now_ms: i64,
-    ) -> Result<Option<stipend_ledger::escrow::Lease>, stipend_ledger::StoreError> {
-        self.inner.take_lease(account, want_cu, min_cu, now_ms)
-    }
-    fn renew_lease(&self, lease: i64) -> Result<bool, stipend_ledger::StoreError> {
-        self.inner.renew_lease(lease)
-    }
-    fn release_lease(&self, lease: i64) -> Result<u64, stipend_ledger::StoreError> {
-        self.inner.release_lease(lease)
-    }
-    fn shrink_lease(&self, lease: i64, amount_cu: u64) -> Result<bool, stipend_ledger::StoreError> {
-        self.inner.shrink_lease(lease, amount_cu)
-    }
-    fn settle_leased(
-        &self,
-        spends: &[stipend_ledger::escrow::LeaseSpend],
-    ) -> Result<Vec<stipend_ledger::escrow::SpendOutcome>, stipend_ledger::StoreError> {
-        let lost = self.lose.lock().unwrap().take();
-        match lost {
-            // Committed, and the answer lost.
-            Some(true) => {
-                self.inner.settle_leased(spends)?;
-                Err(stipend_ledger::StoreError::Io(
-                    "the connection closed".to_string(),
-                ))
-            }
-            // Never reached the database.
-            Some(false) => Err(stipend_ledger::StoreError::Io(
-                "the connection closed".to_string(),
-            )),
-            None => self.inner.settle_leased(spends),
-        }
-    }
-    fn reclaim_expired_leases(&self) -> Result<u64, stipend_ledger::StoreError> {
-        self.inner.reclaim_expired_leases()
-    }
-    fn settled(
-        &self,
-        first: stipend_ledger::TransferId,
-    ) -> Result<bool, stipend_ledger::StoreError> {
-        self.inner.settled(first)
-    }
-    fn account_held(
-        &self,
-        id: AccountId,
-    ) -> Result<Option<(AccountRecord, u64)>, stipend_ledger::StoreError> {
-        self.inner.account_held(id)
-    }
-    fn lease_ttl(&self) -> Duration {
-        self.inner.lease_ttl()
-    }
-}
-
 #[test]
 fn a_commit_whose_answer_was_lost_is_acknowledged_if_it_happened_and_only_then() {
     let url = database();
     let ttl = Duration::from_secs(30);
-    let store = Arc::new(PostgresStore::open_shared(&url).unwrap());
-    let losing = Arc::new(LosingAnswers {
-        inner: PostgresEscrow::new(
-            store,
-            LeaseRequest {
-                policy: policy(),
-                issuer: ISSUER,
-                node: "losing".to_string(),
-                ttl,
-            },
-        ),
-        lose: std::sync::Mutex::new(None),
-    });
-    let node = Node::open(
-        Arc::clone(&losing) as Arc<dyn stipend_ledger::node::EscrowStore>,
-        Arc::new(SystemClock),
-        NodeOptions::new(policy(), ISSUER, ttl),
-    )
-    .unwrap();
+    let losing = Arc::new(FaultyEscrow::new(escrow(&url, "losing", ttl)));
+    let node = node_on(Arc::clone(&losing) as Arc<dyn EscrowStore>, ttl);
     // Committed, the answer lost: the node asks, finds it, and acknowledges it.
     let first = node.reserve(ADA, SINK, 700, MINUTE).unwrap();
-    *losing.lose.lock().unwrap() = Some(true);
+    losing.lose_next_answer(true);
     let settled = node.settle(first.id(), 700).unwrap().wait().unwrap();
     assert_eq!(settled.charged_cu, 700);
     // Never committed: the node says so, and refuses work until the database answers again.
     let second = node.reserve(ADA, SINK, 300, MINUTE).unwrap();
-    *losing.lose.lock().unwrap() = Some(false);
+    losing.lose_next_answer(false);
     assert!(node.settle(second.id(), 300).unwrap().wait().is_err());
     drop(node);
     let (balance, _, spent) = ada(&url);

@@ -1,6 +1,7 @@
 //! The `stipend` binary on a PostgreSQL ledger (`database_url`), on a server of the tests' own:
 //! every operator command directly on the database and through a running server, a call charged
-//! and durable in the database, one server per database, and clear refusals of bad URLs.
+//! and durable in the database, one server per database, a database reached over verified TLS,
+//! and clear refusals of bad URLs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -118,11 +119,68 @@ async fn a_call_is_charged_durably_in_the_database() {
     assert_eq!(verify["violations"], json!([]));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_across_a_network_is_reached_over_verified_tls() {
+    // A server of its own that takes TCP over TLS only, its certificate signed by the test CA.
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/tests/data");
+    let database =
+        TestServer::start_tls(&data.join("localhost.pem"), &data.join("localhost.key")).unwrap();
+    let url = database.fresh_database().unwrap();
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let config = |url: &str| {
+        format!(
+            "database_url = \"{url}\"\nlisten = \"127.0.0.1:0\"\n[stipend]\namount = \"10 PFLOP\"\n\
+             [[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n"
+        )
+    };
+    // Without the CA, nothing is reached, and the operator is told why.
+    let untrusted = Env::new(&config(&format!("{url}?sslmode=verify-full")));
+    let message = untrusted.refused(&["account", "list"]);
+    assert!(message.contains("invalid peer certificate"), "{message}");
+    let env = Env::new(&config(&format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        data.join("ca.pem").display()
+    )));
+    let server = Server::start(&env);
+    assert!(server.output().contains("over TLS"), "{}", server.output());
+    let key = env.person_with_key("ada");
+    let response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", server.base))
+        .bearer_auth(&key)
+        .json(&json!({
+            "model": "echo",
+            "messages": [{"role": "user", "content": "one two three"}],
+            "max_tokens": 5,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let charged: u64 = response.headers()["x-stipend-charged-cu"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(charged > 0);
+    server.stop();
+    let ada = env.json(&["account", "show", "ada"]);
+    assert_eq!(ada["usage"][0]["charged_cu"], charged);
+    let verify = env.json(&["ledger", "verify"]);
+    assert_eq!(verify["violations"], json!([]));
+}
+
 #[test]
 fn a_bad_database_url_is_refused_by_name() {
     for (url, expected) in [
         ("mysql://db/stipend", "must be a postgres:// URL"),
-        ("postgres://stipend@127.0.0.1/x?sslmode=require", "TLS"),
+        (
+            "postgres://stipend@127.0.0.1/x?sslmode=sometimes",
+            "sslmode",
+        ),
+        (
+            "postgres://stipend@127.0.0.1/x?sslmode=verify-full&sslrootcert=/nonexistent.pem",
+            "sslrootcert /nonexistent.pem",
+        ),
         (
             "postgres://stipend@127.0.0.1:notaport/x",
             "not a valid PostgreSQL URL",

@@ -15,7 +15,7 @@ use stipend_ledger::{AccountId, AccountRecord, StipendPolicy, StoreError, Transf
 use tokio_postgres::GenericClient;
 
 use super::{
-    ACCOUNT_COLUMNS, Pool, PostgresStore, TRANSFER_COLUMNS, account_from_row, corrupt, migrate, pg,
+    ACCOUNT_COLUMNS, PostgresStore, TRANSFER_COLUMNS, account_from_row, corrupt, migrate, pg,
 };
 
 /// What a lease request needs besides the account: the policy (for what is due), the issuer
@@ -180,7 +180,7 @@ impl PostgresStore {
         let store = PostgresStore::connect(url)?;
         let pool = std::sync::Arc::clone(&store.pool);
         store.run(async move {
-            let mut client = Pool::connect(&pool.config).await?;
+            let mut client = pool.connect().await?;
             migrate(&mut client).await?;
             share(&mut client).await?;
             pool.put(client);

@@ -29,7 +29,9 @@ use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 
 mod books;
 mod escrow;
+pub mod faults;
 pub mod test_server;
+mod tls;
 
 pub use books::PostgresBooks;
 pub use escrow::{LeaseRequest, PostgresEscrow};
@@ -155,10 +157,22 @@ fn corrupt(error: impl std::fmt::Display) -> StoreError {
 
 /// A driver error, with the server's own message when it sent one.
 fn pg(error: tokio_postgres::Error) -> StoreError {
-    match error.as_db_error() {
-        Some(db) => StoreError::Io(format!("PostgreSQL: {}", db.message())),
-        None => StoreError::Io(format!("PostgreSQL: {error}")),
+    if let Some(db) = error.as_db_error() {
+        return StoreError::Io(format!("PostgreSQL: {}", db.message()));
     }
+    // The driver's own message is often only the step that failed ("error performing TLS
+    // handshake"); its causes say why ("invalid peer certificate: UnknownIssuer").
+    let mut message = format!("PostgreSQL: {error}");
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        let text = inner.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = inner.source();
+    }
+    StoreError::Io(message)
 }
 
 /// A future that runs on the store's runtime.
@@ -177,19 +191,26 @@ impl<T, F> ReadFn<T> for F where
 
 /// Connections to one database: how to open one, and the idle ones.
 struct Pool {
-    config: Config,
+    target: Target,
     idle: Mutex<Vec<Client>>,
 }
 
 impl Pool {
-    async fn connect(config: &Config) -> Result<Client, StoreError> {
-        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "a PostgreSQL connection ended");
+    /// Opens a new connection (not from the pool).
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let Target { config, tls } = &self.target;
+        match tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+                tokio::spawn(drive(connection));
+                Ok(client)
             }
-        });
-        Ok(client)
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await.map_err(pg)?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+        }
     }
 
     async fn get(&self) -> Result<Client, StoreError> {
@@ -198,7 +219,7 @@ impl Pool {
                 return Ok(client);
             }
         }
-        Pool::connect(&self.config).await
+        self.connect().await
     }
 
     /// Returns a connection after a read that succeeded; one that failed is dropped instead, so
@@ -263,51 +284,140 @@ impl Drop for PostgresStore {
 /// password), for the config's checks and messages.
 pub fn check_url(url: &str) -> Result<String, String> {
     parse_url(url)
-        .map(|config| describe(&config))
+        .map(|target| target.describe())
         .map_err(|error| match error {
             StoreError::Io(message) => message,
             other => other.to_string(),
         })
 }
 
-fn parse_url(url: &str) -> Result<Config, StoreError> {
+/// Where the database is and how to reach it.
+struct Target {
+    config: Config,
+    /// `None`: plain TCP (`sslmode=disable`, or none given).
+    tls: Option<tls::Rustls>,
+}
+
+impl Target {
+    fn describe(&self) -> String {
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let tls = match (&self.tls, self.config.get_ssl_mode()) {
+            (None, _) => "",
+            (Some(_), tokio_postgres::config::SslMode::Prefer) => {
+                ", over TLS if the server offers it"
+            }
+            (Some(_), _) => ", over TLS",
+        };
+        format!(
+            "database {} on {}{tls}",
+            self.config.get_dbname().unwrap_or("(default)"),
+            hosts.join(",")
+        )
+    }
+}
+
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = connection.await {
+        tracing::warn!(%error, "a PostgreSQL connection ended");
+    }
+}
+
+/// Reads a `database_url`. Its libpq-style `sslmode` and `sslrootcert` are taken here:
+/// `disable` (or none) is plain TCP, for loopback or a private network; `prefer` is TLS when the
+/// server offers it; `require`, `verify-ca` and `verify-full` are TLS or nothing. Whenever TLS is
+/// used the server's certificate is verified, chain and host name, against the platform's trust
+/// store and the PEM file `sslrootcert` names.
+fn parse_url(url: &str) -> Result<Target, StoreError> {
+    use tokio_postgres::config::SslMode;
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(io(
             "database_url must be a postgres:// URL (postgres://user@host:port/database)",
         ));
     }
-    let mut config: Config = url.parse().map_err(|error| {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut kept = Vec::new();
+    let mut mode = None;
+    let mut root_file = None;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslmode" => mode = Some(percent_decoded(value)?),
+            "sslrootcert" => root_file = Some(std::path::PathBuf::from(percent_decoded(value)?)),
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let mut config: Config = rest.parse().map_err(|error| {
         io(format!(
             "database_url is not a valid PostgreSQL URL: {error}"
         ))
     })?;
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+    let ssl_mode = match mode.as_deref() {
+        None | Some("disable" | "allow") => SslMode::Disable,
+        Some("prefer") => SslMode::Prefer,
+        Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+        Some(other) => {
+            return Err(io(format!(
+                "database_url: sslmode {other:?} is not one of disable, prefer, require, \
+                 verify-ca, verify-full"
+            )));
+        }
+    };
+    if ssl_mode == SslMode::Disable && root_file.is_some() {
         return Err(io(
-            "database_url asks for TLS (sslmode=require), which this build does not speak yet; \
-             reach the database over a private network or leave sslmode out",
+            "database_url names an sslrootcert but no sslmode: add sslmode=verify-full",
         ));
     }
+    config.ssl_mode(ssl_mode);
+    let tls = match ssl_mode {
+        SslMode::Disable => None,
+        _ => Some(
+            tls::Rustls::new(root_file.as_deref())
+                .map_err(|error| io(format!("database_url: {error}")))?,
+        ),
+    };
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     config.application_name("stipend");
-    Ok(config)
+    Ok(Target { config, tls })
 }
 
-fn describe(config: &Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .map(|host| match host {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
-    format!(
-        "database {} on {}",
-        config.get_dbname().unwrap_or("(default)"),
-        hosts.join(",")
-    )
+/// A URL query value with its `%XX` escapes decoded.
+fn percent_decoded(value: &str) -> Result<String, StoreError> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = value
+                .get(index + 1..index + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| io(format!("database_url: {value:?} has a bad % escape")))?;
+            out.push(hex);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| io(format!("database_url: {value:?} is not UTF-8")))
 }
 
 impl PostgresStore {
@@ -319,7 +429,7 @@ impl PostgresStore {
         let pool = Arc::clone(&store.pool);
         let description = store.description.clone();
         let writer = store.run(async move {
-            let mut client = Pool::connect(&pool.config).await?;
+            let mut client = pool.connect().await?;
             migrate(&mut client).await?;
             let claimed: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
@@ -375,7 +485,7 @@ impl PostgresStore {
         let store = PostgresStore::connect(url)?;
         let pool = Arc::clone(&store.pool);
         store.run(async move {
-            let client = Pool::connect(&pool.config).await?;
+            let client = pool.connect().await?;
             let free: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
                 .await
@@ -387,7 +497,7 @@ impl PostgresStore {
     }
 
     fn connect(url: &str) -> Result<PostgresStore, StoreError> {
-        let config = parse_url(url)?;
+        let target = parse_url(url)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("store-postgres")
@@ -396,9 +506,9 @@ impl PostgresStore {
             .map_err(|error| io(format!("cannot start the store's runtime: {error}")))?;
         Ok(PostgresStore {
             runtime: Some(runtime),
-            description: describe(&config),
+            description: target.describe(),
             pool: Arc::new(Pool {
-                config,
+                target,
                 idle: Mutex::new(Vec::new()),
             }),
             writer: None,
@@ -993,7 +1103,7 @@ impl Store for PostgresStore {
             if writer.client.is_closed() {
                 // The database went away (a restart, a lost network): claim it again on a new
                 // connection, unless another process took it meanwhile.
-                let client = Pool::connect(&pool.config).await?;
+                let client = pool.connect().await?;
                 let claimed: bool = client
                     .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
                     .await

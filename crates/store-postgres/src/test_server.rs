@@ -21,6 +21,8 @@ pub struct TestServer {
     port: u16,
     /// `Some` when the server runs as another user than the tests.
     user: Option<(&'static str, u32, u32)>,
+    /// Whether it speaks TLS (and nothing else over TCP).
+    tls: bool,
 }
 
 /// Where `initdb` and `pg_ctl` are: Debian keeps them in `/usr/lib/postgresql/<version>/bin`.
@@ -80,6 +82,16 @@ fn checked(output: std::io::Result<Output>, what: &str) -> Result<Output, String
 impl TestServer {
     /// Creates a cluster and starts it.
     pub fn start() -> Result<TestServer, String> {
+        TestServer::start_with(None)
+    }
+
+    /// Creates a cluster that takes TCP connections over TLS only, with the certificate and key
+    /// of these PEM files, and starts it.
+    pub fn start_tls(certificate: &Path, key: &Path) -> Result<TestServer, String> {
+        TestServer::start_with(Some((certificate, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Result<TestServer, String> {
         let bin = find_bin()?;
         let dir = tempfile::Builder::new()
             .prefix("stipend-pg-")
@@ -98,6 +110,7 @@ impl TestServer {
             bin,
             dir,
             user,
+            tls: tls.is_some(),
         };
         checked(
             server
@@ -108,6 +121,9 @@ impl TestServer {
                 .output(),
             "initdb",
         )?;
+        if let Some((certificate, key)) = tls {
+            server.install_tls(certificate, key)?;
+        }
         server.pg_ctl_start()?;
         server.stop_when_the_tests_end()?;
         Ok(server)
@@ -161,11 +177,35 @@ impl TestServer {
         }
     }
 
+    /// The server's certificate and key in its data directory (the key readable by the server's
+    /// user alone, as PostgreSQL insists), and a `pg_hba.conf` that refuses TCP without TLS.
+    fn install_tls(&self, certificate: &Path, key: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        for (from, name) in [(certificate, "server.crt"), (key, "server.key")] {
+            let to = data.join(name);
+            std::fs::copy(from, &to)
+                .map_err(|error| format!("cannot copy {}: {error}", from.display()))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(|error| error.to_string())?;
+            if let Some((_, uid, gid)) = self.user {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid))
+                    .map_err(|error| error.to_string())?;
+            }
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .map_err(|error| error.to_string())
+    }
+
     fn pg_ctl_start(&self) -> Result<(), String> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.tls { " -c ssl=on" } else { "" }
         );
         checked(
             self.command("pg_ctl")

@@ -73,7 +73,7 @@ listen = "127.0.0.1:0"
 data_dir = "data"
 [stipend]
 amount = "10 PFLOP"
-period = "1d"
+period = "3650d"             # no new period begins while the tests run
 rollover_max = "10 PFLOP"
 "#;
 
