@@ -7,8 +7,10 @@ CARGO ?= cargo
 # Extra arguments for `stipend serve`, e.g. make serve ARGS="--config stipend.toml"
 ARGS ?=
 TARGET := $(or $(CARGO_TARGET_DIR),target)
-# The official OpenAI SDK for the end-to-end tests lives in a virtualenv beside the build.
+# The official OpenAI SDK for the end-to-end tests lives in a virtualenv beside the build, with
+# the PyPI MCP server the agents tests run; the npm one lives in node_modules beside it.
 PYENV := $(TARGET)/pyenv
+MCP := $(TARGET)/mcp
 
 .PHONY: serve test bench bench-model setup
 
@@ -24,13 +26,20 @@ $(PYENV)/.installed: tests/sdk/requirements.txt
 	$(PYENV)/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 	touch $@
 
+$(MCP)/.installed: tests/mcp/package.json tests/mcp/package-lock.json
+	mkdir -p $(MCP)
+	cp tests/mcp/package.json tests/mcp/package-lock.json $(MCP)/
+	cd $(MCP) && npm ci --silent --no-audit --no-fund
+	touch $@
+
 # The embedded model's tests need the model: the freshly built binary fetches it (once).
-test: setup $(PYENV)/.installed
+test: setup $(PYENV)/.installed $(MCP)/.installed
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked --no-run
 	$(TARGET)/debug/stipend model fetch --dir models
-	STIPEND_PYTHON=$(abspath $(PYENV))/bin/python $(CARGO) test --workspace --locked
+	STIPEND_PYTHON=$(abspath $(PYENV))/bin/python STIPEND_MCP_NODE_MODULES=$(abspath $(MCP))/node_modules \
+		$(CARGO) test --workspace --locked
 
 bench: setup
 	$(CARGO) bench --locked -p stipend-ledger --bench ledger

@@ -20,6 +20,10 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
+# Agents' tool servers run under prlimit (util-linux); the npm MCP servers need Node.js and npm.
+command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]} (Debian packages)"

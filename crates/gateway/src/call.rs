@@ -21,7 +21,7 @@ use crate::limits::TOKEN_BYTES_MAX;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stipend_ledger::{AccountId, Budget, ReservationId, Settlement};
+use stipend_ledger::{Budget, ReservationId, Settlement};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -363,16 +363,18 @@ pub(crate) struct Call {
 
 impl Call {
     /// Opens a call: reserves its worst case from `account`, then waits in the model's
-    /// fair-share queue for a slot. The payer is the account the key spends from (a person or a
-    /// pool), so all of one person's calls share one person's turn. A refusal (budget, queue)
+    /// fair-share queue for a slot. The payer's account is charged (the account a key spends
+    /// from, or an agent's); the call queues as the payer's person, so all of one person's calls,
+    /// their agents' included, share one person's turn. A refusal (budget, queue)
     /// changes nothing; a caller that goes away while waiting leaves the queue and voids the
     /// reservation.
     pub(crate) async fn open(
         gateway: &Arc<Gateway>,
-        account: AccountId,
+        payer: crate::routes::Payer,
         model: &Arc<Model>,
         bounds: Bounds,
     ) -> Result<Call, ApiError> {
+        let account = payer.account;
         let worst_cu = bounds
             .worst_cu(model)
             .ok_or_else(|| ApiError::param("max_tokens", "the request is too large to price"))?;
@@ -404,7 +406,7 @@ impl Call {
         let place = model
             .queue
             .enter(
-                account.0,
+                payer.queued_as.0,
                 prompt_tokens.saturating_mul(model.price_prompt_cu),
             )
             .await?;

@@ -126,7 +126,7 @@ impl ApiError {
                 "invalid_request_error",
                 Some("unknown_url"),
                 format!(
-                    "Invalid URL ({method} {path}). Stipend serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/budget, GET /healthz and GET /metrics."
+                    "Invalid URL ({method} {path}). Stipend serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/budget, /v1/agents, /v1/approvals, GET /healthz and GET /metrics."
                 ),
             ),
             ApiError::ModelNotFound(model) => (

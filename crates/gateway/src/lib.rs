@@ -29,7 +29,7 @@ pub use call::Calls;
 pub use error::ApiError;
 pub use keys::KeyRing;
 pub use limits::{GatewayOptions, RESERVATION_MARGIN, RESERVATION_TIMEOUT, UPSTREAM_TIMEOUT_MAX};
-pub use routes::{metrics_router, router};
+pub use routes::{Payer, authenticate, chat_in_process, metrics_router, router};
 pub use upstream::{Upstream, UpstreamConfig};
 
 /// Where a model runs.

@@ -113,7 +113,9 @@ async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
     }
 }
 
-fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<AccountId, ApiError> {
+/// The account a request's key spends from: one `Authorization: Bearer` key, known and not
+/// revoked.
+pub fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<AccountId, ApiError> {
     // Two keys: which one pays is not for the server to guess.
     if headers.get_all("authorization").iter().nth(1).is_some() {
         return Err(ApiError::InvalidRequest {
@@ -373,6 +375,65 @@ async fn serve(
     // buys no right to that.
     let waited = gateway.options.body_read_timeout;
     let bytes = read_body(&headers, body, limit, waited).await?;
+    serve_bytes(gateway, Payer::own(account), bytes, endpoint, routed).await
+}
+
+/// Who pays for a call, and whose turn it takes in the fair-share queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Payer {
+    /// The account charged.
+    pub account: AccountId,
+    /// The account whose share of the queue the call takes: the person behind an agent's
+    /// account, so that a thousand agents get their person's share, not a thousand shares.
+    pub queued_as: AccountId,
+}
+
+impl Payer {
+    /// An account that pays for itself and queues as itself.
+    pub fn own(account: AccountId) -> Payer {
+        Payer {
+            account,
+            queued_as: account,
+        }
+    }
+}
+
+/// A chat completion asked for in this process (an agent's step), not over HTTP: parsed,
+/// bounded, reserved, queued, served and settled as any other, and answered as a client would
+/// be (a plain answer carries [`CHARGED_HEADER`](crate::CHARGED_HEADER)).
+pub async fn chat_in_process(
+    gateway: Arc<Gateway>,
+    payer: Payer,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if body.len() > gateway.options.body_bytes_max {
+        return Err(ApiError::PayloadTooLarge(gateway.options.body_bytes_max));
+    }
+    let started = std::time::Instant::now();
+    let mut model = None;
+    let result = serve_bytes(
+        Arc::clone(&gateway),
+        payer,
+        body,
+        Endpoint::Chat,
+        &mut model,
+    )
+    .await;
+    let outcome = crate::metrics::Outcome::of(&result);
+    match &model {
+        Some(model) => model.counters.request(outcome, started.elapsed()),
+        None => gateway.unrouted.request(outcome, started.elapsed()),
+    }
+    result
+}
+
+async fn serve_bytes(
+    gateway: Arc<Gateway>,
+    payer: Payer,
+    bytes: Bytes,
+    endpoint: Endpoint,
+    routed: &mut Option<Arc<Model>>,
+) -> Result<Response, ApiError> {
     let parsed = parse(&gateway, bytes, endpoint)?;
     let model = Arc::clone(&parsed.model);
     *routed = Some(Arc::clone(&model));
@@ -383,7 +444,7 @@ async fn serve(
             model: upstream_model,
         } => {
             let (bounds, body) = for_upstream(&gateway, parsed, upstream_model);
-            let call = Call::open(&gateway, account, &model, bounds).await?;
+            let call = Call::open(&gateway, payer, &model, bounds).await?;
             crate::relay::serve(
                 call,
                 crate::relay::Request {
@@ -406,7 +467,7 @@ async fn serve(
             })
             .await
             .map_err(|_| ApiError::Internal)??;
-            let call = Call::open(&gateway, account, &model, bounds).await?;
+            let call = Call::open(&gateway, payer, &model, bounds).await?;
             crate::embedded::serve(call, generate, stream, include_usage, endpoint).await
         }
     }

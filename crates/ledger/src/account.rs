@@ -57,7 +57,9 @@ impl AccountKind {
         })
     }
 
-    /// Whether the account's balance is made of grants (lots) and may never go below zero.
+    /// Whether the account's balance is made of grants (lots) and may never go below zero: a
+    /// person's, a pool's, an agent's sub-budget. Only these reserve compute, and give it to each
+    /// other (a run's cap moves from its person to its agent account, and back when it ends).
     /// The issuer and the sinks hold plain signed totals instead.
     pub fn holds_grants(self) -> bool {
         matches!(

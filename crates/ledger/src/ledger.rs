@@ -1162,7 +1162,7 @@ impl Ledger {
         }
         for (account, operation) in [(from, "give compute"), (to, "receive a gift")] {
             let kind = state.account(account)?.kind();
-            if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
+            if !kind.holds_grants() {
                 return Err(LedgerError::WrongKind {
                     account,
                     kind,

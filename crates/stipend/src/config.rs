@@ -57,6 +57,33 @@ struct RawConfig {
     stipend: RawStipend,
     #[serde(default)]
     models: Vec<RawModel>,
+    agents: Option<RawAgents>,
+    #[serde(default)]
+    toolsets: Vec<RawToolset>,
+}
+
+/// `[agents]`: how runs go.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    default_policy: Option<String>,
+    tool_timeout: Option<String>,
+    tool_output_bytes_max: Option<i64>,
+    max_steps: Option<i64>,
+    step_max_tokens: Option<i64>,
+    active_runs_per_person_max: Option<i64>,
+}
+
+/// `[[toolsets]]`: an MCP server runs may use.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToolset {
+    name: Option<String>,
+    command: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    policy: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,6 +458,9 @@ pub struct Config {
     pub workers: Option<usize>,
     /// The models.
     pub models: Vec<ModelConfig>,
+    /// Agent runs: their limits and the toolsets they may use (their working directories are
+    /// under `data_dir/agents`).
+    pub agents: stipend_agents::AgentsOptions,
 }
 
 /// A PostgreSQL URL, which may hold a password: shown only as the database and host it names.
@@ -656,6 +686,12 @@ impl Config {
             }
             models.push(model);
         }
+        let agents = check_agents(
+            raw.agents.unwrap_or_default(),
+            raw.toolsets,
+            data_dir.join("agents"),
+        )
+        .with_context(|| format!("config {name}"))?;
         Ok(Config {
             source: source.map(Path::to_path_buf),
             data_dir,
@@ -671,8 +707,106 @@ impl Config {
             lease_ttl,
             workers,
             models,
+            agents,
         })
     }
+}
+
+/// Checks `[agents]` and `[[toolsets]]`.
+fn check_agents(
+    raw: RawAgents,
+    toolsets: Vec<RawToolset>,
+    workdir_root: PathBuf,
+) -> anyhow::Result<stipend_agents::AgentsOptions> {
+    use stipend_agents::{Policy, ToolsetConfig};
+    let mut options = stipend_agents::AgentsOptions::new(workdir_root);
+    let policy = |key: &str, text: &str| {
+        Policy::parse(text).ok_or_else(|| {
+            anyhow::anyhow!("{key} must be \"auto\", \"ask\" or \"deny\", got {text:?}")
+        })
+    };
+    if let Some(text) = raw.default_policy {
+        options.default_policy = policy("agents.default_policy", &text)?;
+    }
+    if let Some(text) = raw.tool_timeout {
+        let timeout = parse_duration(&text).context("agents.tool_timeout")?;
+        if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(3_600) {
+            bail!("agents.tool_timeout must be from 1s to 1h, got {text}");
+        }
+        options.tool_timeout = timeout;
+    }
+    let bounded = |key: &str, value: Option<i64>, default: u64, low: i64, high: i64| match value {
+        None => Ok(default),
+        Some(n) if (low..=high).contains(&n) => Ok(n as u64),
+        Some(n) => bail!("{key} must be from {low} to {high}, got {n}"),
+    };
+    options.tool_output_bytes_max = bounded(
+        "agents.tool_output_bytes_max",
+        raw.tool_output_bytes_max,
+        options.tool_output_bytes_max as u64,
+        256,
+        1 << 20,
+    )? as usize;
+    options.max_steps_default = bounded(
+        "agents.max_steps",
+        raw.max_steps,
+        u64::from(options.max_steps_default),
+        1,
+        i64::from(options.max_steps_max),
+    )? as u32;
+    options.step_max_tokens = bounded(
+        "agents.step_max_tokens",
+        raw.step_max_tokens,
+        options.step_max_tokens,
+        16,
+        1 << 20,
+    )?;
+    options.active_runs_per_person_max = bounded(
+        "agents.active_runs_per_person_max",
+        raw.active_runs_per_person_max,
+        options.active_runs_per_person_max as u64,
+        1,
+        100_000,
+    )? as usize;
+    for (index, raw) in toolsets.into_iter().enumerate() {
+        let at = format!("toolsets[{index}]");
+        let name = raw
+            .name
+            .filter(|name| !name.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{at}.name is missing"))?;
+        if name.len() > 32
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            bail!("{at}.name must be 1 to 32 of a-z, 0-9 and -, got {name:?}");
+        }
+        if options.toolsets.iter().any(|other| other.name == name) {
+            bail!("{at}.name: {name:?} is used twice");
+        }
+        let command = raw
+            .command
+            .filter(|command| !command.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{at}.command is missing"))?;
+        let mut default = None;
+        let mut overrides = std::collections::BTreeMap::new();
+        for (tool, text) in raw.policy {
+            let parsed = policy(&format!("{at}.policy.{tool}"), &text)?;
+            if tool == "default" {
+                default = Some(parsed);
+            } else {
+                overrides.insert(tool, parsed);
+            }
+        }
+        options.toolsets.push(ToolsetConfig {
+            name,
+            command,
+            args: raw.args,
+            default,
+            overrides,
+        });
+    }
+    Ok(options)
 }
 
 /// A duration key of the config file: its default if absent, else parsed and checked to lie in

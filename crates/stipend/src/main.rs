@@ -51,6 +51,97 @@ enum Command {
     /// The embedded model.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Your agent runs and what they ask you, through a running server, with your own key.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Your API key.
+    #[arg(long, env = "STIPEND_KEY", hide_env_values = true)]
+    key: String,
+    /// The server's API (default: http://<the config's listen>/v1).
+    #[arg(long, env = "STIPEND_URL", value_name = "URL")]
+    url: Option<String>,
+    #[command(subcommand)]
+    command: AgentCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Start a run: the budget moves from you to the run, and what is left comes back.
+    Start {
+        /// What the run is to do.
+        #[arg(long)]
+        goal: String,
+        /// The model it calls.
+        #[arg(long)]
+        model: String,
+        /// Its budget: cu, or FLOP with an SI prefix ("2 PFLOP").
+        #[arg(long)]
+        budget: String,
+        /// A toolset it may use (repeat for more).
+        #[arg(long = "toolset", value_name = "NAME")]
+        toolsets: Vec<String>,
+        /// The most steps (model calls) it may take.
+        #[arg(long)]
+        max_steps: Option<u32>,
+    },
+    /// Your runs, newest first.
+    List,
+    /// One run: its state, steps, spending and what it waits for.
+    Show {
+        /// The run's id.
+        id: String,
+    },
+    /// What your runs wait for you to decide.
+    Approvals,
+    /// Let a run do what it asked.
+    Approve {
+        /// The approval's id.
+        id: String,
+        /// Also let this tool run without asking for the rest of the run.
+        #[arg(long)]
+        for_run: bool,
+        /// Run it with these arguments instead (a JSON object).
+        #[arg(long, value_name = "JSON")]
+        arguments: Option<String>,
+    },
+    /// Refuse what a run asked; the model is told your reason.
+    Deny {
+        /// The approval's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Tell a run something it sees at its next step.
+    Steer {
+        /// The run's id.
+        id: String,
+        /// The message.
+        message: String,
+    },
+    /// Pause a run after its current step.
+    Pause {
+        /// The run's id.
+        id: String,
+    },
+    /// Resume a paused run.
+    Resume {
+        /// The run's id.
+        id: String,
+    },
+    /// Stop a run; what is left of its budget comes back.
+    Stop {
+        /// The run's id.
+        id: String,
+    },
+    /// Delete a run, its transcript and its working directory.
+    Delete {
+        /// The run's id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let mut config = Config::load(cli.config.as_deref())?;
     let request = match cli.command {
+        Command::Agent(args) => return agent_command(&config, args, cli.json),
         Command::Serve { listen } => {
             if let Some(listen) = listen {
                 config.listen = listen;
@@ -254,6 +346,67 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let response = send(&config, request)?;
     print(&response, cli.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn agent_command(config: &Config, args: AgentArgs, json: bool) -> anyhow::Result<ExitCode> {
+    use stipend::agent::Action;
+    let base = args.url.unwrap_or_else(|| {
+        let listen = config.listen;
+        // A server listening on every address is reached on this machine's loopback.
+        let host = if listen.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            listen.ip().to_string()
+        };
+        format!("http://{host}:{}/v1", listen.port())
+    });
+    let action = match args.command {
+        AgentCommand::Start {
+            goal,
+            model,
+            budget,
+            toolsets,
+            max_steps,
+        } => Action::Start {
+            goal,
+            model,
+            budget_cu: parse_positive_amount(&budget)?,
+            toolsets,
+            max_steps,
+        },
+        AgentCommand::List => Action::List,
+        AgentCommand::Show { id } => Action::Show(id),
+        AgentCommand::Approvals => Action::Approvals,
+        AgentCommand::Approve {
+            id,
+            for_run,
+            arguments,
+        } => Action::Approve {
+            id,
+            for_run,
+            arguments: arguments
+                .map(
+                    |text| match serde_json::from_str::<serde_json::Value>(&text) {
+                        Ok(value @ serde_json::Value::Object(_)) => Ok(value),
+                        _ => anyhow::bail!("--arguments must be a JSON object, got {text:?}"),
+                    },
+                )
+                .transpose()?,
+        },
+        AgentCommand::Deny { id, reason } => Action::Deny { id, reason },
+        AgentCommand::Steer { id, message } => Action::Steer { id, message },
+        AgentCommand::Pause { id } => Action::Pause(id),
+        AgentCommand::Resume { id } => Action::Resume(id),
+        AgentCommand::Stop { id } => Action::Stop(id),
+        AgentCommand::Delete { id } => Action::Delete(id),
+    };
+    let answer = stipend::agent::call(&base, &args.key, action)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print!("{}", stipend::agent::render(&answer));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -442,8 +442,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Some(address)
         }
     };
+    // Agent runs: their model calls go through this gateway; their caps move with the books.
+    let agents = stipend_agents::Agents::new(
+        Arc::clone(&gateway),
+        Arc::clone(&engine.books),
+        config.agents.clone(),
+    );
+    // Runs end with their server (their journal is not built yet): what they held comes back to
+    // their people now. Only where this server is the ledger's only one.
+    if engine.node.is_none() {
+        let sweeping = Arc::clone(&agents);
+        match tokio::task::spawn_blocking(move || sweeping.return_stranded_budgets()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(cu)) => {
+                println!("Gave {cu} cu held by runs of the last server back to their people.")
+            }
+            Ok(Err(error)) => tracing::error!(%error, "runs' budgets could not be given back"),
+            Err(_) => tracing::error!("the task giving runs' budgets back failed"),
+        }
+    }
     let mut http_task = tokio::spawn({
-        let router = stipend_gateway::router(Arc::clone(&gateway));
+        let router = stipend_gateway::router(Arc::clone(&gateway))
+            .merge(stipend_agents::routes::router(agents));
         stipend_gateway::server::serve(http, router, config.client_read_timeout, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         })

@@ -577,7 +577,7 @@ impl Books for PostgresBooks {
         let posted = self.change(vec![from, to], candidate, move |rows, transfer| {
             for (row, operation) in rows.iter().zip(["give compute", "receive a gift"]) {
                 let kind = row.record.kind;
-                if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
+                if !kind.holds_grants() {
                     return Err(LedgerError::WrongKind {
                         account: row.record.id,
                         kind,

@@ -24,6 +24,9 @@
 //!   `-runaway` (ignores `max_tokens`: a stream never ends, a plain answer is a hundred times
 //!   too long and says so), and `-stray` (from its third token, streams a choice at index 10⁹).
 //!
+//! - `script`: an agent's model, told by the run's goal which tool calls to make at each step
+//!   (see [`script`]), counting what it computed as the `honest` models do.
+//!
 //! Usage: prompt tokens are the prompt's bytes divided by four, rounded up; completion tokens
 //! are the tokens produced. Responses never echo the prompt.
 
@@ -191,6 +194,9 @@ async fn answer(body: Bytes, chat: bool, computed: Arc<Computed>) -> Response {
     if model.starts_with("honest") {
         return honest::answer(&request, chat, &model, computed).await;
     }
+    if model == "script" && chat {
+        return script::answer(&request, &computed);
+    }
     let max_tokens = request["max_tokens"].as_u64().unwrap_or(16);
     let stream = request["stream"].as_bool().unwrap_or(false);
     let prompt_tokens = prompt_tokens(&request);
@@ -337,6 +343,7 @@ async fn answer(body: Bytes, chat: bool, computed: Arc<Computed>) -> Response {
 }
 
 mod honest;
+pub mod script;
 
 /// A path in the repository, from the crate being tested or benchmarked. Read at run time
 /// (cargo sets `CARGO_MANIFEST_DIR` for tests and benches): a test binary reused from a build in

@@ -1,0 +1,712 @@
+//! Agent runs under their person's supervision. A person starts a run with a goal, a model, a
+//! budget cap and the toolsets it may use; the cap moves from the person to an account of the
+//! run's own (kind agent), so the ledger itself keeps the run within it, and what is left goes
+//! back when the run ends. Each step is a model call through the gateway's `Call`, in-process,
+//! charged to the run's account and queued as its person (a thousand agents get their person's
+//! share, not a thousand shares); each tool call the model makes is run, refused, or put to the
+//! person first, by its policy. The person sees and steers the run, pauses, resumes or stops
+//! it, and decides what it asks.
+//!
+//! The transcript (the messages and tool results) belongs to the run's person: it is kept only
+//! with the run, shown only to that person, and never logged.
+
+mod mcp;
+pub mod routes;
+mod run;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use stipend_gateway::Gateway;
+use stipend_ledger::{AccountId, AccountKind, Books, LedgerError, TransferId};
+use tokio::sync::{broadcast, oneshot, watch};
+
+pub use mcp::{Policy, ToolError, ToolsetConfig, bounded};
+
+/// The operator's settings for agents.
+#[derive(Debug, Clone)]
+pub struct AgentsOptions {
+    /// The toolsets runs may use.
+    pub toolsets: Vec<ToolsetConfig>,
+    /// The policy of a tool nothing else gives one.
+    pub default_policy: Policy,
+    /// The longest a tool call (or a toolset's start) may take.
+    pub tool_timeout: Duration,
+    /// The most bytes of a tool's output the model sees.
+    pub tool_output_bytes_max: usize,
+    /// Steps a run takes when it does not say.
+    pub max_steps_default: u32,
+    /// The most steps a run may ask for.
+    pub max_steps_max: u32,
+    /// `max_tokens` of each model call.
+    pub step_max_tokens: u64,
+    /// Where runs get their working directories.
+    pub workdir_root: PathBuf,
+    /// The most runs one person may have that have not ended.
+    pub active_runs_per_person_max: usize,
+}
+
+impl AgentsOptions {
+    /// The defaults, with runs' directories under `workdir_root`.
+    pub fn new(workdir_root: PathBuf) -> AgentsOptions {
+        AgentsOptions {
+            toolsets: Vec::new(),
+            default_policy: Policy::Ask,
+            tool_timeout: Duration::from_secs(60),
+            tool_output_bytes_max: 16 * 1024,
+            max_steps_default: 32,
+            max_steps_max: 1_000,
+            step_max_tokens: 1_024,
+            workdir_root,
+            active_runs_per_person_max: 100,
+        }
+    }
+}
+
+/// A run's state, as its person sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Working: calling the model or a tool.
+    Running,
+    /// Waiting for its person to decide what it asked.
+    WaitingForApproval,
+    /// Paused by its person; it goes on when resumed.
+    Paused,
+    /// The model answered without asking for a tool.
+    Done,
+    /// Something failed (the model, a toolset); `error` says what.
+    Failed,
+    /// Stopped by its person, or at its `max_steps`.
+    Stopped,
+    /// Its budget could not pay for its next step.
+    BudgetExhausted,
+}
+
+impl State {
+    /// Whether the run has ended.
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            State::Done | State::Failed | State::Stopped | State::BudgetExhausted
+        )
+    }
+}
+
+/// What a person decided about an approval.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Run the tool, with these arguments if given (edited).
+    Approve(Option<Map<String, Value>>),
+    /// Run it, and this tool without asking for the rest of the run.
+    ApproveForRun(Option<Map<String, Value>>),
+    /// Do not run it; the model is told the reason.
+    Deny(String),
+}
+
+/// One step of a run, as its person sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// `model` (a model call) or `tool` (a tool call).
+    pub kind: &'static str,
+    /// The tool (`toolset__tool`), for a tool step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// The arguments it ran with (after any edit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Value>,
+    /// How it went: `auto`, `approved`, `approved_for_run`, `denied`, `refused_by_policy`, or
+    /// for a model step `answered` / `asked_for_tools`.
+    pub outcome: String,
+    /// A short summary of the tool's result, or of the model's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// cu charged for the step (model steps).
+    pub cu: u64,
+}
+
+/// A pending approval, as its person sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Approval {
+    /// Its id.
+    pub id: String,
+    /// The run that asks.
+    pub run_id: String,
+    /// The tool (`toolset__tool`).
+    pub tool: String,
+    /// The arguments the model gave.
+    pub arguments: Value,
+    /// When it was asked (RFC 3339).
+    pub created_at: String,
+}
+
+/// A run as its person sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    /// Its id.
+    pub id: String,
+    /// Its state.
+    pub state: State,
+    /// The goal it was given.
+    pub goal: String,
+    /// The model it calls.
+    pub model: String,
+    /// Its budget cap.
+    pub budget_cu: u64,
+    /// What it spent so far.
+    pub spent_cu: u64,
+    /// Its steps so far.
+    pub steps: Vec<Step>,
+    /// The most steps it may take.
+    pub max_steps: u32,
+    /// The toolsets it may use.
+    pub toolsets: Vec<String>,
+    /// Its final answer, once done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// What it waits for, if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    /// Why it ended, if it failed or was stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    /// When it started (RFC 3339).
+    pub created_at: String,
+}
+
+/// What a person asks for when starting a run.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// What the run is to do.
+    pub goal: String,
+    /// The model to call.
+    pub model: String,
+    /// The cap, in cu, moved from the person to the run.
+    pub budget_cu: u64,
+    /// The toolsets it may use.
+    pub toolsets: Vec<String>,
+    /// The most steps (model calls) it may take.
+    pub max_steps: Option<u32>,
+}
+
+/// Why an agents request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// 400: the request is wrong; `param` names the field.
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong.
+        message: String,
+        /// The field.
+        param: Option<&'static str>,
+    },
+    /// 404: no such run or approval for this person.
+    #[error("no {0} with that id")]
+    NotFound(&'static str),
+    /// 409: the run or approval is not in a state that allows it.
+    #[error("{0}")]
+    Conflict(String),
+    /// 429: the person has too many runs going, or too little for the cap.
+    #[error("{message}")]
+    Quota {
+        /// What is short.
+        message: String,
+        /// `insufficient_quota` or `rate_limit_exceeded`.
+        code: &'static str,
+    },
+    /// 503 / 500: the ledger refused or failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// A run's mutable part, under its lock.
+pub(crate) struct RunInner {
+    pub state: State,
+    pub spent_cu: u64,
+    pub steps: Vec<Step>,
+    pub answer: Option<String>,
+    pub error: Option<Value>,
+    pub pending: Option<(Approval, oneshot::Sender<Decision>)>,
+    pub approved_tools: HashSet<String>,
+    /// Approvals asked so far (the next one's number).
+    pub approvals_asked: u64,
+    pub steers: Vec<String>,
+    /// The messages so far: the transcript, the person's alone.
+    pub messages: Vec<Value>,
+}
+
+/// One run.
+pub(crate) struct Run {
+    pub id: String,
+    pub person: AccountId,
+    pub account: AccountId,
+    pub goal: String,
+    pub model: String,
+    pub budget_cu: u64,
+    pub max_steps: u32,
+    pub toolsets: Vec<String>,
+    pub created_at: String,
+    pub inner: Mutex<RunInner>,
+    /// Paused (true) or not; the loop waits on it between steps.
+    pub paused: watch::Sender<bool>,
+    /// Set when the person stops the run.
+    pub stop: watch::Sender<bool>,
+    /// Steps and state changes as they happen (the events stream).
+    pub events: broadcast::Sender<Value>,
+}
+
+impl Run {
+    pub(crate) fn view(&self) -> RunView {
+        let inner = self.inner.lock();
+        RunView {
+            id: self.id.clone(),
+            state: inner.state,
+            goal: self.goal.clone(),
+            model: self.model.clone(),
+            budget_cu: self.budget_cu,
+            spent_cu: inner.spent_cu,
+            steps: inner.steps.clone(),
+            max_steps: self.max_steps,
+            toolsets: self.toolsets.clone(),
+            answer: inner.answer.clone(),
+            approval: inner.pending.as_ref().map(|(approval, _)| approval.clone()),
+            error: inner.error.clone(),
+            created_at: self.created_at.clone(),
+        }
+    }
+
+    /// Tells whoever watches the run's events.
+    pub(crate) fn publish(&self, event: Value) {
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn set_state(&self, state: State) {
+        {
+            let mut inner = self.inner.lock();
+            if inner.state == state || inner.state.ended() {
+                return;
+            }
+            inner.state = state;
+        }
+        self.publish(json!({"type": "state", "state": state}));
+    }
+}
+
+/// Every run on this server.
+pub struct Agents {
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) books: Arc<dyn Books>,
+    pub(crate) options: AgentsOptions,
+    pub(crate) runs: Mutex<BTreeMap<String, Arc<Run>>>,
+}
+
+impl Agents {
+    /// Agents on `gateway` (its models, keys and budget), moving caps with `books`.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        books: Arc<dyn Books>,
+        options: AgentsOptions,
+    ) -> Arc<Agents> {
+        Arc::new(Agents {
+            gateway,
+            books,
+            options,
+            runs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The gateway the runs call models through.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Starts a run for `person`: checks the request, moves the cap to a new agent account, and
+    /// sets the run going.
+    pub fn start(
+        self: &Arc<Agents>,
+        person: AccountId,
+        request: StartRequest,
+    ) -> Result<RunView, AgentError> {
+        let invalid = |message: String, param: &'static str| AgentError::Invalid {
+            message,
+            param: Some(param),
+        };
+        if request.goal.trim().is_empty() {
+            return Err(invalid(
+                "`goal` must say what the run is to do".into(),
+                "goal",
+            ));
+        }
+        if request.goal.len() > 64 * 1024 {
+            return Err(invalid("`goal` is longer than 64 KiB".into(), "goal"));
+        }
+        if !self.gateway.models.contains_key(&request.model) {
+            return Err(invalid(
+                format!(
+                    "there is no model {:?} (GET /v1/models lists them)",
+                    request.model
+                ),
+                "model",
+            ));
+        }
+        if request.budget_cu == 0 {
+            return Err(invalid(
+                "`budget_cu` must be at least 1".into(),
+                "budget_cu",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for name in &request.toolsets {
+            if !self
+                .options
+                .toolsets
+                .iter()
+                .any(|toolset| &toolset.name == name)
+            {
+                let known: Vec<&str> = self
+                    .options
+                    .toolsets
+                    .iter()
+                    .map(|toolset| toolset.name.as_str())
+                    .collect();
+                return Err(invalid(
+                    format!("there is no toolset {name:?}; this server has {known:?}"),
+                    "toolsets",
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(invalid(
+                    format!("toolset {name:?} is named twice"),
+                    "toolsets",
+                ));
+            }
+        }
+        let max_steps = request.max_steps.unwrap_or(self.options.max_steps_default);
+        if max_steps == 0 || max_steps > self.options.max_steps_max {
+            return Err(invalid(
+                format!(
+                    "`max_steps` must be from 1 to {}",
+                    self.options.max_steps_max
+                ),
+                "max_steps",
+            ));
+        }
+        let active = self
+            .runs
+            .lock()
+            .values()
+            .filter(|run| run.person == person && !run.inner.lock().state.ended())
+            .count();
+        if active >= self.options.active_runs_per_person_max {
+            return Err(AgentError::Quota {
+                message: format!(
+                    "You have {active} runs going, the most this server allows; stop or wait for one."
+                ),
+                code: "rate_limit_exceeded",
+            });
+        }
+        let id = format!("run_{:032x}", TransferId::random().0);
+        // Named for its person, so that what it holds can find its way back to them.
+        let account = self
+            .books
+            .create_account(&agent_account_name(person, &id), AccountKind::Agent)?;
+        // The cap moves to the run: the ledger then keeps the run within it.
+        match self
+            .books
+            .give(TransferId::random(), person, account, request.budget_cu)
+        {
+            Ok(_) => {}
+            Err(LedgerError::InsufficientBalance { available_cu, .. }) => {
+                return Err(AgentError::Quota {
+                    message: format!(
+                        "The budget of {} cu is more than you have available ({available_cu} cu).",
+                        request.budget_cu
+                    ),
+                    code: "insufficient_quota",
+                });
+            }
+            Err(error) => return Err(error.into()),
+        }
+        let (events, _) = broadcast::channel(256);
+        let run = Arc::new(Run {
+            id: id.clone(),
+            person,
+            account,
+            goal: request.goal.clone(),
+            model: request.model,
+            budget_cu: request.budget_cu,
+            max_steps,
+            toolsets: request.toolsets,
+            created_at: stipend_ledger::units::format_utc(self.books.now_ms()),
+            inner: Mutex::new(RunInner {
+                state: State::Running,
+                spent_cu: 0,
+                steps: Vec::new(),
+                answer: None,
+                error: None,
+                pending: None,
+                approved_tools: HashSet::new(),
+                approvals_asked: 0,
+                steers: Vec::new(),
+                messages: vec![json!({"role": "user", "content": request.goal})],
+            }),
+            paused: watch::Sender::new(false),
+            stop: watch::Sender::new(false),
+            events,
+        });
+        self.runs.lock().insert(id, Arc::clone(&run));
+        let view = run.view();
+        tokio::spawn(run::drive(Arc::clone(self), run));
+        Ok(view)
+    }
+
+    /// Gives every agent account's balance back to its person: what runs held when the server
+    /// last stopped (runs do not outlive their server yet). For a server that is the ledger's
+    /// only one; on a shared database the other servers' runs are live. Returns the cu given back.
+    pub fn return_stranded_budgets(&self) -> Result<u64, AgentError> {
+        let mut returned = 0;
+        let mut after = None;
+        loop {
+            let page = self.books.views(after, 1_000)?;
+            let Some(last) = page.last() else {
+                return Ok(returned);
+            };
+            after = Some(last.id);
+            for view in page {
+                if view.kind != AccountKind::Agent || view.available_cu == 0 {
+                    continue;
+                }
+                let Some(person) = person_of_agent_account(&view.name) else {
+                    continue;
+                };
+                self.books
+                    .give(TransferId::random(), view.id, person, view.available_cu)?;
+                tracing::warn!(account = %view.name, cu = view.available_cu, "a run's budget left by a stopped server was given back");
+                returned += view.available_cu;
+            }
+        }
+    }
+
+    /// A run of `person`'s.
+    pub(crate) fn run_of(&self, person: AccountId, id: &str) -> Result<Arc<Run>, AgentError> {
+        self.runs
+            .lock()
+            .get(id)
+            .filter(|run| run.person == person)
+            .cloned()
+            .ok_or(AgentError::NotFound("run"))
+    }
+
+    /// `person`'s runs, newest first.
+    pub fn list(&self, person: AccountId) -> Vec<RunView> {
+        let runs: Vec<Arc<Run>> = self
+            .runs
+            .lock()
+            .values()
+            .filter(|run| run.person == person)
+            .cloned()
+            .collect();
+        let mut views: Vec<RunView> = runs.iter().map(|run| run.view()).collect();
+        views.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        views
+    }
+
+    /// One of `person`'s runs.
+    pub fn show(&self, person: AccountId, id: &str) -> Result<RunView, AgentError> {
+        Ok(self.run_of(person, id)?.view())
+    }
+
+    /// A run's events from now on: steps and state changes.
+    pub fn events(
+        &self,
+        person: AccountId,
+        id: &str,
+    ) -> Result<(RunView, broadcast::Receiver<Value>), AgentError> {
+        let run = self.run_of(person, id)?;
+        let receiver = run.events.subscribe();
+        Ok((run.view(), receiver))
+    }
+
+    /// A message the model sees at the run's next step.
+    pub fn steer(
+        &self,
+        person: AccountId,
+        id: &str,
+        message: String,
+    ) -> Result<RunView, AgentError> {
+        let run = self.run_of(person, id)?;
+        if message.trim().is_empty() || message.len() > 64 * 1024 {
+            return Err(AgentError::Invalid {
+                message: "`message` must be 1 byte to 64 KiB".to_string(),
+                param: Some("message"),
+            });
+        }
+        {
+            let mut inner = run.inner.lock();
+            if inner.state.ended() {
+                return Err(AgentError::Conflict(format!(
+                    "the run has ended ({})",
+                    json!(inner.state)
+                )));
+            }
+            inner.steers.push(message);
+        }
+        Ok(run.view())
+    }
+
+    /// Pauses a run (between steps) or resumes it.
+    pub fn pause(&self, person: AccountId, id: &str, pause: bool) -> Result<RunView, AgentError> {
+        let run = self.run_of(person, id)?;
+        {
+            let inner = run.inner.lock();
+            if inner.state.ended() {
+                return Err(AgentError::Conflict(format!(
+                    "the run has ended ({})",
+                    json!(inner.state)
+                )));
+            }
+        }
+        run.paused.send_replace(pause);
+        if pause {
+            let waiting = run.inner.lock().state == State::WaitingForApproval;
+            if !waiting {
+                run.set_state(State::Paused);
+            }
+        } else if run.inner.lock().state == State::Paused {
+            run.set_state(State::Running);
+        }
+        Ok(run.view())
+    }
+
+    /// Stops a run: it ends at once (a tool call under way is abandoned), and what is left of
+    /// its budget goes back.
+    pub fn stop(&self, person: AccountId, id: &str) -> Result<RunView, AgentError> {
+        let run = self.run_of(person, id)?;
+        if run.inner.lock().state.ended() {
+            return Ok(run.view());
+        }
+        run.stop.send_replace(true);
+        Ok(run.view())
+    }
+
+    /// Deletes a run, its transcript and its working directory; a run still going is stopped
+    /// first.
+    pub async fn delete(&self, person: AccountId, id: &str) -> Result<(), AgentError> {
+        let run = self.run_of(person, id)?;
+        run.stop.send_replace(true);
+        // The loop ends within its current step's bound; wait for it to have given the budget
+        // back before the run is forgotten.
+        let mut ended = run.events.subscribe();
+        while !run.inner.lock().state.ended() {
+            let _ = tokio::time::timeout(Duration::from_millis(100), ended.recv()).await;
+        }
+        self.runs.lock().remove(id);
+        // What its tools wrote goes with it.
+        let workdir = self.options.workdir_root.join(id);
+        if workdir.exists()
+            && let Err(error) = std::fs::remove_dir_all(&workdir)
+        {
+            tracing::warn!(%error, run = %id, "a deleted run's working directory could not be removed");
+        }
+        Ok(())
+    }
+
+    /// `person`'s pending approvals, across their runs.
+    pub fn approvals(&self, person: AccountId) -> Vec<Approval> {
+        let runs: Vec<Arc<Run>> = self
+            .runs
+            .lock()
+            .values()
+            .filter(|run| run.person == person)
+            .cloned()
+            .collect();
+        let mut approvals: Vec<Approval> = runs
+            .iter()
+            .filter_map(|run| run.inner.lock().pending.as_ref().map(|(a, _)| a.clone()))
+            .collect();
+        approvals.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        approvals
+    }
+
+    /// Decides one of `person`'s approvals; an approval is decided once (a second time is a
+    /// conflict).
+    pub fn decide(
+        &self,
+        person: AccountId,
+        approval_id: &str,
+        decision: Decision,
+    ) -> Result<RunView, AgentError> {
+        let run_id = approval_id
+            .strip_prefix("appr_")
+            .and_then(|rest| rest.split_once('_'))
+            .map(|(run, _)| format!("run_{run}"))
+            .ok_or(AgentError::NotFound("approval"))?;
+        let run = self
+            .run_of(person, &run_id)
+            .map_err(|_| AgentError::NotFound("approval"))?;
+        let sender = {
+            let mut inner = run.inner.lock();
+            match &inner.pending {
+                Some((approval, _)) if approval.id == approval_id => {
+                    inner.pending.take().map(|(_, sender)| sender)
+                }
+                _ => {
+                    let asked_before = approval_id
+                        .rsplit('_')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .is_some_and(|n| n < inner.approvals_asked);
+                    return Err(if asked_before {
+                        AgentError::Conflict("this approval was already decided".to_string())
+                    } else {
+                        AgentError::NotFound("approval")
+                    });
+                }
+            }
+        };
+        if let Some(sender) = sender {
+            let _ = sender.send(decision);
+        }
+        Ok(run.view())
+    }
+}
+
+/// The name of a run's account: `agent:<person's id>:<run id>`.
+fn agent_account_name(person: AccountId, run: &str) -> String {
+    format!("agent:{}:{run}", person.0)
+}
+
+/// The person a run's account belongs to, from its name.
+fn person_of_agent_account(name: &str) -> Option<AccountId> {
+    let mut parts = name.strip_prefix("agent:")?.split(':');
+    let person = parts.next()?.parse().ok()?;
+    parts
+        .next()?
+        .starts_with("run_")
+        .then_some(AccountId(person))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_account_names_its_person() {
+        let name = agent_account_name(AccountId(42), "run_00ff");
+        assert_eq!(name, "agent:42:run_00ff");
+        assert_eq!(person_of_agent_account(&name), Some(AccountId(42)));
+        for other in [
+            "agent:42",
+            "agent:x:run_1",
+            "pool:42:run_1",
+            "agent:42:other",
+        ] {
+            assert_eq!(person_of_agent_account(other), None, "{other}");
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! A run's loop: call the model with the tools → for each tool call, its policy (run it, refuse
+//! it, or ask the person and wait) → the results back to the model → until the model answers
+//! without a tool call, the budget cannot pay for a step, `max_steps` is reached, or the person
+//! stops it. Then the run's toolsets stop and what is left of its budget goes back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use stipend_gateway::{ApiError, CHARGED_HEADER, Payer};
+use stipend_ledger::TransferId;
+
+use crate::mcp::{Tool, Toolset};
+use crate::{Agents, Approval, Decision, Run, State, Step};
+
+/// The longest an ended run waits for what its account holds to be let go before giving the
+/// rest back: a model call's settle, or a lease on a shared database (given back once idle).
+const END_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How a run ended, and why.
+struct Ending {
+    state: State,
+    error: Option<Value>,
+}
+
+impl Ending {
+    fn new(state: State) -> Ending {
+        Ending { state, error: None }
+    }
+
+    fn with(state: State, code: &str, message: impl Into<String>) -> Ending {
+        Ending {
+            state,
+            error: Some(json!({"code": code, "message": message.into()})),
+        }
+    }
+}
+
+/// Runs `run` to its end.
+pub(crate) async fn drive(agents: Arc<Agents>, run: Arc<Run>) {
+    let workdir = agents.options.workdir_root.join(&run.id);
+    let mut toolsets = Vec::new();
+    // Absolute: the tool servers run in it and are told its path, which they would otherwise
+    // read from where they stand.
+    let made = std::fs::create_dir_all(&workdir).and_then(|()| std::fs::canonicalize(&workdir));
+    let ending = match made {
+        Err(error) => Ending::with(
+            State::Failed,
+            "workdir",
+            format!("the run's working directory could not be made: {error}"),
+        ),
+        Ok(workdir) => match start_toolsets(&agents, &run, &workdir, &mut toolsets).await {
+            Err(ending) => ending,
+            Ok(()) => {
+                let mut stop = run.stop.subscribe();
+                tokio::select! {
+                    ending = steps(&agents, &run, &toolsets) => ending,
+                    _ = stop.wait_for(|stop| *stop) => Ending::new(State::Stopped),
+                }
+            }
+        },
+    };
+    for toolset in toolsets {
+        toolset.stop().await;
+    }
+    end(&agents, &run, ending).await;
+}
+
+async fn start_toolsets(
+    agents: &Agents,
+    run: &Run,
+    workdir: &std::path::Path,
+    toolsets: &mut Vec<Toolset>,
+) -> Result<(), Ending> {
+    for name in &run.toolsets {
+        let Some(config) = agents.options.toolsets.iter().find(|t| &t.name == name) else {
+            continue;
+        };
+        let started = Toolset::start(
+            config,
+            workdir,
+            agents.options.default_policy,
+            agents.options.tool_timeout,
+        )
+        .await
+        .map_err(|error| Ending::with(State::Failed, "toolset", error.to_string()))?;
+        toolsets.push(started);
+    }
+    Ok(())
+}
+
+/// The steps, until one ends the run.
+async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Toolset]) -> Ending {
+    let tools: HashMap<&str, (&Toolset, &Tool)> = toolsets
+        .iter()
+        .flat_map(|toolset| {
+            toolset
+                .tools()
+                .iter()
+                .map(move |tool| (tool.offered_as.as_str(), (toolset, tool)))
+        })
+        .collect();
+    let definitions: Vec<&Value> = toolsets
+        .iter()
+        .flat_map(|toolset| toolset.tools().iter().map(|tool| &tool.definition))
+        .collect();
+    for _ in 0..run.max_steps {
+        wait_while_paused(run).await;
+        let body = {
+            let mut inner = run.inner.lock();
+            let steers: Vec<String> = inner.steers.drain(..).collect();
+            for steer in steers {
+                inner
+                    .messages
+                    .push(json!({"role": "user", "content": steer}));
+            }
+            let mut body = json!({
+                "model": run.model,
+                "messages": inner.messages,
+                "max_tokens": agents.options.step_max_tokens,
+            });
+            if !definitions.is_empty() {
+                body["tools"] = json!(definitions);
+            }
+            body
+        };
+        let (message, charged_cu) = match model_step(agents, run, body).await {
+            Ok(answer) => answer,
+            Err(ending) => return ending,
+        };
+        let calls: Vec<Value> = message["tool_calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let content = message["content"].as_str().unwrap_or("").to_string();
+        record(
+            run,
+            Step {
+                kind: "model",
+                tool: None,
+                arguments: None,
+                outcome: if calls.is_empty() {
+                    "answered"
+                } else {
+                    "asked_for_tools"
+                }
+                .to_string(),
+                summary: (!content.is_empty()).then(|| summary(&content)),
+                cu: charged_cu,
+            },
+        );
+        run.inner.lock().messages.push(message);
+        if calls.is_empty() {
+            run.inner.lock().answer = Some(content);
+            return Ending::new(State::Done);
+        }
+        for call in calls {
+            let result = tool_step(agents, run, &tools, &call).await;
+            run.inner.lock().messages.push(json!({
+                "role": "tool",
+                "tool_call_id": call["id"],
+                "content": result,
+            }));
+        }
+    }
+    Ending::with(
+        State::Stopped,
+        "max_steps",
+        format!("the run took its {} steps", run.max_steps),
+    )
+}
+
+async fn wait_while_paused(run: &Run) {
+    let mut paused = run.paused.subscribe();
+    if *paused.borrow() {
+        run.set_state(State::Paused);
+        let _ = paused.wait_for(|paused| !*paused).await;
+    }
+    run.set_state(State::Running);
+}
+
+/// One model call, charged to the run's account and queued as its person: the assistant's
+/// message and what it was charged.
+async fn model_step(agents: &Agents, run: &Run, body: Value) -> Result<(Value, u64), Ending> {
+    let payer = Payer {
+        account: run.account,
+        queued_as: run.person,
+    };
+    let body = Bytes::from(body.to_string());
+    // A full queue or a busy server is a wait, not an end: the run's calls take its person's
+    // turns, one after another, however many runs the person has.
+    let mut waited = 0u32;
+    let response = loop {
+        let answer =
+            stipend_gateway::chat_in_process(Arc::clone(agents.gateway()), payer, body.clone())
+                .await;
+        let pause = match answer {
+            Ok(response) => break response,
+            Err(ApiError::BudgetExhausted { .. }) => {
+                return Err(Ending::with(
+                    State::BudgetExhausted,
+                    "budget_exhausted",
+                    "what is left of the run's budget cannot pay for its next step",
+                ));
+            }
+            Err(ApiError::RateLimited { retry_after_s, .. }) => {
+                std::time::Duration::from_secs(retry_after_s.max(1))
+            }
+            Err(ApiError::Overloaded(_)) => std::time::Duration::from_secs(1),
+            Err(other) => return Err(Ending::with(State::Failed, "model", other.reason())),
+        };
+        waited += 1;
+        if waited == 1 {
+            tracing::debug!(run = %run.id, "a run's step waits for its person's turn");
+        }
+        // Spread at random, so that many waiting runs do not come back at the same moment.
+        let spread = std::time::Duration::from_millis((TransferId::random().0 % 500) as u64);
+        tokio::time::sleep(pause + spread).await;
+    };
+    let charged_cu = response
+        .headers()
+        .get(CHARGED_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(0);
+    run.inner.lock().spent_cu += charged_cu;
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .map_err(|error| Ending::with(State::Failed, "model", error.to_string()))?;
+    let answer: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| Ending::with(State::Failed, "model", "the model's answer is not JSON"))?;
+    let message = answer["choices"][0]["message"].clone();
+    if !message.is_object() {
+        return Err(Ending::with(
+            State::Failed,
+            "model",
+            "the model's answer has no message",
+        ));
+    }
+    // Kept as the model said it, less what the next request must not carry.
+    let mut kept = Map::new();
+    kept.insert("role".to_string(), json!("assistant"));
+    kept.insert("content".to_string(), message["content"].clone());
+    if let Some(calls) = message.get("tool_calls").filter(|calls| calls.is_array()) {
+        kept.insert("tool_calls".to_string(), calls.clone());
+    }
+    Ok((Value::Object(kept), charged_cu))
+}
+
+/// One tool call the model made: run, refused, or put to the person first, by its policy. What
+/// the model is told.
+async fn tool_step(
+    agents: &Agents,
+    run: &Run,
+    tools: &HashMap<&str, (&Toolset, &Tool)>,
+    call: &Value,
+) -> String {
+    let name = call["function"]["name"].as_str().unwrap_or("").to_string();
+    let arguments = match call["function"]["arguments"]
+        .as_str()
+        .map(serde_json::from_str)
+    {
+        Some(Ok(Value::Object(arguments))) => arguments,
+        _ => {
+            let message =
+                format!("The arguments for {name} are not a JSON object; nothing was run.");
+            record(run, tool_record(&name, None, "bad_arguments", &message));
+            return message;
+        }
+    };
+    let Some((toolset, tool)) = tools.get(name.as_str()) else {
+        let message = format!("There is no tool {name}; nothing was run.");
+        record(
+            run,
+            tool_record(&name, Some(&arguments), "unknown_tool", &message),
+        );
+        return message;
+    };
+    let approved_for_run = run.inner.lock().approved_tools.contains(&name);
+    let (arguments, outcome) = match tool.policy {
+        crate::Policy::Deny => {
+            let message = format!("The operator's policy does not allow {name}; nothing was run.");
+            record(
+                run,
+                tool_record(&name, Some(&arguments), "refused_by_policy", &message),
+            );
+            return message;
+        }
+        crate::Policy::Auto => (arguments, "auto"),
+        crate::Policy::Ask if approved_for_run => (arguments, "approved_for_run"),
+        crate::Policy::Ask => match ask(agents, run, &name, arguments.clone()).await {
+            Decision::Approve(edited) => (edited.unwrap_or(arguments), "approved"),
+            Decision::ApproveForRun(edited) => {
+                run.inner.lock().approved_tools.insert(name.clone());
+                (edited.unwrap_or(arguments), "approved_for_run")
+            }
+            Decision::Deny(reason) => {
+                let message = format!("The person denied {name}: {reason}");
+                record(
+                    run,
+                    tool_record(&name, Some(&arguments), "denied", &message),
+                );
+                return message;
+            }
+        },
+    };
+    let result = toolset
+        .call(
+            &tool.name,
+            arguments.clone(),
+            agents.options.tool_timeout,
+            agents.options.tool_output_bytes_max,
+        )
+        .await;
+    let (text, outcome) = match result {
+        Ok((text, false)) => (text, outcome.to_string()),
+        Ok((text, true)) => (
+            format!("The tool reported an error: {text}"),
+            format!("{outcome}, tool_error"),
+        ),
+        Err(error) => (
+            format!("The tool failed: {error}"),
+            format!("{outcome}, failed"),
+        ),
+    };
+    record(run, tool_record(&name, Some(&arguments), &outcome, &text));
+    text
+}
+
+/// Puts a tool call to the run's person and waits for the decision.
+async fn ask(agents: &Agents, run: &Run, tool: &str, arguments: Map<String, Value>) -> Decision {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let approval = {
+        let mut inner = run.inner.lock();
+        let number = inner.approvals_asked;
+        inner.approvals_asked += 1;
+        let approval = Approval {
+            id: format!(
+                "appr_{}_{number}",
+                run.id.strip_prefix("run_").unwrap_or(&run.id)
+            ),
+            run_id: run.id.clone(),
+            tool: tool.to_string(),
+            arguments: Value::Object(arguments),
+            created_at: stipend_ledger::units::format_utc(agents.books.now_ms()),
+        };
+        inner.pending = Some((approval.clone(), sender));
+        approval
+    };
+    run.set_state(State::WaitingForApproval);
+    run.publish(json!({"type": "approval", "approval": approval}));
+    // A dropped sender (the run deleted) is a denial; a stop ends the run around this wait.
+    let decision = receiver
+        .await
+        .unwrap_or_else(|_| Decision::Deny("the run was stopped".to_string()));
+    run.set_state(State::Running);
+    decision
+}
+
+fn tool_record(
+    name: &str,
+    arguments: Option<&Map<String, Value>>,
+    outcome: &str,
+    text: &str,
+) -> Step {
+    Step {
+        kind: "tool",
+        tool: Some(name.to_string()),
+        arguments: arguments.map(|arguments| Value::Object(arguments.clone())),
+        outcome: outcome.to_string(),
+        summary: Some(summary(text)),
+        cu: 0,
+    }
+}
+
+/// The first 200 characters of `text`, for a step's summary.
+fn summary(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+fn record(run: &Run, step: Step) {
+    let event = json!({"type": "step", "step": step});
+    run.inner.lock().steps.push(step);
+    run.publish(event);
+}
+
+/// Ends the run: its state, and what is left of its budget back to its person, once no call of
+/// its holds any (a model call under way when the run was stopped goes on to its settle).
+async fn end(agents: &Agents, run: &Run, ending: Ending) {
+    {
+        let mut inner = run.inner.lock();
+        inner.pending = None;
+        if inner.error.is_none() {
+            inner.error = ending.error.clone();
+        }
+    }
+    // Nothing of the account may be held when it is emptied: a call still settling, or (on a
+    // shared database) a server's lease not yet given back, which it is once idle.
+    let waited = std::time::Instant::now();
+    let left = loop {
+        let (books, account) = (Arc::clone(&agents.books), run.account);
+        let view = tokio::task::spawn_blocking(move || books.view(account))
+            .await
+            .unwrap_or(Err(stipend_ledger::LedgerError::Unavailable {
+                reason: "the task reading a run's account failed".to_string(),
+            }));
+        match view {
+            Ok(view) if view.available_cu as i64 == view.balance_cu => break view.available_cu,
+            Ok(_) if waited.elapsed() < END_WAIT_MAX => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Ok(view) => {
+                tracing::warn!(run = %run.id, "part of a run's budget was still held when it ended; it stays with the run's account");
+                break view.available_cu;
+            }
+            Err(error) => {
+                tracing::error!(%error, run = %run.id, "a run's account could not be read");
+                break 0;
+            }
+        }
+    };
+    if left > 0 {
+        let (books, account, person) = (Arc::clone(&agents.books), run.account, run.person);
+        let given = tokio::task::spawn_blocking(move || {
+            books.give(TransferId::random(), account, person, left)
+        })
+        .await;
+        if !matches!(given, Ok(Ok(_))) {
+            tracing::error!(run = %run.id, left, "a run's unspent budget could not be given back");
+        }
+    }
+    run.set_state(ending.state);
+}

@@ -1,0 +1,203 @@
+//! A person's agent run through the real binary: `stipend serve` with the scripted test upstream
+//! and the filesystem MCP server (npm), driven by the `stipend agent` commands with the person's
+//! own key: start, see what it asks, approve it with edited arguments, and read how it ended.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Env, Server};
+use serde_json::Value;
+
+fn files_server() -> PathBuf {
+    let modules = std::env::var("STIPEND_MCP_NODE_MODULES")
+        .unwrap_or_else(|_| "/var/tmp/stipend-target/mcp/node_modules".to_string());
+    let path = PathBuf::from(modules).join(".bin/mcp-server-filesystem");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test` (it installs tests/mcp)",
+        path.display()
+    );
+    path
+}
+
+fn agent(env: &Env, server: &Server, key: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["agent", "--url", &server.base, "--key", key];
+    all.extend_from_slice(args);
+    env.run(&all)
+}
+
+fn agent_json(env: &Env, server: &Server, key: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--json", "agent", "--url", &server.base, "--key", key];
+    all.extend_from_slice(args);
+    let output = env.run(&all);
+    assert!(output.status.success(), "{args:?}: {output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn until(env: &Env, server: &Server, key: &str, id: &str, state: &str) -> Value {
+    for _ in 0..300 {
+        let run = agent_json(env, server, key, &["show", id]);
+        if run["state"] == state {
+            return run;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the run never reached {state}");
+}
+
+fn config(upstream: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[stipend]\namount = \"10 PFLOP\"\nperiod = \"3650d\"\n\
+         [[models]]\nname = \"script\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n\
+         [[toolsets]]\nname = \"files\"\ncommand = \"{}\"\nargs = [\"{{workdir}}\"]\n\
+         policy = {{ default = \"ask\", read_text_file = \"auto\" }}\n",
+        files_server().display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_off_by_a_killed_server_gives_its_budget_back_at_the_next_start() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&config(&upstream));
+    let server = Server::start(&env);
+    let key = env.person_with_key("ada");
+    let before = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"a.txt","content":"a"}}]}]"#;
+    let run = agent_json(
+        &env,
+        &server,
+        &key,
+        &[
+            "start",
+            "--goal",
+            script,
+            "--model",
+            "script",
+            "--budget",
+            "500000",
+            "--toolset",
+            "files",
+        ],
+    );
+    let id = run["id"].as_str().unwrap().to_string();
+    let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
+    let spent = waiting["spent_cu"].as_i64().unwrap();
+    server.kill();
+    // While no server runs, the cap sits in the run's account.
+    let held = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(held, before - 500_000);
+    let server = Server::start(&env);
+    assert!(
+        server.output().contains("back to their people"),
+        "{}",
+        server.output()
+    );
+    let after = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(after, before - spent);
+    let verify = env.json(&["ledger", "verify"]);
+    assert_eq!(verify["violations"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_runs_an_agent_and_approves_what_it_asks_from_the_cli() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&config(&upstream));
+    let server = Server::start(&env);
+    let key = env.person_with_key("ada");
+    let before = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"note.txt","content":"from the model"}}]},{"say":"noted"}]"#;
+    let run = agent_json(
+        &env,
+        &server,
+        &key,
+        &[
+            "start",
+            "--goal",
+            script,
+            "--model",
+            "script",
+            "--budget",
+            "200000",
+            "--toolset",
+            "files",
+        ],
+    );
+    let id = run["id"].as_str().unwrap().to_string();
+    let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
+    let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
+    let listed = agent(&env, &server, &key, &["approvals"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains(&approval) && text.contains("files__write_file"),
+        "{text}"
+    );
+    let approved = agent(
+        &env,
+        &server,
+        &key,
+        &[
+            "approve",
+            &approval,
+            "--arguments",
+            r#"{"path":"note.txt","content":"from the CLI"}"#,
+        ],
+    );
+    assert!(approved.status.success(), "{approved:?}");
+    let done = until(&env, &server, &key, &id, "done");
+    let note = env
+        .dir
+        .path()
+        .join("data/agents")
+        .join(&id)
+        .join("note.txt");
+    assert_eq!(std::fs::read_to_string(note).unwrap(), "from the CLI");
+    let shown = agent(&env, &server, &key, &["show", &id]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("files__write_file") && text.contains("approved"),
+        "{text}"
+    );
+    assert!(text.contains("answer: noted"), "{text}");
+    // What the run spent left ada, and nothing more.
+    let spent = done["spent_cu"].as_i64().unwrap();
+    assert!(spent > 0);
+    let after = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(after, before - spent);
+    // Deciding again is a conflict; a key that is not ada's finds nothing; no key, no entry.
+    let again = agent(
+        &env,
+        &server,
+        &key,
+        &["deny", &approval, "--reason", "changed my mind"],
+    );
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("409"),
+        "{again:?}"
+    );
+    let bob = env.person_with_key("bob");
+    let other = agent(&env, &server, &bob, &["show", &id]);
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("404"),
+        "{other:?}"
+    );
+    let nobody = agent(&env, &server, "sk-stipend-0-0", &["list"]);
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("401"),
+        "{nobody:?}"
+    );
+}
