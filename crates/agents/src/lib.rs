@@ -10,20 +10,21 @@
 //! The transcript (the messages and tool results) belongs to the run's person: it is kept only
 //! with the run, shown only to that person, and never logged.
 
+mod journal;
 mod mcp;
 pub mod routes;
 mod run;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use stipend_gateway::Gateway;
-use stipend_ledger::{AccountId, AccountKind, Books, LedgerError, TransferId};
+use stipend_ledger::{AccountId, AccountKind, Books, LedgerError, RunJournal, TransferId};
 use tokio::sync::{broadcast, oneshot, watch};
 
 pub use mcp::{Policy, ToolError, ToolsetConfig, bounded};
@@ -69,7 +70,7 @@ impl AgentsOptions {
 }
 
 /// A run's state, as its person sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Working: calling the model or a tool.
@@ -110,10 +111,10 @@ pub enum Decision {
 }
 
 /// One step of a run, as its person sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Step {
     /// `model` (a model call) or `tool` (a tool call).
-    pub kind: &'static str,
+    pub kind: String,
     /// The tool (`toolset__tool`), for a tool step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
@@ -131,7 +132,7 @@ pub struct Step {
 }
 
 /// A pending approval, as its person sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Approval {
     /// Its id.
     pub id: String,
@@ -238,6 +239,42 @@ pub(crate) struct RunInner {
     pub steers: Vec<String>,
     /// The messages so far: the transcript, the person's alone.
     pub messages: Vec<Value>,
+    /// The next journal record's number.
+    pub journal_seq: u64,
+    /// Read back from the journal: tool calls put to the person and not yet decided, by call
+    /// id (asked again with the same approval after a restart).
+    pub asked: HashMap<String, Approval>,
+    /// Read back: decisions made and not yet acted on, by call id.
+    pub decided: HashMap<String, journal::Decided>,
+    /// Read back: tool calls started, by call id (one without a result ran at most partly).
+    pub started: HashSet<String>,
+    /// Read back: a model call was under way when the server stopped.
+    pub interrupted: bool,
+    /// What was left of the budget went back.
+    pub returned: bool,
+}
+
+impl RunInner {
+    fn new(goal: &str) -> RunInner {
+        RunInner {
+            state: State::Running,
+            spent_cu: 0,
+            steps: Vec::new(),
+            answer: None,
+            error: None,
+            pending: None,
+            approved_tools: HashSet::new(),
+            approvals_asked: 0,
+            steers: Vec::new(),
+            messages: vec![json!({"role": "user", "content": goal})],
+            journal_seq: 0,
+            asked: HashMap::new(),
+            decided: HashMap::new(),
+            started: HashSet::new(),
+            interrupted: false,
+            returned: false,
+        }
+    }
 }
 
 /// One run.
@@ -303,10 +340,13 @@ pub struct Agents {
     pub(crate) books: Arc<dyn Books>,
     pub(crate) options: AgentsOptions,
     pub(crate) runs: Mutex<BTreeMap<String, Arc<Run>>>,
+    /// Where runs are journaled; without one, runs live in memory and end with the server.
+    pub(crate) journal: Option<journal::Journal>,
 }
 
 impl Agents {
-    /// Agents on `gateway` (its models, keys and budget), moving caps with `books`.
+    /// Agents on `gateway` (its models, keys and budget), moving caps with `books`, whose runs
+    /// live in memory only.
     pub fn new(
         gateway: Arc<Gateway>,
         books: Arc<dyn Books>,
@@ -317,7 +357,78 @@ impl Agents {
             books,
             options,
             runs: Mutex::new(BTreeMap::new()),
+            journal: None,
         })
+    }
+
+    /// Agents whose runs are journaled in `store` (the ledger's), so that they outlive their
+    /// server: call [`Agents::resume`] before serving.
+    pub fn with_journal(
+        gateway: Arc<Gateway>,
+        books: Arc<dyn Books>,
+        options: AgentsOptions,
+        store: Arc<dyn RunJournal>,
+    ) -> std::io::Result<Arc<Agents>> {
+        Ok(Arc::new(Agents {
+            gateway,
+            books,
+            options,
+            runs: Mutex::new(BTreeMap::new()),
+            journal: Some(journal::Journal::start(store)?),
+        }))
+    }
+
+    /// Journals `entries` for `run` (durably), if runs are journaled.
+    pub(crate) async fn write(
+        &self,
+        run: &Run,
+        entries: Vec<journal::Entry>,
+    ) -> Result<(), String> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let first = {
+            let mut inner = run.inner.lock();
+            let first = inner.journal_seq;
+            inner.journal_seq += entries.len() as u64;
+            first
+        };
+        journal.append(&run.id, first, &entries).await
+    }
+
+    /// Reads every journaled run back and sets those that had not ended going again, where
+    /// they were: a pending approval waits again (same id), a tool call started but not
+    /// finished is run again when its policy is auto and asked again when it is ask, a model
+    /// call cut off by the stop is not made again (it may have been charged: the run ends
+    /// `failed`). Runs that ended keep their view; what an ended run still held goes back.
+    /// Returns how many runs go on.
+    pub async fn resume(self: &Arc<Agents>) -> Result<usize, AgentError> {
+        let Some(journal) = &self.journal else {
+            return Ok(0);
+        };
+        let loaded = journal
+            .load()
+            .map_err(|error| AgentError::Ledger(LedgerError::Store(error)))?;
+        let mut going = 0;
+        for (id, entries) in loaded {
+            let Some(run) = replay(&id, entries) else {
+                tracing::error!(run = %id, "a run's journal does not begin with its start; left as it is");
+                continue;
+            };
+            let run = Arc::new(run);
+            self.runs.lock().insert(id, Arc::clone(&run));
+            let (ended, returned) = {
+                let inner = run.inner.lock();
+                (inner.state.ended(), inner.returned)
+            };
+            if !ended {
+                going += 1;
+                tokio::spawn(run::drive(Arc::clone(self), run));
+            } else if !returned {
+                tokio::spawn(run::give_back(Arc::clone(self), run));
+            }
+        }
+        Ok(going)
     }
 
     /// The gateway the runs call models through.
@@ -443,22 +554,32 @@ impl Agents {
             max_steps,
             toolsets: request.toolsets,
             created_at: stipend_ledger::units::format_utc(self.books.now_ms()),
-            inner: Mutex::new(RunInner {
-                state: State::Running,
-                spent_cu: 0,
-                steps: Vec::new(),
-                answer: None,
-                error: None,
-                pending: None,
-                approved_tools: HashSet::new(),
-                approvals_asked: 0,
-                steers: Vec::new(),
-                messages: vec![json!({"role": "user", "content": request.goal})],
-            }),
+            inner: Mutex::new(RunInner::new(&request.goal)),
             paused: watch::Sender::new(false),
             stop: watch::Sender::new(false),
             events,
         });
+        // Journaled before it goes: a run the journal does not know would leave its cap in its
+        // account until the next start gives it back.
+        let journaled = tokio::runtime::Handle::current().block_on(self.write(
+            &run,
+            vec![journal::Entry::Start {
+                person: person.0,
+                account: account.0,
+                goal: run.goal.clone(),
+                model: run.model.clone(),
+                budget_cu: run.budget_cu,
+                max_steps: run.max_steps,
+                toolsets: run.toolsets.clone(),
+                created_at: run.created_at.clone(),
+            }],
+        ));
+        if let Err(reason) = journaled {
+            tracing::error!(%reason, "a run could not be journaled; its budget goes back");
+            self.books
+                .give(TransferId::random(), account, person, run.budget_cu)?;
+            return Err(AgentError::Ledger(LedgerError::Unavailable { reason }));
+        }
         self.runs.lock().insert(id, Arc::clone(&run));
         let view = run.view();
         tokio::spawn(run::drive(Arc::clone(self), run));
@@ -469,6 +590,8 @@ impl Agents {
     /// last stopped (runs do not outlive their server yet). For a server that is the ledger's
     /// only one; on a shared database the other servers' runs are live. Returns the cu given back.
     pub fn return_stranded_budgets(&self) -> Result<u64, AgentError> {
+        // The accounts of runs this server knows (read back from the journal) are theirs.
+        let known: HashSet<AccountId> = self.runs.lock().values().map(|run| run.account).collect();
         let mut returned = 0;
         let mut after = None;
         loop {
@@ -478,7 +601,10 @@ impl Agents {
             };
             after = Some(last.id);
             for view in page {
-                if view.kind != AccountKind::Agent || view.available_cu == 0 {
+                if view.kind != AccountKind::Agent
+                    || view.available_cu == 0
+                    || known.contains(&view.id)
+                {
                     continue;
                 }
                 let Some(person) = person_of_agent_account(&view.name) else {
@@ -606,6 +732,12 @@ impl Agents {
             let _ = tokio::time::timeout(Duration::from_millis(100), ended.recv()).await;
         }
         self.runs.lock().remove(id);
+        if let Some(journal) = &self.journal {
+            let (journal_store, run_id) = (journal, id.to_string());
+            if let Err(error) = journal_store.delete(&run_id) {
+                tracing::error!(%error, run = %id, "a deleted run's journal could not be removed");
+            }
+        }
         // What its tools wrote goes with it.
         let workdir = self.options.workdir_root.join(id);
         if workdir.exists()
@@ -674,6 +806,96 @@ impl Agents {
         }
         Ok(run.view())
     }
+}
+
+/// A run rebuilt from its journal; `None` if the journal does not begin with its start.
+fn replay(id: &str, entries: Vec<journal::Entry>) -> Option<Run> {
+    use journal::{Decided, Entry};
+    let mut entries = entries.into_iter();
+    let Some(Entry::Start {
+        person,
+        account,
+        goal,
+        model,
+        budget_cu,
+        max_steps,
+        toolsets,
+        created_at,
+    }) = entries.next()
+    else {
+        return None;
+    };
+    let mut inner = RunInner::new(&goal);
+    inner.journal_seq = 1;
+    let mut paused = false;
+    for entry in entries {
+        inner.journal_seq += 1;
+        match entry {
+            Entry::Start { .. } => {}
+            Entry::ModelCall => inner.interrupted = true,
+            Entry::Message { message } => {
+                if message["role"] == "assistant" {
+                    inner.interrupted = false;
+                }
+                inner.messages.push(message);
+            }
+            Entry::Step { step } => {
+                if step.kind == "model" {
+                    inner.spent_cu += step.cu;
+                }
+                inner.steps.push(step);
+            }
+            Entry::Asked { approval, call_id } => {
+                inner.approvals_asked += 1;
+                inner.asked.insert(call_id, approval);
+            }
+            Entry::Decided {
+                call_id, decision, ..
+            } => {
+                if let (Some(approval), Decided::ApproveForRun { .. }) =
+                    (inner.asked.get(&call_id), &decision)
+                {
+                    let tool = approval.tool.clone();
+                    inner.approved_tools.insert(tool);
+                }
+                inner.asked.remove(&call_id);
+                inner.decided.insert(call_id, decision);
+            }
+            Entry::ToolStarted { call_id } => {
+                inner.started.insert(call_id);
+            }
+            Entry::Paused { paused: now } => paused = now,
+            Entry::Ended {
+                state,
+                error,
+                answer,
+            } => {
+                inner.state = state;
+                inner.error = error;
+                inner.answer = answer;
+            }
+            Entry::Returned => inner.returned = true,
+        }
+    }
+    if paused && !inner.state.ended() {
+        inner.state = State::Paused;
+    }
+    let (events, _) = broadcast::channel(256);
+    Some(Run {
+        id: id.to_string(),
+        person: AccountId(person),
+        account: AccountId(account),
+        goal,
+        model,
+        budget_cu,
+        max_steps,
+        toolsets,
+        created_at,
+        inner: Mutex::new(inner),
+        paused: watch::Sender::new(paused),
+        stop: watch::Sender::new(false),
+        events,
+    })
 }
 
 /// The name of a run's account: `agent:<person's id>:<run id>`.

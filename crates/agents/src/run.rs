@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 use stipend_gateway::{ApiError, CHARGED_HEADER, Payer};
 use stipend_ledger::TransferId;
 
+use crate::journal::{Decided, Entry};
 use crate::mcp::{Tool, Toolset};
 use crate::{Agents, Approval, Decision, Run, State, Step};
 
@@ -37,29 +38,38 @@ impl Ending {
     }
 }
 
-/// Runs `run` to its end.
+/// Runs `run` to its end (from where it was, for a run read back from its journal).
 pub(crate) async fn drive(agents: Arc<Agents>, run: Arc<Run>) {
     let workdir = agents.options.workdir_root.join(&run.id);
     let mut toolsets = Vec::new();
     // Absolute: the tool servers run in it and are told its path, which they would otherwise
     // read from where they stand.
     let made = std::fs::create_dir_all(&workdir).and_then(|()| std::fs::canonicalize(&workdir));
-    let ending = match made {
-        Err(error) => Ending::with(
+    let interrupted = run.inner.lock().interrupted;
+    let ending = if interrupted {
+        Ending::with(
             State::Failed,
-            "workdir",
-            format!("the run's working directory could not be made: {error}"),
-        ),
-        Ok(workdir) => match start_toolsets(&agents, &run, &workdir, &mut toolsets).await {
-            Err(ending) => ending,
-            Ok(()) => {
-                let mut stop = run.stop.subscribe();
-                tokio::select! {
-                    ending = steps(&agents, &run, &toolsets) => ending,
-                    _ = stop.wait_for(|stop| *stop) => Ending::new(State::Stopped),
+            "interrupted_step",
+            "the server stopped during a model call; that call may have been charged, so it is not made again",
+        )
+    } else {
+        match made {
+            Err(error) => Ending::with(
+                State::Failed,
+                "workdir",
+                format!("the run's working directory could not be made: {error}"),
+            ),
+            Ok(workdir) => match start_toolsets(&agents, &run, &workdir, &mut toolsets).await {
+                Err(ending) => ending,
+                Ok(()) => {
+                    let mut stop = run.stop.subscribe();
+                    tokio::select! {
+                        ending = steps(&agents, &run, &toolsets) => ending,
+                        _ = stop.wait_for(|stop| *stop) => Ending::new(State::Stopped),
+                    }
                 }
-            }
-        },
+            },
+        }
     };
     for toolset in toolsets {
         toolset.stop().await;
@@ -90,6 +100,41 @@ async fn start_toolsets(
     Ok(())
 }
 
+/// Journals `entries`; a run that cannot be journaled cannot go on.
+async fn write(agents: &Agents, run: &Run, entries: Vec<Entry>) -> Result<(), Ending> {
+    agents.write(run, entries).await.map_err(|reason| {
+        tracing::error!(%reason, run = %run.id, "a run's journal could not be written");
+        Ending::with(
+            State::Failed,
+            "journal",
+            "the run's journal could not be written",
+        )
+    })
+}
+
+/// The tool calls of the transcript's last message, if it is the model's, that have no result
+/// yet: what a run read back from its journal still has to do.
+fn unanswered(messages: &[Value]) -> Vec<Value> {
+    let Some(last_call) = messages
+        .iter()
+        .rposition(|message| message["role"] == "assistant")
+    else {
+        return Vec::new();
+    };
+    let answered: Vec<&Value> = messages[last_call + 1..]
+        .iter()
+        .filter(|message| message["role"] == "tool")
+        .map(|message| &message["tool_call_id"])
+        .collect();
+    messages[last_call]["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|call| !answered.contains(&&call["id"]))
+        .cloned()
+        .collect()
+}
+
 /// The steps, until one ends the run.
 async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Toolset]) -> Ending {
     let tools: HashMap<&str, (&Toolset, &Tool)> = toolsets
@@ -105,16 +150,84 @@ async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Toolset]) -> En
         .iter()
         .flat_map(|toolset| toolset.tools().iter().map(|tool| &tool.definition))
         .collect();
-    for _ in 0..run.max_steps {
-        wait_while_paused(run).await;
+    loop {
+        // The model's tool calls first, each to its result.
+        let (calls, last) = {
+            let inner = run.inner.lock();
+            (unanswered(&inner.messages), inner.messages.last().cloned())
+        };
+        if !calls.is_empty() {
+            for call in calls {
+                let result = match tool_step(agents, run, &tools, &call).await {
+                    Ok(result) => result,
+                    Err(ending) => return ending,
+                };
+                let message = json!({
+                    "role": "tool",
+                    "tool_call_id": call["id"],
+                    "content": result,
+                });
+                if let Err(ending) = write(
+                    agents,
+                    run,
+                    vec![Entry::Message {
+                        message: message.clone(),
+                    }],
+                )
+                .await
+                {
+                    return ending;
+                }
+                run.inner.lock().messages.push(message);
+            }
+            continue;
+        }
+        // An answer without tool calls is the end (read back, it may already be the last).
+        if let Some(last) = last
+            && last["role"] == "assistant"
+        {
+            let answer = last["content"].as_str().unwrap_or("").to_string();
+            run.inner.lock().answer = Some(answer);
+            return Ending::new(State::Done);
+        }
+        let taken = run
+            .inner
+            .lock()
+            .messages
+            .iter()
+            .filter(|message| message["role"] == "assistant")
+            .count();
+        if taken >= run.max_steps as usize {
+            return Ending::with(
+                State::Stopped,
+                "max_steps",
+                format!("the run took its {} steps", run.max_steps),
+            );
+        }
+        if let Err(ending) = wait_while_paused(agents, run).await {
+            return ending;
+        }
+        // What the person said meanwhile, then the call: journaled before it is made.
+        let steers: Vec<Value> = run
+            .inner
+            .lock()
+            .steers
+            .drain(..)
+            .map(|steer| json!({"role": "user", "content": steer}))
+            .collect();
+        let mut entries: Vec<Entry> = steers
+            .iter()
+            .map(|message| Entry::Message {
+                message: message.clone(),
+            })
+            .collect();
+        entries.push(Entry::ModelCall);
+        if let Err(ending) = write(agents, run, entries).await {
+            return ending;
+        }
         let body = {
             let mut inner = run.inner.lock();
-            let steers: Vec<String> = inner.steers.drain(..).collect();
-            for steer in steers {
-                inner
-                    .messages
-                    .push(json!({"role": "user", "content": steer}));
-            }
+            inner.messages.extend(steers);
             let mut body = json!({
                 "model": run.model,
                 "messages": inner.messages,
@@ -129,55 +242,54 @@ async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Toolset]) -> En
             Ok(answer) => answer,
             Err(ending) => return ending,
         };
-        let calls: Vec<Value> = message["tool_calls"]
+        let asked_for_tools = message["tool_calls"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
+            .is_some_and(|calls| !calls.is_empty());
         let content = message["content"].as_str().unwrap_or("").to_string();
-        record(
+        let step = Step {
+            kind: "model".to_string(),
+            tool: None,
+            arguments: None,
+            outcome: if asked_for_tools {
+                "asked_for_tools"
+            } else {
+                "answered"
+            }
+            .to_string(),
+            summary: (!content.is_empty()).then(|| summary(&content)),
+            cu: charged_cu,
+        };
+        if let Err(ending) = write(
+            agents,
             run,
-            Step {
-                kind: "model",
-                tool: None,
-                arguments: None,
-                outcome: if calls.is_empty() {
-                    "answered"
-                } else {
-                    "asked_for_tools"
-                }
-                .to_string(),
-                summary: (!content.is_empty()).then(|| summary(&content)),
-                cu: charged_cu,
-            },
-        );
+            vec![
+                Entry::Step { step: step.clone() },
+                Entry::Message {
+                    message: message.clone(),
+                },
+            ],
+        )
+        .await
+        {
+            return ending;
+        }
+        run.inner.lock().spent_cu += charged_cu;
+        show(run, step);
         run.inner.lock().messages.push(message);
-        if calls.is_empty() {
-            run.inner.lock().answer = Some(content);
-            return Ending::new(State::Done);
-        }
-        for call in calls {
-            let result = tool_step(agents, run, &tools, &call).await;
-            run.inner.lock().messages.push(json!({
-                "role": "tool",
-                "tool_call_id": call["id"],
-                "content": result,
-            }));
-        }
     }
-    Ending::with(
-        State::Stopped,
-        "max_steps",
-        format!("the run took its {} steps", run.max_steps),
-    )
 }
 
-async fn wait_while_paused(run: &Run) {
+/// Waits while the run is paused, journaling the pause and the resume.
+async fn wait_while_paused(agents: &Agents, run: &Run) -> Result<(), Ending> {
     let mut paused = run.paused.subscribe();
     if *paused.borrow() {
+        write(agents, run, vec![Entry::Paused { paused: true }]).await?;
         run.set_state(State::Paused);
         let _ = paused.wait_for(|paused| !*paused).await;
+        write(agents, run, vec![Entry::Paused { paused: false }]).await?;
     }
     run.set_state(State::Running);
+    Ok(())
 }
 
 /// One model call, charged to the run's account and queued as its person: the assistant's
@@ -224,7 +336,6 @@ async fn model_step(agents: &Agents, run: &Run, body: Value) -> Result<(Value, u
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok())
         .unwrap_or(0);
-    run.inner.lock().spent_cu += charged_cu;
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
         .await
         .map_err(|error| Ending::with(State::Failed, "model", error.to_string()))?;
@@ -248,14 +359,15 @@ async fn model_step(agents: &Agents, run: &Run, body: Value) -> Result<(Value, u
     Ok((Value::Object(kept), charged_cu))
 }
 
-/// One tool call the model made: run, refused, or put to the person first, by its policy. What
-/// the model is told.
+/// One tool call the model made: run, refused, or put to the person first, by its policy (or
+/// by what the journal says was decided before a restart). What the model is told.
 async fn tool_step(
     agents: &Agents,
     run: &Run,
     tools: &HashMap<&str, (&Toolset, &Tool)>,
     call: &Value,
-) -> String {
+) -> Result<String, Ending> {
+    let call_id = call["id"].as_str().unwrap_or("").to_string();
     let name = call["function"]["name"].as_str().unwrap_or("").to_string();
     let arguments = match call["function"]["arguments"]
         .as_str()
@@ -265,46 +377,82 @@ async fn tool_step(
         _ => {
             let message =
                 format!("The arguments for {name} are not a JSON object; nothing was run.");
-            record(run, tool_record(&name, None, "bad_arguments", &message));
-            return message;
+            note(
+                agents,
+                run,
+                tool_record(&name, None, "bad_arguments", &message),
+            )
+            .await?;
+            return Ok(message);
         }
     };
     let Some((toolset, tool)) = tools.get(name.as_str()) else {
         let message = format!("There is no tool {name}; nothing was run.");
-        record(
+        note(
+            agents,
             run,
             tool_record(&name, Some(&arguments), "unknown_tool", &message),
-        );
-        return message;
+        )
+        .await?;
+        return Ok(message);
     };
-    let approved_for_run = run.inner.lock().approved_tools.contains(&name);
+    let (approved_for_run, decided, asked, started) = {
+        let mut inner = run.inner.lock();
+        (
+            inner.approved_tools.contains(&name),
+            inner.decided.remove(&call_id),
+            inner.asked.remove(&call_id),
+            inner.started.remove(&call_id),
+        )
+    };
     let (arguments, outcome) = match tool.policy {
         crate::Policy::Deny => {
             let message = format!("The operator's policy does not allow {name}; nothing was run.");
-            record(
+            note(
+                agents,
                 run,
                 tool_record(&name, Some(&arguments), "refused_by_policy", &message),
-            );
-            return message;
+            )
+            .await?;
+            return Ok(message);
         }
         crate::Policy::Auto => (arguments, "auto"),
         crate::Policy::Ask if approved_for_run => (arguments, "approved_for_run"),
-        crate::Policy::Ask => match ask(agents, run, &name, arguments.clone()).await {
-            Decision::Approve(edited) => (edited.unwrap_or(arguments), "approved"),
-            Decision::ApproveForRun(edited) => {
-                run.inner.lock().approved_tools.insert(name.clone());
-                (edited.unwrap_or(arguments), "approved_for_run")
+        crate::Policy::Ask => {
+            // Decided before a restart and not yet started: that decision stands. Started and
+            // cut off: asked again. Asked and not decided: the same approval waits again.
+            let decision = match decided {
+                Some(decided) if !started => decision_of(decided),
+                _ => ask(agents, run, &call_id, &name, arguments.clone(), asked).await?,
+            };
+            match decision {
+                Decision::Approve(edited) => (edited.unwrap_or(arguments), "approved"),
+                Decision::ApproveForRun(edited) => {
+                    run.inner.lock().approved_tools.insert(name.clone());
+                    (edited.unwrap_or(arguments), "approved_for_run")
+                }
+                Decision::Deny(reason) => {
+                    let message = format!("The person denied {name}: {reason}");
+                    note(
+                        agents,
+                        run,
+                        tool_record(&name, Some(&arguments), "denied", &message),
+                    )
+                    .await?;
+                    return Ok(message);
+                }
             }
-            Decision::Deny(reason) => {
-                let message = format!("The person denied {name}: {reason}");
-                record(
-                    run,
-                    tool_record(&name, Some(&arguments), "denied", &message),
-                );
-                return message;
-            }
-        },
+        }
     };
+    // Journaled as started: a tool call cut off by a stop is run again (auto) or asked again.
+    write(
+        agents,
+        run,
+        vec![Entry::ToolStarted {
+            call_id: call_id.clone(),
+        }],
+    )
+    .await?;
     let result = toolset
         .call(
             &tool.name,
@@ -324,38 +472,97 @@ async fn tool_step(
             format!("{outcome}, failed"),
         ),
     };
-    record(run, tool_record(&name, Some(&arguments), &outcome, &text));
-    text
+    note(
+        agents,
+        run,
+        tool_record(&name, Some(&arguments), &outcome, &text),
+    )
+    .await?;
+    Ok(text)
 }
 
-/// Puts a tool call to the run's person and waits for the decision.
-async fn ask(agents: &Agents, run: &Run, tool: &str, arguments: Map<String, Value>) -> Decision {
+fn decision_of(decided: Decided) -> Decision {
+    match decided {
+        Decided::Approve { arguments } => Decision::Approve(arguments),
+        Decided::ApproveForRun { arguments } => Decision::ApproveForRun(arguments),
+        Decided::Deny { reason } => Decision::Deny(reason),
+    }
+}
+
+fn decided_of(decision: &Decision) -> Decided {
+    match decision {
+        Decision::Approve(arguments) => Decided::Approve {
+            arguments: arguments.clone(),
+        },
+        Decision::ApproveForRun(arguments) => Decided::ApproveForRun {
+            arguments: arguments.clone(),
+        },
+        Decision::Deny(reason) => Decided::Deny {
+            reason: reason.clone(),
+        },
+    }
+}
+
+/// Puts a tool call to the run's person (again, with the same approval, if it was asked before
+/// a restart) and waits for the decision, journaled before it is acted on.
+async fn ask(
+    agents: &Agents,
+    run: &Run,
+    call_id: &str,
+    tool: &str,
+    arguments: Map<String, Value>,
+    asked_before: Option<Approval>,
+) -> Result<Decision, Ending> {
     let (sender, receiver) = tokio::sync::oneshot::channel();
-    let approval = {
-        let mut inner = run.inner.lock();
-        let number = inner.approvals_asked;
-        inner.approvals_asked += 1;
-        let approval = Approval {
-            id: format!(
-                "appr_{}_{number}",
-                run.id.strip_prefix("run_").unwrap_or(&run.id)
-            ),
-            run_id: run.id.clone(),
-            tool: tool.to_string(),
-            arguments: Value::Object(arguments),
-            created_at: stipend_ledger::units::format_utc(agents.books.now_ms()),
-        };
-        inner.pending = Some((approval.clone(), sender));
-        approval
+    let approval = match asked_before {
+        Some(approval) => approval,
+        None => {
+            let approval = {
+                let mut inner = run.inner.lock();
+                let number = inner.approvals_asked;
+                inner.approvals_asked += 1;
+                Approval {
+                    id: format!(
+                        "appr_{}_{number}",
+                        run.id.strip_prefix("run_").unwrap_or(&run.id)
+                    ),
+                    run_id: run.id.clone(),
+                    tool: tool.to_string(),
+                    arguments: Value::Object(arguments),
+                    created_at: stipend_ledger::units::format_utc(agents.books.now_ms()),
+                }
+            };
+            write(
+                agents,
+                run,
+                vec![Entry::Asked {
+                    approval: approval.clone(),
+                    call_id: call_id.to_string(),
+                }],
+            )
+            .await?;
+            approval
+        }
     };
+    run.inner.lock().pending = Some((approval.clone(), sender));
     run.set_state(State::WaitingForApproval);
     run.publish(json!({"type": "approval", "approval": approval}));
     // A dropped sender (the run deleted) is a denial; a stop ends the run around this wait.
     let decision = receiver
         .await
         .unwrap_or_else(|_| Decision::Deny("the run was stopped".to_string()));
+    write(
+        agents,
+        run,
+        vec![Entry::Decided {
+            approval_id: approval.id.clone(),
+            call_id: call_id.to_string(),
+            decision: decided_of(&decision),
+        }],
+    )
+    .await?;
     run.set_state(State::Running);
-    decision
+    Ok(decision)
 }
 
 fn tool_record(
@@ -365,7 +572,7 @@ fn tool_record(
     text: &str,
 ) -> Step {
     Step {
-        kind: "tool",
+        kind: "tool".to_string(),
         tool: Some(name.to_string()),
         arguments: arguments.map(|arguments| Value::Object(arguments.clone())),
         outcome: outcome.to_string(),
@@ -382,22 +589,51 @@ fn summary(text: &str) -> String {
     }
 }
 
-fn record(run: &Run, step: Step) {
+/// Journals a step, then shows it.
+async fn note(agents: &Agents, run: &Run, step: Step) -> Result<(), Ending> {
+    write(agents, run, vec![Entry::Step { step: step.clone() }]).await?;
+    show(run, step);
+    Ok(())
+}
+
+/// Adds a step to the run's view and tells whoever follows it.
+fn show(run: &Run, step: Step) {
     let event = json!({"type": "step", "step": step});
     run.inner.lock().steps.push(step);
     run.publish(event);
 }
 
-/// Ends the run: its state, and what is left of its budget back to its person, once no call of
-/// its holds any (a model call under way when the run was stopped goes on to its settle).
+/// Ends the run: its state journaled, then what is left of its budget back to its person.
 async fn end(agents: &Agents, run: &Run, ending: Ending) {
-    {
+    let answer = {
         let mut inner = run.inner.lock();
         inner.pending = None;
         if inner.error.is_none() {
             inner.error = ending.error.clone();
         }
+        inner.answer.clone()
+    };
+    let ended = Entry::Ended {
+        state: ending.state,
+        error: ending.error,
+        answer,
+    };
+    if let Err(reason) = agents.write(run, vec![ended]).await {
+        tracing::error!(%reason, run = %run.id, "a run's end could not be journaled");
     }
+    give_back_inner(agents, run).await;
+    run.set_state(ending.state);
+}
+
+/// Gives back what an ended run's account still holds (after a restart, for a run that ended
+/// before it could).
+pub(crate) async fn give_back(agents: Arc<Agents>, run: Arc<Run>) {
+    give_back_inner(&agents, &run).await;
+}
+
+/// What is left of the run's budget back to its person, once no call of its holds any (a model
+/// call under way when the run was stopped goes on to its settle); journaled.
+async fn give_back_inner(agents: &Agents, run: &Run) {
     // Nothing of the account may be held when it is emptied: a call still settling, or (on a
     // shared database) a server's lease not yet given back, which it is once idle.
     let waited = std::time::Instant::now();
@@ -419,7 +655,7 @@ async fn end(agents: &Agents, run: &Run, ending: Ending) {
             }
             Err(error) => {
                 tracing::error!(%error, run = %run.id, "a run's account could not be read");
-                break 0;
+                return;
             }
         }
     };
@@ -431,7 +667,11 @@ async fn end(agents: &Agents, run: &Run, ending: Ending) {
         .await;
         if !matches!(given, Ok(Ok(_))) {
             tracing::error!(run = %run.id, left, "a run's unspent budget could not be given back");
+            return;
         }
     }
-    run.set_state(ending.state);
+    run.inner.lock().returned = true;
+    if let Err(reason) = agents.write(run, vec![Entry::Returned]).await {
+        tracing::error!(%reason, run = %run.id, "a run's return could not be journaled");
+    }
 }

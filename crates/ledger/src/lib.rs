@@ -58,7 +58,10 @@ pub use ledger::{AccountView, ISSUER_NAME, Ledger, Posted, WriterStats, check_na
 pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DEFAULT};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
-pub use store::{AccountUpdate, AuditRow, Batch, KeyRecord, Store, StoreError, TransferAudit};
+pub use store::{
+    AccountUpdate, AuditRow, Batch, JournalRecord, KeyRecord, RunJournal, Store, StoreError,
+    TransferAudit,
+};
 pub use transfer::{Transfer, TransferId, TransferKind};
 pub use units::Flops;
 pub use verify::{VerifyReport, verify};

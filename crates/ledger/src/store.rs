@@ -171,3 +171,27 @@ pub trait Store: Send + Sync {
         visit_tail: &mut dyn FnMut(Transfer),
     ) -> Result<TransferAudit, StoreError>;
 }
+
+/// One record of an agent run's journal: opaque bytes to the store (the agents crate writes and
+/// reads them), numbered from 0 within their run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRecord {
+    /// The run.
+    pub run: String,
+    /// Its number within the run.
+    pub seq: u64,
+    /// What the agents crate wrote.
+    pub record: Vec<u8>,
+}
+
+/// Where agent runs keep their journals: the ledger's own store, so that a run and the
+/// compute it moved live and die together.
+pub trait RunJournal: Send + Sync {
+    /// Appends records, all or none, durably (committed before it returns). A record whose run
+    /// and number are already there is an error: a journal is written once.
+    fn journal_append(&self, records: &[JournalRecord]) -> Result<(), StoreError>;
+    /// Every record of every run, in run and number order.
+    fn journal_load(&self) -> Result<Vec<JournalRecord>, StoreError>;
+    /// Forgets a run's journal.
+    fn journal_delete(&self, run: &str) -> Result<(), StoreError>;
+}

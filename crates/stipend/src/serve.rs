@@ -13,7 +13,8 @@ use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream
 use stipend_ledger::node::{Node, NodeOptions};
 use stipend_ledger::units::{default_price_cu_per_token, format_duration};
 use stipend_ledger::{
-    AccountKind, Books, Budget, Flops, Ledger, LedgerOptions, Store, StoreError, SystemClock,
+    AccountKind, Books, Budget, Flops, Ledger, LedgerOptions, RunJournal, Store, StoreError,
+    SystemClock,
 };
 use stipend_model::{EmbeddedModel, LoadOptions};
 use stipend_store_postgres::{LeaseRequest, PostgresBooks, PostgresEscrow, PostgresStore};
@@ -76,6 +77,10 @@ pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
 
 /// Opens the embedded store for writing.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, anyhow::Error> {
+    Ok(open_sqlite(config)? as Arc<dyn Store>)
+}
+
+fn open_sqlite(config: &Config) -> Result<Arc<SqliteStore>, anyhow::Error> {
     ensure_data_dir(config)?;
     Ok(Arc::new(SqliteStore::open_with_cache(
         &config.store_path(),
@@ -110,7 +115,10 @@ pub fn open_shared_books(
 
 /// Opens the ledger on the embedded store for writing.
 pub fn open_ledger(config: &Config) -> Result<Ledger, anyhow::Error> {
-    let store = open_store(config)?;
+    ledger_on(config, open_store(config)?)
+}
+
+fn ledger_on(config: &Config, store: Arc<dyn Store>) -> Result<Ledger, anyhow::Error> {
     Ledger::open(
         store,
         Arc::new(SystemClock),
@@ -270,6 +278,9 @@ struct Engine {
     store: Arc<dyn Store>,
     local: Option<Arc<Ledger>>,
     node: Option<Arc<Node>>,
+    /// Where agent runs are journaled (the embedded store; on a shared database runs live in
+    /// their server's memory for now).
+    journal: Option<Arc<dyn RunJournal>>,
     /// Held while the server runs: one server per `data_dir` (its control socket is there).
     _claim: Option<std::fs::File>,
 }
@@ -308,8 +319,12 @@ fn node_name(config: &Config) -> String {
 
 fn open_engine(config: &Config) -> anyhow::Result<Engine> {
     let Some(url) = &config.database_url else {
-        let ledger = match open_ledger(config) {
-            Ok(ledger) => Arc::new(ledger),
+        let opened = open_sqlite(config).and_then(|sqlite| {
+            let ledger = ledger_on(config, Arc::clone(&sqlite) as Arc<dyn Store>)?;
+            Ok((sqlite, ledger))
+        });
+        let (sqlite, ledger) = match opened {
+            Ok((sqlite, ledger)) => (sqlite, Arc::new(ledger)),
             Err(error)
                 if matches!(
                     error.downcast_ref::<StoreError>(),
@@ -330,6 +345,7 @@ fn open_engine(config: &Config) -> anyhow::Result<Engine> {
             store: ledger.store(),
             local: Some(ledger),
             node: None,
+            journal: Some(sqlite as Arc<dyn RunJournal>),
             _claim: None,
         });
     };
@@ -356,6 +372,7 @@ fn open_engine(config: &Config) -> anyhow::Result<Engine> {
         store: store as Arc<dyn Store>,
         local: None,
         node: Some(node),
+        journal: None,
         _claim: Some(claim),
     })
 }
@@ -443,13 +460,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     // Agent runs: their model calls go through this gateway; their caps move with the books.
-    let agents = stipend_agents::Agents::new(
-        Arc::clone(&gateway),
-        Arc::clone(&engine.books),
-        config.agents.clone(),
-    );
-    // Runs end with their server (their journal is not built yet): what they held comes back to
-    // their people now. Only where this server is the ledger's only one.
+    let agents = match &engine.journal {
+        Some(journal) => stipend_agents::Agents::with_journal(
+            Arc::clone(&gateway),
+            Arc::clone(&engine.books),
+            config.agents.clone(),
+            Arc::clone(journal),
+        )
+        .context("cannot start the agents' journal")?,
+        None => stipend_agents::Agents::new(
+            Arc::clone(&gateway),
+            Arc::clone(&engine.books),
+            config.agents.clone(),
+        ),
+    };
+    // Journaled runs go on where they were.
+    let resumed = agents
+        .resume()
+        .await
+        .context("cannot read the agents' journal")?;
+    if resumed > 0 {
+        println!("Resumed {resumed} agent runs where they were.");
+    }
+    // What runs held that no journal knows of (a server without one, stopped) goes back to
+    // their people. Only where this server is the ledger's only one.
     if engine.node.is_none() {
         let sweeping = Arc::clone(&agents);
         match tokio::task::spawn_blocking(move || sweeping.return_stranded_budgets()).await {

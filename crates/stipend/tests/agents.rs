@@ -60,7 +60,7 @@ fn config(upstream: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_cut_off_by_a_killed_server_gives_its_budget_back_at_the_next_start() {
+async fn a_run_waiting_for_approval_outlives_a_killed_server_and_repeats_nothing() {
     let upstream = stipend_testkit::spawn().await.unwrap();
     let env = Env::new(&config(&upstream));
     let server = Server::start(&env);
@@ -68,7 +68,7 @@ async fn a_run_cut_off_by_a_killed_server_gives_its_budget_back_at_the_next_star
     let before = env.json(&["account", "show", "ada"])["balance_cu"]
         .as_i64()
         .unwrap();
-    let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"a.txt","content":"a"}}]}]"#;
+    let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"a.txt","content":"once"}}]},{"say":"written"}]"#;
     let run = agent_json(
         &env,
         &server,
@@ -87,7 +87,9 @@ async fn a_run_cut_off_by_a_killed_server_gives_its_budget_back_at_the_next_star
     );
     let id = run["id"].as_str().unwrap().to_string();
     let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
-    let spent = waiting["spent_cu"].as_i64().unwrap();
+    let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
+    let first_step_cu = waiting["spent_cu"].as_i64().unwrap();
+    assert!(first_step_cu > 0);
     server.kill();
     // While no server runs, the cap sits in the run's account.
     let held = env.json(&["account", "show", "ada"])["balance_cu"]
@@ -96,14 +98,50 @@ async fn a_run_cut_off_by_a_killed_server_gives_its_budget_back_at_the_next_star
     assert_eq!(held, before - 500_000);
     let server = Server::start(&env);
     assert!(
-        server.output().contains("back to their people"),
+        server.output().contains("Resumed 1 agent runs"),
         "{}",
         server.output()
     );
+    // It still waits, for the same approval, having spent what it had.
+    let again = until(&env, &server, &key, &id, "waiting_for_approval");
+    assert_eq!(again["approval"]["id"], approval.as_str());
+    assert_eq!(again["spent_cu"], first_step_cu);
+    let approved = agent(&env, &server, &key, &["approve", &approval]);
+    assert!(approved.status.success(), "{approved:?}");
+    let done = until(&env, &server, &key, &id, "done");
+    let outcomes: Vec<String> = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| {
+            format!(
+                "{}:{}",
+                step["kind"].as_str().unwrap(),
+                step["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["model:asked_for_tools", "tool:approved", "model:answered"]
+    );
+    let note = env.dir.path().join("data/agents").join(&id).join("a.txt");
+    assert_eq!(std::fs::read_to_string(note).unwrap(), "once");
+    // Two model calls in all were charged: none was made twice, and the rest came back.
+    let spent = done["spent_cu"].as_i64().unwrap();
+    let account = format!("agent:{}:{id}", env.json(&["account", "show", "ada"])["id"]);
+    let run_account = env.json(&["account", "show", &account]);
+    assert_eq!(run_account["usage"][0]["requests"], 2, "{run_account}");
+    assert_eq!(
+        run_account["usage"][0]["charged_cu"], spent,
+        "{run_account}"
+    );
+    assert_eq!(run_account["balance_cu"], 0, "{run_account}");
     let after = env.json(&["account", "show", "ada"])["balance_cu"]
         .as_i64()
         .unwrap();
     assert_eq!(after, before - spent);
+    server.stop();
     let verify = env.json(&["ledger", "verify"]);
     assert_eq!(verify["violations"], serde_json::json!([]));
 }

@@ -81,6 +81,17 @@ ALTER TABLE accounts ADD COLUMN skeleton TEXT NOT NULL DEFAULT '';
 CREATE INDEX accounts_by_skeleton ON accounts (skeleton);
 INSERT INTO meta (key, value) VALUES ('skeleton_version', 0);
 "#,
+    r#"
+-- Agent runs' journals: each run's records in order, written before they are acted on, read
+-- back at start so that runs go on where they were; deleted with their run. The records are the
+-- run's person's own (a transcript may be among them): never copied anywhere else.
+CREATE TABLE agent_journal (
+    run     TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    record  BLOB    NOT NULL,
+    PRIMARY KEY (run, seq)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// How many idle read connections are kept.
@@ -892,10 +903,106 @@ fn audit_in_snapshot(
     Ok(audit)
 }
 
+impl stipend_ledger::RunJournal for SqliteStore {
+    fn journal_append(&self, records: &[stipend_ledger::JournalRecord]) -> Result<(), StoreError> {
+        let mut writer = self.writer()?;
+        let transaction = writer.transaction().map_err(io)?;
+        {
+            let mut insert = transaction
+                .prepare_cached("INSERT INTO agent_journal (run, seq, record) VALUES (?1, ?2, ?3)")
+                .map_err(io)?;
+            for record in records {
+                insert
+                    .execute(params![record.run, record.seq as i64, record.record])
+                    .map_err(io)?;
+            }
+        }
+        transaction.commit().map_err(io)
+    }
+
+    fn journal_load(&self) -> Result<Vec<stipend_ledger::JournalRecord>, StoreError> {
+        let connection = self.reader()?;
+        let records = {
+            let mut select = connection
+                .prepare("SELECT run, seq, record FROM agent_journal ORDER BY run, seq")
+                .map_err(io)?;
+            let rows = select
+                .query_map([], |row| {
+                    Ok(stipend_ledger::JournalRecord {
+                        run: row.get(0)?,
+                        seq: row.get::<_, i64>(1)? as u64,
+                        record: row.get(2)?,
+                    })
+                })
+                .map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)?
+        };
+        self.give_back(connection);
+        Ok(records)
+    }
+
+    fn journal_delete(&self, run: &str) -> Result<(), StoreError> {
+        self.writer()?
+            .execute("DELETE FROM agent_journal WHERE run = ?1", params![run])
+            .map_err(io)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stipend_ledger::{AccountUpdate, Lot, LotSource, Usage};
+    use stipend_ledger::{AccountUpdate, JournalRecord, Lot, LotSource, RunJournal, Usage};
+
+    fn journal_record(run: &str, seq: u64, text: &str) -> JournalRecord {
+        JournalRecord {
+            run: run.to_string(),
+            seq,
+            record: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_run_journal_reads_back_in_order_is_written_once_and_goes_with_its_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .journal_append(&[
+                    journal_record("run_b", 0, "b0"),
+                    journal_record("run_a", 1, "a1"),
+                    journal_record("run_a", 0, "a0"),
+                ])
+                .unwrap();
+            // A record already written is refused, and nothing of its batch is kept.
+            let again = store.journal_append(&[
+                journal_record("run_b", 1, "b1"),
+                journal_record("run_a", 0, "a0 again"),
+            ]);
+            assert!(again.is_err());
+        }
+        // Durable across a reopen, in run and number order.
+        let store = SqliteStore::open(&path).unwrap();
+        let texts = |store: &SqliteStore| -> Vec<String> {
+            store
+                .journal_load()
+                .unwrap()
+                .into_iter()
+                .map(|record| {
+                    format!(
+                        "{}:{}:{}",
+                        record.run,
+                        record.seq,
+                        String::from_utf8(record.record).unwrap()
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(texts(&store), ["run_a:0:a0", "run_a:1:a1", "run_b:0:b0"]);
+        store.journal_delete("run_a").unwrap();
+        assert_eq!(texts(&store), ["run_b:0:b0"]);
+    }
 
     fn record(id: u64, name: &str) -> AccountRecord {
         AccountRecord {
