@@ -12,7 +12,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 PYENV := $(TARGET)/pyenv
 MCP := $(TARGET)/mcp
 
-.PHONY: serve test bench bench-model setup
+.PHONY: serve test bench bench-agents bench-model setup
 
 setup:
 	@scripts/setup.sh
@@ -43,6 +43,10 @@ test: setup $(PYENV)/.installed $(MCP)/.installed
 
 bench: setup
 	$(CARGO) bench --locked -p stipend-ledger --bench ledger
+
+# 10 000 agent runs at once: memory per waiting run, approval latency, steps/s (docs/benchmarks.md).
+bench-agents: setup $(PYENV)/.installed
+	STIPEND_PYTHON=$(abspath $(PYENV))/bin/python $(CARGO) bench --locked -p stipend-agents --bench runs
 
 # The embedded model against a raw llama.cpp loop, 1/2/4/8 streams (docs/benchmarks.md).
 bench-model: setup

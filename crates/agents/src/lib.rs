@@ -342,6 +342,8 @@ pub struct Agents {
     pub(crate) runs: Mutex<BTreeMap<String, Arc<Run>>>,
     /// Where runs are journaled; without one, runs live in memory and end with the server.
     pub(crate) journal: Option<journal::Journal>,
+    /// The shared toolsets' servers, started at their first use.
+    pub(crate) shared: tokio::sync::Mutex<HashMap<String, Arc<mcp::Toolset>>>,
 }
 
 impl Agents {
@@ -358,6 +360,7 @@ impl Agents {
             options,
             runs: Mutex::new(BTreeMap::new()),
             journal: None,
+            shared: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -375,7 +378,37 @@ impl Agents {
             options,
             runs: Mutex::new(BTreeMap::new()),
             journal: Some(journal::Journal::start(store)?),
+            shared: tokio::sync::Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// A shared toolset's server, started at its first use (in the runs' root directory) and
+    /// kept; one that has stopped is started again.
+    pub(crate) async fn shared_toolset(
+        &self,
+        config: &ToolsetConfig,
+    ) -> Result<Arc<mcp::Toolset>, ToolError> {
+        let mut shared = self.shared.lock().await;
+        if let Some(toolset) = shared.get(&config.name)
+            && !toolset.closed()
+        {
+            return Ok(Arc::clone(toolset));
+        }
+        std::fs::create_dir_all(&self.options.workdir_root).map_err(|error| ToolError::Start {
+            toolset: config.name.clone(),
+            reason: format!("{}: {error}", self.options.workdir_root.display()),
+        })?;
+        let toolset = Arc::new(
+            mcp::Toolset::start(
+                config,
+                &self.options.workdir_root,
+                self.options.default_policy,
+                self.options.tool_timeout,
+            )
+            .await?,
+        );
+        shared.insert(config.name.clone(), Arc::clone(&toolset));
+        Ok(toolset)
     }
 
     /// Journals `entries` for `run` (durably), if runs are journaled.

@@ -52,6 +52,9 @@ pub struct ToolsetConfig {
     pub default: Option<Policy>,
     /// Per-tool policies.
     pub overrides: BTreeMap<String, Policy>,
+    /// One server for every run (a stateless toolset, which takes no `{workdir}`), started at
+    /// its first use and kept, instead of one per run.
+    pub shared: bool,
 }
 
 /// Why a toolset or a tool failed.
@@ -190,6 +193,11 @@ impl Toolset {
         Ok((bounded(text, output_max), is_error))
     }
 
+    /// Whether its server has gone (its connection closed).
+    pub fn closed(&self) -> bool {
+        self.service.is_closed()
+    }
+
     /// Stops the server.
     pub async fn stop(self) {
         let _ = self.service.cancel().await;
@@ -269,6 +277,7 @@ mod tests {
                 .iter()
                 .map(|(name, policy)| (name.to_string(), *policy))
                 .collect(),
+            shared: false,
         }
     }
 

@@ -71,8 +71,11 @@ pub(crate) async fn drive(agents: Arc<Agents>, run: Arc<Run>) {
             },
         }
     };
+    // A run's own toolsets stop with it; shared ones serve on.
     for toolset in toolsets {
-        toolset.stop().await;
+        if let Ok(toolset) = Arc::try_unwrap(toolset) {
+            toolset.stop().await;
+        }
     }
     end(&agents, &run, ending).await;
 }
@@ -81,19 +84,24 @@ async fn start_toolsets(
     agents: &Agents,
     run: &Run,
     workdir: &std::path::Path,
-    toolsets: &mut Vec<Toolset>,
+    toolsets: &mut Vec<Arc<Toolset>>,
 ) -> Result<(), Ending> {
     for name in &run.toolsets {
         let Some(config) = agents.options.toolsets.iter().find(|t| &t.name == name) else {
             continue;
         };
-        let started = Toolset::start(
-            config,
-            workdir,
-            agents.options.default_policy,
-            agents.options.tool_timeout,
-        )
-        .await
+        let started = if config.shared {
+            agents.shared_toolset(config).await
+        } else {
+            Toolset::start(
+                config,
+                workdir,
+                agents.options.default_policy,
+                agents.options.tool_timeout,
+            )
+            .await
+            .map(Arc::new)
+        }
         .map_err(|error| Ending::with(State::Failed, "toolset", error.to_string()))?;
         toolsets.push(started);
     }
@@ -136,9 +144,10 @@ fn unanswered(messages: &[Value]) -> Vec<Value> {
 }
 
 /// The steps, until one ends the run.
-async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Toolset]) -> Ending {
+async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Arc<Toolset>]) -> Ending {
     let tools: HashMap<&str, (&Toolset, &Tool)> = toolsets
         .iter()
+        .map(|toolset| &**toolset)
         .flat_map(|toolset| {
             toolset
                 .tools()

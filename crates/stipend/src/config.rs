@@ -84,6 +84,8 @@ struct RawToolset {
     args: Vec<String>,
     #[serde(default)]
     policy: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    shared: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -798,12 +800,18 @@ fn check_agents(
                 overrides.insert(tool, parsed);
             }
         }
+        if raw.shared && raw.args.iter().any(|arg| arg.contains("{workdir}")) {
+            bail!(
+                "{at}: a shared toolset serves every run, so its args cannot name a run's {{workdir}}"
+            );
+        }
         options.toolsets.push(ToolsetConfig {
             name,
             command,
             args: raw.args,
             default,
             overrides,
+            shared: raw.shared,
         });
     }
     Ok(options)

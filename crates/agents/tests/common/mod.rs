@@ -138,6 +138,7 @@ impl World {
                 args: Vec::new(),
                 default: Some(Policy::Auto),
                 overrides: BTreeMap::new(),
+                shared: true,
             },
             ToolsetConfig {
                 name: "files".to_string(),
@@ -145,6 +146,7 @@ impl World {
                 args: vec!["{workdir}".to_string()],
                 default: Some(Policy::Ask),
                 overrides: BTreeMap::from([("list_allowed_directories".to_string(), Policy::Deny)]),
+                shared: false,
             },
         ];
         let agents = match prepare {
