@@ -76,8 +76,7 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
         Some(_) => true,
     };
     for (key, what) in [
-        ("tools", "tool calls"),
-        ("functions", "function calls"),
+        ("functions", "function calls (it takes `tools`)"),
         ("logprobs", "logprobs"),
         ("top_logprobs", "logprobs"),
         ("logit_bias", "logit_bias"),
@@ -152,12 +151,199 @@ fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiEr
                 Some(role) => role,
                 None => "user",
             };
+            let content = message_text(message, index)?;
+            // The model has no tool-call format of its own: a call it made is shown as the JSON
+            // it wrote, and a tool's result as a user message saying so.
+            if role == "tool" {
+                let id = message
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                return Ok(ChatMessage {
+                    role: "user".to_string(),
+                    content: format!("The result of tool call {id}: {content}"),
+                });
+            }
+            let mut content = content;
+            if role == "assistant"
+                && let Some(calls) = message.get("tool_calls").and_then(Value::as_array)
+            {
+                for call in calls {
+                    let function = &call["function"];
+                    let arguments = function["arguments"]
+                        .as_str()
+                        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+                        .unwrap_or_else(|| json!({}));
+                    if !content.is_empty() {
+                        content.push('\n');
+                    }
+                    content.push_str(
+                        &json!({"tool": function["name"], "arguments": arguments}).to_string(),
+                    );
+                }
+            }
             Ok(ChatMessage {
                 role: role.to_string(),
-                content: message_text(message, index)?,
+                content,
             })
         })
         .collect()
+}
+
+/// The tools a chat offers the model, and what it must do with them.
+struct Offered {
+    /// Name, description, parameters' schema.
+    tools: Vec<(String, String, Value)>,
+    /// Whether it may answer without a tool (`tool_choice` "auto", the default).
+    may_answer: bool,
+}
+
+/// The request's `tools` and `tool_choice`; `None` when it offers none (or `tool_choice` is
+/// "none").
+fn offered_tools(request: &Map<String, Value>) -> Result<Option<Offered>, ApiError> {
+    let tools = match request.get("tools") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(tools)) if tools.is_empty() => return Ok(None),
+        Some(Value::Array(tools)) => tools,
+        Some(_) => return Err(ApiError::param("tools", "`tools` must be an array")),
+    };
+    let mut offered = Vec::with_capacity(tools.len());
+    for (index, tool) in tools.iter().enumerate() {
+        let function = &tool["function"];
+        let name = function["name"].as_str().unwrap_or("");
+        if tool["type"] != "function"
+            || name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ApiError::param(
+                &format!("tools[{index}]"),
+                "each tool must be {\"type\": \"function\", \"function\": {\"name\": 1 to 64 of a-z, A-Z, 0-9, _ and -, …}}",
+            ));
+        }
+        let parameters = match &function["parameters"] {
+            Value::Null => json!({"type": "object", "properties": {}}),
+            Value::Object(schema) => Value::Object(schema.clone()),
+            _ => {
+                return Err(ApiError::param(
+                    &format!("tools[{index}].function.parameters"),
+                    "must be a JSON schema object",
+                ));
+            }
+        };
+        let description = function["description"].as_str().unwrap_or("").to_string();
+        offered.push((name.to_string(), description, parameters));
+    }
+    let may_answer = match request.get("tool_choice") {
+        None | Some(Value::Null) => true,
+        Some(Value::String(choice)) if choice == "auto" => true,
+        Some(Value::String(choice)) if choice == "none" => return Ok(None),
+        Some(Value::String(choice)) if choice == "required" => false,
+        Some(Value::Object(choice)) => {
+            let named = choice
+                .get("function")
+                .and_then(|function| function.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::param("tool_choice", "must name a function: {\"type\": \"function\", \"function\": {\"name\": …}}")
+                })?;
+            offered.retain(|(name, _, _)| name == named);
+            if offered.is_empty() {
+                return Err(ApiError::param(
+                    "tool_choice",
+                    format!("names {named:?}, which is not among the tools"),
+                ));
+            }
+            false
+        }
+        Some(_) => {
+            return Err(ApiError::param(
+                "tool_choice",
+                "must be \"auto\", \"none\", \"required\" or a named function",
+            ));
+        }
+    };
+    Ok(Some(Offered {
+        tools: offered,
+        may_answer,
+    }))
+}
+
+impl Offered {
+    /// What the model is told of the tools and of how to answer.
+    fn instructions(&self) -> String {
+        let mut text = String::from(
+            "You can call tools. To call one, reply with only a JSON object {\"tool\": <its name>, \"arguments\": {…}}.",
+        );
+        if self.may_answer {
+            text.push_str(
+                " To answer without a tool, reply with only {\"answer\": \"<your answer>\"}.",
+            );
+        }
+        text.push_str("\nTools:");
+        for (name, description, parameters) in &self.tools {
+            text.push_str(&format!(
+                "\n- {name}: {description} Arguments: {parameters}"
+            ));
+        }
+        text
+    }
+
+    /// The JSON schema of every reply allowed: a call of one of the tools, with arguments its
+    /// schema allows, or (if it may) an answer.
+    fn schema(&self) -> Value {
+        let mut choices: Vec<Value> = self
+            .tools
+            .iter()
+            .map(|(name, _, parameters)| {
+                json!({
+                    "type": "object",
+                    "properties": {"tool": {"const": name}, "arguments": parameters},
+                    "required": ["tool", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        if self.may_answer {
+            choices.push(json!({
+                "type": "object",
+                "properties": {"answer": {"type": "string"}},
+                "required": ["answer"],
+                "additionalProperties": false,
+            }));
+        }
+        json!({"oneOf": choices})
+    }
+}
+
+/// A reply of the model's to a chat that offered tools: a tool call (its name and arguments) or
+/// an answer; the raw text if it is neither (cut by `max_tokens`, say).
+#[derive(Debug, PartialEq)]
+pub(crate) enum ToolReply {
+    Call { name: String, arguments: Value },
+    Answer(String),
+}
+
+fn tool_reply(text: &str) -> ToolReply {
+    match serde_json::from_str::<Value>(text.trim()) {
+        Ok(Value::Object(reply)) => match (
+            reply.get("tool"),
+            reply.get("arguments"),
+            reply.get("answer"),
+        ) {
+            (Some(Value::String(name)), Some(arguments @ Value::Object(_)), None) => {
+                ToolReply::Call {
+                    name: name.clone(),
+                    arguments: arguments.clone(),
+                }
+            }
+            (None, None, Some(Value::String(answer))) => ToolReply::Answer(answer.clone()),
+            _ => ToolReply::Answer(text.to_string()),
+        },
+        _ => ToolReply::Answer(text.to_string()),
+    }
 }
 
 fn completion_prompt(request: &Map<String, Value>) -> Result<String, ApiError> {
@@ -227,9 +413,15 @@ pub(crate) fn prepare(
     parsed: Parsed,
     endpoint: Endpoint,
     max_tokens_default: u64,
-) -> Result<(Bounds, Generate), ApiError> {
+) -> Result<(Bounds, Generate, bool), ApiError> {
     let request = &parsed.request.to_map();
     refuse_unsupported(request)?;
+    // Tools: put in the prompt, and every reply kept by a grammar to a call of one of them (or
+    // an answer), so that whatever this small model chooses, it parses.
+    let offered = match endpoint {
+        Endpoint::Chat => offered_tools(request)?,
+        Endpoint::Completion => None,
+    };
     if parsed.choices != 1 {
         return Err(ApiError::param(
             "n",
@@ -238,7 +430,24 @@ pub(crate) fn prepare(
     }
     let (prompt, param) = match endpoint {
         // Only the template's own markers are special tokens, never a message's text.
-        Endpoint::Chat => (engine.chat_prompt(&chat_messages(request)?)?, "messages"),
+        Endpoint::Chat => {
+            let mut messages = chat_messages(request)?;
+            if let Some(offered) = &offered {
+                match messages.first_mut() {
+                    Some(first) if first.role == "system" => {
+                        first.content = format!("{}\n\n{}", first.content, offered.instructions());
+                    }
+                    _ => messages.insert(
+                        0,
+                        ChatMessage {
+                            role: "system".to_string(),
+                            content: offered.instructions(),
+                        },
+                    ),
+                }
+            }
+            (engine.chat_prompt(&messages)?, "messages")
+        }
         Endpoint::Completion => (engine.tokenize(&completion_prompt(request)?), "prompt"),
     };
     if prompt.is_empty() {
@@ -255,11 +464,25 @@ pub(crate) fn prepare(
         None if room == 0 => return Err(context_length(n_ctx, prompt_tokens, 1, param)),
         None => max_tokens_default.min(room),
     };
+    let grammar = match &offered {
+        None => None,
+        Some(offered) => Some(
+            engine
+                .grammar_for_schema(&offered.schema().to_string())
+                .map_err(|_| {
+                    ApiError::param(
+                        "tools",
+                        "The embedded model cannot hold its replies to these tools' parameter schemas; simplify them.",
+                    )
+                })?,
+        ),
+    };
     let generate = Generate {
         prompt,
         max_tokens: max_tokens as usize,
         stop: stop_sequences(request),
         sampling: sampling(request),
+        grammar,
     };
     let bounds = Bounds {
         prompt_tokens_max: prompt_tokens,
@@ -268,7 +491,7 @@ pub(crate) fn prepare(
         choices: 1,
         completion_tokens_max: max_tokens,
     };
-    Ok((bounds, generate))
+    Ok((bounds, generate, offered.is_some()))
 }
 
 /// How the response is dressed: the same id and time on every chunk.
@@ -365,6 +588,48 @@ impl Shape {
         }))
     }
 
+    /// A reply to a chat that offered tools, as a message: a tool call (finish `tool_calls`) or
+    /// an answer; cut by `max_tokens` (finish `length`), its raw text.
+    fn tool_message(&self, text: &str, finish: FinishReason) -> (Value, String) {
+        if finish == FinishReason::Length {
+            return (
+                json!({"role": "assistant", "content": text, "refusal": null}),
+                "length".to_string(),
+            );
+        }
+        match tool_reply(text) {
+            ToolReply::Call { name, arguments } => (
+                json!({
+                    "role": "assistant",
+                    "content": null,
+                    "refusal": null,
+                    "tool_calls": [{
+                        "id": format!("call_{}", &self.id[self.id.len() - 24..]),
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments.to_string()},
+                    }],
+                }),
+                "tool_calls".to_string(),
+            ),
+            ToolReply::Answer(answer) => (
+                json!({"role": "assistant", "content": answer, "refusal": null}),
+                "stop".to_string(),
+            ),
+        }
+    }
+
+    /// One chat stream chunk with the given delta.
+    fn chunk_delta(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        sse::event(&json!({
+            "id": self.id,
+            "object": self.object_chunk(),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        }))
+    }
+
     /// The usage chunk that ends a stream whose client asked for `include_usage`.
     fn usage_chunk(&self, usage: Usage) -> Bytes {
         sse::event(&json!({
@@ -428,6 +693,7 @@ pub(crate) async fn serve(
     stream: bool,
     include_usage: bool,
     endpoint: Endpoint,
+    tools: bool,
 ) -> Result<Response, ApiError> {
     let Backend::Embedded(engine) = &call.model().backend else {
         return Err(ApiError::Internal);
@@ -444,7 +710,7 @@ pub(crate) async fn serve(
         let (reply, answer) = oneshot::channel();
         (Output::Whole(Some(reply)), Answer::Whole(answer))
     };
-    tokio::spawn(drive(call, generation, output, shape, include_usage));
+    tokio::spawn(drive(call, generation, output, shape, include_usage, tools));
     match answer {
         Answer::Stream(receiver) => Ok(sse::response(receiver)),
         Answer::Whole(answer) => answer.await.map_err(|_| ApiError::Internal)?,
@@ -472,6 +738,7 @@ async fn drive(
     mut output: Output,
     shape: Shape,
     include_usage: bool,
+    tools: bool,
 ) {
     let stream = matches!(output, Output::Stream(_));
     let deadline = call.deadline();
@@ -516,7 +783,8 @@ async fn drive(
             Some(Event::Text(piece)) => {
                 // The model stops at max_tokens itself; its counts, not the text, are charged.
                 let _ = call.deliver(0, piece.len() as u64);
-                if stream {
+                // A reply to tools is read whole before it is sent: a call or an answer.
+                if stream && !tools {
                     if !client_gone && !output.send(shape.chunk(false, &piece, None)).await {
                         generation.cancel();
                         client_gone = true;
@@ -564,6 +832,35 @@ async fn drive(
     }
     match (ended.error, finish) {
         (Some(error), _) => fail(&mut output, error).await,
+        (None, Some(finish)) if tools => {
+            let (message, finish) = shape.tool_message(&text, finish);
+            if stream {
+                let mut delta = message.clone();
+                if let Some(calls) = delta.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                    for (index, call) in calls.iter_mut().enumerate() {
+                        call["index"] = json!(index);
+                    }
+                }
+                let _ = output.send(shape.chunk_delta(delta, None)).await;
+                let _ = output
+                    .send(shape.chunk_delta(json!({}), Some(&finish)))
+                    .await;
+                if include_usage {
+                    let _ = output.send(shape.usage_chunk(ended.usage)).await;
+                }
+                let _ = output.send(Bytes::from_static(sse::DONE)).await;
+            } else {
+                let mut answer = shape.whole(String::new(), ended.usage, FinishReason::Stop);
+                answer["choices"][0]["message"] = message;
+                answer["choices"][0]["finish_reason"] = json!(finish);
+                let mut response = Json(answer).into_response();
+                response.headers_mut().insert(
+                    axum::http::header::HeaderName::from_static(crate::CHARGED_HEADER),
+                    axum::http::HeaderValue::from(ended.charged_cu),
+                );
+                output.reply(Ok(response));
+            }
+        }
         (None, Some(finish)) => {
             if stream {
                 let _ = output.send(shape.chunk(false, "", Some(finish))).await;
@@ -611,6 +908,68 @@ mod tests {
             model: "smollm2-135m".to_string(),
             endpoint,
         }
+    }
+
+    #[test]
+    fn a_reply_to_tools_is_a_call_or_an_answer() {
+        assert_eq!(
+            tool_reply(r#" {"tool": "get_weather", "arguments": {"city": "Paris"}} "#),
+            ToolReply::Call {
+                name: "get_weather".to_string(),
+                arguments: json!({"city": "Paris"}),
+            }
+        );
+        assert_eq!(
+            tool_reply(r#"{"answer": "It is sunny."}"#),
+            ToolReply::Answer("It is sunny.".to_string())
+        );
+        // Neither (cut short, or both at once): the text as it is.
+        for text in [
+            r#"{"tool": "get_weather", "argu"#,
+            r#"{"tool": "f", "arguments": {}, "answer": "x"}"#,
+        ] {
+            assert_eq!(tool_reply(text), ToolReply::Answer(text.to_string()));
+        }
+    }
+
+    #[test]
+    fn the_replies_allowed_follow_tool_choice() {
+        let request = |choice: Value| {
+            let mut request = Map::new();
+            request.insert(
+                "tools".to_string(),
+                json!([
+                    {"type": "function", "function": {"name": "a"}},
+                    {"type": "function", "function": {"name": "b", "parameters": {"type": "object"}}},
+                ]),
+            );
+            request.insert("tool_choice".to_string(), choice);
+            request
+        };
+        let auto = offered_tools(&request(json!("auto"))).unwrap().unwrap();
+        assert_eq!(auto.schema()["oneOf"].as_array().unwrap().len(), 3);
+        assert!(auto.instructions().contains("\"answer\""));
+        let required = offered_tools(&request(json!("required"))).unwrap().unwrap();
+        assert_eq!(required.schema()["oneOf"].as_array().unwrap().len(), 2);
+        assert!(!required.instructions().contains("\"answer\""));
+        let named = offered_tools(&request(
+            json!({"type": "function", "function": {"name": "b"}}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            named.schema()["oneOf"][0]["properties"]["tool"]["const"],
+            "b"
+        );
+        assert_eq!(named.schema()["oneOf"].as_array().unwrap().len(), 1);
+        assert!(offered_tools(&request(json!("none"))).unwrap().is_none());
+        assert!(offered_tools(&request(json!("sometimes"))).is_err());
+        assert!(
+            offered_tools(&request(
+                json!({"type": "function", "function": {"name": "c"}})
+            ))
+            .is_err()
+        );
     }
 
     /// What OpenAI's clients parse of an embedded model's answers, whole and streamed, for both

@@ -462,13 +462,13 @@ async fn serve_bytes(
             // Rendering the template and tokenizing is CPU work: off the async threads.
             let engine = Arc::clone(engine);
             let default = gateway.options.max_tokens_default;
-            let (bounds, generate) = tokio::task::spawn_blocking(move || {
+            let (bounds, generate, tools) = tokio::task::spawn_blocking(move || {
                 crate::embedded::prepare(&engine, parsed, endpoint, default)
             })
             .await
             .map_err(|_| ApiError::Internal)??;
             let call = Call::open(&gateway, payer, &model, bounds).await?;
-            crate::embedded::serve(call, generate, stream, include_usage, endpoint).await
+            crate::embedded::serve(call, generate, stream, include_usage, endpoint, tools).await
         }
     }
 }

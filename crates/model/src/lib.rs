@@ -149,8 +149,10 @@ impl Sampling {
         Ok(())
     }
 
-    fn sampler(&self, n_vocab: i32) -> LlamaSampler {
-        let mut chain = Vec::with_capacity(4);
+    fn sampler(&self, n_vocab: i32, grammar: Option<LlamaSampler>) -> LlamaSampler {
+        let mut chain = Vec::with_capacity(5);
+        // The grammar first: the rest choose among the tokens it allows.
+        chain.extend(grammar);
         if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
             chain.push(LlamaSampler::penalties(
                 n_vocab,
@@ -205,6 +207,9 @@ pub struct Generate {
     pub stop: Vec<String>,
     /// How to sample.
     pub sampling: Sampling,
+    /// A grammar (llama.cpp's GBNF, root rule `root`) every token must keep the output within:
+    /// a JSON schema's, from [`EmbeddedModel::grammar_for_schema`].
+    pub grammar: Option<String>,
 }
 
 /// Why a generation ended, as the OpenAI API names it.
@@ -480,6 +485,15 @@ impl EmbeddedModel {
         }
     }
 
+    /// The grammar (GBNF) of the JSON texts a JSON schema allows, to constrain a generation's
+    /// output with ([`Generate::grammar`]).
+    pub fn grammar_for_schema(&self, schema: &str) -> Result<String, ModelError> {
+        llama_cpp_2::json_schema_to_grammar(schema).map_err(|error| ModelError::Invalid {
+            param: "tools",
+            reason: format!("a schema could not be made a grammar: {error}"),
+        })
+    }
+
     /// Counts a text's tokens with the model's tokenizer.
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokenize(text).len()
@@ -679,10 +693,26 @@ impl Slots<'_> {
                 });
                 continue;
             }
+            let grammar = match request.grammar.as_deref() {
+                None => None,
+                Some(grammar) => match LlamaSampler::grammar(self.model, grammar, "root") {
+                    Ok(sampler) => Some(sampler),
+                    Err(error) => {
+                        let _ = job.events.send(Event::Failed {
+                            error: ModelError::Invalid {
+                                param: "tools",
+                                reason: format!("the output grammar does not compile: {error}"),
+                            },
+                            counts: TokenCounts::default(),
+                        });
+                        continue;
+                    }
+                },
+            };
             if job.events.send(Event::Started { prompt_tokens }).is_err() {
                 continue;
             }
-            let sampler = request.sampling.sampler(self.model.n_vocab());
+            let sampler = request.sampling.sampler(self.model.n_vocab(), grammar);
             let text = TextStream::new(request.stop.clone());
             self.slots[index] = Some(Slot {
                 seq: index as i32,

@@ -21,6 +21,7 @@ fn load() -> EmbeddedModel {
 
 fn greedy(model: &EmbeddedModel, prompt: &str, max_tokens: usize, stop: &[&str]) -> Generate {
     Generate {
+        grammar: None,
         prompt: model.tokenize(prompt),
         max_tokens,
         stop: stop.iter().map(|s| s.to_string()).collect(),
@@ -160,6 +161,7 @@ fn a_prompt_longer_than_the_context_is_refused_and_the_model_keeps_serving() {
         greedy(&model, "x", 1, &["a", "b", "c", "d", "e"]),
         greedy(&model, "x", 1, &[""]),
         Generate {
+            grammar: None,
             sampling: Sampling {
                 temperature: 2.5,
                 ..Sampling::default()
@@ -167,6 +169,7 @@ fn a_prompt_longer_than_the_context_is_refused_and_the_model_keeps_serving() {
             ..greedy(&model, "x", 1, &[])
         },
         Generate {
+            grammar: None,
             sampling: Sampling {
                 presence_penalty: -3.0,
                 ..Sampling::default()
@@ -276,6 +279,7 @@ fn a_seed_makes_sampling_reproducible() {
         run(
             &model,
             Generate {
+                grammar: None,
                 prompt: model.tokenize(&prompt),
                 max_tokens: 32,
                 stop: Vec::new(),

@@ -239,3 +239,73 @@ async fn a_person_runs_an_agent_and_approves_what_it_asks_from_the_cli() {
         "{nobody:?}"
     );
 }
+
+/// `mcp-server-time`, installed by `make test` beside the Python the SDK tests use.
+fn time_server() -> PathBuf {
+    let python = std::env::var("STIPEND_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let path = PathBuf::from(python).with_file_name("mcp-server-time");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test`",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn a_run_on_the_embedded_model_makes_tool_calls_that_parse_and_ends() {
+    let env = Env::new(&format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[stipend]\namount = \"10 PFLOP\"\nperiod = \"3650d\"\n\
+         [agents]\nstep_max_tokens = 200\n\
+         [[models]]\nname = \"smollm2-135m\"\nbackend = \"embedded\"\npath = \"{}\"\n\
+         [[toolsets]]\nname = \"time\"\ncommand = \"{}\"\nshared = true\npolicy = {{ default = \"auto\" }}\n",
+        stipend_testkit::model_gguf().display(),
+        time_server().display()
+    ));
+    let server = Server::start(&env);
+    let key = env.person_with_key("ada");
+    let run = agent_json(
+        &env,
+        &server,
+        &key,
+        &[
+            "start",
+            "--goal",
+            "What time is it now in Tokyo? Use the time tool.",
+            "--model",
+            "smollm2-135m",
+            "--budget",
+            "5000000",
+            "--toolset",
+            "time",
+            "--max-steps",
+            "3",
+        ],
+    );
+    let id = run["id"].as_str().unwrap().to_string();
+    let mut ended = Value::Null;
+    for _ in 0..1_200 {
+        let run = agent_json(&env, &server, &key, &["show", &id]);
+        if ["done", "stopped", "failed", "budget_exhausted"]
+            .contains(&run["state"].as_str().unwrap())
+        {
+            ended = run;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It ends by itself: answering, or at its step limit; never failing on what the model wrote.
+    let state = ended["state"].as_str().unwrap_or("still running");
+    assert!(["done", "stopped"].contains(&state), "{ended}");
+    let steps = ended["steps"].as_array().unwrap();
+    assert!(!steps.is_empty(), "{ended}");
+    for step in steps.iter().filter(|step| step["kind"] == "tool") {
+        let tool = step["tool"].as_str().unwrap();
+        assert!(tool.starts_with("time__"), "{step}");
+        let outcome = step["outcome"].as_str().unwrap();
+        assert!(
+            outcome.starts_with("auto"),
+            "a tool call that did not parse: {step}"
+        );
+    }
+}

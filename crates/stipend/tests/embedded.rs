@@ -336,10 +336,7 @@ async fn sampling_follows_the_request() {
         ("top_p", json!(-0.1)),
         ("presence_penalty", json!(5)),
         ("seed", json!("x")),
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
+        ("tools", json!("not a list")),
         ("logprobs", json!(true)),
     ] {
         let mut body = chat(FRANCE, 8);
@@ -359,6 +356,73 @@ async fn sampling_follows_the_request() {
     parts["messages"][0]["content"] = json!([{"type": "text", "text": FRANCE}]);
     let answer = stack.chat(&key, &parts).await;
     assert!(content(&answer).contains("Paris"), "{answer}");
+    stack.verify();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_models_tool_calls_always_parse() {
+    let stack = Stack::start("1 PFLOP", "").await;
+    let key = stack.env.person_with_key("alice");
+    let weather = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}]);
+    let asked = |choice: Value| {
+        let mut body = chat("What is the weather in Paris?", 64);
+        body["tools"] = weather.clone();
+        body["tool_choice"] = choice;
+        body
+    };
+    // Told to call a tool, it calls one of those offered, with arguments its schema allows.
+    let answer = stack.chat(&key, &asked(json!("required"))).await;
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    // Streamed, the same call arrives as one delta, and the stream ends `tool_calls`.
+    let mut streamed = asked(json!({"type": "function", "function": {"name": "get_weather"}}));
+    streamed["stream"] = json!(true);
+    let response = stack.post(&key, "/chat/completions", &streamed).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("\"tool_calls\":[{") && text.contains("get_weather"),
+        "{text}"
+    );
+    assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // Left free to choose, it calls the tool or answers: either parses.
+    let answer = stack.chat(&key, &asked(json!("auto"))).await;
+    let finish = answer["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(["tool_calls", "stop"].contains(&finish), "{answer}");
+    // Its call and the tool's result go back in the conversation, and it goes on.
+    let mut next = asked(json!("auto"));
+    next["messages"] = json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        choice["message"],
+        {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 21 °C"},
+    ]);
+    let answer = stack.chat(&key, &next).await;
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    // A tool of a bad name, or a choice of a tool not offered, is refused.
+    let mut bad = asked(json!("auto"));
+    bad["tools"][0]["function"]["name"] = json!("get weather!");
+    let response = stack.post(&key, "/chat/completions", &bad).await;
+    assert_eq!(response.status(), 400);
+    let response = stack
+        .post(
+            &key,
+            "/chat/completions",
+            &asked(json!({"type": "function", "function": {"name": "nope"}})),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
     stack.verify();
 }
 
