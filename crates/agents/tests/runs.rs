@@ -445,3 +445,60 @@ async fn a_thousand_runs_at_once_all_end_and_are_charged_exactly() {
     }
     assert_eq!(world.alice_balance(), before - spent as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_events_stream_its_steps_as_they_happen_and_end_with_it() {
+    let world = World::new().await;
+    let script = json!([write("note.txt", "x"), {"say": "finished"}]);
+    let id = world.start(script, 100_000, &["files"]).await;
+    let run = world.until(&id, "waiting_for_approval").await;
+    let response = world
+        .http
+        .get(format!("{}/agents/{id}/events", world.base))
+        .bearer_auth(&world.alice_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let path = format!("/approvals/{}", run["approval"]["id"].as_str().unwrap());
+    let (status, _) = world
+        .send(
+            "POST",
+            &path,
+            &world.alice_key,
+            Some(json!({"decision": "approve"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The whole stream: it ends when the run does.
+    let text = tokio::time::timeout(Duration::from_secs(30), response.text())
+        .await
+        .expect("the events stream did not end with the run")
+        .unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|event| match event["type"].as_str().unwrap() {
+            "run" => format!("run:{}", event["run"]["state"].as_str().unwrap()),
+            "state" => format!("state:{}", event["state"].as_str().unwrap()),
+            "step" => format!("step:{}", event["step"]["kind"].as_str().unwrap()),
+            other => other.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run:waiting_for_approval",
+            "state:running",
+            "step:tool",
+            "step:model",
+            "state:done"
+        ],
+        "{text}"
+    );
+}

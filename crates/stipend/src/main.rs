@@ -252,11 +252,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STIPEND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // The MCP SDK logs whole messages (tool arguments and results: a person's transcript) at
+    // debug and trace: never below warn, whatever STIPEND_LOG says.
+    let filter = match "rmcp=warn".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STIPEND_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours only on a terminal: a log sent to a file or a journal stays plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -309,3 +309,68 @@ fn a_run_on_the_embedded_model_makes_tool_calls_that_parse_and_ends() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_transcript_is_its_persons_alone_and_goes_when_the_run_is_deleted() {
+    const MARKER: &str = "zebra-orchid-7731";
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&config(&upstream));
+    let log = env.dir.path().join("server.log");
+    let server = Server::start_logged(&env, &log);
+    let key = env.person_with_key("ada");
+    let script = format!(
+        r#"Remember {MARKER}.
+SCRIPT: [{{"call":[{{"name":"files__write_file","arguments":{{"path":"n.txt","content":"{MARKER}"}}}}]}},{{"say":"kept {MARKER}"}}]"#
+    );
+    let run = agent_json(
+        &env,
+        &server,
+        &key,
+        &[
+            "start",
+            "--goal",
+            &script,
+            "--model",
+            "script",
+            "--budget",
+            "500000",
+            "--toolset",
+            "files",
+        ],
+    );
+    let id = run["id"].as_str().unwrap().to_string();
+    let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
+    let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
+    assert!(
+        agent(&env, &server, &key, &["approve", &approval])
+            .status
+            .success()
+    );
+    let done = until(&env, &server, &key, &id, "done");
+    // Its person sees it all; the server's log (at trace) holds none of it.
+    assert!(done["answer"].as_str().unwrap().contains(MARKER), "{done}");
+    let log_now = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log_now.contains(MARKER),
+        "{}",
+        log_now
+            .lines()
+            .filter(|line| line.contains(MARKER))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Deleted, nothing of it is left on disk: not its journal, not its working directory.
+    assert!(
+        agent(&env, &server, &key, &["delete", &id])
+            .status
+            .success()
+    );
+    let output = server.stop();
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    common::assert_written_nowhere(
+        MARKER,
+        &env.dir.path().join("data"),
+        &format!("{output}{log_text}"),
+    );
+}

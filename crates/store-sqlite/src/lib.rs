@@ -942,9 +942,22 @@ impl stipend_ledger::RunJournal for SqliteStore {
     }
 
     fn journal_delete(&self, run: &str) -> Result<(), StoreError> {
-        self.writer()?
-            .execute("DELETE FROM agent_journal WHERE run = ?1", params![run])
+        let writer = self.writer()?;
+        // A journal holds a person's transcript: what is deleted is overwritten in the file
+        // (`secure_delete`), and the log's frames that still held it are dropped by emptying
+        // the log (if no reader holds it now, else at a later checkpoint).
+        writer
+            .execute_batch("PRAGMA secure_delete = ON")
             .map_err(io)?;
+        let deleted = writer
+            .execute("DELETE FROM agent_journal WHERE run = ?1", params![run])
+            .map_err(io);
+        // Only here: the ledger's own writes need not pay for it.
+        writer
+            .execute_batch("PRAGMA secure_delete = OFF")
+            .map_err(io)?;
+        deleted?;
+        let _ = writer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
         Ok(())
     }
 }
