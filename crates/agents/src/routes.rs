@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -94,8 +95,27 @@ impl IntoResponse for AgentError {
     }
 }
 
-fn person(agents: &Agents, headers: &HeaderMap) -> Result<AccountId, stipend_gateway::ApiError> {
-    stipend_gateway::authenticate(agents.gateway(), headers)
+/// The person a request's key belongs to: a request without a good key is refused (401)
+/// before its handler runs.
+struct Person(AccountId);
+
+impl FromRequestParts<Arc<Agents>> for Person {
+    type Rejection = stipend_gateway::ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        agents: &Arc<Agents>,
+    ) -> Result<Person, stipend_gateway::ApiError> {
+        stipend_gateway::authenticate(agents.gateway(), &parts.headers).map(Person)
+    }
+}
+
+/// An answer: the JSON of what was asked for, or the error.
+fn reply(result: Result<impl serde::Serialize, AgentError>) -> Response {
+    match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(error) => error.into_response(),
+    }
 }
 
 /// A JSON object body, or a 400 that says why not.
@@ -170,11 +190,7 @@ fn start_request(body: &Bytes) -> Result<StartRequest, AgentError> {
     })
 }
 
-async fn start(State(agents): State<Arc<Agents>>, headers: HeaderMap, body: Bytes) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
+async fn start(State(agents): State<Arc<Agents>>, Person(person): Person, body: Bytes) -> Response {
     let request = match start_request(&body) {
         Ok(request) => request,
         Err(error) => return error.into_response(),
@@ -188,52 +204,36 @@ async fn start(State(agents): State<Arc<Agents>>, headers: HeaderMap, body: Byte
     }
 }
 
-async fn list(State(agents): State<Arc<Agents>>, headers: HeaderMap) -> Response {
-    match person(&agents, &headers) {
-        Ok(person) => Json(json!({"object": "list", "data": agents.list(person)})).into_response(),
-        Err(error) => error.into_response(),
-    }
+async fn list(State(agents): State<Arc<Agents>>, Person(person): Person) -> Response {
+    Json(json!({"object": "list", "data": agents.list(person)})).into_response()
 }
 
 async fn show(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
-    match agents.show(person, &id) {
-        Ok(run) => Json(run).into_response(),
-        Err(error) => error.into_response(),
-    }
+    reply(agents.show(person, &id))
 }
 
 async fn delete(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
-    match agents.delete(person, &id).await {
-        Ok(()) => Json(json!({"id": id, "deleted": true})).into_response(),
-        Err(error) => error.into_response(),
-    }
+    reply(
+        agents
+            .delete(person, &id)
+            .await
+            .map(|()| json!({"id": id, "deleted": true})),
+    )
 }
 
 async fn events(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
     let (run, receiver) = match agents.events(person, &id) {
         Ok(opened) => opened,
         Err(error) => return error.into_response(),
@@ -276,75 +276,45 @@ fn event(value: &Value) -> Result<Event, Infallible> {
 
 async fn steer(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
     let message = object(&body).and_then(|body| {
         body.get("message")
             .and_then(Value::as_str)
             .map(str::to_string)
             .ok_or_else(|| invalid("message", "`message` must be a string"))
     });
-    match message.and_then(|message| agents.steer(person, &id, message)) {
-        Ok(run) => Json(run).into_response(),
-        Err(error) => error.into_response(),
-    }
+    reply(message.and_then(|message| agents.steer(person, &id, message)))
 }
 
 async fn pause(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    pause_or_resume(&agents, &headers, &id, true)
+    reply(agents.pause(person, &id, true))
 }
 
 async fn resume(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    pause_or_resume(&agents, &headers, &id, false)
-}
-
-fn pause_or_resume(agents: &Agents, headers: &HeaderMap, id: &str, pause: bool) -> Response {
-    let person = match person(agents, headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
-    match agents.pause(person, id, pause) {
-        Ok(run) => Json(run).into_response(),
-        Err(error) => error.into_response(),
-    }
+    reply(agents.pause(person, &id, false))
 }
 
 async fn stop(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
-    match agents.stop(person, &id) {
-        Ok(run) => Json(run).into_response(),
-        Err(error) => error.into_response(),
-    }
+    reply(agents.stop(person, &id))
 }
 
-async fn approvals(State(agents): State<Arc<Agents>>, headers: HeaderMap) -> Response {
-    match person(&agents, &headers) {
-        Ok(person) => {
-            Json(json!({"object": "list", "data": agents.approvals(person)})).into_response()
-        }
-        Err(error) => error.into_response(),
-    }
+async fn approvals(State(agents): State<Arc<Agents>>, Person(person): Person) -> Response {
+    Json(json!({"object": "list", "data": agents.approvals(person)})).into_response()
 }
 
 fn decision(body: &Bytes) -> Result<Decision, AgentError> {
@@ -380,16 +350,9 @@ fn decision(body: &Bytes) -> Result<Decision, AgentError> {
 
 async fn decide(
     State(agents): State<Arc<Agents>>,
-    headers: HeaderMap,
+    Person(person): Person,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let person = match person(&agents, &headers) {
-        Ok(person) => person,
-        Err(error) => return error.into_response(),
-    };
-    match decision(&body).and_then(|decision| agents.decide(person, &id, decision)) {
-        Ok(run) => Json(run).into_response(),
-        Err(error) => error.into_response(),
-    }
+    reply(decision(&body).and_then(|decision| agents.decide(person, &id, decision)))
 }

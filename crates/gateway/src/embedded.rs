@@ -853,12 +853,7 @@ async fn drive(
                 let mut answer = shape.whole(String::new(), ended.usage, FinishReason::Stop);
                 answer["choices"][0]["message"] = message;
                 answer["choices"][0]["finish_reason"] = json!(finish);
-                let mut response = Json(answer).into_response();
-                response.headers_mut().insert(
-                    axum::http::header::HeaderName::from_static(crate::CHARGED_HEADER),
-                    axum::http::HeaderValue::from(ended.charged_cu),
-                );
-                output.reply(Ok(response));
+                output.reply(Ok(charged(answer, ended.charged_cu)));
             }
         }
         (None, Some(finish)) => {
@@ -869,16 +864,22 @@ async fn drive(
                 }
                 let _ = output.send(Bytes::from_static(sse::DONE)).await;
             } else {
-                let mut response = Json(shape.whole(text, ended.usage, finish)).into_response();
-                response.headers_mut().insert(
-                    axum::http::header::HeaderName::from_static(crate::CHARGED_HEADER),
-                    axum::http::HeaderValue::from(ended.charged_cu),
-                );
-                output.reply(Ok(response));
+                let answer = shape.whole(text, ended.usage, finish);
+                output.reply(Ok(charged(answer, ended.charged_cu)));
             }
         }
         (None, None) => {}
     }
+}
+
+/// A plain answer, with the header that says what it was charged.
+fn charged(answer: Value, charged_cu: u64) -> Response {
+    let mut response = Json(answer).into_response();
+    response.headers_mut().insert(
+        axum::http::header::HeaderName::from_static(crate::CHARGED_HEADER),
+        axum::http::HeaderValue::from(charged_cu),
+    );
+    response
 }
 
 /// Ends a call with an error: an error event in a stream, or the error as the answer.

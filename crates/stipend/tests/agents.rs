@@ -38,6 +38,27 @@ fn agent_json(env: &Env, server: &Server, key: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// Starts a run of the scripted model with the files toolset; its id.
+fn start_files_run(env: &Env, server: &Server, key: &str, goal: &str, budget: &str) -> String {
+    let run = agent_json(
+        env,
+        server,
+        key,
+        &[
+            "start",
+            "--goal",
+            goal,
+            "--model",
+            "script",
+            "--budget",
+            budget,
+            "--toolset",
+            "files",
+        ],
+    );
+    run["id"].as_str().unwrap().to_string()
+}
+
 fn until(env: &Env, server: &Server, key: &str, id: &str, state: &str) -> Value {
     for _ in 0..300 {
         let run = agent_json(env, server, key, &["show", id]);
@@ -69,23 +90,7 @@ async fn a_run_waiting_for_approval_outlives_a_killed_server_and_repeats_nothing
         .as_i64()
         .unwrap();
     let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"a.txt","content":"once"}}]},{"say":"written"}]"#;
-    let run = agent_json(
-        &env,
-        &server,
-        &key,
-        &[
-            "start",
-            "--goal",
-            script,
-            "--model",
-            "script",
-            "--budget",
-            "500000",
-            "--toolset",
-            "files",
-        ],
-    );
-    let id = run["id"].as_str().unwrap().to_string();
+    let id = start_files_run(&env, &server, &key, script, "500000");
     let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
     let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
     let first_step_cu = waiting["spent_cu"].as_i64().unwrap();
@@ -156,23 +161,7 @@ async fn a_person_runs_an_agent_and_approves_what_it_asks_from_the_cli() {
         .as_i64()
         .unwrap();
     let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"note.txt","content":"from the model"}}]},{"say":"noted"}]"#;
-    let run = agent_json(
-        &env,
-        &server,
-        &key,
-        &[
-            "start",
-            "--goal",
-            script,
-            "--model",
-            "script",
-            "--budget",
-            "200000",
-            "--toolset",
-            "files",
-        ],
-    );
-    let id = run["id"].as_str().unwrap().to_string();
+    let id = start_files_run(&env, &server, &key, script, "200000");
     let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
     let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
     let listed = agent(&env, &server, &key, &["approvals"]);
@@ -322,23 +311,7 @@ async fn a_runs_transcript_is_its_persons_alone_and_goes_when_the_run_is_deleted
         r#"Remember {MARKER}.
 SCRIPT: [{{"call":[{{"name":"files__write_file","arguments":{{"path":"n.txt","content":"{MARKER}"}}}}]}},{{"say":"kept {MARKER}"}}]"#
     );
-    let run = agent_json(
-        &env,
-        &server,
-        &key,
-        &[
-            "start",
-            "--goal",
-            &script,
-            "--model",
-            "script",
-            "--budget",
-            "500000",
-            "--toolset",
-            "files",
-        ],
-    );
-    let id = run["id"].as_str().unwrap().to_string();
+    let id = start_files_run(&env, &server, &key, &script, "500000");
     let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
     let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
     assert!(
