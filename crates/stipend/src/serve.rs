@@ -17,7 +17,9 @@ use stipend_ledger::{
     SystemClock,
 };
 use stipend_model::{EmbeddedModel, LoadOptions};
-use stipend_store_postgres::{LeaseRequest, PostgresBooks, PostgresEscrow, PostgresStore};
+use stipend_store_postgres::{
+    LeaseRequest, PostgresBooks, PostgresEscrow, PostgresJournal, PostgresStore,
+};
 use stipend_store_sqlite::SqliteStore;
 
 use crate::config::{BackendConfig, Config};
@@ -278,8 +280,8 @@ struct Engine {
     store: Arc<dyn Store>,
     local: Option<Arc<Ledger>>,
     node: Option<Arc<Node>>,
-    /// Where agent runs are journaled (the embedded store; on a shared database runs live in
-    /// their server's memory for now).
+    /// Where agent runs are journaled: the embedded store, or the shared database under this
+    /// server's name.
     journal: Option<Arc<dyn RunJournal>>,
     /// Held while the server runs: one server per `data_dir` (its control socket is there).
     _claim: Option<std::fs::File>,
@@ -311,10 +313,21 @@ fn claim_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
 
 /// A node's name in the database's `leases`, for the operator's eyes: host and process.
 fn node_name(config: &Config) -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
+    format!("{}:{}:{}", host_name(), std::process::id(), config.listen)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
         .map(|name| name.trim().to_string())
-        .unwrap_or_else(|_| "node".to_string());
-    format!("{host}:{}:{}", std::process::id(), config.listen)
+        .unwrap_or_else(|_| "node".to_string())
+}
+
+/// Whose agent runs' journals are this server's on a shared database: the same name after a
+/// restart (its host and its `data_dir`, which is its own on the machine).
+fn journal_owner(config: &Config) -> String {
+    let data_dir =
+        std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    format!("{}:{}", host_name(), data_dir.display())
 }
 
 fn open_engine(config: &Config) -> anyhow::Result<Engine> {
@@ -369,10 +382,13 @@ fn open_engine(config: &Config) -> anyhow::Result<Engine> {
     Ok(Engine {
         books: books as Arc<dyn Books>,
         budget: Arc::clone(&node) as Arc<dyn Budget>,
+        journal: Some(Arc::new(PostgresJournal::new(
+            Arc::clone(&store),
+            journal_owner(config),
+        )) as Arc<dyn RunJournal>),
         store: store as Arc<dyn Store>,
         local: None,
         node: Some(node),
-        journal: None,
         _claim: Some(claim),
     })
 }

@@ -347,3 +347,57 @@ SCRIPT: [{{"call":[{{"name":"files__write_file","arguments":{{"path":"n.txt","co
         &format!("{output}{log_text}"),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_shared_database_a_killed_servers_runs_go_on_when_it_starts_again() {
+    let database = stipend_store_postgres::test_server::TestServer::start().unwrap();
+    let url = database.fresh_database().unwrap();
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let env = Env::new(&format!(
+        "database_url = \"{url}\"\nlease_ttl = \"2s\"\n{}",
+        config(&upstream)
+    ));
+    let server = Server::start(&env);
+    let key = env.person_with_key("ada");
+    let before = env.json(&["account", "show", "ada"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let script = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"p.txt","content":"shared"}}]},{"say":"done"}]"#;
+    let id = start_files_run(&env, &server, &key, script, "500000");
+    let waiting = until(&env, &server, &key, &id, "waiting_for_approval");
+    let approval = waiting["approval"]["id"].as_str().unwrap().to_string();
+    server.kill();
+    // The same server (its data_dir) starts again: its runs are read back from the database.
+    let server = Server::start(&env);
+    assert!(
+        server.output().contains("Resumed 1 agent runs"),
+        "{}",
+        server.output()
+    );
+    let again = until(&env, &server, &key, &id, "waiting_for_approval");
+    assert_eq!(again["approval"]["id"], approval.as_str());
+    assert!(
+        agent(&env, &server, &key, &["approve", &approval])
+            .status
+            .success()
+    );
+    let done = until(&env, &server, &key, &id, "done");
+    let note = env.dir.path().join("data/agents").join(&id).join("p.txt");
+    assert_eq!(std::fs::read_to_string(note).unwrap(), "shared");
+    // What the run spent left ada; the rest of the cap came back once its leases were let go.
+    let spent = done["spent_cu"].as_i64().unwrap();
+    let mut after = 0;
+    for _ in 0..100 {
+        after = env.json(&["account", "show", "ada"])["balance_cu"]
+            .as_i64()
+            .unwrap();
+        if after == before - spent {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(after, before - spent);
+    server.stop();
+    let verify = env.json(&["ledger", "verify"]);
+    assert_eq!(verify["violations"], serde_json::json!([]));
+}

@@ -30,11 +30,13 @@ use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 mod books;
 mod escrow;
 pub mod faults;
+mod journal;
 pub mod test_server;
 mod tls;
 
 pub use books::PostgresBooks;
 pub use escrow::{LeaseRequest, PostgresEscrow};
+pub use journal::PostgresJournal;
 
 /// The schema, one migration per entry; `stipend_schema.version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -128,6 +130,18 @@ CREATE TABLE settle_batches (
     committed_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX settle_batches_by_time ON settle_batches (committed_at);
+"#,
+    r#"
+-- Agent runs' journals, each owned by the server that runs it (it reads its own back when it
+-- starts again). The records are the run's person's own: deleted with the run.
+CREATE TABLE agent_journal (
+    owner   TEXT   NOT NULL,
+    run     TEXT   NOT NULL,
+    seq     BIGINT NOT NULL,
+    record  BYTEA  NOT NULL,
+    PRIMARY KEY (run, seq)
+);
+CREATE INDEX agent_journal_by_owner ON agent_journal (owner, run, seq);
 "#,
 ];
 

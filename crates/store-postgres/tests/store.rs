@@ -259,3 +259,52 @@ fn a_store_nobody_set_up_is_not_read() {
     let error = PostgresStore::open("mysql://x").err().unwrap();
     assert!(error.to_string().contains("database_url"), "{error}");
 }
+
+#[test]
+fn each_servers_run_journals_read_back_in_order_written_once_and_go_with_their_run() {
+    use std::sync::Arc;
+    use stipend_ledger::{JournalRecord, RunJournal};
+    use stipend_store_postgres::PostgresJournal;
+    let url = server().fresh_database().unwrap();
+    let store = Arc::new(PostgresStore::open_shared(&url).unwrap());
+    let one = PostgresJournal::new(Arc::clone(&store), "host:/srv/one".to_string());
+    let two = PostgresJournal::new(Arc::clone(&store), "host:/srv/two".to_string());
+    let record = |run: &str, seq: u64, text: &str| JournalRecord {
+        run: run.to_string(),
+        seq,
+        record: text.as_bytes().to_vec(),
+    };
+    one.journal_append(&[
+        record("run_b", 0, "b0"),
+        record("run_a", 1, "a1"),
+        record("run_a", 0, "a0"),
+    ])
+    .unwrap();
+    two.journal_append(&[record("run_c", 0, "c0")]).unwrap();
+    // A record already written is refused, and nothing of its batch is kept.
+    assert!(
+        one.journal_append(&[record("run_b", 1, "b1"), record("run_a", 0, "again")])
+            .is_err()
+    );
+    let texts = |journal: &PostgresJournal| -> Vec<String> {
+        journal
+            .journal_load()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                format!(
+                    "{}:{}:{}",
+                    r.run,
+                    r.seq,
+                    String::from_utf8(r.record).unwrap()
+                )
+            })
+            .collect()
+    };
+    // Each server reads its own runs back, and only those.
+    assert_eq!(texts(&one), ["run_a:0:a0", "run_a:1:a1", "run_b:0:b0"]);
+    assert_eq!(texts(&two), ["run_c:0:c0"]);
+    one.journal_delete("run_a").unwrap();
+    two.journal_delete("run_b").unwrap(); // not its own: nothing happens
+    assert_eq!(texts(&one), ["run_b:0:b0"]);
+}
