@@ -36,8 +36,10 @@ pub struct AgentsOptions {
     pub toolsets: Vec<ToolsetConfig>,
     /// The policy of a tool nothing else gives one.
     pub default_policy: Policy,
-    /// The longest a tool call (or a toolset's start) may take.
+    /// The longest a tool call may take.
     pub tool_timeout: Duration,
+    /// The longest a toolset's server may take to start and list its tools.
+    pub toolset_start_timeout: Duration,
     /// The most bytes of a tool's output the model sees.
     pub tool_output_bytes_max: usize,
     /// Steps a run takes when it does not say.
@@ -59,6 +61,7 @@ impl AgentsOptions {
             toolsets: Vec::new(),
             default_policy: Policy::Ask,
             tool_timeout: Duration::from_secs(60),
+            toolset_start_timeout: Duration::from_secs(60),
             tool_output_bytes_max: 16 * 1024,
             max_steps_default: 32,
             max_steps_max: 1_000,
@@ -403,7 +406,7 @@ impl Agents {
                 config,
                 &self.options.workdir_root,
                 self.options.default_policy,
-                self.options.tool_timeout,
+                self.options.toolset_start_timeout,
             )
             .await?,
         );

@@ -97,7 +97,7 @@ async fn start_toolsets(
                 config,
                 workdir,
                 agents.options.default_policy,
-                agents.options.tool_timeout,
+                agents.options.toolset_start_timeout,
             )
             .await
             .map(Arc::new)

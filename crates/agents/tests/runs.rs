@@ -502,3 +502,45 @@ async fn a_runs_events_stream_its_steps_as_they_happen_and_end_with_it() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_server_runs_under_limits_a_hung_call_times_out_and_long_output_is_cut() {
+    let world = World::new().await;
+    let script = json!([
+        {"call": [{"name": "limits__limits", "arguments": {}}]},
+        {"call": [{"name": "limits__sleep", "arguments": {"seconds": 30}}]},
+        {"call": [{"name": "limits__shout", "arguments": {"size": 100000}}]},
+        {"say": "done"},
+    ]);
+    let id = world.start(script, 1_000_000, &["limits"]).await;
+    let run = world.until(&id, "done").await;
+    let steps = run["steps"].as_array().unwrap();
+    let tools: Vec<&Value> = steps.iter().filter(|step| step["kind"] == "tool").collect();
+    // prlimit: open files, file size, no core dumps, CPU seconds.
+    assert_eq!(tools[0]["outcome"], "auto");
+    assert_eq!(
+        tools[0]["summary"],
+        "nofile=1024 fsize=1073741824 core=0 cpu=3600"
+    );
+    // A call that does not answer within tool_timeout (3 s here) fails, and the run goes on.
+    assert_eq!(tools[1]["outcome"], "auto, failed", "{run}");
+    assert!(
+        tools[1]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within 3 s")
+    );
+    // What the model sees of a long result is cut at tool_output_bytes_max (4 096 here).
+    let answer = run["answer"].as_str().unwrap();
+    let seen: Vec<String> = serde_json::from_str(answer.split_once("SEEN: ").unwrap().1).unwrap();
+    assert!(
+        seen[2].starts_with(&"A".repeat(4_096)),
+        "{}",
+        &seen[2][..64]
+    );
+    assert!(
+        seen[2].ends_with("[cut: 95904 more bytes not shown]"),
+        "{}",
+        &seen[2][4_000..]
+    );
+}

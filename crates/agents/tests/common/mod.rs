@@ -131,6 +131,8 @@ impl World {
         let workdirs = dir.path().join("runs");
         let mut options = AgentsOptions::new(workdirs.clone());
         options.active_runs_per_person_max = 1_000;
+        options.tool_timeout = Duration::from_secs(3);
+        options.tool_output_bytes_max = 4_096;
         options.toolsets = vec![
             ToolsetConfig {
                 name: "time".to_string(),
@@ -139,6 +141,18 @@ impl World {
                 default: Some(Policy::Auto),
                 overrides: BTreeMap::new(),
                 shared: true,
+            },
+            ToolsetConfig {
+                name: "limits".to_string(),
+                command: time_server().with_file_name("python").display().to_string(),
+                args: vec![
+                    stipend_testkit::repo_path("tests/mcp/limits_server.py")
+                        .display()
+                        .to_string(),
+                ],
+                default: Some(Policy::Auto),
+                overrides: BTreeMap::new(),
+                shared: false,
             },
             ToolsetConfig {
                 name: "files".to_string(),
