@@ -47,8 +47,10 @@ pub(crate) enum Entry {
     },
     /// A tool call was started (its result follows as a message).
     ToolStarted { call_id: String },
-    /// Paused (true) or resumed.
+    /// Paused (true) or resumed, by its person.
     Paused { paused: bool },
+    /// A message from its person for the model's next step (a `Message` when it is taken).
+    Steer { message: String },
     /// The run ended.
     Ended {
         state: State,

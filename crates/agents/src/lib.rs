@@ -694,8 +694,9 @@ impl Agents {
         Ok((run.view(), receiver))
     }
 
-    /// A message the model sees at the run's next step.
-    pub fn steer(
+    /// A message the model sees at the run's next step; journaled before it is taken, so that
+    /// it outlives a restart.
+    pub async fn steer(
         &self,
         person: AccountId,
         id: &str,
@@ -708,31 +709,31 @@ impl Agents {
                 param: Some("message"),
             });
         }
-        {
-            let mut inner = run.inner.lock();
-            if inner.state.ended() {
-                return Err(AgentError::Conflict(format!(
-                    "the run has ended ({})",
-                    json!(inner.state)
-                )));
-            }
-            inner.steers.push(message);
-        }
+        ended_conflict(&run)?;
+        self.write(
+            &run,
+            vec![journal::Entry::Steer {
+                message: message.clone(),
+            }],
+        )
+        .await
+        .map_err(|reason| AgentError::Ledger(LedgerError::Unavailable { reason }))?;
+        run.inner.lock().steers.push(message);
         Ok(run.view())
     }
 
-    /// Pauses a run (between steps) or resumes it.
-    pub fn pause(&self, person: AccountId, id: &str, pause: bool) -> Result<RunView, AgentError> {
+    /// Pauses a run (between steps) or resumes it; journaled before it is taken.
+    pub async fn pause(
+        &self,
+        person: AccountId,
+        id: &str,
+        pause: bool,
+    ) -> Result<RunView, AgentError> {
         let run = self.run_of(person, id)?;
-        {
-            let inner = run.inner.lock();
-            if inner.state.ended() {
-                return Err(AgentError::Conflict(format!(
-                    "the run has ended ({})",
-                    json!(inner.state)
-                )));
-            }
-        }
+        ended_conflict(&run)?;
+        self.write(&run, vec![journal::Entry::Paused { paused: pause }])
+            .await
+            .map_err(|reason| AgentError::Ledger(LedgerError::Unavailable { reason }))?;
         run.paused.send_replace(pause);
         if pause {
             let waiting = run.inner.lock().state == State::WaitingForApproval;
@@ -844,6 +845,18 @@ impl Agents {
     }
 }
 
+/// A conflict if the run has ended.
+fn ended_conflict(run: &Run) -> Result<(), AgentError> {
+    let state = run.inner.lock().state;
+    if state.ended() {
+        return Err(AgentError::Conflict(format!(
+            "the run has ended ({})",
+            json!(state)
+        )));
+    }
+    Ok(())
+}
+
 /// A run rebuilt from its journal; `None` if the journal does not begin with its start.
 fn replay(id: &str, entries: Vec<journal::Entry>) -> Option<Run> {
     use journal::{Decided, Entry};
@@ -873,8 +886,13 @@ fn replay(id: &str, entries: Vec<journal::Entry>) -> Option<Run> {
                 if message["role"] == "assistant" {
                     inner.interrupted = false;
                 }
+                // A steer taken into the transcript is no longer waiting.
+                if message["role"] == "user" && !inner.steers.is_empty() {
+                    inner.steers.remove(0);
+                }
                 inner.messages.push(message);
             }
+            Entry::Steer { message } => inner.steers.push(message),
             Entry::Step { step } => {
                 if step.kind == "model" {
                     inner.spent_cu += step.cu;

@@ -286,7 +286,11 @@ async fn steer(
             .map(str::to_string)
             .ok_or_else(|| invalid("message", "`message` must be a string"))
     });
-    reply(message.and_then(|message| agents.steer(person, &id, message)))
+    let steered = match message {
+        Ok(message) => agents.steer(person, &id, message).await,
+        Err(error) => Err(error),
+    };
+    reply(steered)
 }
 
 async fn pause(
@@ -294,7 +298,7 @@ async fn pause(
     Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    reply(agents.pause(person, &id, true))
+    reply(agents.pause(person, &id, true).await)
 }
 
 async fn resume(
@@ -302,7 +306,7 @@ async fn resume(
     Person(person): Person,
     Path(id): Path<String>,
 ) -> Response {
-    reply(agents.pause(person, &id, false))
+    reply(agents.pause(person, &id, false).await)
 }
 
 async fn stop(

@@ -213,9 +213,7 @@ async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Arc<Toolset>]) 
                 format!("the run took its {} steps", run.max_steps),
             );
         }
-        if let Err(ending) = wait_while_paused(agents, run).await {
-            return ending;
-        }
+        wait_while_paused(run).await;
         // What the person said meanwhile, then the call: journaled before it is made.
         let steers: Vec<Value> = run
             .inner
@@ -288,17 +286,14 @@ async fn steps(agents: &Arc<Agents>, run: &Arc<Run>, toolsets: &[Arc<Toolset>]) 
     }
 }
 
-/// Waits while the run is paused, journaling the pause and the resume.
-async fn wait_while_paused(agents: &Agents, run: &Run) -> Result<(), Ending> {
+/// Waits while the run is paused (its person's pause and resume are journaled as they come).
+async fn wait_while_paused(run: &Run) {
     let mut paused = run.paused.subscribe();
     if *paused.borrow() {
-        write(agents, run, vec![Entry::Paused { paused: true }]).await?;
         run.set_state(State::Paused);
         let _ = paused.wait_for(|paused| !*paused).await;
-        write(agents, run, vec![Entry::Paused { paused: false }]).await?;
     }
     run.set_state(State::Running);
-    Ok(())
 }
 
 /// One model call, charged to the run's account and queued as its person: the assistant's

@@ -156,3 +156,33 @@ async fn a_model_call_cut_off_is_not_made_again_and_an_ended_run_gives_its_budge
     // Nothing was charged: both caps came back whole.
     balance_returns_to(&world, common::STIPEND_CU as i64).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steer_and_a_pause_given_before_a_stop_outlive_it() {
+    let world = World::journaled(Box::new(|ledger, alice| {
+        let entries = vec![
+            begun(ledger, alice, RUN, THEN_ANSWER, &[], 100_000),
+            json!({"t": "steer", "message": "say it in French"}),
+            json!({"t": "paused", "paused": true}),
+        ];
+        records(RUN, &entries)
+    }))
+    .await;
+    // Still paused after the restart; resumed, it takes the steer at its next step.
+    let run = world.until(RUN, "paused").await;
+    assert_eq!(run["steps"], json!([]));
+    let (status, _) = world
+        .send(
+            "POST",
+            &format!("/agents/{RUN}/resume"),
+            &world.alice_key,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let run = world.until(RUN, "done").await;
+    assert!(
+        run["answer"].as_str().unwrap().contains("say it in French"),
+        "{run}"
+    );
+}
