@@ -769,11 +769,10 @@ impl Agents {
             let _ = tokio::time::timeout(Duration::from_millis(100), ended.recv()).await;
         }
         self.runs.lock().remove(id);
-        if let Some(journal) = &self.journal {
-            let (journal_store, run_id) = (journal, id.to_string());
-            if let Err(error) = journal_store.delete(&run_id) {
-                tracing::error!(%error, run = %id, "a deleted run's journal could not be removed");
-            }
+        if let Some(journal) = &self.journal
+            && let Err(error) = journal.delete(id)
+        {
+            tracing::error!(%error, run = %id, "a deleted run's journal could not be removed");
         }
         // What its tools wrote goes with it.
         let workdir = self.options.workdir_root.join(id);
