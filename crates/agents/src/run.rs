@@ -313,11 +313,19 @@ async fn model_step(agents: &Agents, run: &Run, body: Value) -> Result<(Value, u
                 .await;
         let pause = match answer {
             Ok(response) => break response,
-            Err(ApiError::BudgetExhausted { .. }) => {
+            Err(ApiError::BudgetExhausted {
+                needed_cu,
+                available_cu,
+                ..
+            }) => {
+                // A step reserves its worst case: its whole request (the tools' descriptions
+                // included) and `step_max_tokens` of answer, at the model's prices.
                 return Err(Ending::with(
                     State::BudgetExhausted,
                     "budget_exhausted",
-                    "what is left of the run's budget cannot pay for its next step",
+                    format!(
+                        "the run's next step may cost up to {needed_cu} cu (its whole request and the longest answer it may get, at the model's prices), and {available_cu} cu of its budget are left"
+                    ),
                 ));
             }
             Err(ApiError::RateLimited { retry_after_s, .. }) => {

@@ -183,6 +183,11 @@ async fn a_run_ends_at_its_cap_and_the_rest_comes_back() {
     let spent = run["spent_cu"].as_u64().unwrap();
     assert!(spent > 0 && spent <= budget, "spent {spent} of {budget}");
     assert_eq!(run["error"]["code"], "budget_exhausted");
+    let why = run["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("may cost up to") && why.contains("cu of its budget are left"),
+        "{why}"
+    );
     let tools_run = outcomes(&run)
         .iter()
         .filter(|step| *step == "tool:auto")
