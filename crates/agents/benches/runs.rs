@@ -10,7 +10,9 @@
 //!   it is the latency of one decision, not of a queue of them), and to its answer;
 //! - steps per second with every remaining run approved at once (model and tool steps), beside
 //!   the same machine's in-process chat calls per second through the same gateway and upstream
-//!   (the baseline: what the steps cost beyond their model calls).
+//!   (the baseline: what the steps cost beyond their model calls);
+//! - then as many runs again without a tool server (each asks for a tool it was not given, is
+//!   refused, and answers), started at once: steps per second of the loop and its journal alone.
 //!
 //! `make bench-agents` runs it (it needs the Python virtualenv with `mcp-server-time` that
 //! `make test` makes). Figures: docs/benchmarks.md.
@@ -278,6 +280,54 @@ async fn bench(runs: usize) {
     // Each of the rest takes two steps after its approval: the tool, then the model's answer.
     let steps_per_s = (rest.len() * 2) as f64 / elapsed.as_secs_f64();
 
+    // The same number of runs without a tool server: each asks for a tool it was not given
+    // (refused at once, journaled), then answers. What a step costs the loop and the journal,
+    // apart from the tool server.
+    let bare = json!([{"call": [{"name": "absent__tool", "arguments": {}}]}, {"say": "done"}]);
+    let started = Instant::now();
+    let mut bare_runs = Vec::with_capacity(rest.len());
+    for index in 0..rest.len() {
+        let agents = Arc::clone(&agents);
+        let person = people[index % PEOPLE];
+        let goal = format!("SCRIPT: {bare}");
+        bare_runs.push(tokio::spawn(async move {
+            let run = tokio::task::spawn_blocking({
+                let agents = Arc::clone(&agents);
+                move || {
+                    agents
+                        .start(
+                            person,
+                            StartRequest {
+                                goal,
+                                model: "script".to_string(),
+                                budget_cu: 50_000,
+                                toolsets: Vec::new(),
+                                max_steps: None,
+                            },
+                        )
+                        .unwrap()
+                }
+            })
+            .await
+            .unwrap();
+            let (view, mut events) = agents.events(person, &run.id).unwrap();
+            if view.state == stipend_agents::State::Done {
+                return;
+            }
+            loop {
+                let event: Value = events.recv().await.unwrap();
+                if event["type"] == "state" && event["state"] == "done" {
+                    return;
+                }
+            }
+        }));
+    }
+    for run in bare_runs {
+        run.await.unwrap();
+    }
+    // Three steps each: the model, the refused tool, the model's answer.
+    let bare_steps_per_s = (rest.len() * 3) as f64 / started.elapsed().as_secs_f64();
+
     println!(
         "| runs | to all waiting | memory per waiting run | decision → next model call p50 / p99 | decision → its answer p50 / p99 | steps/s (rest approved at once) | in-process chat calls/s (baseline) | steps/s ÷ calls/s |"
     );
@@ -293,5 +343,10 @@ async fn bench(runs: usize) {
         steps_per_s,
         baseline_per_s,
         steps_per_s / baseline_per_s,
+    );
+    println!(
+        "\nWithout a tool server ({} runs started at once, each a model call, a refused tool call, a model call): {bare_steps_per_s:.0} steps/s, {:.2} of the baseline.",
+        rest.len(),
+        bare_steps_per_s / baseline_per_s
     );
 }
