@@ -128,6 +128,7 @@ async fn bench(runs: usize) {
     });
     let mut options = AgentsOptions::new(dir.path().join("runs"));
     options.active_runs_per_person_max = runs;
+    options.kept_runs_per_person_max = runs * 2;
     options.toolsets = vec![ToolsetConfig {
         name: "time".to_string(),
         command: time_server.display().to_string(),

@@ -52,6 +52,9 @@ pub struct AgentsOptions {
     pub workdir_root: PathBuf,
     /// The most runs one person may have that have not ended.
     pub active_runs_per_person_max: usize,
+    /// The most runs one person may have kept, ended or not (each keeps its transcript until
+    /// it is deleted).
+    pub kept_runs_per_person_max: usize,
 }
 
 impl AgentsOptions {
@@ -68,6 +71,7 @@ impl AgentsOptions {
             step_max_tokens: 1_024,
             workdir_root,
             active_runs_per_person_max: 100,
+            kept_runs_per_person_max: 1_000,
         }
     }
 }
@@ -543,16 +547,29 @@ impl Agents {
                 "max_steps",
             ));
         }
-        let active = self
+        let (kept, active) = self
             .runs
             .lock()
             .values()
-            .filter(|run| run.person == person && !run.inner.lock().state.ended())
-            .count();
+            .filter(|run| run.person == person)
+            .fold((0, 0), |(kept, active), run| {
+                let going = !run.inner.lock().state.ended();
+                (kept + 1, active + usize::from(going))
+            });
         if active >= self.options.active_runs_per_person_max {
             return Err(AgentError::Quota {
                 message: format!(
                     "You have {active} runs going, the most this server allows; stop or wait for one."
+                ),
+                code: "rate_limit_exceeded",
+            });
+        }
+        // Ended runs are kept, transcripts and all, until their person deletes them: bounded, so
+        // that nobody can fill the server's memory with them.
+        if kept >= self.options.kept_runs_per_person_max {
+            return Err(AgentError::Quota {
+                message: format!(
+                    "You keep {kept} runs, the most this server allows; delete some you no longer need (DELETE /v1/agents/{{id}})."
                 ),
                 code: "rate_limit_exceeded",
             });

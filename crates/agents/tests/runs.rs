@@ -549,3 +549,71 @@ async fn a_tool_server_runs_under_limits_a_hung_call_times_out_and_long_output_i
         &seen[2][4_000..]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_keeps_a_bounded_number_of_runs_and_deleting_one_makes_room() {
+    let world = World::with(|options| {
+        options.active_runs_per_person_max = 2;
+        options.kept_runs_per_person_max = 3;
+    })
+    .await;
+    // Two waiting for approval: a third may not start while they go.
+    let waits = json!([write("a.txt", "x")]);
+    let first = world.start(waits.clone(), 100_000, &["files"]).await;
+    let second = world.start(waits, 100_000, &["files"]).await;
+    world.until(&first, "waiting_for_approval").await;
+    world.until(&second, "waiting_for_approval").await;
+    let body = json!({"goal": "SCRIPT: []", "model": "script", "budget_cu": 100_000});
+    let (status, error) = world
+        .send("POST", "/agents", &world.alice_key, Some(body.clone()))
+        .await;
+    assert_eq!(status, 429, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("runs going")
+    );
+    // One stopped: a third runs (and ends); three are kept, so a fourth may not start.
+    world
+        .send(
+            "POST",
+            &format!("/agents/{first}/stop"),
+            &world.alice_key,
+            None,
+        )
+        .await;
+    world.until(&first, "stopped").await;
+    let (status, third) = world
+        .send("POST", "/agents", &world.alice_key, Some(body.clone()))
+        .await;
+    assert_eq!(status, 201, "{third}");
+    world.until(third["id"].as_str().unwrap(), "done").await;
+    let (status, error) = world
+        .send("POST", "/agents", &world.alice_key, Some(body.clone()))
+        .await;
+    assert_eq!(status, 429, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("delete some")
+    );
+    // Deleting one makes room; bob's count is his own.
+    world
+        .send(
+            "DELETE",
+            &format!("/agents/{first}"),
+            &world.alice_key,
+            None,
+        )
+        .await;
+    let (status, _) = world
+        .send("POST", "/agents", &world.alice_key, Some(body.clone()))
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = world
+        .send("POST", "/agents", &world.bob_key, Some(body))
+        .await;
+    assert_eq!(status, 201);
+}

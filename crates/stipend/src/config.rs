@@ -72,6 +72,7 @@ struct RawAgents {
     max_steps: Option<i64>,
     step_max_tokens: Option<i64>,
     active_runs_per_person_max: Option<i64>,
+    kept_runs_per_person_max: Option<i64>,
 }
 
 /// `[[toolsets]]`: an MCP server runs may use.
@@ -769,6 +770,13 @@ fn check_agents(
         options.active_runs_per_person_max as u64,
         1,
         100_000,
+    )? as usize;
+    options.kept_runs_per_person_max = bounded(
+        "agents.kept_runs_per_person_max",
+        raw.kept_runs_per_person_max,
+        options.kept_runs_per_person_max as u64,
+        1,
+        1_000_000,
     )? as usize;
     for (index, raw) in toolsets.into_iter().enumerate() {
         let at = format!("toolsets[{index}]");

@@ -64,16 +64,21 @@ pub type Prepare = Box<dyn FnOnce(&Ledger, AccountId) -> Vec<JournalRecord>>;
 impl World {
     /// Runs in memory only.
     pub async fn new() -> World {
-        World::build(None).await
+        World::build(None, |_| {}).await
+    }
+
+    /// Runs in memory only, with the options as `tweak` leaves them.
+    pub async fn with(tweak: impl FnOnce(&mut AgentsOptions)) -> World {
+        World::build(None, tweak).await
     }
 
     /// Runs journaled in the ledger's store, which holds what `prepare` writes; the agents read
     /// it back (resume) before serving.
     pub async fn journaled(prepare: Prepare) -> World {
-        World::build(Some(prepare)).await
+        World::build(Some(prepare), |_| {}).await
     }
 
-    async fn build(prepare: Option<Prepare>) -> World {
+    async fn build(prepare: Option<Prepare>, tweak: impl FnOnce(&mut AgentsOptions)) -> World {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
         let store: Arc<dyn Store> = Arc::clone(&sqlite) as Arc<dyn Store>;
@@ -133,6 +138,7 @@ impl World {
         options.active_runs_per_person_max = 1_000;
         options.tool_timeout = Duration::from_secs(3);
         options.tool_output_bytes_max = 4_096;
+        options.kept_runs_per_person_max = 2_000;
         options.toolsets = vec![
             ToolsetConfig {
                 name: "time".to_string(),
@@ -163,6 +169,7 @@ impl World {
                 shared: false,
             },
         ];
+        tweak(&mut options);
         let agents = match prepare {
             None => Agents::new(
                 Arc::clone(&gateway),
