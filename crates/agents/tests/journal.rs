@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{World, begun, outcomes, records};
 use serde_json::{Value, json};
 
@@ -29,16 +27,6 @@ fn asked_for(call_id: &str, tool: &str, arguments: Value) -> Vec<Value> {
 /// The script the model follows from its second step on: answer, saying what it saw.
 const THEN_ANSWER: &str =
     r#"SCRIPT: [{"call":[{"name":"unused","arguments":{}}]},{"say":"went on"}]"#;
-
-async fn balance_returns_to(world: &World, expected: i64) {
-    for _ in 0..200 {
-        if world.alice_balance() == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(world.alice_balance(), expected);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auto_tool_call_cut_off_runs_again_and_the_run_goes_on() {
@@ -67,7 +55,9 @@ async fn an_auto_tool_call_cut_off_runs_again_and_the_run_goes_on() {
     // here): only the second step was charged now, and the rest of the cap came back.
     let second = run["steps"][2]["cu"].as_u64().unwrap();
     assert_eq!(run["spent_cu"].as_u64().unwrap(), 700 + second);
-    balance_returns_to(&world, common::STIPEND_CU as i64 - second as i64).await;
+    world
+        .balance_comes_to(common::STIPEND_CU as i64 - second as i64)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +144,7 @@ async fn a_model_call_cut_off_is_not_made_again_and_an_ended_run_gives_its_budge
     let run = world.until(ended, "stopped").await;
     assert_eq!(run["budget_cu"], 50_000);
     // Nothing was charged: both caps came back whole.
-    balance_returns_to(&world, common::STIPEND_CU as i64).await;
+    world.balance_comes_to(common::STIPEND_CU as i64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,13 +194,7 @@ async fn a_run_ends_at_its_cap_and_the_rest_comes_back() {
         .count();
     assert!(tools_run >= 2, "{run}");
     // Nothing beyond what the steps cost left alice: the cap's rest came back.
-    for _ in 0..100 {
-        if world.alice_balance() == before - spent as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(world.alice_balance(), before - spent as i64);
+    world.balance_comes_to(before - spent as i64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,13 +266,7 @@ async fn a_person_pauses_steers_resumes_and_stops_their_runs() {
     assert_eq!(status, 200);
     let run = world.until(&id, "stopped").await;
     let spent = run["spent_cu"].as_u64().unwrap();
-    for _ in 0..100 {
-        if world.alice_balance() == before - spent as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(world.alice_balance(), before - spent as i64);
+    world.balance_comes_to(before - spent as i64).await;
     let (_, approvals) = world
         .send("GET", "/approvals", &world.alice_key, None)
         .await;
@@ -442,13 +430,7 @@ async fn a_thousand_runs_at_once_all_end_and_are_charged_exactly() {
         .iter()
         .map(|run| run["spent_cu"].as_u64().unwrap())
         .sum();
-    for _ in 0..100 {
-        if world.alice_balance() == before - spent as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(world.alice_balance(), before - spent as i64);
+    world.balance_comes_to(before - spent as i64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -578,6 +578,11 @@ impl Shape {
                 json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
             }
         };
+        self.chunk_of(choice)
+    }
+
+    /// A stream chunk carrying one choice.
+    fn chunk_of(&self, choice: Value) -> Bytes {
         sse::event(&json!({
             "id": self.id,
             "object": self.object_chunk(),
@@ -620,14 +625,9 @@ impl Shape {
 
     /// One chat stream chunk with the given delta.
     fn chunk_delta(&self, delta: Value, finish: Option<&str>) -> Bytes {
-        sse::event(&json!({
-            "id": self.id,
-            "object": self.object_chunk(),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        }))
+        self.chunk_of(
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+        )
     }
 
     /// The usage chunk that ends a stream whose client asked for `include_usage`.

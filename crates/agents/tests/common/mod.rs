@@ -264,6 +264,18 @@ impl World {
         panic!("the run never reached {state}");
     }
 
+    /// Waits (a few seconds at most) until alice's balance is `expected`: what a run holds
+    /// comes back once its last call has settled.
+    pub async fn balance_comes_to(&self, expected: i64) {
+        for _ in 0..200 {
+            if self.alice_balance() == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(self.alice_balance(), expected);
+    }
+
     pub fn alice_balance(&self) -> i64 {
         self.ledger.view(self.alice).unwrap().balance_cu
     }
