@@ -96,7 +96,7 @@ impl Journal {
                     let mut batch = vec![first];
                     while let Ok(next) = receiver.try_recv() {
                         batch.push(next);
-                        if batch.len() >= 1_024 {
+                        if batch.len() >= crate::limits::JOURNAL_BATCH_MAX {
                             break;
                         }
                     }

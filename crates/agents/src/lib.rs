@@ -11,6 +11,7 @@
 //! with the run, shown only to that person, and never logged.
 
 mod journal;
+pub mod limits;
 mod mcp;
 pub mod routes;
 mod run;
@@ -63,15 +64,15 @@ impl AgentsOptions {
         AgentsOptions {
             toolsets: Vec::new(),
             default_policy: Policy::Ask,
-            tool_timeout: Duration::from_secs(60),
-            toolset_start_timeout: Duration::from_secs(60),
-            tool_output_bytes_max: 16 * 1024,
-            max_steps_default: 32,
-            max_steps_max: 1_000,
-            step_max_tokens: 1_024,
+            tool_timeout: limits::TOOL_TIMEOUT_DEFAULT,
+            toolset_start_timeout: limits::TOOLSET_START_TIMEOUT_DEFAULT,
+            tool_output_bytes_max: limits::TOOL_OUTPUT_BYTES_DEFAULT,
+            max_steps_default: limits::MAX_STEPS_DEFAULT,
+            max_steps_max: limits::MAX_STEPS_MAX,
+            step_max_tokens: limits::STEP_MAX_TOKENS_DEFAULT,
             workdir_root,
-            active_runs_per_person_max: 100,
-            kept_runs_per_person_max: 1_000,
+            active_runs_per_person_max: limits::ACTIVE_RUNS_PER_PERSON_DEFAULT,
+            kept_runs_per_person_max: limits::KEPT_RUNS_PER_PERSON_DEFAULT,
         }
     }
 }
@@ -493,7 +494,7 @@ impl Agents {
                 "goal",
             ));
         }
-        if request.goal.len() > 64 * 1024 {
+        if request.goal.len() > limits::MESSAGE_BYTES_MAX {
             return Err(invalid("`goal` is longer than 64 KiB".into(), "goal"));
         }
         if !self.gateway.models.contains_key(&request.model) {
@@ -596,7 +597,7 @@ impl Agents {
             }
             Err(error) => return Err(error.into()),
         }
-        let (events, _) = broadcast::channel(256);
+        let (events, _) = broadcast::channel(limits::EVENTS_BUFFERED);
         let run = Arc::new(Run {
             id: id.clone(),
             person,
@@ -720,7 +721,7 @@ impl Agents {
         message: String,
     ) -> Result<RunView, AgentError> {
         let run = self.run_of(person, id)?;
-        if message.trim().is_empty() || message.len() > 64 * 1024 {
+        if message.trim().is_empty() || message.len() > limits::MESSAGE_BYTES_MAX {
             return Err(AgentError::Invalid {
                 message: "`message` must be 1 byte to 64 KiB".to_string(),
                 param: Some("message"),
@@ -950,7 +951,7 @@ fn replay(id: &str, entries: Vec<journal::Entry>) -> Option<Run> {
     if paused && !inner.state.ended() {
         inner.state = State::Paused;
     }
-    let (events, _) = broadcast::channel(256);
+    let (events, _) = broadcast::channel(limits::EVENTS_BUFFERED);
     Some(Run {
         id: id.to_string(),
         person: AccountId(person),

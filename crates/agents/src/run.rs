@@ -15,10 +15,6 @@ use crate::journal::{Decided, Entry};
 use crate::mcp::{Tool, Toolset};
 use crate::{Agents, Approval, Decision, Run, State, Step};
 
-/// The longest an ended run waits for what its account holds to be let go before giving the
-/// rest back: a model call's settle, or a lease on a shared database (given back once idle).
-const END_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
-
 /// How a run ended, and why.
 struct Ending {
     state: State,
@@ -658,7 +654,7 @@ async fn give_back_inner(agents: &Agents, run: &Run) {
             }));
         match view {
             Ok(view) if view.available_cu as i64 == view.balance_cu => break view.available_cu,
-            Ok(_) if waited.elapsed() < END_WAIT_MAX => {
+            Ok(_) if waited.elapsed() < crate::limits::END_WAIT_MAX => {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             Ok(view) => {
