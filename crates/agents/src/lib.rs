@@ -576,27 +576,10 @@ impl Agents {
             });
         }
         let id = format!("run_{:032x}", TransferId::random().0);
-        // Named for its person, so that what it holds can find its way back to them.
+        // Named for its person, for the operator's listings.
         let account = self
             .books
             .create_account(&agent_account_name(person, &id), AccountKind::Agent)?;
-        // The cap moves to the run: the ledger then keeps the run within it.
-        match self
-            .books
-            .give(TransferId::random(), person, account, request.budget_cu)
-        {
-            Ok(_) => {}
-            Err(LedgerError::InsufficientBalance { available_cu, .. }) => {
-                return Err(AgentError::Quota {
-                    message: format!(
-                        "The budget of {} cu is more than you have available ({available_cu} cu).",
-                        request.budget_cu
-                    ),
-                    code: "insufficient_quota",
-                });
-            }
-            Err(error) => return Err(error.into()),
-        }
         let (events, _) = broadcast::channel(limits::EVENTS_BUFFERED);
         let run = Arc::new(Run {
             id: id.clone(),
@@ -613,8 +596,9 @@ impl Agents {
             stop: watch::Sender::new(false),
             events,
         });
-        // Journaled before it goes: a run the journal does not know would leave its cap in its
-        // account until the next start gives it back.
+        // Journaled before the cap moves, so that no compute can sit in an account no journal
+        // knows: a run read back whose cap never moved ends at its first step, having spent
+        // nothing.
         let journaled = tokio::runtime::Handle::current().block_on(self.write(
             &run,
             vec![journal::Entry::Start {
@@ -629,47 +613,34 @@ impl Agents {
             }],
         ));
         if let Err(reason) = journaled {
-            tracing::error!(%reason, "a run could not be journaled; its budget goes back");
-            self.books
-                .give(TransferId::random(), account, person, run.budget_cu)?;
+            tracing::error!(%reason, "a run could not be journaled");
             return Err(AgentError::Ledger(LedgerError::Unavailable { reason }));
+        }
+        // The cap moves to the run: the ledger then keeps the run within it.
+        let moved = self
+            .books
+            .give(TransferId::random(), person, account, request.budget_cu);
+        if let Err(error) = moved {
+            if let Some(journal) = &self.journal
+                && let Err(error) = journal.delete(&id)
+            {
+                tracing::error!(%error, run = %id, "a run that never began could not be unjournaled");
+            }
+            return Err(match error {
+                LedgerError::InsufficientBalance { available_cu, .. } => AgentError::Quota {
+                    message: format!(
+                        "The budget of {} cu is more than you have available ({available_cu} cu).",
+                        request.budget_cu
+                    ),
+                    code: "insufficient_quota",
+                },
+                other => other.into(),
+            });
         }
         self.runs.lock().insert(id, Arc::clone(&run));
         let view = run.view();
         tokio::spawn(run::drive(Arc::clone(self), run));
         Ok(view)
-    }
-
-    /// Gives every agent account's balance back to its person: what runs held when the server
-    /// last stopped (runs do not outlive their server yet). For a server that is the ledger's
-    /// only one; on a shared database the other servers' runs are live. Returns the cu given back.
-    pub fn return_stranded_budgets(&self) -> Result<u64, AgentError> {
-        // The accounts of runs this server knows (read back from the journal) are theirs.
-        let known: HashSet<AccountId> = self.runs.lock().values().map(|run| run.account).collect();
-        let mut returned = 0;
-        let mut after = None;
-        loop {
-            let page = self.books.views(after, 1_000)?;
-            let Some(last) = page.last() else {
-                return Ok(returned);
-            };
-            after = Some(last.id);
-            for view in page {
-                if view.kind != AccountKind::Agent
-                    || view.available_cu == 0
-                    || known.contains(&view.id)
-                {
-                    continue;
-                }
-                let Some(person) = person_of_agent_account(&view.name) else {
-                    continue;
-                };
-                self.books
-                    .give(TransferId::random(), view.id, person, view.available_cu)?;
-                tracing::warn!(account = %view.name, cu = view.available_cu, "a run's budget left by a stopped server was given back");
-                returned += view.available_cu;
-            }
-        }
     }
 
     /// A run of `person`'s.
@@ -972,34 +943,4 @@ fn replay(id: &str, entries: Vec<journal::Entry>) -> Option<Run> {
 /// The name of a run's account: `agent:<person's id>:<run id>`.
 fn agent_account_name(person: AccountId, run: &str) -> String {
     format!("agent:{}:{run}", person.0)
-}
-
-/// The person a run's account belongs to, from its name.
-fn person_of_agent_account(name: &str) -> Option<AccountId> {
-    let mut parts = name.strip_prefix("agent:")?.split(':');
-    let person = parts.next()?.parse().ok()?;
-    parts
-        .next()?
-        .starts_with("run_")
-        .then_some(AccountId(person))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_run_account_names_its_person() {
-        let name = agent_account_name(AccountId(42), "run_00ff");
-        assert_eq!(name, "agent:42:run_00ff");
-        assert_eq!(person_of_agent_account(&name), Some(AccountId(42)));
-        for other in [
-            "agent:42",
-            "agent:x:run_1",
-            "pool:42:run_1",
-            "agent:42:other",
-        ] {
-            assert_eq!(person_of_agent_account(other), None, "{other}");
-        }
-    }
 }

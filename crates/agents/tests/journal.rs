@@ -176,3 +176,28 @@ async fn a_steer_and_a_pause_given_before_a_stop_outlive_it() {
         "{run}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_journaled_before_its_cap_moved_ends_having_spent_nothing() {
+    // The server stopped between journaling the run and moving its cap: its account is empty.
+    let world = World::journaled(Box::new(|ledger, alice| {
+        let account = ledger
+            .create_account(
+                &format!("agent:{}:{RUN}", alice.0),
+                stipend_ledger::AccountKind::Agent,
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
+        let start = json!({
+            "t": "start", "person": alice.0, "account": account.0, "goal": THEN_ANSWER,
+            "model": "script", "budget_cu": 100_000, "max_steps": 8, "toolsets": [],
+            "created_at": "2026-12-05T00:00:00Z",
+        });
+        records(RUN, &[start])
+    }))
+    .await;
+    let run = world.until(RUN, "budget_exhausted").await;
+    assert_eq!(run["spent_cu"], 0);
+    assert_eq!(world.alice_balance(), common::STIPEND_CU as i64);
+}

@@ -498,19 +498,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if resumed > 0 {
         println!("Resumed {resumed} agent runs where they were.");
     }
-    // What runs held that no journal knows of (a server without one, stopped) goes back to
-    // their people. Only where this server is the ledger's only one.
-    if engine.node.is_none() {
-        let sweeping = Arc::clone(&agents);
-        match tokio::task::spawn_blocking(move || sweeping.return_stranded_budgets()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(cu)) => {
-                println!("Gave {cu} cu held by runs of the last server back to their people.")
-            }
-            Ok(Err(error)) => tracing::error!(%error, "runs' budgets could not be given back"),
-            Err(_) => tracing::error!("the task giving runs' budgets back failed"),
-        }
-    }
     let mut http_task = tokio::spawn({
         let router = stipend_gateway::router(Arc::clone(&gateway))
             .merge(stipend_agents::routes::router(agents));
