@@ -12,7 +12,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 PYENV := $(TARGET)/pyenv
 MCP := $(TARGET)/mcp
 
-.PHONY: serve test bench bench-agents bench-model setup
+.PHONY: serve test bench bench-agents bench-model setup screenshots
 
 setup:
 	@scripts/setup.sh
@@ -53,3 +53,7 @@ bench-model: setup
 	$(CARGO) build --locked -q -p stipend
 	$(TARGET)/debug/stipend model fetch --dir models
 	$(CARGO) bench --locked -p stipend --bench embedded
+
+# The web pages' screenshots in docs/screenshots/, taken by their browser tests (README shows them).
+screenshots: setup
+	STIPEND_SCREENSHOTS=1 $(CARGO) test --locked -p stipend --test web

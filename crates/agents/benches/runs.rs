@@ -120,7 +120,7 @@ async fn bench(runs: usize) {
     };
     let gateway = Arc::new(Gateway {
         ledger: Arc::clone(&ledger) as Arc<dyn stipend_ledger::Budget>,
-        keys: KeyRing::new(Arc::clone(&sqlite) as Arc<dyn Store>),
+        keys: KeyRing::new(Arc::clone(&sqlite) as Arc<dyn Store>, ledger.issuer()),
         models: BTreeMap::from([("script".to_string(), Arc::new(model))]),
         options: GatewayOptions::default(),
         unrouted: Default::default(),

@@ -74,6 +74,13 @@ pub enum KeyError {
     /// The key was revoked.
     #[error("the API key was revoked")]
     Revoked,
+    /// An operator key, which opens the operator's page and API, not model calls nor a
+    /// person's page.
+    #[error(
+        "this is an operator key: it opens the operator's page (/admin), not model calls; \
+         use a person's key"
+    )]
+    Operator,
     /// The key store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -89,15 +96,20 @@ pub enum KeyError {
 #[derive(Clone)]
 pub struct KeyRing {
     store: Arc<dyn Store>,
+    /// The account whose keys are operator keys: the issuer's.
+    operator: AccountId,
     cache: Arc<RwLock<HashMap<String, Arc<KeyRecord>>>>,
     unknown: Arc<RwLock<HashSet<String>>>,
 }
 
 impl KeyRing {
-    /// A key ring over a store.
-    pub fn new(store: Arc<dyn Store>) -> KeyRing {
+    /// A key ring over a store. Keys of `operator` (the issuer's account, which holds no
+    /// grants and makes no calls) are operator keys: they open the operator's page and API and
+    /// nothing else, and no other key opens those.
+    pub fn new(store: Arc<dyn Store>, operator: AccountId) -> KeyRing {
         KeyRing {
             store,
+            operator,
             cache: Arc::new(RwLock::new(HashMap::new())),
             unknown: Arc::new(RwLock::new(HashSet::new())),
         }
@@ -106,30 +118,7 @@ impl KeyRing {
     /// Checks a presented key; returns its account.
     pub fn authenticate(&self, presented: &str) -> Result<AccountId, KeyError> {
         let (id, secret) = parse(presented).ok_or(KeyError::Invalid)?;
-        let cached = self.cache.read().get(id).cloned();
-        let record = match cached {
-            Some(record) => record,
-            None => {
-                if self.unknown.read().contains(id) {
-                    return Err(KeyError::Invalid);
-                }
-                let Some(record) = self.store.key(id)? else {
-                    let mut unknown = self.unknown.write();
-                    if unknown.len() >= UNKNOWN_KEYS_MAX {
-                        unknown.clear();
-                    }
-                    unknown.insert(id.to_string());
-                    return Err(KeyError::Invalid);
-                };
-                let record = Arc::new(record);
-                let mut cache = self.cache.write();
-                if cache.len() >= KEY_CACHE_MAX {
-                    cache.clear();
-                }
-                cache.insert(id.to_string(), Arc::clone(&record));
-                record
-            }
-        };
+        let record = self.record(id)?;
         // Constant time: how much of a guess matched must not show in how long the check took.
         if !bool::from(sha256(secret).ct_eq(&record.secret_sha256)) {
             return Err(KeyError::Invalid);
@@ -137,7 +126,84 @@ impl KeyRing {
         if record.revoked_at_ms.is_some() {
             return Err(KeyError::Revoked);
         }
+        if record.account == self.operator {
+            return Err(KeyError::Operator);
+        }
         Ok(record.account)
+    }
+
+    /// The account whose keys are operator keys.
+    pub fn operator(&self) -> AccountId {
+        self.operator
+    }
+
+    /// Checks a presented operator key: valid, not revoked, and the operator's (a person's key
+    /// is `Invalid` here).
+    pub fn authenticate_operator(&self, presented: &str) -> Result<(), KeyError> {
+        let (id, secret) = parse(presented).ok_or(KeyError::Invalid)?;
+        let record = self.record(id)?;
+        if !bool::from(sha256(secret).ct_eq(&record.secret_sha256)) {
+            return Err(KeyError::Invalid);
+        }
+        if record.account != self.operator {
+            return Err(KeyError::Invalid);
+        }
+        if record.revoked_at_ms.is_some() {
+            return Err(KeyError::Revoked);
+        }
+        Ok(())
+    }
+
+    /// Whether the operator key named by its id still stands (an operator's web session checks
+    /// it at each request).
+    pub fn operator_key(&self, id: &str) -> Result<(), KeyError> {
+        let record = self.record(id)?;
+        if record.account != self.operator {
+            return Err(KeyError::Invalid);
+        }
+        if record.revoked_at_ms.is_some() {
+            return Err(KeyError::Revoked);
+        }
+        Ok(())
+    }
+
+    /// The account of a key named by its id alone, while the key is not revoked: how a web
+    /// session, opened with the whole key, checks at each request that the key still stands
+    /// (revoking the key ends its sessions).
+    pub fn account_of(&self, id: &str) -> Result<AccountId, KeyError> {
+        let record = self.record(id)?;
+        if record.revoked_at_ms.is_some() {
+            return Err(KeyError::Revoked);
+        }
+        if record.account == self.operator {
+            return Err(KeyError::Operator);
+        }
+        Ok(record.account)
+    }
+
+    /// A key's record, from the cache or else the store.
+    fn record(&self, id: &str) -> Result<Arc<KeyRecord>, KeyError> {
+        if let Some(record) = self.cache.read().get(id).cloned() {
+            return Ok(record);
+        }
+        if self.unknown.read().contains(id) {
+            return Err(KeyError::Invalid);
+        }
+        let Some(record) = self.store.key(id)? else {
+            let mut unknown = self.unknown.write();
+            if unknown.len() >= UNKNOWN_KEYS_MAX {
+                unknown.clear();
+            }
+            unknown.insert(id.to_string());
+            return Err(KeyError::Invalid);
+        };
+        let record = Arc::new(record);
+        let mut cache = self.cache.write();
+        if cache.len() >= KEY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(id.to_string(), Arc::clone(&record));
+        Ok(record)
     }
 
     /// Creates and stores a new key for an account.
@@ -190,7 +256,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(
             stipend_store_sqlite::SqliteStore::open(&dir.path().join("ledger.db")).unwrap(),
         );
-        let keys = KeyRing::new(Arc::clone(&store));
+        let keys = KeyRing::new(Arc::clone(&store), AccountId(1));
         let made_up = generate(AccountId(7), 1).unwrap();
         assert_eq!(keys.authenticate(&made_up.key), Err(KeyError::Invalid));
         // Written behind the ring's back (which a running server never does): the ring still
@@ -198,7 +264,7 @@ mod tests {
         store.insert_key(&made_up.record).unwrap();
         assert_eq!(keys.authenticate(&made_up.key), Err(KeyError::Invalid));
         assert_eq!(
-            KeyRing::new(Arc::clone(&store)).authenticate(&made_up.key),
+            KeyRing::new(Arc::clone(&store), AccountId(1)).authenticate(&made_up.key),
             Ok(AccountId(7))
         );
         // Created through the ring: works at once, and keeps working from the cache.
@@ -211,6 +277,41 @@ mod tests {
         assert_eq!(keys.authenticate(&forged), Err(KeyError::Invalid));
         assert!(keys.revoke(id, 3).unwrap());
         assert_eq!(keys.authenticate(&new.key), Err(KeyError::Revoked));
+    }
+
+    #[test]
+    fn operator_keys_open_only_what_is_the_operators() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            stipend_store_sqlite::SqliteStore::open(&dir.path().join("ledger.db")).unwrap(),
+        );
+        let operator = AccountId(1);
+        let keys = KeyRing::new(Arc::clone(&store), operator);
+        let admin = keys.create(operator, 1).unwrap();
+        let person = keys.create(AccountId(9), 1).unwrap();
+        let (admin_id, _) = parse(&admin.key).unwrap();
+        let (person_id, _) = parse(&person.key).unwrap();
+        // An operator key makes no calls and opens no person's page.
+        assert_eq!(keys.authenticate(&admin.key), Err(KeyError::Operator));
+        assert_eq!(keys.account_of(admin_id), Err(KeyError::Operator));
+        assert_eq!(keys.authenticate_operator(&admin.key), Ok(()));
+        assert_eq!(keys.operator_key(admin_id), Ok(()));
+        // A person's key never opens the operator's page.
+        assert_eq!(keys.authenticate(&person.key), Ok(AccountId(9)));
+        assert_eq!(
+            keys.authenticate_operator(&person.key),
+            Err(KeyError::Invalid)
+        );
+        assert_eq!(keys.operator_key(person_id), Err(KeyError::Invalid));
+        // Nor does a forged or revoked operator key.
+        let forged = format!("{KEY_PREFIX}{admin_id}-{}", "0".repeat(SECRET_HEX_LEN));
+        assert_eq!(keys.authenticate_operator(&forged), Err(KeyError::Invalid));
+        assert!(keys.revoke(admin_id, 2).unwrap());
+        assert_eq!(
+            keys.authenticate_operator(&admin.key),
+            Err(KeyError::Revoked)
+        );
+        assert_eq!(keys.operator_key(admin_id), Err(KeyError::Revoked));
     }
 
     #[test]

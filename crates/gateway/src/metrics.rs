@@ -133,6 +133,11 @@ impl Counters {
         self.streams_cut_short.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Compute charged so far, in cu.
+    pub fn charged_cu(&self) -> u64 {
+        self.charged_cu.load(Ordering::Relaxed)
+    }
+
     /// Requests that ended with this outcome so far.
     pub fn outcome_count(&self, outcome: Outcome) -> u64 {
         self.outcomes[outcome.index()].load(Ordering::Relaxed)

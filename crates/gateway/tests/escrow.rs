@@ -110,7 +110,7 @@ async fn gateway_on(
     };
     let gateway = Arc::new(Gateway {
         ledger: Arc::clone(&node) as Arc<dyn stipend_ledger::Budget>,
-        keys: KeyRing::new(store as Arc<dyn Store>),
+        keys: KeyRing::new(store as Arc<dyn Store>, AccountId(1)),
         models: BTreeMap::from([("honest".to_string(), Arc::new(model))]),
         options: GatewayOptions::default(),
         unrouted: Default::default(),
@@ -135,7 +135,7 @@ fn alice_with_key(url: &str) -> String {
             ..Batch::default()
         })
         .unwrap();
-    KeyRing::new(store as Arc<dyn Store>)
+    KeyRing::new(store as Arc<dyn Store>, AccountId(1))
         .create(ALICE, 0)
         .unwrap()
         .key
@@ -319,7 +319,10 @@ fn a_key_revoked_anywhere_stops_everywhere_that_follows() {
             .unwrap();
     }
     let ring = |url: &str| {
-        KeyRing::new(Arc::new(PostgresStore::open_shared(url).unwrap()) as Arc<dyn Store>)
+        KeyRing::new(
+            Arc::new(PostgresStore::open_shared(url).unwrap()) as Arc<dyn Store>,
+            AccountId(1),
+        )
     };
     let (here, there) = (ring(&url), ring(&url));
     let position = here.follow(None).unwrap();

@@ -65,6 +65,8 @@ pub enum Request {
         /// The account's name.
         account: String,
     },
+    /// Create an operator key: it opens the operator's page and API, and nothing else.
+    CreateOperatorKey,
     /// List an account's keys.
     ListKeys {
         /// The account's name.
@@ -104,6 +106,7 @@ impl Request {
             Request::Give { .. } => "give",
             Request::CheckInvariants => "ledger verify",
             Request::CreateKey { .. } => "key create",
+            Request::CreateOperatorKey => "admin key create",
             Request::ListKeys { .. } => "key list",
             Request::RevokeKey { .. } => "key revoke",
         }
@@ -332,6 +335,12 @@ pub fn execute(
             tracing::info!(account = %id, key = %new.record.id, "key created");
             Ok(Response::Key(key_info(&new.record, account, Some(new.key))))
         }
+        Request::CreateOperatorKey => {
+            let new = keys.create(keys.operator(), ledger.now_ms())?;
+            tracing::info!(key = %new.record.id, "operator key created");
+            let name = ledger.view(keys.operator())?.name;
+            Ok(Response::Key(key_info(&new.record, name, Some(new.key))))
+        }
         Request::ListKeys { account } => {
             let id = ledger.account_id(&account)?;
             let records = keys.list(id)?;
@@ -538,6 +547,14 @@ pub fn render(response: &Response) -> String {
             );
         }
         Response::Key(key) => match &key.key {
+            Some(full) if key.account == stipend_ledger::ISSUER_NAME => {
+                let _ = writeln!(
+                    out,
+                    "Operator key (id {}); it opens the operator's page, /admin, and nothing else.\n\
+                     It is shown once, keep it now:\n\n  {full}\n",
+                    key.id
+                );
+            }
             Some(full) => {
                 let _ = writeln!(
                     out,

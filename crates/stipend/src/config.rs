@@ -9,7 +9,7 @@ use serde::Deserialize;
 use stipend_ledger::StipendPolicy;
 use stipend_ledger::limits::STIPEND_MAX_CU;
 use stipend_ledger::units::{
-    default_price_cu_per_token, parse_amount_cu, parse_duration, parse_params,
+    default_price_cu_per_token, format_duration, parse_amount_cu, parse_duration, parse_params,
 };
 
 /// The file name looked for in the working directory when no `--config` is given.
@@ -60,6 +60,15 @@ struct RawConfig {
     agents: Option<RawAgents>,
     #[serde(default)]
     toolsets: Vec<RawToolset>,
+    web: Option<RawWeb>,
+}
+
+/// `[web]`: the pages' sessions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeb {
+    session_ttl: Option<String>,
+    sessions_max: Option<i64>,
 }
 
 /// `[agents]`: how runs go.
@@ -464,6 +473,8 @@ pub struct Config {
     /// Agent runs: their limits and the toolsets they may use (their working directories are
     /// under `data_dir/agents`).
     pub agents: stipend_agents::AgentsOptions,
+    /// The web pages' sessions.
+    pub web: stipend_web::WebOptions,
 }
 
 /// A PostgreSQL URL, which may hold a password: shown only as the database and host it names.
@@ -695,6 +706,8 @@ impl Config {
             data_dir.join("agents"),
         )
         .with_context(|| format!("config {name}"))?;
+        let web =
+            check_web(raw.web.unwrap_or_default()).with_context(|| format!("config {name}"))?;
         Ok(Config {
             source: source.map(Path::to_path_buf),
             data_dir,
@@ -711,8 +724,32 @@ impl Config {
             workers,
             models,
             agents,
+            web,
         })
     }
+}
+
+/// Checks `[web]`.
+fn check_web(raw: RawWeb) -> anyhow::Result<stipend_web::WebOptions> {
+    use stipend_web::limits::SESSION_TTL_MAX;
+    let mut options = stipend_web::WebOptions::default();
+    if let Some(text) = raw.session_ttl {
+        let ttl = parse_duration(&text).context("web.session_ttl")?;
+        if ttl < Duration::from_secs(60) || ttl > SESSION_TTL_MAX {
+            bail!(
+                "web.session_ttl must be from 1min to {}, got {text}",
+                format_duration(SESSION_TTL_MAX)
+            );
+        }
+        options.session_ttl = ttl;
+    }
+    if let Some(max) = raw.sessions_max {
+        if !(1..=10_000_000).contains(&max) {
+            bail!("web.sessions_max must be from 1 to 10000000, got {max}");
+        }
+        options.sessions_max = max as usize;
+    }
+    Ok(options)
 }
 
 /// Checks `[agents]` and `[[toolsets]]`.

@@ -45,6 +45,9 @@ enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The operator's own keys, which open the operator's page (`/admin`).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Check the ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
@@ -153,6 +156,22 @@ enum ModelCommand {
         #[arg(long, default_value = stipend::config::MODELS_DIR_DEFAULT)]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Operator keys: they open `/admin` and nothing else (no model calls, no person's page);
+    /// no person's key opens `/admin`. Revoke one with `stipend key revoke`.
+    #[command(subcommand)]
+    Key(AdminKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminKeyCommand {
+    /// Create an operator key and print it (once: only its hash is kept).
+    Create,
+    /// List the operator keys (ids and state, never secrets).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -335,6 +354,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
         },
         Command::Key(KeyCommand::Create { account }) => Request::CreateKey { account },
+        Command::Admin(AdminCommand::Key(AdminKeyCommand::Create)) => Request::CreateOperatorKey,
+        Command::Admin(AdminCommand::Key(AdminKeyCommand::List)) => Request::ListKeys {
+            account: stipend_ledger::ISSUER_NAME.to_string(),
+        },
         Command::Key(KeyCommand::List { account }) => Request::ListKeys { account },
         Command::Key(KeyCommand::Revoke { key_id }) => Request::RevokeKey {
             id: key_id
@@ -441,13 +464,15 @@ fn parse_transfer_id(text: &str) -> anyhow::Result<TransferId> {
 fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
     if let Some(url) = &config.database_url {
         let (store, books) = serve::open_shared_books(config, url)?;
-        let keys =
-            stipend_gateway::KeyRing::new(store as std::sync::Arc<dyn stipend_ledger::Store>);
+        let keys = stipend_gateway::KeyRing::new(
+            store as std::sync::Arc<dyn stipend_ledger::Store>,
+            books.issuer(),
+        );
         return Ok(execute(books.as_ref(), &keys, request)?);
     }
     match serve::open_ledger(config) {
         Ok(ledger) => {
-            let keys = stipend_gateway::KeyRing::new(ledger.store());
+            let keys = stipend_gateway::KeyRing::new(ledger.store(), ledger.issuer());
             Ok(execute(&ledger, &keys, request)?)
         }
         Err(error)

@@ -13,8 +13,8 @@ use stipend_gateway::{Backend, Gateway, GatewayOptions, KeyRing, Model, Upstream
 use stipend_ledger::node::{Node, NodeOptions};
 use stipend_ledger::units::{default_price_cu_per_token, format_duration};
 use stipend_ledger::{
-    AccountKind, Books, Budget, Flops, Ledger, LedgerOptions, RunJournal, Store, StoreError,
-    SystemClock,
+    AccountId, AccountKind, Books, Budget, Flops, Ledger, LedgerOptions, RunJournal, Store,
+    StoreError, SystemClock,
 };
 use stipend_model::{EmbeddedModel, LoadOptions};
 use stipend_store_postgres::{
@@ -276,6 +276,8 @@ fn demo_account(books: &dyn Books, keys: &KeyRing) -> anyhow::Result<Option<Stri
 /// books (for the operator's commands).
 struct Engine {
     books: Arc<dyn Books>,
+    /// The issuer's account, whose keys are operator keys.
+    issuer: AccountId,
     budget: Arc<dyn Budget>,
     store: Arc<dyn Store>,
     local: Option<Arc<Ledger>>,
@@ -353,6 +355,7 @@ fn open_engine(config: &Config) -> anyhow::Result<Engine> {
             Err(error) => return Err(error),
         };
         return Ok(Engine {
+            issuer: ledger.issuer(),
             books: Arc::clone(&ledger) as Arc<dyn Books>,
             budget: Arc::clone(&ledger) as Arc<dyn Budget>,
             store: ledger.store(),
@@ -380,6 +383,7 @@ fn open_engine(config: &Config) -> anyhow::Result<Engine> {
         NodeOptions::new(config.policy, books.issuer(), config.lease_ttl),
     )?);
     Ok(Engine {
+        issuer: books.issuer(),
         books: books as Arc<dyn Books>,
         budget: Arc::clone(&node) as Arc<dyn Budget>,
         journal: Some(Arc::new(PostgresJournal::new(
@@ -398,7 +402,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     raise_open_files_limit();
     let engine = open_engine(&config)?;
-    let keys = KeyRing::new(Arc::clone(&engine.store));
+    let keys = KeyRing::new(Arc::clone(&engine.store), engine.issuer);
     let demo_key = if config.source.is_none() {
         Some(demo_account(engine.books.as_ref(), &keys)?)
     } else {
@@ -499,8 +503,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         println!("Resumed {resumed} agent runs where they were.");
     }
     let mut http_task = tokio::spawn({
+        let web = stipend_web::Web::new(
+            Arc::clone(&gateway),
+            Arc::clone(&engine.books),
+            config.web.clone(),
+        );
         let router = stipend_gateway::router(Arc::clone(&gateway))
-            .merge(stipend_agents::routes::router(agents));
+            .merge(stipend_agents::routes::router(agents))
+            .merge(stipend_web::router(web));
         stipend_gateway::server::serve(http, router, config.client_read_timeout, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         })
@@ -671,7 +681,8 @@ fn print_summary(
          # Python, with the official client (pip install openai):\n  \
          python3 -c 'from openai import OpenAI; import os; print(OpenAI(base_url=\"http://{address}/v1\", api_key=os.environ[\"KEY\"]).chat.completions.create(model=\"{example_model}\", messages=[{{\"role\": \"user\", \"content\": \"Name three colours.\"}}], temperature=0).choices[0].message.content)'\n\n\
          Your budget:\n  \
-         curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n\n\
+         curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n  \
+         or in a browser: http://{address}/ (sign in with the key)\n\n\
          Press Ctrl-C to stop.",
         Flops(policy.amount_cu() as i64),
         format_duration(policy.period()),

@@ -101,7 +101,7 @@ impl World {
                 .unwrap()
         };
         let (alice, bob) = (person("alice"), person("bob"));
-        let keys = KeyRing::new(store);
+        let keys = KeyRing::new(store, ledger.issuer());
         let alice_key = keys.create(alice, 0).unwrap().key;
         let bob_key = keys.create(bob, 0).unwrap().key;
         let (upstream, _) = stipend_testkit::spawn_metered().await.unwrap();

@@ -44,7 +44,7 @@ impl Setup {
             .unwrap()
             .wait()
             .unwrap();
-        let keys = KeyRing::new(store);
+        let keys = KeyRing::new(store, ledger.issuer());
         let key = keys.create(alice, 0).unwrap().key;
         Setup {
             _dir: dir,
