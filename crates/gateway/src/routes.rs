@@ -196,6 +196,20 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
                 "queue_position": model.queue.position(account.0),
             })
         }).collect::<Vec<_>>(),
+        // What each model was charged per UTC day over the last days, oldest first: counts only.
+        "usage_by_day": view.daily.iter().filter_map(|usage| {
+            let model = gateway.models.values().find(|model| model.sink == usage.sink)?;
+            let day: String = format_utc(usage.day * stipend_ledger::limits::DAY_MS)
+                .chars()
+                .take(10)
+                .collect();
+            Some(json!({
+                "day": day,
+                "model": model.name,
+                "requests": usage.requests,
+                "charged_cu": usage.charged_cu,
+            }))
+        }).collect::<Vec<_>>(),
     }))
     .into_response()
 }

@@ -132,17 +132,58 @@ impl Lot {
     }
 }
 
-/// What an account spent at one sink (one model) in one period: counts, never content.
+/// What an account spent at one sink (one model) in one period, on one UTC day: counts, never
+/// content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     /// The sink (one per model).
     pub sink: AccountId,
     /// The stipend period.
     pub period: i64,
+    /// The UTC day (days since the UNIX epoch); `-1` for counts kept before days were counted.
+    pub day: i64,
     /// Calls charged.
     pub requests: u64,
     /// Compute charged, in cu.
     pub charged_cu: u64,
+}
+
+/// An account's spending in `period`, one count per sink (summed over the period's days; `day`
+/// is the last day counted).
+pub fn usage_in_period(usage: &[Usage], period: i64) -> Vec<Usage> {
+    let mut summed: Vec<Usage> = Vec::new();
+    for entry in usage.iter().filter(|entry| entry.period == period) {
+        match summed.iter_mut().find(|sum| sum.sink == entry.sink) {
+            Some(sum) => {
+                sum.requests += entry.requests;
+                sum.charged_cu += entry.charged_cu;
+                sum.day = sum.day.max(entry.day);
+            }
+            None => summed.push(*entry),
+        }
+    }
+    summed
+}
+
+/// An account's spending per sink and UTC day, oldest first, from `first_day` on (one count per
+/// sink and day, summed over periods shorter than a day).
+pub fn usage_by_day(usage: &[Usage], first_day: i64) -> Vec<Usage> {
+    let mut days: Vec<Usage> = Vec::new();
+    for entry in usage.iter().filter(|entry| entry.day >= first_day.max(0)) {
+        match days
+            .iter_mut()
+            .find(|day| day.sink == entry.sink && day.day == entry.day)
+        {
+            Some(day) => {
+                day.requests += entry.requests;
+                day.charged_cu += entry.charged_cu;
+                day.period = day.period.max(entry.period);
+            }
+            None => days.push(*entry),
+        }
+    }
+    days.sort_by_key(|entry| (entry.day, entry.sink));
+    days
 }
 
 /// The stored state of one account.
@@ -160,7 +201,8 @@ pub struct AccountRecord {
     pub lots: Vec<Lot>,
     /// The last period whose stipend has been applied, for persons.
     pub stipend_period: Option<i64>,
-    /// What it spent this period, per sink.
+    /// What it spent, per sink, period and day: the current period's and the last
+    /// [`USAGE_DAYS_KEPT`](crate::limits::USAGE_DAYS_KEPT) days'.
     pub usage: Vec<Usage>,
     /// When it was created (ms since the UNIX epoch).
     pub created_at_ms: i64,

@@ -26,7 +26,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::account::{
     AccountId, AccountKind, AccountName, AccountRecord, Lot, SINK_NAME_PREFIX, Usage,
-    normalize_account_name,
+    normalize_account_name, usage_by_day, usage_in_period,
 };
 use crate::clock::Clock;
 use crate::durable::{Durable, Tracker};
@@ -67,6 +67,14 @@ pub struct AccountView {
     pub lots: Vec<Lot>,
     /// What it spent this period, per sink (one sink per model).
     pub usage: Vec<Usage>,
+    /// What it spent per sink and UTC day, over the last
+    /// [`USAGE_DAYS_KEPT`](crate::limits::USAGE_DAYS_KEPT) days, oldest first.
+    pub daily: Vec<Usage>,
+}
+
+/// The first UTC day whose usage a view shows, at `now_ms`.
+pub fn first_day_kept(now_ms: i64) -> i64 {
+    now_ms.div_euclid(crate::limits::DAY_MS) - (crate::limits::USAGE_DAYS_KEPT - 1)
 }
 
 /// A transfer that was posted, or found already posted with the same content.
@@ -880,13 +888,11 @@ impl Ledger {
                 .then(|| shared.options.policy.next_grant_at_ms(now_ms)),
             open_reservations: account.open_reservations,
             lots: account.balance.lots.to_vec(),
-            usage: account
-                .balance
-                .usage
-                .iter()
-                .filter(|usage| usage.period == shared.options.policy.period_index(now_ms))
-                .copied()
-                .collect(),
+            usage: usage_in_period(
+                &account.balance.usage,
+                shared.options.policy.period_index(now_ms),
+            ),
+            daily: usage_by_day(&account.balance.usage, first_day_kept(now_ms)),
         };
         let queued = !state.queue.is_empty();
         drop(state);

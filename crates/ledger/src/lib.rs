@@ -49,12 +49,15 @@ pub mod verify;
 pub use account::{
     ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountName, AccountRecord, Lot,
     LotSource, SINK_NAME_PREFIX, Usage, account_name_skeleton, normalize_account_name,
+    usage_by_day, usage_in_period,
 };
 pub use budget::{Books, Budget};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::{Durable, DurableFuture};
 pub use error::LedgerError;
-pub use ledger::{AccountView, ISSUER_NAME, Ledger, Posted, WriterStats, check_name_reserved};
+pub use ledger::{
+    AccountView, ISSUER_NAME, Ledger, Posted, WriterStats, check_name_reserved, first_day_kept,
+};
 pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DEFAULT};
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};

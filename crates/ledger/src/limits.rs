@@ -24,6 +24,14 @@ pub const PERIOD_MAX: Duration = Duration::from_secs(3_650 * 86_400);
 /// accounts hold a handful; the cap keeps a flood of oddly-dated grants from growing one account
 /// without bound.
 pub const LOTS_MAX: usize = 64;
+/// Days of an account's usage kept, by model and day, for the charts of its recent use (the
+/// current period's counts are kept whatever its length).
+pub const USAGE_DAYS_KEPT: i64 = 31;
+/// The most usage counts an account keeps (one per model, period and day); past it the oldest
+/// days go first, never the current period's.
+pub const USAGE_ENTRIES_MAX: usize = 128;
+/// A UTC day, in ms: usage is counted per day since the UNIX epoch.
+pub const DAY_MS: i64 = 86_400_000;
 
 /// The longest account name, in bytes of its normalized form.
 pub const ACCOUNT_NAME_LEN_MAX: usize = 128;

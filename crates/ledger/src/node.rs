@@ -654,7 +654,14 @@ impl Node {
             next_grant_at_ms: person.then(|| shared.options.policy.next_grant_at_ms(now_ms)),
             open_reservations,
             lots: record.lots,
-            usage: record.usage,
+            usage: crate::account::usage_in_period(
+                &record.usage,
+                shared.options.policy.period_index(now_ms),
+            ),
+            daily: crate::account::usage_by_day(
+                &record.usage,
+                crate::ledger::first_day_kept(now_ms),
+            ),
         })
     }
 

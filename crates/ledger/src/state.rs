@@ -7,6 +7,7 @@
 //! and what is rebuilt from the log cannot differ.
 
 use crate::account::{AccountId, AccountKind, AccountRecord, Lot, LotSource, Usage};
+use crate::limits::{DAY_MS, USAGE_DAYS_KEPT, USAGE_ENTRIES_MAX};
 use crate::policy::Lots;
 use crate::transfer::{Transfer, TransferKind};
 
@@ -50,13 +51,17 @@ impl Balance {
         }
     }
 
-    /// Counts one spend at `sink` in `period`; older periods' counts are dropped.
-    fn count_spend(&mut self, sink: AccountId, period: i64, amount_cu: u64) {
-        self.usage.retain(|usage| usage.period >= period);
+    /// Counts one spend at `sink` in `period` on `day`. Counts of earlier periods are kept for
+    /// [`USAGE_DAYS_KEPT`] days, and at most [`USAGE_ENTRIES_MAX`] in all: past it the oldest
+    /// days' go first, never this period's.
+    fn count_spend(&mut self, sink: AccountId, period: i64, day: i64, amount_cu: u64) {
+        let first_day = day - (USAGE_DAYS_KEPT - 1);
+        self.usage
+            .retain(|usage| usage.period >= period || usage.day >= first_day);
         match self
             .usage
             .iter_mut()
-            .find(|usage| usage.sink == sink && usage.period == period)
+            .find(|usage| usage.sink == sink && usage.period == period && usage.day == day)
         {
             Some(usage) => {
                 usage.requests += 1;
@@ -65,9 +70,22 @@ impl Balance {
             None => self.usage.push(Usage {
                 sink,
                 period,
+                day,
                 requests: 1,
                 charged_cu: amount_cu,
             }),
+        }
+        if self.usage.len() > USAGE_ENTRIES_MAX {
+            // This period's counts last (they are never dropped), then by day.
+            self.usage
+                .sort_by_key(|usage| (usage.period >= period, usage.day, usage.period));
+            let excess = self.usage.len() - USAGE_ENTRIES_MAX;
+            let droppable = self
+                .usage
+                .iter()
+                .take_while(|usage| usage.period < period)
+                .count();
+            self.usage.drain(..excess.min(droppable));
         }
     }
 
@@ -199,7 +217,12 @@ pub fn apply(
     if transfer.kind == TransferKind::Spend
         && let Some(period) = transfer.period
     {
-        debit.count_spend(transfer.credit, period, amount);
+        debit.count_spend(
+            transfer.credit,
+            period,
+            transfer.created_at_ms.div_euclid(DAY_MS),
+            amount,
+        );
     }
     // The credit side: which lots the compute joins.
     if credit.kind.holds_grants() {
@@ -259,4 +282,90 @@ pub fn can_receive_gift(debit: &Balance, credit: &Balance, amount_cu: u64) -> bo
         recipient.credit(slice.remaining_cu, slice.expires_at_ms, LotSource::Gift);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::account::{usage_by_day, usage_in_period};
+
+    fn person() -> Balance {
+        Balance {
+            kind: AccountKind::Person,
+            balance_cu: 0,
+            lots: Lots::from_vec(Vec::new()),
+            stipend_period: None,
+            usage: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_month_of_daily_periods_keeps_the_last_31_days() {
+        let mut balance = person();
+        let sink = AccountId(9);
+        for day in 100..140 {
+            // Two spends a day, one period a day.
+            balance.count_spend(sink, day, day, 10);
+            balance.count_spend(sink, day, day, 5);
+        }
+        let days = usage_by_day(&balance.usage, 0);
+        assert_eq!(days.len(), USAGE_DAYS_KEPT as usize);
+        assert_eq!(days.first().unwrap().day, 140 - USAGE_DAYS_KEPT);
+        assert!(
+            days.iter()
+                .all(|day| day.requests == 2 && day.charged_cu == 15)
+        );
+        assert_eq!(
+            usage_in_period(&balance.usage, 139),
+            vec![Usage {
+                sink,
+                period: 139,
+                day: 139,
+                requests: 2,
+                charged_cu: 15
+            }]
+        );
+        assert!(usage_in_period(&balance.usage, 140).is_empty());
+    }
+
+    #[test]
+    fn a_long_period_sums_its_days_and_keeps_them_all() {
+        let mut balance = person();
+        let (a, b) = (AccountId(1), AccountId(2));
+        // One period of 60 days: every day of it is kept, whatever its age.
+        for day in 0..60 {
+            balance.count_spend(a, 7, day, 1);
+        }
+        balance.count_spend(b, 7, 59, 100);
+        let this_period = usage_in_period(&balance.usage, 7);
+        assert_eq!(this_period.len(), 2);
+        let a_sum = this_period.iter().find(|usage| usage.sink == a).unwrap();
+        assert_eq!((a_sum.requests, a_sum.charged_cu, a_sum.day), (60, 60, 59));
+        // The chart shows the last days only.
+        let days = usage_by_day(&balance.usage, 59 - (USAGE_DAYS_KEPT - 1));
+        assert_eq!(days.iter().filter(|day| day.sink == a).count(), 31);
+    }
+
+    #[test]
+    fn counts_stay_bounded_and_this_periods_are_never_dropped() {
+        let mut balance = person();
+        // Hourly periods on 31 days for 8 models: far more counts than are kept.
+        for hour in 0..(31 * 24) {
+            for model in 0..8 {
+                balance.count_spend(AccountId(model), hour, hour / 24, 1);
+            }
+            assert!(balance.usage.len() <= USAGE_ENTRIES_MAX);
+        }
+        let now = 31 * 24 - 1;
+        assert_eq!(usage_in_period(&balance.usage, now).len(), 8);
+        // The oldest went first.
+        let oldest = balance
+            .usage
+            .iter()
+            .map(|usage| usage.period)
+            .min()
+            .unwrap();
+        assert_eq!(oldest, now + 1 - (USAGE_ENTRIES_MAX / 8) as i64);
+    }
 }

@@ -64,6 +64,7 @@ fn reserve_settle_charges_exactly_and_releases_the_rest() {
         vec![stipend_ledger::Usage {
             sink,
             period,
+            day: T0 / DAY_MS,
             requests: 1,
             charged_cu: 150
         }]

@@ -307,6 +307,39 @@ async fn a_person_signs_in_and_sees_spends_gives_and_manages_keys() {
         browser.attr("#available", "data-cu").await,
         spent["available_cu"].to_string()
     );
+    // And in the days: today's column and row hold the call.
+    let today = spent["usage_by_day"][0]["day"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        spent["usage_by_day"].as_array().unwrap().len(),
+        1,
+        "{spent}"
+    );
+    assert_eq!(spent["usage_by_day"][0]["charged_cu"], charged);
+    assert_eq!(
+        browser
+            .attr(
+                &format!("#daily-chart g.column[data-label=\"{today}\"]"),
+                "data-value"
+            )
+            .await,
+        charged.to_string()
+    );
+    assert_eq!(
+        browser
+            .text(&format!("#daily-table tr[data-day=\"{today}\"] .calls"))
+            .await,
+        "1"
+    );
+    assert_eq!(
+        page.find_all(Locator::Css("#daily-chart g.column"))
+            .await
+            .unwrap()
+            .len(),
+        31
+    );
     browser.screenshot("person").await;
 
     // A new key is shown once, works, and can be revoked.

@@ -260,7 +260,11 @@ impl PostgresBooks {
             next_grant_at_ms: person.then(|| self.policy.next_grant_at_ms(now_ms)),
             open_reservations: 0,
             lots: record.lots,
-            usage: record.usage,
+            usage: stipend_ledger::usage_in_period(&record.usage, self.policy.period_index(now_ms)),
+            daily: stipend_ledger::usage_by_day(
+                &record.usage,
+                stipend_ledger::first_day_kept(now_ms),
+            ),
         })
     }
 

@@ -1075,6 +1075,7 @@ mod tests {
                         usage: vec![Usage {
                             sink: AccountId(1),
                             period: 3,
+                            day: 3,
                             requests: 2,
                             charged_cu: 7,
                         }],

@@ -15,11 +15,12 @@ use serde::Deserialize;
 use stipend_gateway::Backend;
 use stipend_gateway::keys::{self, KeyError};
 use stipend_ledger::units::{format_duration, parse_amount_cu};
-use stipend_ledger::{AccountId, AccountKind, AccountView, Flops, LedgerError, TransferId};
+use stipend_ledger::{AccountKind, AccountView, Flops, LedgerError, TransferId};
 use stipend_report::Distribution;
 
 use crate::chart;
-use crate::limits::{ADMIN_ACCOUNTS_SHOWN, KEY_BYTES_MAX, PEOPLE_SCANNED_PAGE};
+use crate::limits::{ADMIN_ACCOUNTS_SHOWN, KEY_BYTES_MAX};
+use crate::operator;
 use crate::session::{self, Flash, Role, Session};
 use crate::{Web, page, refusal, respond};
 
@@ -77,33 +78,11 @@ struct Seen {
     query: Option<String>,
 }
 
-/// Each person's compute used this period, over every account; the page of accounts asked for;
-/// and the one searched for.
+/// This period's distribution, the page of accounts asked for, and the one searched for.
 fn gather(web: &Web, search: Search) -> Result<Seen, LedgerError> {
-    let mut used = Vec::new();
-    let mut after = None;
-    loop {
-        let views = web.books.views(after, PEOPLE_SCANNED_PAGE)?;
-        let Some(last) = views.last() else { break };
-        after = Some(last.id);
-        for view in &views {
-            if view.kind == AccountKind::Person {
-                used.push(view.usage.iter().map(|usage| usage.charged_cu).sum::<u64>());
-            }
-        }
-        if views.len() < PEOPLE_SCANNED_PAGE {
-            break;
-        }
-    }
-    let accounts: Vec<AccountView> = web
-        .books
-        .views(search.after.map(AccountId), ADMIN_ACCOUNTS_SHOWN)?
-        .into_iter()
-        .filter(|view| matches!(view.kind, AccountKind::Person | AccountKind::Pool))
-        .collect();
-    let next_after = (accounts.len() >= ADMIN_ACCOUNTS_SHOWN / 2)
-        .then(|| accounts.last().map(|view| view.id.0))
-        .flatten();
+    let distribution = operator::distribution(web.books.as_ref())?;
+    let (accounts, next_after) =
+        operator::accounts(web.books.as_ref(), search.after, ADMIN_ACCOUNTS_SHOWN)?;
     let query = search
         .q
         .map(|q| q.trim().to_string())
@@ -119,7 +98,7 @@ fn gather(web: &Web, search: Search) -> Result<Seen, LedgerError> {
         }),
     };
     Ok(Seen {
-        distribution: Distribution::of(used),
+        distribution,
         accounts,
         next_after,
         found,
@@ -371,19 +350,15 @@ async fn grant_flash(web: &Arc<Web>, form: Grant) -> Flash {
     let granted = {
         let (books, name) = (Arc::clone(&web.books), name.clone());
         tokio::task::spawn_blocking(move || {
-            let to = books.account_id(&name)?;
-            books.grant(id, to, amount_cu, None)
+            operator::grant(books.as_ref(), &name, amount_cu, id, None)
         })
         .await
     };
     match granted {
-        Ok(Ok(posted)) if posted.replayed => {
+        Ok(Ok((_, posted))) if posted.replayed => {
             Flash::Done("That grant was already made; nothing more was sent.".to_string())
         }
-        Ok(Ok(_)) => {
-            tracing::info!(transfer = %id, "grant made on the operator's page");
-            Flash::Done(format!("Granted {} to {name}.", Flops(amount_cu as i64)))
-        }
+        Ok(Ok((to, _))) => Flash::Done(format!("Granted {} to {to}.", Flops(amount_cu as i64))),
         Ok(Err(LedgerError::UnknownAccount { .. })) => {
             Flash::Refused(format!("Nobody is named {name:?}."))
         }

@@ -62,6 +62,100 @@ pub fn bars(id: &str, title: &str, description: &str, bars: &[Bar]) -> Markup {
     }
 }
 
+/// One column of a column chart: a label (a day) and its parts, one per series, stacked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// What the column stands for (`2026-12-05`).
+    pub label: String,
+    /// Its value in each series, in the order of the chart's series.
+    pub parts: Vec<u64>,
+}
+
+/// The height of a column chart's plot, in its own units.
+const COLUMNS_HEIGHT: u32 = 140;
+/// Room below the plot for the first and last labels.
+const COLUMNS_FOOT: u32 = 18;
+/// Room left of the plot for the scale.
+const COLUMNS_LEFT: u32 = 72;
+/// The width of a column chart's drawing: wider than a bar chart's, for a month of days.
+const COLUMNS_WIDTH: u32 = 640;
+
+/// A column chart over time: one column per entry of `columns`, its parts stacked in the
+/// order of `series` (named in a legend), scaled to the tallest column, whose total is written
+/// at the top of the scale (`scale_text`).
+pub fn columns(
+    id: &str,
+    title: &str,
+    description: &str,
+    series: &[String],
+    columns: &[Column],
+    scale_text: &str,
+) -> Markup {
+    let tallest = columns
+        .iter()
+        .map(|column| column.parts.iter().sum::<u64>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let count = (columns.len() as u32).max(1);
+    let span = COLUMNS_WIDTH - COLUMNS_LEFT;
+    let pitch = span / count;
+    let width = pitch.saturating_sub(1).max(1);
+    let legend_top = COLUMNS_HEIGHT + COLUMNS_FOOT + 6;
+    let height = legend_top + 16 * (series.len() as u32).max(1);
+    // Each column's parts, bottom up: (series, top, height), drawn only where not empty.
+    let stacks: Vec<Vec<(usize, u32, u32)>> = columns
+        .iter()
+        .map(|column| {
+            let mut base = COLUMNS_HEIGHT;
+            let mut stack = Vec::new();
+            for (series_index, part) in column.parts.iter().enumerate() {
+                if *part == 0 {
+                    continue;
+                }
+                let part_height = ((u128::from(*part) * u128::from(COLUMNS_HEIGHT - 4)
+                    / u128::from(tallest)) as u32)
+                    .max(1);
+                base = base.saturating_sub(part_height);
+                stack.push((series_index % SERIES_STYLES, base, part_height));
+            }
+            stack
+        })
+        .collect();
+    let title_id = format!("{id}-title");
+    let desc_id = format!("{id}-desc");
+    html! {
+        svg class="chart columns" id=(id) role="img" viewBox={"0 0 " (COLUMNS_WIDTH) " " (height)}
+            aria-labelledby={(title_id) " " (desc_id)} xmlns="http://www.w3.org/2000/svg" {
+            title id=(title_id) { (title) }
+            desc id=(desc_id) { (description) }
+            line class="axis-line" x1=(COLUMNS_LEFT) y1=(COLUMNS_HEIGHT) x2=(COLUMNS_WIDTH) y2=(COLUMNS_HEIGHT) {}
+            text class="axis" x={(COLUMNS_LEFT - 4)} y="10" text-anchor="end" { (scale_text) }
+            text class="axis" x={(COLUMNS_LEFT - 4)} y=(COLUMNS_HEIGHT) text-anchor="end" { "0" }
+            @for (index, (column, stack)) in columns.iter().zip(&stacks).enumerate() {
+                @let x = COLUMNS_LEFT + pitch * index as u32;
+                g class="column" data-label=(column.label) data-value=(column.parts.iter().sum::<u64>()) {
+                    @for (style, top, part_height) in stack {
+                        rect class={"series-" (style)} x=(x) y=(top) width=(width) height=(part_height) {}
+                    }
+                }
+            }
+            @if let (Some(first), Some(last)) = (columns.first(), columns.last()) {
+                text class="axis" x=(COLUMNS_LEFT) y={(COLUMNS_HEIGHT + 13)} { (first.label) }
+                text class="axis" x=(COLUMNS_WIDTH) y={(COLUMNS_HEIGHT + 13)} text-anchor="end" { (last.label) }
+            }
+            @for (index, name) in series.iter().enumerate() {
+                @let y = legend_top + 16 * index as u32;
+                rect class={"series-" (index % SERIES_STYLES)} x=(COLUMNS_LEFT) y=(y) width="10" height="10" {}
+                text class="axis" x={(COLUMNS_LEFT + 14)} y={(y + 9)} { (name) }
+            }
+        }
+    }
+}
+
+/// The fills the stylesheet has for series (`series-0` …), reused in turn past the last.
+const SERIES_STYLES: usize = 6;
+
 /// The side of a Lorenz chart's square, in its own units.
 const LORENZ_SIDE: u32 = 240;
 /// The margin around it, for the axes' labels.
@@ -151,6 +245,50 @@ mod tests {
         assert!(svg.contains(&format!("width=\"{span}\"")), "{svg}");
         assert!(svg.contains(&format!("width=\"{}\"", span / 2)), "{svg}");
         assert!(svg.contains("width=\"0\""), "{svg}");
+    }
+
+    #[test]
+    fn columns_stack_their_parts_to_scale() {
+        let svg = columns(
+            "days",
+            "Compute used per day",
+            "d",
+            &["a".to_string(), "b".to_string()],
+            &[
+                Column {
+                    label: "12-01".into(),
+                    parts: vec![0, 0],
+                },
+                Column {
+                    label: "12-02".into(),
+                    parts: vec![100, 36],
+                },
+                Column {
+                    label: "12-03".into(),
+                    parts: vec![68, 0],
+                },
+            ],
+            "136 GFLOP",
+        )
+        .into_string();
+        // The tallest column fills the plot (136 cu over 136 units): 100 + 36.
+        assert!(
+            svg.contains(r#"class="series-0" x="261" y="40" width="188" height="100""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"class="series-1" x="261" y="4" width="188" height="36""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"class="series-0" x="450" y="72" width="188" height="68""#),
+            "{svg}"
+        );
+        // An empty day has a column and no bar.
+        assert!(
+            svg.contains(r#"data-label="12-01" data-value="0"></g>"#),
+            "{svg}"
+        );
     }
 
     #[test]

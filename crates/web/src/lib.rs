@@ -9,8 +9,10 @@
 //! never content.
 
 mod admin;
+mod api;
 pub mod chart;
 pub mod limits;
+pub mod operator;
 mod person;
 pub mod session;
 
@@ -85,6 +87,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/admin/accounts", post(admin::create_account))
         .route("/admin/grant", post(admin::grant))
         .route(STYLESHEET_PATH, get(stylesheet))
+        .merge(api::router())
         .layer(DefaultBodyLimit::max(limits::FORM_BYTES_MAX))
         .layer(axum::middleware::map_response(locked_down))
         .with_state(web)

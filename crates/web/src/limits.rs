@@ -16,6 +16,8 @@ pub const HISTORY_SHOWN: usize = 20;
 pub const KEYS_SHOWN: usize = 100;
 /// Accounts shown on a page of the operator's list.
 pub const ADMIN_ACCOUNTS_SHOWN: usize = 50;
+/// The most accounts one page of the admin API's list scans.
+pub const ADMIN_LIST_MAX: usize = 1_000;
 /// Accounts read at a time when the operator's page adds up this period's distribution.
 pub const PEOPLE_SCANNED_PAGE: usize = 10_000;
 /// The longest key a sign-in form may carry (a real one is under 100 bytes).

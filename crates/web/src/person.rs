@@ -14,12 +14,13 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 use stipend_gateway::keys::{self, KeyError};
+use stipend_ledger::limits::{DAY_MS, USAGE_DAYS_KEPT};
 use stipend_ledger::units::{describe_tokens, format_utc, parse_amount_cu};
 use stipend_ledger::{
     AccountId, AccountKind, AccountView, Flops, KeyRecord, LedgerError, Transfer, TransferId,
 };
 
-use crate::chart::{self, Bar};
+use crate::chart::{self, Bar, Column};
 use crate::limits::{HISTORY_SHOWN, KEY_BYTES_MAX, KEYS_SHOWN};
 use crate::session::{self, Flash, Role, Session};
 use crate::{Web, page, refusal, respond};
@@ -398,6 +399,11 @@ fn unavailable_key(error: &KeyError) -> Response {
     )
 }
 
+/// A UTC day as a date: `2026-12-05`.
+fn day_label(day: i64) -> String {
+    format_utc(day * DAY_MS).chars().take(10).collect()
+}
+
 /// A moment as a person reads it: `2029-12-17 00:00 UTC`.
 fn when(ms: i64) -> String {
     let utc = format_utc(ms);
@@ -449,6 +455,44 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
         })
         .collect();
     let used_cu: u64 = usage.iter().map(|(_, _, charged_cu)| charged_cu).sum();
+    // The last days, oldest first, each with what every model was charged on it.
+    let today = seen.now_ms.div_euclid(DAY_MS);
+    let days: Vec<(i64, Vec<u64>, u64)> = (today - (USAGE_DAYS_KEPT - 1)..=today)
+        .map(|day| {
+            let mut requests = 0;
+            let parts = models
+                .iter()
+                .map(|model| {
+                    view.daily
+                        .iter()
+                        .filter(|usage| usage.day == day && usage.sink == model.sink)
+                        .map(|usage| {
+                            requests += usage.requests;
+                            usage.charged_cu
+                        })
+                        .sum()
+                })
+                .collect();
+            (day, parts, requests)
+        })
+        .collect();
+    let columns: Vec<Column> = days
+        .iter()
+        .map(|(day, parts, _)| Column {
+            label: day_label(*day),
+            parts: parts.clone(),
+        })
+        .collect();
+    let tallest_cu = days
+        .iter()
+        .map(|(_, parts, _)| parts.iter().sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    let series: Vec<String> = models.iter().map(|model| model.name.clone()).collect();
+    let used_days: Vec<&(i64, Vec<u64>, u64)> = days
+        .iter()
+        .filter(|(_, parts, _)| parts.iter().any(|part| *part > 0))
+        .collect();
     page(
         "Your budget",
         Some(&view.name),
@@ -517,6 +561,46 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                                     td.num.calls { (requests) }
                                     td.num.compute data-cu=(charged_cu) { (Flops(*charged_cu as i64)) }
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+            section.card.wide #daily aria-labelledby="daily-title" {
+                h2 #daily-title { "Used per day" }
+                p.muted { "The last " (USAGE_DAYS_KEPT) " days, in UTC." }
+                (chart::columns(
+                    "daily-chart",
+                    "Compute used per day, per model",
+                    &format!(
+                        "A column per day from {} to {}, stacked by model; the tallest is {}. \
+                         The table below has the numbers.",
+                        day_label(today - (USAGE_DAYS_KEPT - 1)),
+                        day_label(today),
+                        Flops(tallest_cu as i64)
+                    ),
+                    &series,
+                    &columns,
+                    &Flops(tallest_cu as i64).to_string(),
+                ))
+                div.table-wrap {
+                    table #daily-table {
+                        caption { "Days with any use" }
+                        thead { tr {
+                            th { "Day" }
+                            @for model in &models { th.num { (model.name) } }
+                            th.num { "Calls" }
+                        } }
+                        tbody {
+                            @for (day, parts, requests) in &used_days {
+                                tr data-day=(day_label(*day)) {
+                                    td { (day_label(*day)) }
+                                    @for part in parts { td.num data-cu=(part) { (Flops(*part as i64)) } }
+                                    td.num.calls { (requests) }
+                                }
+                            }
+                            @if used_days.is_empty() {
+                                tr { td colspan=(models.len() + 2) { "Nothing used in these days." } }
                             }
                         }
                     }
@@ -615,5 +699,6 @@ mod tests {
         assert_eq!(from_now(86_400_000 * 2 + 3_600_000, 0), "in 2 d 1 h");
         assert_eq!(from_now(-5, 0), "in under a minute");
         assert_eq!(when(1_891_987_200_000), "2029-12-15 00:00 UTC");
+        assert_eq!(day_label(1_891_987_200_000 / DAY_MS), "2029-12-15");
     }
 }

@@ -45,13 +45,20 @@ impl LotRow {
     }
 }
 
-/// One period's spending at one sink as `accounts.usage` holds it, in a JSON array.
+/// One period's (and day's) spending at one sink as `accounts.usage` holds it, in a JSON array.
+/// Rows written before days were counted have no `day`: they read as day -1.
 #[derive(Serialize, Deserialize)]
 struct UsageRow {
     sink: u64,
     period: i64,
+    #[serde(default = "day_unknown")]
+    day: i64,
     requests: u64,
     charged_cu: u64,
+}
+
+fn day_unknown() -> i64 {
+    -1
 }
 
 impl UsageRow {
@@ -59,6 +66,7 @@ impl UsageRow {
         UsageRow {
             sink: usage.sink.0,
             period: usage.period,
+            day: usage.day,
             requests: usage.requests,
             charged_cu: usage.charged_cu,
         }
@@ -68,6 +76,7 @@ impl UsageRow {
         Usage {
             sink: AccountId(self.sink),
             period: self.period,
+            day: self.day,
             requests: self.requests,
             charged_cu: self.charged_cu,
         }
@@ -122,15 +131,21 @@ mod tests {
         let lots_on_disk = r#"[{"remaining_cu":7,"expires_at_ms":100,"source":"stipend"},{"remaining_cu":1,"expires_at_ms":null,"source":"gift"}]"#;
         assert_eq!(lots_json(&lots).unwrap(), lots_on_disk);
         assert_eq!(lots_from_json(lots_on_disk).unwrap(), lots);
-        let usage = vec![Usage {
+        let mut usage = vec![Usage {
             sink: AccountId(3),
             period: 20_000,
+            day: 20_000,
             requests: 2,
             charged_cu: 90,
         }];
-        let usage_on_disk = r#"[{"sink":3,"period":20000,"requests":2,"charged_cu":90}]"#;
+        let usage_on_disk =
+            r#"[{"sink":3,"period":20000,"day":20000,"requests":2,"charged_cu":90}]"#;
         assert_eq!(usage_json(&usage).unwrap(), usage_on_disk);
         assert_eq!(usage_from_json(usage_on_disk).unwrap(), usage);
+        // A row written before days were counted reads as day -1.
+        usage[0].day = -1;
+        let before_days = r#"[{"sink":3,"period":20000,"requests":2,"charged_cu":90}]"#;
+        assert_eq!(usage_from_json(before_days).unwrap(), usage);
         let error = lots_from_json(r#"[{"remaining_cu":1,"expires_at_ms":null,"source":"loan"}]"#)
             .unwrap_err();
         assert!(error.contains("unknown lot source \"loan\""), "{error}");

@@ -1,0 +1,330 @@
+//! The operator's JSON API (`/v1/admin`) on the real binary: only an operator key opens it;
+//! accounts are listed page by page, created and granted to (once per transfer id); keys are
+//! made and revoked; the distribution is the one the test computes itself. Every refusal is
+//! OpenAI-shaped and changes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Env, Server, budget};
+use serde_json::{Value, json};
+
+async fn config() -> String {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    format!(
+        "{}\n[[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\ntimeout = \"5s\"\n",
+        common::CONFIG
+    )
+}
+
+struct Admin {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl Admin {
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}/admin/{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+}
+
+/// An OpenAI-shaped error with this status and code.
+fn refused(answer: &(u16, Value), status: u16, code: Option<&str>) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    let error = &answer.1["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        answer.1
+    );
+    assert!(error["type"].is_string(), "{}", answer.1);
+    if let Some(code) = code {
+        assert_eq!(error["code"], code, "{}", answer.1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_operator_key_opens_it_and_it_manages_accounts_and_keys() {
+    let env = Env::new(&config().await);
+    let alice = env.person_with_key("alice");
+    let operator = env.json(&["admin", "key", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let admin = Admin {
+        http: http.clone(),
+        base: server.base.clone(),
+        key: operator.clone(),
+    };
+
+    // No key, a person's key, a made-up key: 401, OpenAI-shaped.
+    let none = http
+        .get(format!("{}/admin/accounts", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none.status(), 401);
+    for key in [alice.as_str(), "sk-stipend-0123456789abcdef-nope"] {
+        let stranger = Admin {
+            http: http.clone(),
+            base: server.base.clone(),
+            key: key.to_string(),
+        };
+        refused(
+            &stranger.get("accounts").await,
+            401,
+            Some("invalid_api_key"),
+        );
+        refused(
+            &stranger.post("accounts", json!({"name": "mallory"})).await,
+            401,
+            Some("invalid_api_key"),
+        );
+    }
+
+    // Create people and a pool; bad ones are refused and make nothing.
+    for name in ["bob", "carol", "dave", "erin"] {
+        let (status, account) = admin.post("accounts", json!({"name": name})).await;
+        assert_eq!(status, 201, "{account}");
+        assert_eq!(account["kind"], "person");
+        assert_eq!(account["balance_cu"], 10_000_000);
+    }
+    let (status, pool) = admin
+        .post("accounts", json!({"name": "lab", "kind": "pool"}))
+        .await;
+    assert_eq!((status, pool["kind"].as_str()), (201, Some("pool")));
+    refused(
+        &admin.post("accounts", json!({"name": "bob"})).await,
+        409,
+        Some("conflict"),
+    );
+    refused(
+        &admin
+            .post("accounts", json!({"name": "zed", "kind": "sink"}))
+            .await,
+        400,
+        None,
+    );
+    refused(
+        &admin.post("accounts", json!({"nom": "zed"})).await,
+        400,
+        None,
+    );
+    let garbage = http
+        .post(format!("{}/admin/accounts", server.base))
+        .bearer_auth(&operator)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+
+    // Listed page by page: every person and pool once, nothing else.
+    let mut names = Vec::new();
+    let mut after: Option<u64> = None;
+    loop {
+        let path = match after {
+            Some(after) => format!("accounts?limit=2&after={after}"),
+            None => "accounts?limit=2".to_string(),
+        };
+        let (status, page) = admin.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        for account in page["data"].as_array().unwrap() {
+            names.push(account["name"].as_str().unwrap().to_string());
+        }
+        match page["next_after"].as_u64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["alice", "bob", "carol", "dave", "erin", "lab"]);
+
+    // A grant moves compute once per transfer id.
+    let grant = json!({"amount": "3 TFLOP", "id": "00000000000000000000000000abc123"});
+    let (status, first) = admin.post("accounts/bob/grants", grant.clone()).await;
+    assert_eq!(
+        (status, first["replayed"].as_bool()),
+        (200, Some(false)),
+        "{first}"
+    );
+    let (_, again) = admin.post("accounts/bob/grants", grant).await;
+    assert_eq!(again["replayed"], true);
+    let (_, bob) = admin.get("accounts/bob").await;
+    assert_eq!(bob["balance_cu"], 10_000_000 + 3_000);
+    refused(
+        &admin
+            .post(
+                "accounts/bob/grants",
+                json!({"amount": "5 TFLOP", "id": "abc123"}),
+            )
+            .await,
+        409,
+        Some("conflict"),
+    );
+    refused(
+        &admin
+            .post("accounts/nobody/grants", json!({"amount": 5}))
+            .await,
+        404,
+        Some("not_found"),
+    );
+    refused(
+        &admin
+            .post("accounts/bob/grants", json!({"amount": "lots"}))
+            .await,
+        400,
+        None,
+    );
+    refused(
+        &admin
+            .post("accounts/bob/grants", json!({"amount": 0}))
+            .await,
+        400,
+        None,
+    );
+    refused(&admin.get("accounts/nobody").await, 404, Some("not_found"));
+    let (_, bob) = admin.get("accounts/bob").await;
+    assert_eq!(
+        bob["balance_cu"],
+        10_000_000 + 3_000,
+        "a refusal changed nothing"
+    );
+
+    // Keys: made (shown once), listed without secrets, revoked at once.
+    let (status, key) = admin
+        .send(reqwest::Method::POST, "accounts/carol/keys", None)
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let carol = key["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        budget(&http, &server.base, &carol).await["account"],
+        "carol"
+    );
+    let (_, listed) = admin.get("accounts/carol/keys").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    assert!(!listed.to_string().contains(&carol), "a secret was listed");
+    let id = key["id"].as_str().unwrap();
+    let (status, revoked) = admin
+        .send(reqwest::Method::DELETE, &format!("keys/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(revoked["revoked_at"].is_string());
+    let gone = http
+        .get(format!("{}/budget", server.base))
+        .bearer_auth(&carol)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 401);
+    refused(
+        &admin
+            .send(reqwest::Method::DELETE, "keys/0123456789abcdef", None)
+            .await,
+        404,
+        Some("not_found"),
+    );
+    // A pool can have a key; the issuer cannot have one this way.
+    assert_eq!(
+        admin
+            .send(reqwest::Method::POST, "accounts/lab/keys", None)
+            .await
+            .0,
+        201
+    );
+    refused(
+        &admin
+            .send(reqwest::Method::POST, "accounts/issuer/keys", None)
+            .await,
+        409,
+        None,
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_distribution_is_exact() {
+    let env = Env::new(&config().await);
+    let keys: Vec<String> = (0..6)
+        .map(|index| env.person_with_key(&format!("p{index}")))
+        .collect();
+    let operator = env.json(&["admin", "key", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    // The i-th person makes i² calls.
+    for (index, key) in keys.iter().enumerate() {
+        for _ in 0..index * index {
+            let status = http
+                .post(format!("{}/chat/completions", server.base))
+                .bearer_auth(key)
+                .json(&json!({"model": "echo", "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200);
+        }
+    }
+    let mut used = Vec::new();
+    for key in &keys {
+        used.push(
+            budget(&http, &server.base, key).await["models"][0]["usage_this_period"]["charged_cu"]
+                .as_u64()
+                .unwrap() as f64,
+        );
+    }
+    let n = used.len() as f64;
+    let total: f64 = used.iter().sum();
+    let pairs: f64 = used
+        .iter()
+        .flat_map(|a| used.iter().map(move |b| (a - b).abs()))
+        .sum();
+    let admin = Admin {
+        http,
+        base: server.base.clone(),
+        key: operator,
+    };
+    let (status, report) = admin.get("distribution").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["people_with_stipend"], 6);
+    assert_eq!(report["people_active"], 5);
+    assert_eq!(report["used_cu"].as_f64().unwrap(), total);
+    let gini = report["gini"].as_f64().unwrap();
+    assert!((gini - pairs / (2.0 * n * total)).abs() < 1e-9, "{report}");
+    let lorenz = report["lorenz"].as_array().unwrap();
+    assert_eq!(lorenz.len(), 11);
+    assert_eq!(lorenz[0].as_f64(), Some(0.0));
+    assert!((lorenz[10].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    let mut sorted = used.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(
+        report["median_cu"].as_f64().unwrap(),
+        (sorted[2] + sorted[3]) / 2.0
+    );
+    drop(server);
+}

@@ -1,0 +1,510 @@
+//! The operator's JSON API under `/v1/admin`, for scripts, with an operator key as the bearer
+//! (the same credential as the operator's page): accounts (list with paging, show, create,
+//! grant), keys (list, create, revoke), and this period's distribution of compute. Errors are
+//! OpenAI-shaped, and a refused request changes nothing.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use stipend_gateway::keys::KeyError;
+use stipend_ledger::units::{format_utc, parse_amount_cu, parse_duration};
+use stipend_ledger::{AccountKind, AccountView, KeyRecord, LedgerError, StoreError, TransferId};
+
+use crate::Web;
+use crate::limits::ADMIN_LIST_MAX;
+use crate::operator;
+
+/// The admin API's routes.
+pub(crate) fn router() -> Router<Arc<Web>> {
+    Router::new()
+        .route(
+            "/v1/admin/accounts",
+            get(list_accounts).post(create_account),
+        )
+        .route("/v1/admin/accounts/{name}", get(show_account))
+        .route("/v1/admin/accounts/{name}/grants", post(grant))
+        .route(
+            "/v1/admin/accounts/{name}/keys",
+            get(list_keys).post(create_key),
+        )
+        .route("/v1/admin/keys/{id}", delete(revoke_key))
+        .route("/v1/admin/distribution", get(distribution))
+}
+
+/// Why the admin API refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdminError {
+    /// No operator key, or not a good one.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The request is malformed.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        param: Option<&'static str>,
+    },
+    /// No such account or key.
+    #[error("{0}")]
+    NotFound(String),
+    /// The ledger refused what was asked (a name taken, a transfer id reused, …).
+    #[error("{0}")]
+    Conflict(String),
+    /// The ledger or the key store could not be reached.
+    #[error("the ledger is unavailable; try again shortly")]
+    Unavailable,
+}
+
+impl From<LedgerError> for AdminError {
+    fn from(error: LedgerError) -> AdminError {
+        match error {
+            LedgerError::UnknownAccount { .. } => AdminError::NotFound(error.to_string()),
+            LedgerError::InvalidName { .. } | LedgerError::InvalidAmount { .. } => {
+                AdminError::Invalid {
+                    message: error.to_string(),
+                    param: None,
+                }
+            }
+            LedgerError::AccountExists { .. }
+            | LedgerError::NameConfusable { .. }
+            | LedgerError::TransferConflict { .. }
+            | LedgerError::BalanceLimit { .. }
+            | LedgerError::TooManyLots { .. }
+            | LedgerError::WrongKind { .. } => AdminError::Conflict(error.to_string()),
+            other => {
+                tracing::warn!(error = %other, "admin API: the ledger refused");
+                AdminError::Unavailable
+            }
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(error: StoreError) -> AdminError {
+        tracing::warn!(%error, "admin API: the key store failed");
+        AdminError::Unavailable
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, kind, code, param) = match &self {
+            AdminError::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                None,
+            ),
+            AdminError::Invalid { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                *param,
+            ),
+            AdminError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("not_found"),
+                None,
+            ),
+            AdminError::Conflict(_) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("conflict"),
+                None,
+            ),
+            AdminError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("ledger_unavailable"),
+                None,
+            ),
+        };
+        (
+            status,
+            Json(json!({"error": {
+                "message": self.to_string(), "type": kind, "param": param, "code": code,
+            }})),
+        )
+            .into_response()
+    }
+}
+
+/// A request made with an operator key; anything else is refused (401) before its handler runs.
+pub(crate) struct Operator;
+
+impl FromRequestParts<Arc<Web>> for Operator {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(parts: &mut Parts, web: &Arc<Web>) -> Result<Operator, AdminError> {
+        let mut values = parts.headers.get_all("authorization").iter();
+        let presented = values
+            .next()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                AdminError::Unauthorized(
+                    "no operator key was given; send it as `Authorization: Bearer sk-stipend-…` \
+                     (`stipend admin key create` makes one)"
+                        .to_string(),
+                )
+            })?;
+        if values.next().is_some() {
+            return Err(AdminError::Invalid {
+                message: "The request has more than one Authorization header; send one key."
+                    .to_string(),
+                param: None,
+            });
+        }
+        let (ring, presented) = (web.gateway.keys.clone(), presented.to_string());
+        match tokio::task::spawn_blocking(move || ring.authenticate_operator(&presented)).await {
+            Ok(Ok(())) => Ok(Operator),
+            Ok(Err(KeyError::Store(error))) => Err(AdminError::from(error)),
+            Ok(Err(KeyError::Revoked)) => Err(AdminError::Unauthorized(
+                "the operator key was revoked".to_string(),
+            )),
+            Ok(Err(_)) => Err(AdminError::Unauthorized(
+                "the key is not a valid operator key (a person's key never opens the admin API)"
+                    .to_string(),
+            )),
+            Err(_) => Err(AdminError::Unavailable),
+        }
+    }
+}
+
+/// Runs blocking work (the books and the key store may wait on the disk or the database).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AdminError> + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or(Err(AdminError::Unavailable))
+}
+
+/// A JSON body of the shape `T`, or a 400 that says why not.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, AdminError> {
+    serde_json::from_slice(bytes).map_err(|error| AdminError::Invalid {
+        message: format!("The body is not the JSON this endpoint takes: {error}."),
+        param: None,
+    })
+}
+
+fn reply(result: Result<Value, AdminError>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+fn created(result: Result<Value, AdminError>) -> Response {
+    match result {
+        Ok(value) => (StatusCode::CREATED, Json(value)).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// An account as the admin API shows it: balances and counts, never content.
+fn account_json(web: &Web, view: &AccountView) -> Value {
+    let usage: Vec<Value> = web
+        .gateway
+        .models
+        .values()
+        .filter_map(|model| {
+            let used = view.usage.iter().find(|usage| usage.sink == model.sink)?;
+            Some(json!({
+                "model": model.name,
+                "requests": used.requests,
+                "charged_cu": used.charged_cu,
+            }))
+        })
+        .collect();
+    json!({
+        "object": "account",
+        "id": view.id.0,
+        "name": view.name,
+        "kind": view.kind.as_str(),
+        "balance_cu": view.balance_cu,
+        "reserved_cu": view.reserved_cu,
+        "available_cu": view.available_cu,
+        "next_grant_at": view.next_grant_at_ms.map(format_utc),
+        "used_this_period_cu": view.usage.iter().map(|usage| usage.charged_cu).sum::<u64>(),
+        "usage_this_period": usage,
+    })
+}
+
+fn key_json(record: &KeyRecord, account: &str, key: Option<&str>) -> Value {
+    let mut value = json!({
+        "object": "key",
+        "id": record.id,
+        "account": account,
+        "created_at": format_utc(record.created_at_ms),
+        "revoked_at": record.revoked_at_ms.map(format_utc),
+    });
+    if let Some(key) = key {
+        value["key"] = json!(key);
+    }
+    value
+}
+
+#[derive(Deserialize)]
+struct Page {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/admin/accounts?after=ID&limit=N`: people and pools in id order.
+async fn list_accounts(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Query(page): Query<Page>,
+) -> Response {
+    let limit = page.limit.unwrap_or(100).clamp(1, ADMIN_LIST_MAX);
+    reply(
+        blocking(move || {
+            let (views, next_after) = operator::accounts(web.books.as_ref(), page.after, limit)?;
+            let data: Vec<Value> = views.iter().map(|view| account_json(&web, view)).collect();
+            Ok(json!({"object": "list", "data": data, "next_after": next_after}))
+        })
+        .await,
+    )
+}
+
+/// `GET /v1/admin/accounts/{name}`.
+async fn show_account(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Path(name): Path<String>,
+) -> Response {
+    reply(
+        blocking(move || {
+            let id = web.books.account_id(&name)?;
+            Ok(account_json(&web, &web.books.view(id)?))
+        })
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccount {
+    name: String,
+    #[serde(default = "person")]
+    kind: String,
+}
+
+fn person() -> String {
+    "person".to_string()
+}
+
+/// `POST /v1/admin/accounts` `{"name": …, "kind": "person" | "pool"}`: 201 with the account.
+async fn create_account(_: Operator, State(web): State<Arc<Web>>, bytes: Bytes) -> Response {
+    let new: NewAccount = match body(&bytes) {
+        Ok(new) => new,
+        Err(error) => return error.into_response(),
+    };
+    let kind = match new.kind.as_str() {
+        "person" => AccountKind::Person,
+        "pool" => AccountKind::Pool,
+        _ => {
+            return AdminError::Invalid {
+                message: format!("kind must be \"person\" or \"pool\", not {:?}.", new.kind),
+                param: Some("kind"),
+            }
+            .into_response();
+        }
+    };
+    created(
+        blocking(move || {
+            let view = operator::create_account(web.books.as_ref(), &new.name, kind)?;
+            Ok(account_json(&web, &view))
+        })
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGrant {
+    /// `"5 PFLOP"`, or a number of cu.
+    amount: Value,
+    /// A transfer id (up to 32 hex digits), so that a retry grants once; random if absent.
+    id: Option<String>,
+    /// When the grant expires, from now (`"30d"`); never if absent.
+    expires_in: Option<String>,
+}
+
+/// `POST /v1/admin/accounts/{name}/grants` `{"amount": "5 PFLOP", "id"?, "expires_in"?}`:
+/// compute from the issuer, idempotent by `id`.
+async fn grant(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let new: NewGrant = match body(&bytes) {
+        Ok(new) => new,
+        Err(error) => return error.into_response(),
+    };
+    let checked = (|| {
+        let amount_cu = match &new.amount {
+            Value::Number(number) => number.as_u64().ok_or_else(|| AdminError::Invalid {
+                message: "amount must be a whole number of cu, or a text like \"5 PFLOP\"."
+                    .to_string(),
+                param: Some("amount"),
+            })?,
+            Value::String(text) => parse_amount_cu(text).map_err(|error| AdminError::Invalid {
+                message: format!("amount {text:?}: {error}."),
+                param: Some("amount"),
+            })?,
+            _ => {
+                return Err(AdminError::Invalid {
+                    message: "amount must be a number of cu or a text like \"5 PFLOP\"."
+                        .to_string(),
+                    param: Some("amount"),
+                });
+            }
+        };
+        if amount_cu == 0 {
+            return Err(AdminError::Invalid {
+                message: "amount must be more than nothing.".to_string(),
+                param: Some("amount"),
+            });
+        }
+        let id = match &new.id {
+            None => TransferId::random(),
+            Some(text) => TransferId::parse(text).ok_or_else(|| AdminError::Invalid {
+                message: format!("id {text:?} is not a transfer id (up to 32 hex digits)."),
+                param: Some("id"),
+            })?,
+        };
+        let expires_in = match &new.expires_in {
+            None => None,
+            Some(text) => match parse_duration(text) {
+                Ok(duration) if !duration.is_zero() => Some(duration),
+                _ => {
+                    return Err(AdminError::Invalid {
+                        message: format!("expires_in {text:?} is not a duration like \"30d\"."),
+                        param: Some("expires_in"),
+                    });
+                }
+            },
+        };
+        Ok((amount_cu, id, expires_in))
+    })();
+    let (amount_cu, id, expires_in) = match checked {
+        Ok(checked) => checked,
+        Err(error) => return error.into_response(),
+    };
+    reply(
+        blocking(move || {
+            let expires_at_ms =
+                expires_in.map(|duration| web.books.now_ms() + duration.as_millis() as i64);
+            let (to, posted) =
+                operator::grant(web.books.as_ref(), &name, amount_cu, id, expires_at_ms)?;
+            Ok(json!({
+                "object": "transfer",
+                "id": id.to_string(),
+                "kind": posted.transfer.kind.as_str(),
+                "from": stipend_ledger::ISSUER_NAME,
+                "to": to,
+                "amount_cu": amount_cu,
+                "replayed": posted.replayed,
+            }))
+        })
+        .await,
+    )
+}
+
+/// `GET /v1/admin/accounts/{name}/keys`: ids and state, never secrets.
+async fn list_keys(_: Operator, State(web): State<Arc<Web>>, Path(name): Path<String>) -> Response {
+    reply(
+        blocking(move || {
+            let id = web.books.account_id(&name)?;
+            let records = web.gateway.keys.list(id)?;
+            let data: Vec<Value> = records
+                .iter()
+                .map(|record| key_json(record, &name, None))
+                .collect();
+            Ok(json!({"object": "list", "data": data}))
+        })
+        .await,
+    )
+}
+
+/// `POST /v1/admin/accounts/{name}/keys`: 201 with the new key, shown this once.
+async fn create_key(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Path(name): Path<String>,
+) -> Response {
+    created(
+        blocking(move || {
+            let id = web.books.account_id(&name)?;
+            let kind = web.books.view(id)?.kind;
+            if !kind.holds_grants() {
+                return Err(AdminError::Conflict(format!(
+                    "{name:?} is a {kind} account and cannot have an API key"
+                )));
+            }
+            let new = web.gateway.keys.create(id, web.books.now_ms())?;
+            tracing::info!(account = %id, key = %new.record.id, "key created through the admin API");
+            Ok(key_json(&new.record, &name, Some(&new.key)))
+        })
+        .await,
+    )
+}
+
+/// `DELETE /v1/admin/keys/{id}`: the key stops working at once.
+async fn revoke_key(_: Operator, State(web): State<Arc<Web>>, Path(id): Path<String>) -> Response {
+    reply(
+        blocking(move || {
+            if !web.gateway.keys.revoke(&id, web.books.now_ms())? {
+                return Err(AdminError::NotFound(format!("no key with id {id:?}")));
+            }
+            let record = web
+                .books
+                .store()
+                .key(&id)?
+                .ok_or_else(|| AdminError::NotFound(format!("no key with id {id:?}")))?;
+            let account = web.books.view(record.account)?.name;
+            tracing::info!(key = %id, "key revoked through the admin API");
+            Ok(key_json(&record, &account, None))
+        })
+        .await,
+    )
+}
+
+/// `GET /v1/admin/distribution`: how this period's compute is spread across people, exactly.
+async fn distribution(_: Operator, State(web): State<Arc<Web>>) -> Response {
+    reply(
+        blocking(move || {
+            let distribution = operator::distribution(web.books.as_ref())?;
+            let policy = web.gateway.ledger.policy();
+            let now_ms = web.books.now_ms();
+            let period_start_ms = policy.period_index(now_ms) * policy.period().as_millis() as i64;
+            Ok(json!({
+                "object": "distribution",
+                "period_start": format_utc(period_start_ms),
+                "people_with_stipend": distribution.people,
+                "people_active": distribution.people_active,
+                "used_cu": distribution.used_cu as u64,
+                "gini": distribution.gini,
+                "lorenz": distribution.lorenz,
+                "top_1pct_share": distribution.top_1pct_share,
+                "top_10pct_share": distribution.top_10pct_share,
+                "median_cu": distribution.median_cu,
+            }))
+        })
+        .await,
+    )
+}
