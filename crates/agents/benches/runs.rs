@@ -121,6 +121,10 @@ async fn bench(runs: usize) {
     let gateway = Arc::new(Gateway {
         ledger: Arc::clone(&ledger) as Arc<dyn stipend_ledger::Budget>,
         keys: KeyRing::new(Arc::clone(&sqlite) as Arc<dyn Store>, ledger.issuer()),
+        access: stipend_gateway::Access::load(Arc::clone(&sqlite) as Arc<dyn Store>).unwrap(),
+        caps: Arc::new(stipend_gateway::KeyCaps::new(
+            Arc::clone(&sqlite) as Arc<dyn Store>
+        )),
         models: BTreeMap::from([("script".to_string(), Arc::new(model))]),
         options: GatewayOptions::default(),
         unrouted: Default::default(),
@@ -158,7 +162,7 @@ async fn bench(runs: usize) {
                     {"role": "user", "content": "SCRIPT: [{\"say\": \"hello\"}]"}]});
                 let response = stipend_gateway::chat_in_process(
                     Arc::clone(&gateway),
-                    payer,
+                    payer.clone(),
                     body.to_string().into(),
                 )
                 .await

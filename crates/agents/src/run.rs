@@ -297,6 +297,7 @@ async fn wait_while_paused(run: &Run) {
 async fn model_step(agents: &Agents, run: &Run, body: Value) -> Result<(Value, u64), Ending> {
     let payer = Payer {
         account: run.account,
+        key: None,
         queued_as: run.person,
     };
     let body = Bytes::from(body.to_string());
@@ -304,9 +305,12 @@ async fn model_step(agents: &Agents, run: &Run, body: Value) -> Result<(Value, u
     // turns, one after another, however many runs the person has.
     let mut waited = 0u32;
     let response = loop {
-        let answer =
-            stipend_gateway::chat_in_process(Arc::clone(agents.gateway()), payer, body.clone())
-                .await;
+        let answer = stipend_gateway::chat_in_process(
+            Arc::clone(agents.gateway()),
+            payer.clone(),
+            body.clone(),
+        )
+        .await;
         let pause = match answer {
             Ok(response) => break response,
             Err(ApiError::BudgetExhausted {

@@ -352,6 +352,8 @@ pub(crate) struct Call {
     model: Arc<Model>,
     bounds: Bounds,
     hold: Hold,
+    /// The hold on the key's cap, if the key has one.
+    cap: Option<crate::caps::CapHold>,
     place: Place,
     deadline: Instant,
     delivered: Delivered,
@@ -378,6 +380,29 @@ impl Call {
         let worst_cu = bounds
             .worst_cu(model)
             .ok_or_else(|| ApiError::param("max_tokens", "the request is too large to price"))?;
+        // A capped key holds the worst case against its cap first; a refusal by the ledger
+        // below lets it go.
+        let cap = match payer
+            .key
+            .as_ref()
+            .and_then(|key| key.cap.map(|cap| (key, cap)))
+        {
+            None => None,
+            Some((key, cap)) => {
+                let policy = gateway.ledger.policy();
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_millis() as i64);
+                let period = policy.period_index(now_ms);
+                Some(gateway.caps.hold(
+                    &key.id,
+                    cap,
+                    period,
+                    policy.next_grant_at_ms(now_ms),
+                    worst_cu,
+                )?)
+            }
+        };
         let reservation = gateway.ledger.reserve(
             account,
             model.sink,
@@ -414,6 +439,7 @@ impl Call {
             model: Arc::clone(model),
             bounds,
             hold,
+            cap,
             place,
             deadline,
             delivered: Delivered::default(),
@@ -490,6 +516,7 @@ impl Call {
             model,
             bounds,
             hold,
+            cap,
             place,
             delivered,
             client_gone,
@@ -537,6 +564,9 @@ impl Call {
         match settled {
             Ok(charged_cu) => {
                 model.counters.charged(charged_cu);
+                if let Some(cap) = cap {
+                    cap.settle(charged_cu);
+                }
                 let error = broke_off.map(|error| {
                     tracing::warn!(model = %model.name, ?error, charged_cu, "a call broke off");
                     if charged_cu > 0 {

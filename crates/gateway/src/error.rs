@@ -54,6 +54,18 @@ pub enum ApiError {
         /// When the next stipend arrives (ms since the epoch), if ever.
         next_grant_at_ms: Option<i64>,
     },
+    /// 429 `insufficient_quota`: the key's own cap for this period cannot cover the request,
+    /// whatever the account holds. Nothing was charged.
+    KeyCapReached {
+        /// The key's cap per period, in cu.
+        cap_cu: u64,
+        /// What the key has spent or holds this period, in cu.
+        used_cu: u64,
+        /// What the request needed, in cu.
+        needed_cu: u64,
+        /// When the next period begins (ms since the epoch).
+        resets_at_ms: i64,
+    },
     /// 429 `rate_limit_exceeded`: the model's fair-share queue is full for this person or for
     /// everyone, or the request waited too long for a slot. Nothing was charged.
     RateLimited {
@@ -168,6 +180,23 @@ impl ApiError {
                         ),
                         None => "This account receives no stipend.".to_string(),
                     }
+                ),
+            ),
+            ApiError::KeyCapReached {
+                cap_cu,
+                used_cu,
+                needed_cu,
+                resets_at_ms,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("key_cap_reached"),
+                format!(
+                    "This key's cap of {} ({cap_cu} cu) a period cannot cover this request: it has used {} ({used_cu} cu) and the request may need up to {} ({needed_cu} cu). The cap starts again at {}; lower max_tokens to fit what is left, or use another key.",
+                    Flops(*cap_cu as i64),
+                    Flops(*used_cu as i64),
+                    Flops(*needed_cu as i64),
+                    format_utc(*resets_at_ms),
                 ),
             ),
             ApiError::RateLimited { reason, .. } => (
@@ -320,6 +349,9 @@ impl IntoResponse for ApiError {
                 headers.insert("x-stipend-next-grant", value);
             }
         }
+        if matches!(self, ApiError::KeyCapReached { .. }) {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if let ApiError::RateLimited { retry_after_s, .. } = &self {
             headers.insert("retry-after", HeaderValue::from(*retry_after_s));
         }
@@ -364,6 +396,12 @@ mod tests {
                 needed_cu: 5_000,
                 available_cu: 1_200,
                 next_grant_at_ms: Some(1_796_083_200_000),
+            },
+            ApiError::KeyCapReached {
+                cap_cu: 2_000,
+                used_cu: 1_500,
+                needed_cu: 600,
+                resets_at_ms: 1_796_083_200_000,
             },
             ApiError::RateLimited {
                 reason: stipend_fairshare::Rejection::PersonQueueFull,

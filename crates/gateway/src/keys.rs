@@ -48,6 +48,7 @@ pub fn generate(account: AccountId, now_ms: i64) -> Result<NewKey, StoreError> {
             secret_sha256: sha256(&secret),
             created_at_ms: now_ms,
             revoked_at_ms: None,
+            cap: None,
         },
     })
 }
@@ -117,6 +118,12 @@ impl KeyRing {
 
     /// Checks a presented key; returns its account.
     pub fn authenticate(&self, presented: &str) -> Result<AccountId, KeyError> {
+        self.authenticate_key(presented)
+            .map(|record| record.account)
+    }
+
+    /// Checks a presented key; returns its record (its account, and its cap if it has one).
+    pub fn authenticate_key(&self, presented: &str) -> Result<Arc<KeyRecord>, KeyError> {
         let (id, secret) = parse(presented).ok_or(KeyError::Invalid)?;
         let record = self.record(id)?;
         // Constant time: how much of a guess matched must not show in how long the check took.
@@ -129,7 +136,18 @@ impl KeyRing {
         if record.account == self.operator {
             return Err(KeyError::Operator);
         }
-        Ok(record.account)
+        Ok(record)
+    }
+
+    /// Forgets what this ring remembers of a key, so that its next use reads it again (after
+    /// its cap was changed).
+    pub fn forget(&self, id: &str) {
+        self.cache.write().remove(id);
+    }
+
+    /// The store the keys live in.
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
     }
 
     /// The account whose keys are operator keys.

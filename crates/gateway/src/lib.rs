@@ -5,7 +5,9 @@
 //! into ledger calls (`reserve`, `settle`, `void`) on a `stipend_ledger::Budget`, which knows
 //! none of them.
 
+pub mod access;
 pub mod call;
+pub mod caps;
 mod embedded;
 pub mod error;
 mod http1;
@@ -25,7 +27,9 @@ use std::sync::Arc;
 
 use stipend_ledger::{AccountId, Budget};
 
+pub use access::Access;
 pub use call::Calls;
+pub use caps::KeyCaps;
 pub use error::ApiError;
 pub use keys::KeyRing;
 pub use limits::{GatewayOptions, RESERVATION_MARGIN, RESERVATION_TIMEOUT, UPSTREAM_TIMEOUT_MAX};
@@ -74,6 +78,10 @@ pub struct Gateway {
     pub ledger: Arc<dyn Budget>,
     /// The API keys.
     pub keys: KeyRing,
+    /// Which models each account may use.
+    pub access: Access,
+    /// What capped keys spent this period.
+    pub caps: Arc<KeyCaps>,
     /// The models, by name.
     pub models: BTreeMap<String, Arc<Model>>,
     /// The limits.

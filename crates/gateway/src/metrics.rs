@@ -81,7 +81,9 @@ impl Outcome {
                 | ApiError::PayloadTooLarge(_)
                 | ApiError::BodyTimeout(_),
             ) => Outcome::Invalid,
-            Err(ApiError::BudgetExhausted { .. }) => Outcome::BudgetExhausted,
+            Err(ApiError::BudgetExhausted { .. } | ApiError::KeyCapReached { .. }) => {
+                Outcome::BudgetExhausted
+            }
             Err(ApiError::RateLimited { .. }) => Outcome::RateLimited,
             Err(ApiError::Overloaded(_) | ApiError::ShuttingDown) => Outcome::Overloaded,
             Err(ApiError::Upstream(_) | ApiError::CutShort { .. }) => Outcome::UpstreamError,

@@ -116,6 +116,14 @@ async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
 /// The account a request's key spends from: one `Authorization: Bearer` key, known and not
 /// revoked.
 pub fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<AccountId, ApiError> {
+    authenticate_key(gateway, headers).map(|key| key.account)
+}
+
+/// The key a request presents, checked as [`authenticate`] does: its record.
+fn authenticate_key(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+) -> Result<Arc<stipend_ledger::KeyRecord>, ApiError> {
     // Two keys: which one pays is not for the server to guess.
     if headers.get_all("authorization").iter().nth(1).is_some() {
         return Err(ApiError::InvalidRequest {
@@ -130,16 +138,18 @@ pub fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<AccountId,
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(|| ApiError::from(crate::keys::KeyError::Missing))?;
-    Ok(gateway.keys.authenticate(presented)?)
+    Ok(gateway.keys.authenticate_key(presented)?)
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Err(error) = authenticate(&gateway, &headers) {
-        return error.into_response();
-    }
+    let account = match authenticate(&gateway, &headers) {
+        Ok(account) => account,
+        Err(error) => return error.into_response(),
+    };
     let data: Vec<Value> = gateway
         .models
         .values()
+        .filter(|model| gateway.access.allows(&model.name, account))
         .map(|model| {
             let mut entry = json!({
                 "id": model.name,
@@ -180,7 +190,11 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
         "stipend_cu": if person { Some(policy.amount_cu()) } else { None },
         "period": format_duration(policy.period()),
         "rollover_max_cu": policy.rollover_max_cu(),
-        "models": gateway.models.values().map(|model| {
+        // The models this account may use, and any other it was charged for this period.
+        "models": gateway.models.values().filter(|model| {
+            gateway.access.allows(&model.name, account)
+                || view.usage.iter().any(|usage| usage.sink == model.sink)
+        }).map(|model| {
             let used = view.usage.iter().find(|usage| usage.sink == model.sink);
             json!({
                 "model": model.name,
@@ -383,20 +397,28 @@ async fn serve(
     endpoint: Endpoint,
     routed: &mut Option<Arc<Model>>,
 ) -> Result<Response, ApiError> {
-    let account = authenticate(&gateway, &headers)?;
+    let key = authenticate_key(&gateway, &headers)?;
+    let payer = Payer {
+        account: key.account,
+        queued_as: key.account,
+        key: Some(key),
+    };
     let limit = gateway.options.body_bytes_max;
     // A body sent a byte a minute would hold its connection and task forever: a person's key
     // buys no right to that.
     let waited = gateway.options.body_read_timeout;
     let bytes = read_body(&headers, body, limit, waited).await?;
-    serve_bytes(gateway, Payer::own(account), bytes, endpoint, routed).await
+    serve_bytes(gateway, payer, bytes, endpoint, routed).await
 }
 
 /// Who pays for a call, and whose turn it takes in the fair-share queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Payer {
     /// The account charged.
     pub account: AccountId,
+    /// The key the call was made with, whose cap (if it has one) it counts against; `None`
+    /// for an agent's calls, which its run's own account bounds.
+    pub key: Option<Arc<stipend_ledger::KeyRecord>>,
     /// The account whose share of the queue the call takes: the person behind an agent's
     /// account, so that a thousand agents get their person's share, not a thousand shares.
     pub queued_as: AccountId,
@@ -407,6 +429,7 @@ impl Payer {
     pub fn own(account: AccountId) -> Payer {
         Payer {
             account,
+            key: None,
             queued_as: account,
         }
     }
@@ -449,6 +472,11 @@ async fn serve_bytes(
     routed: &mut Option<Arc<Model>>,
 ) -> Result<Response, ApiError> {
     let parsed = parse(&gateway, bytes, endpoint)?;
+    // A model this payer may not use is one that does not exist, for them (an agent's calls
+    // are its person's).
+    if !gateway.access.allows(&parsed.model.name, payer.queued_as) {
+        return Err(ApiError::ModelNotFound(parsed.model.name.clone()));
+    }
     let model = Arc::clone(&parsed.model);
     *routed = Some(Arc::clone(&model));
     let (stream, include_usage) = (parsed.stream, parsed.include_usage);

@@ -110,6 +110,10 @@ async fn gateway_on(
     };
     let gateway = Arc::new(Gateway {
         ledger: Arc::clone(&node) as Arc<dyn stipend_ledger::Budget>,
+        access: stipend_gateway::Access::load(Arc::clone(&store) as Arc<dyn Store>).unwrap(),
+        caps: Arc::new(stipend_gateway::KeyCaps::new(
+            Arc::clone(&store) as Arc<dyn Store>
+        )),
         keys: KeyRing::new(store as Arc<dyn Store>, AccountId(1)),
         models: BTreeMap::from([("honest".to_string(), Arc::new(model))]),
         options: GatewayOptions::default(),

@@ -62,8 +62,8 @@ pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DE
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
 pub use store::{
-    AccountUpdate, AuditRow, Batch, JournalRecord, KeyRecord, RunJournal, Store, StoreError,
-    TransferAudit,
+    AccessRules, AccountUpdate, AuditRow, Batch, JournalRecord, KeyCap, KeyRecord, KeySpend,
+    ModelAccess, RunJournal, Store, StoreError, TransferAudit,
 };
 pub use transfer::{Transfer, TransferId, TransferKind};
 pub use units::Flops;

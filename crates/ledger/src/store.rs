@@ -111,6 +111,54 @@ pub struct KeyRecord {
     pub created_at_ms: i64,
     /// When it was revoked, if it was.
     pub revoked_at_ms: Option<i64>,
+    /// Its cap, if it has one: the most it may spend in a period.
+    pub cap: Option<KeyCap>,
+}
+
+/// A key's cap: the most it may spend in one stipend period, and what it spent in the period
+/// last written down (servers write what their calls spent about once a second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCap {
+    /// The most the key may spend in a period, in cu.
+    pub cap_cu: u64,
+    /// The period `spent_cu` counts in.
+    pub period: i64,
+    /// What the key spent in that period, as last written down, in cu.
+    pub spent_cu: u64,
+}
+
+/// What one key spent in one period since it was last written down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpend {
+    /// The key's id.
+    pub id: String,
+    /// The period.
+    pub period: i64,
+    /// What it spent, in cu.
+    pub spent_cu: u64,
+}
+
+/// Who may use a model whose use is restricted: these accounts, and the members of these
+/// groups. A model with no rule is open to everyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelAccess {
+    /// The model's name, as clients ask for it.
+    pub model: String,
+    /// Accounts that may use it.
+    pub accounts: Vec<AccountId>,
+    /// Groups whose members may use it.
+    pub groups: Vec<String>,
+}
+
+/// The access rules in force: the restricted models and every group's members.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessRules {
+    /// The restricted models.
+    pub models: Vec<ModelAccess>,
+    /// Each group, with its members.
+    pub groups: Vec<(String, Vec<AccountId>)>,
+    /// Counts the changes made to the rules: the same number means nothing changed.
+    pub version: i64,
 }
 
 /// A durable store for the ledger.
@@ -162,6 +210,53 @@ pub trait Store: Send + Sync {
     fn keys_changed_since(&self, since: Option<i64>) -> Result<(Vec<String>, i64), StoreError> {
         let _ = since;
         Ok((Vec::new(), 0))
+    }
+    /// Sets a key's cap per period (or, with `None`, takes it away); what it spent this period is
+    /// kept. Returns false if there is no such key. Durable when it returns.
+    fn set_key_cap(&self, id: &str, cap_cu: Option<u64>) -> Result<bool, StoreError> {
+        let _ = (id, cap_cu);
+        Err(StoreError::Io("this store keeps no key caps".to_string()))
+    }
+    /// Adds what keys spent to what they spent in their period (a key's count starts again in
+    /// a new period); returns each key's total for its period, in order (0 for a key that is
+    /// gone). Durable when it returns.
+    fn add_key_spends(&self, spends: &[KeySpend]) -> Result<Vec<u64>, StoreError> {
+        let _ = spends;
+        Err(StoreError::Io("this store keeps no key caps".to_string()))
+    }
+    /// The access rules in force (models restricted to some accounts and groups).
+    fn access_rules(&self) -> Result<AccessRules, StoreError> {
+        Ok(AccessRules::default())
+    }
+    /// How many changes the access rules have had: cheap, for servers that follow them.
+    fn access_version(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
+    /// Restricts `model` to `accounts` and the members of `groups`, or, with both empty, opens
+    /// it to everyone again. Durable when it returns.
+    fn set_model_access(
+        &self,
+        model: &str,
+        accounts: &[AccountId],
+        groups: &[String],
+    ) -> Result<(), StoreError> {
+        let _ = (model, accounts, groups);
+        Err(StoreError::Io(
+            "this store keeps no access rules".to_string(),
+        ))
+    }
+    /// Adds `account` to `group` (or, with `member` false, takes it out). Returns whether that
+    /// changed anything. Durable when it returns.
+    fn set_group_member(
+        &self,
+        group: &str,
+        account: AccountId,
+        member: bool,
+    ) -> Result<bool, StoreError> {
+        let _ = (group, account, member);
+        Err(StoreError::Io(
+            "this store keeps no access rules".to_string(),
+        ))
     }
     /// From one consistent snapshot: visits every account with its transfer sums up to the
     /// checkpoint, then every transfer after it, in order; and returns facts about all transfers.

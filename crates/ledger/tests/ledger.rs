@@ -9,7 +9,10 @@ mod common;
 use std::time::Duration;
 
 use common::{DAY_MS, Harness, T0, policy};
-use stipend_ledger::{AccountKind, LedgerError, LotSource, TransferId, TransferKind};
+use stipend_ledger::{
+    AccountId, AccountKind, KeyRecord, KeySpend, LedgerError, LotSource, ModelAccess, TransferId,
+    TransferKind,
+};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -723,7 +726,111 @@ fn a_failed_commit_fails_the_ledger_closed_until_the_store_takes_writes_again() 
     assert!(location.audit().ok());
 }
 
+/// Access rules: a model restricted to accounts and groups, groups' members added and taken
+/// out, a rule lifted; each change counted, and all of it kept across a restart.
+fn access_rules_are_kept_and_counted() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let store = h.ledger().store();
+    let before = store.access_rules().unwrap();
+    assert!(before.models.is_empty() && before.groups.is_empty());
+    store
+        .set_model_access("big", &[AccountId(7)], &["staff".to_string()])
+        .unwrap();
+    store
+        .set_model_access("small", &[AccountId(8), AccountId(9)], &[])
+        .unwrap();
+    assert!(store.set_group_member("staff", AccountId(3), true).unwrap());
+    assert!(store.set_group_member("staff", AccountId(4), true).unwrap());
+    assert!(
+        !store.set_group_member("staff", AccountId(4), true).unwrap(),
+        "already a member"
+    );
+    assert!(
+        store
+            .set_group_member("staff", AccountId(3), false)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_group_member("staff", AccountId(3), false)
+            .unwrap(),
+        "not a member"
+    );
+    store.set_model_access("small", &[], &[]).unwrap();
+    let version = store.access_version().unwrap();
+    assert_eq!(version, before.version + 6);
+    drop(store);
+    h.reopen();
+    let rules = h.ledger().store().access_rules().unwrap();
+    assert_eq!(rules.version, version);
+    assert_eq!(
+        rules.models,
+        vec![ModelAccess {
+            model: "big".to_string(),
+            accounts: vec![AccountId(7)],
+            groups: vec!["staff".to_string()],
+        }]
+    );
+    assert_eq!(
+        rules.groups,
+        vec![("staff".to_string(), vec![AccountId(4)])]
+    );
+}
+
+/// A key's cap and what it spent: set, counted per period (a new period starts again from
+/// nothing, an older one's spending is not counted in a newer), kept across a restart.
+fn key_caps_count_spending_per_period() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let store = h.ledger().store();
+    let key = |id: &str| KeyRecord {
+        id: id.to_string(),
+        account: AccountId(5),
+        secret_sha256: [1; 32],
+        created_at_ms: 1,
+        revoked_at_ms: None,
+        cap: None,
+    };
+    store.insert_key(&key("a")).unwrap();
+    store.insert_key(&key("b")).unwrap();
+    assert!(store.set_key_cap("a", Some(500)).unwrap());
+    assert!(!store.set_key_cap("nope", Some(1)).unwrap());
+    let spend = |id: &str, period: i64, spent_cu: u64| KeySpend {
+        id: id.to_string(),
+        period,
+        spent_cu,
+    };
+    assert_eq!(
+        store
+            .add_key_spends(&[spend("a", 7, 100), spend("a", 7, 50), spend("gone", 7, 9)])
+            .unwrap(),
+        vec![100, 150, 0]
+    );
+    // A new period starts from nothing; a late count of the old one does not reach the new.
+    assert_eq!(
+        store.add_key_spends(&[spend("a", 8, 20)]).unwrap(),
+        vec![20]
+    );
+    assert_eq!(
+        store.add_key_spends(&[spend("a", 7, 999)]).unwrap(),
+        vec![0]
+    );
+    let cap = store.key("a").unwrap().unwrap().cap.unwrap();
+    assert_eq!((cap.cap_cu, cap.period, cap.spent_cu), (500, 8, 20));
+    assert_eq!(store.key("b").unwrap().unwrap().cap, None);
+    drop(store);
+    h.reopen();
+    let store = h.ledger().store();
+    assert_eq!(store.key("a").unwrap().unwrap().cap, Some(cap));
+    // Lifting the cap keeps the count; setting it again finds it.
+    assert!(store.set_key_cap("a", None).unwrap());
+    assert_eq!(store.key("a").unwrap().unwrap().cap, None);
+    store.set_key_cap("a", Some(40)).unwrap();
+    assert_eq!(store.key("a").unwrap().unwrap().cap.unwrap().spent_cu, 20);
+}
+
 on_every_store!(
+    key_caps_count_spending_per_period,
+    access_rules_are_kept_and_counted,
     a_new_person_receives_the_stipend_at_once,
     reserve_settle_charges_exactly_and_releases_the_rest,
     refusal_carries_the_available_balance_and_next_grant_and_changes_nothing,

@@ -2,7 +2,7 @@
 //! node on a PostgreSQL database that several servers share), serves the OpenAI-compatible API
 //! and the control socket until it is told to stop, then drains (bounded) and flushes.
 
-use crate::limits::{CUT_GRACE, SWEEP_INTERVAL};
+use crate::limits::{CUT_GRACE, KEY_CAPS_WRITE_INTERVAL, SWEEP_INTERVAL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -242,6 +242,9 @@ fn build_gateway(
     };
     Ok(Gateway {
         ledger: budget,
+        access: stipend_gateway::Access::load(keys.store())
+            .context("cannot read the models' access rules")?,
+        caps: Arc::new(stipend_gateway::KeyCaps::new(keys.store())),
         keys,
         models,
         options,
@@ -430,6 +433,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // On a shared database, keys are created and revoked by other servers and the CLI too.
     let follower = engine.node.is_some().then(|| {
         let keys = keys.clone();
+        let gateway = Arc::clone(&gateway);
         tokio::spawn(async move {
             let mut since = None;
             let mut interval = tokio::time::interval(stipend_gateway::limits::KEYS_FOLLOW_INTERVAL);
@@ -440,6 +444,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Ok(Ok(next)) => since = Some(next),
                     Ok(Err(error)) => tracing::warn!(%error, "cannot follow the keys' changes"),
                     Err(_) => {}
+                }
+                // The models' access rules, changed by other servers.
+                let shared = Arc::clone(&gateway);
+                if let Ok(Err(error)) =
+                    tokio::task::spawn_blocking(move || shared.access.follow()).await
+                {
+                    tracing::warn!(%error, "cannot follow the access rules' changes");
                 }
             }
         })
@@ -458,6 +469,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     });
+    // What capped keys spent, written down once a second (and learnt from other servers).
+    let caps_writer = {
+        let caps = Arc::clone(&gateway.caps);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(KEY_CAPS_WRITE_INTERVAL);
+            loop {
+                interval.tick().await;
+                let caps = Arc::clone(&caps);
+                if let Ok(Err(error)) = tokio::task::spawn_blocking(move || caps.write()).await {
+                    tracing::warn!(%error, "cannot write what capped keys spent");
+                }
+            }
+        })
+    };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     // `/metrics` on a listener of its own, if so configured; stopped with the API.
     let metrics_address = match config.metrics_listen {
@@ -581,6 +606,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Err(error) = std::fs::remove_file(&socket) {
         tracing::warn!(%error, "cannot remove the control socket");
+    }
+    caps_writer.abort();
+    let _ = caps_writer.await;
+    // Every call has settled: what capped keys spent is written down in full.
+    let caps = Arc::clone(&gateway.caps);
+    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || caps.write()).await {
+        tracing::warn!(%error, "cannot write what capped keys spent");
     }
     drop(gateway);
     let Engine { local, node, .. } = engine;

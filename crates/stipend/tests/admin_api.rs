@@ -328,3 +328,290 @@ async fn the_distribution_is_exact() {
     );
     drop(server);
 }
+
+/// A chat call's status and error code.
+async fn call(http: &reqwest::Client, base: &str, key: &str, model: &str) -> (u16, Value) {
+    let response = http
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": model, "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The models `key` is shown by `/v1/models`.
+async fn listed(http: &reqwest::Client, base: &str, key: &str) -> Vec<String> {
+    let models: Value = http
+        .get(format!("{base}/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|model| model["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_model_does_not_exist_for_anyone_else() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let mut config = config().await;
+    config.push_str(&format!(
+        "[[models]]\nname = \"big\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nupstream_model = \"echo\"\nparams = \"8B\"\ntimeout = \"5s\"\n"
+    ));
+    let env = Env::new(&config);
+    let alice = env.person_with_key("alice");
+    let bob = env.person_with_key("bob");
+    let carol = env.person_with_key("carol");
+    let operator = env.json(&["admin", "key", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    let admin = Admin {
+        http: http.clone(),
+        base: base.clone(),
+        key: operator,
+    };
+    // Open to all at first.
+    assert_eq!(call(&http, &base, &alice, "big").await.0, 200);
+
+    // `big` for bob and the staff group (carol); alice is told it does not exist.
+    let (status, rules) = admin
+        .send(
+            reqwest::Method::PUT,
+            "models/big/access",
+            Some(json!({"accounts": ["bob"], "groups": ["staff"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{rules}");
+    let (status, _) = admin
+        .send(reqwest::Method::PUT, "groups/staff/members/carol", None)
+        .await;
+    assert_eq!(status, 200);
+    let refused_call = call(&http, &base, &alice, "big").await;
+    refused(&refused_call, 404, Some("model_not_found"));
+    assert_eq!(listed(&http, &base, &alice).await, ["echo"]);
+
+    assert_eq!(
+        call(&http, &base, &alice, "echo").await.0,
+        200,
+        "other models stay open"
+    );
+    assert_eq!(call(&http, &base, &bob, "big").await.0, 200);
+    assert_eq!(call(&http, &base, &carol, "big").await.0, 200);
+    assert_eq!(listed(&http, &base, &carol).await, ["big", "echo"]);
+    // Alice was charged nothing for the refused call: `big` shows her one call from before it
+    // was closed (a model she was charged for this period stays in her budget).
+    let seen = budget(&http, &base, &alice).await;
+    let big = seen["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|model| model["model"] == "big")
+        .unwrap()
+        .clone();
+    assert_eq!(big["usage_this_period"]["requests"], 1, "{seen}");
+
+    // Joining the group lets her in at once; leaving it shuts her out again.
+    admin
+        .send(reqwest::Method::PUT, "groups/staff/members/alice", None)
+        .await;
+    assert_eq!(call(&http, &base, &alice, "big").await.0, 200);
+    let (_, left) = admin
+        .send(reqwest::Method::DELETE, "groups/staff/members/alice", None)
+        .await;
+    assert_eq!(left["changed"], true);
+    assert_eq!(call(&http, &base, &alice, "big").await.0, 404);
+    let (_, shown) = admin.get("access").await;
+    assert_eq!(
+        shown["groups"],
+        json!([{"group": "staff", "members": ["carol"]}]),
+        "{shown}"
+    );
+
+    // Bad rules are refused and change nothing.
+    refused(
+        &admin
+            .send(
+                reqwest::Method::PUT,
+                "models/nope/access",
+                Some(json!({"accounts": ["bob"]})),
+            )
+            .await,
+        404,
+        None,
+    );
+    refused(
+        &admin
+            .send(
+                reqwest::Method::PUT,
+                "models/big/access",
+                Some(json!({"accounts": ["nobody"]})),
+            )
+            .await,
+        404,
+        None,
+    );
+    refused(
+        &admin
+            .send(
+                reqwest::Method::PUT,
+                "models/big/access",
+                Some(json!({"groups": ["Bad Name"]})),
+            )
+            .await,
+        400,
+        None,
+    );
+    assert_eq!(call(&http, &base, &bob, "big").await.0, 200);
+    assert_eq!(call(&http, &base, &alice, "big").await.0, 404);
+
+    // The rules outlive a restart.
+    let output = server.stop();
+    assert!(output.contains("Stopping"), "{output}");
+    let server = Server::start(&env);
+    let base = server.base.clone();
+    assert_eq!(call(&http, &base, &alice, "big").await.0, 404);
+    assert_eq!(call(&http, &base, &carol, "big").await.0, 200);
+
+    // Opened to everyone again.
+    let admin = Admin {
+        http: http.clone(),
+        base: base.clone(),
+        key: admin.key,
+    };
+    let (status, _) = admin
+        .send(reqwest::Method::PUT, "models/big/access", Some(json!({})))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(call(&http, &base, &alice, "big").await.0, 200);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_cap_is_refused_and_the_cap_outlives_a_restart() {
+    let env = Env::new(&config().await);
+    let uncapped = env.person_with_key("alice");
+    let operator = env.json(&["admin", "key", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    let admin = Admin {
+        http: http.clone(),
+        base: base.clone(),
+        key: operator,
+    };
+    let (_, key) = admin
+        .send(reqwest::Method::POST, "accounts/alice/keys", None)
+        .await;
+    let capped = key["key"].as_str().unwrap().to_string();
+    let id = key["id"].as_str().unwrap().to_string();
+    // 5 000 cu a period: a handful of these calls (each holds about 2 000 cu at worst, and is
+    // charged far less).
+    let (status, set) = admin
+        .send(
+            reqwest::Method::PUT,
+            &format!("keys/{id}/cap"),
+            Some(json!({"cap": 5_000})),
+        )
+        .await;
+    assert_eq!(
+        (status, set["cap_cu"].as_u64()),
+        (200, Some(5_000)),
+        "{set}"
+    );
+    refused(
+        &admin
+            .send(
+                reqwest::Method::PUT,
+                "keys/0123456789abcdef/cap",
+                Some(json!({"cap": 1})),
+            )
+            .await,
+        404,
+        None,
+    );
+    refused(
+        &admin
+            .send(
+                reqwest::Method::PUT,
+                &format!("keys/{id}/cap"),
+                Some(json!({"cap": "lots"})),
+            )
+            .await,
+        400,
+        None,
+    );
+
+    let mut answered = 0;
+    let refusal = loop {
+        let (status, body) = call(&http, &base, &capped, "echo").await;
+        if status != 200 {
+            break (status, body);
+        }
+        answered += 1;
+        assert!(answered < 50, "the cap never bit");
+    };
+    assert!(answered >= 1, "{refusal:?}");
+    refused(&refusal, 429, Some("key_cap_reached"));
+    assert_eq!(refusal.1["error"]["type"], "insufficient_quota");
+    let spent = budget(&http, &base, &uncapped).await;
+    let charged = spent["models"][0]["usage_this_period"]["charged_cu"]
+        .as_u64()
+        .unwrap();
+    assert!(charged <= 5_000, "{spent}");
+    assert_eq!(
+        spent["models"][0]["usage_this_period"]["requests"], answered,
+        "the refused call was charged nothing"
+    );
+    // The account is far from empty: another key of alice's is not capped.
+    assert_eq!(call(&http, &base, &uncapped, "echo").await.0, 200);
+    let headers = http
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(&capped)
+        .json(&json!({"model": "echo", "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(headers.status(), 429);
+    assert_eq!(headers.headers()["x-should-retry"], "false");
+
+    // What the key spent is written down: after a restart it is still over its cap.
+    server.stop();
+    let server = Server::start(&env);
+    let base = server.base.clone();
+    assert_eq!(call(&http, &base, &capped, "echo").await.0, 429);
+    // Without a cap it works again.
+    let admin = Admin {
+        http: http.clone(),
+        base: base.clone(),
+        key: admin.key,
+    };
+    let (status, _) = admin
+        .send(
+            reqwest::Method::PUT,
+            &format!("keys/{id}/cap"),
+            Some(json!({"cap": null})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(call(&http, &base, &capped, "echo").await.0, 200);
+    drop(server);
+}

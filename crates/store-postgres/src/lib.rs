@@ -19,11 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use stipend_ledger::store::rows::{lots_from_json, lots_json, usage_from_json, usage_json};
+use stipend_ledger::store::rows::{
+    lots_from_json, lots_json, model_access_from_json, model_access_json, usage_from_json,
+    usage_json,
+};
 use stipend_ledger::{
-    ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountRecord, AuditRow, Batch,
-    KeyRecord, Store, StoreError, Transfer, TransferAudit, TransferId, TransferKind,
-    account_name_skeleton,
+    ACCOUNT_NAME_SKELETON_VERSION, AccessRules, AccountId, AccountKind, AccountRecord, AuditRow,
+    Batch, KeyCap, KeyRecord, KeySpend, Store, StoreError, Transfer, TransferAudit, TransferId,
+    TransferKind, account_name_skeleton,
 };
 use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 
@@ -143,6 +146,24 @@ CREATE TABLE agent_journal (
 );
 CREATE INDEX agent_journal_by_owner ON agent_journal (owner, run, seq);
 "#,
+    r#"
+CREATE TABLE model_access (
+    model    TEXT PRIMARY KEY,
+    accounts TEXT NOT NULL,
+    groups   TEXT NOT NULL
+);
+CREATE TABLE group_members (
+    group_name TEXT   NOT NULL,
+    account_id BIGINT NOT NULL,
+    PRIMARY KEY (group_name, account_id)
+);
+INSERT INTO meta (key, value) VALUES ('access_version', 0);
+"#,
+    r#"
+ALTER TABLE keys ADD COLUMN cap_cu BIGINT;
+ALTER TABLE keys ADD COLUMN cap_period BIGINT;
+ALTER TABLE keys ADD COLUMN cap_spent_cu BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The advisory lock the writer holds for the store's lifetime ("STIPEND" and 1).
@@ -160,6 +181,9 @@ const ACCOUNT_COLUMNS: &str =
 const TRANSFER_COLUMNS: &str =
     "id, kind, debit_account, credit_account, amount_cu, created_at_ms, lot_expires_at_ms, period";
 const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms";
+/// What a key's read is: its columns and its cap's.
+const KEY_SELECT: &str =
+    "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, cap_cu, cap_period, cap_spent_cu";
 
 fn io(error: impl std::fmt::Display) -> StoreError {
     StoreError::Io(error.to_string())
@@ -724,6 +748,20 @@ fn key_from_row(row: &Row) -> Result<KeyRecord, StoreError> {
         account: AccountId(row.try_get::<_, i64>(1).map_err(pg)? as u64),
         created_at_ms: row.try_get(3).map_err(pg)?,
         revoked_at_ms: row.try_get(4).map_err(pg)?,
+        cap: row
+            .try_get::<_, Option<i64>>(5)
+            .map_err(pg)?
+            .map(|cap_cu| -> Result<KeyCap, StoreError> {
+                Ok(KeyCap {
+                    cap_cu: cap_cu.max(0) as u64,
+                    period: row
+                        .try_get::<_, Option<i64>>(6)
+                        .map_err(pg)?
+                        .unwrap_or(i64::MIN),
+                    spent_cu: row.try_get::<_, i64>(7).map_err(pg)?.max(0) as u64,
+                })
+            })
+            .transpose()?,
         id,
     })
 }
@@ -1181,13 +1219,62 @@ impl Store for PostgresStore {
         })
     }
 
+    fn set_key_cap(&self, id: &str, cap_cu: Option<u64>) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let cap_cu = cap_cu.map(|cap| cap.min(i64::MAX as u64) as i64);
+        self.read(move |client| {
+            Box::pin(async move {
+                // changed_at: servers sharing the database read the key again.
+                let changed = client
+                    .execute(
+                        "UPDATE keys SET cap_cu = $2, changed_at = now() WHERE id = $1",
+                        &[&id, &cap_cu],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(changed == 1)
+            })
+        })
+    }
+
+    fn add_key_spends(&self, spends: &[KeySpend]) -> Result<Vec<u64>, StoreError> {
+        let spends = spends.to_vec();
+        self.read(move |client| {
+            Box::pin(async move {
+                let transaction = client.transaction().await.map_err(pg)?;
+                let statement = transaction
+                    .prepare(
+                        "UPDATE keys SET
+                             cap_spent_cu = CASE WHEN cap_period = $2 THEN cap_spent_cu + $3 ELSE $3 END,
+                             cap_period = $2
+                         WHERE id = $1 AND (cap_period IS NULL OR cap_period <= $2)
+                         RETURNING cap_spent_cu",
+                    )
+                    .await
+                    .map_err(pg)?;
+                let mut totals = Vec::with_capacity(spends.len());
+                for spend in &spends {
+                    let spent = spend.spent_cu.min(i64::MAX as u64) as i64;
+                    let rows = transaction
+                        .query(&statement, &[&spend.id, &spend.period, &spent])
+                        .await
+                        .map_err(pg)?;
+                    let total: i64 = rows.first().map_or(0, |row| row.get(0));
+                    totals.push(total.max(0) as u64);
+                }
+                transaction.commit().await.map_err(pg)?;
+                Ok(totals)
+            })
+        })
+    }
+
     fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_string();
         self.read(move |client| {
             Box::pin(async move {
                 let rows = client
                     .query(
-                        &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = $1"),
+                        &format!("SELECT {KEY_SELECT} FROM keys WHERE id = $1"),
                         &[&id],
                     )
                     .await
@@ -1204,7 +1291,7 @@ impl Store for PostgresStore {
                 let rows = client
                     .query(
                         &format!(
-                            "SELECT {KEY_COLUMNS} FROM keys WHERE account_id = $1
+                            "SELECT {KEY_SELECT} FROM keys WHERE account_id = $1
                          ORDER BY created_at_ms, id"
                         ),
                         &[&account],
@@ -1239,6 +1326,160 @@ impl Store for PostgresStore {
                     .await
                     .map_err(pg)?;
                 Ok((rows.iter().map(|row| row.get(0)).collect(), now))
+            })
+        })
+    }
+
+    fn access_rules(&self) -> Result<AccessRules, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let transaction = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(pg)?;
+                let version: i64 = transaction
+                    .query_one("SELECT value FROM meta WHERE key = 'access_version'", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                let mut models = Vec::new();
+                for row in transaction
+                    .query(
+                        "SELECT model, accounts, groups FROM model_access ORDER BY model",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?
+                {
+                    let (model, accounts, groups): (String, String, String) =
+                        (row.get(0), row.get(1), row.get(2));
+                    models.push(model_access_from_json(model, &accounts, &groups)?);
+                }
+                let mut groups: Vec<(String, Vec<AccountId>)> = Vec::new();
+                for row in transaction
+                    .query(
+                        "SELECT group_name, account_id FROM group_members
+                         ORDER BY group_name, account_id",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?
+                {
+                    let (group, account): (String, i64) = (row.get(0), row.get(1));
+                    let account = AccountId(account as u64);
+                    match groups.last_mut() {
+                        Some((name, members)) if *name == group => members.push(account),
+                        _ => groups.push((group, vec![account])),
+                    }
+                }
+                transaction.commit().await.map_err(pg)?;
+                Ok(AccessRules {
+                    models,
+                    groups,
+                    version,
+                })
+            })
+        })
+    }
+
+    fn access_version(&self) -> Result<i64, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                Ok(client
+                    .query_one("SELECT value FROM meta WHERE key = 'access_version'", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0))
+            })
+        })
+    }
+
+    fn set_model_access(
+        &self,
+        model: &str,
+        accounts: &[AccountId],
+        groups: &[String],
+    ) -> Result<(), StoreError> {
+        let model = model.to_string();
+        let rule = (!accounts.is_empty() || !groups.is_empty())
+            .then(|| model_access_json(accounts, groups))
+            .transpose()?;
+        self.read(move |client| {
+            Box::pin(async move {
+                let transaction = client.transaction().await.map_err(pg)?;
+                match rule {
+                    None => {
+                        transaction
+                            .execute("DELETE FROM model_access WHERE model = $1", &[&model])
+                            .await
+                            .map_err(pg)?;
+                    }
+                    Some((accounts, groups)) => {
+                        transaction
+                            .execute(
+                                "INSERT INTO model_access (model, accounts, groups) VALUES ($1, $2, $3)
+                                 ON CONFLICT (model) DO UPDATE SET accounts = excluded.accounts,
+                                                                   groups = excluded.groups",
+                                &[&model, &accounts, &groups],
+                            )
+                            .await
+                            .map_err(pg)?;
+                    }
+                }
+                transaction
+                    .execute(
+                        "UPDATE meta SET value = value + 1 WHERE key = 'access_version'",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
+                transaction.commit().await.map_err(pg)
+            })
+        })
+    }
+
+    fn set_group_member(
+        &self,
+        group: &str,
+        account: AccountId,
+        member: bool,
+    ) -> Result<bool, StoreError> {
+        let group = group.to_string();
+        let account = account.0 as i64;
+        self.read(move |client| {
+            Box::pin(async move {
+                let transaction = client.transaction().await.map_err(pg)?;
+                let changed = if member {
+                    transaction
+                        .execute(
+                            "INSERT INTO group_members (group_name, account_id) VALUES ($1, $2)
+                             ON CONFLICT DO NOTHING",
+                            &[&group, &account],
+                        )
+                        .await
+                } else {
+                    transaction
+                        .execute(
+                            "DELETE FROM group_members WHERE group_name = $1 AND account_id = $2",
+                            &[&group, &account],
+                        )
+                        .await
+                }
+                .map_err(pg)?;
+                if changed > 0 {
+                    transaction
+                        .execute(
+                            "UPDATE meta SET value = value + 1 WHERE key = 'access_version'",
+                            &[],
+                        )
+                        .await
+                        .map_err(pg)?;
+                }
+                transaction.commit().await.map_err(pg)?;
+                Ok(changed > 0)
             })
         })
     }

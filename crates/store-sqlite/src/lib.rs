@@ -10,11 +10,14 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
-use stipend_ledger::store::rows::{lots_from_json, lots_json, usage_from_json, usage_json};
+use stipend_ledger::store::rows::{
+    lots_from_json, lots_json, model_access_from_json, model_access_json, usage_from_json,
+    usage_json,
+};
 use stipend_ledger::{
-    ACCOUNT_NAME_SKELETON_VERSION, AccountId, AccountKind, AccountRecord, AuditRow, Batch,
-    KeyRecord, Store, StoreError, Transfer, TransferAudit, TransferId, TransferKind,
-    account_name_skeleton,
+    ACCOUNT_NAME_SKELETON_VERSION, AccessRules, AccountId, AccountKind, AccountRecord, AuditRow,
+    Batch, KeyCap, KeyRecord, KeySpend, Store, StoreError, Transfer, TransferAudit, TransferId,
+    TransferKind, account_name_skeleton,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
@@ -92,6 +95,29 @@ CREATE TABLE agent_journal (
     PRIMARY KEY (run, seq)
 ) WITHOUT ROWID;
 "#,
+    r#"
+-- Which models are restricted, and to whom (account ids and group names, as JSON arrays); a
+-- model with no row is open to everyone. Groups are named sets of accounts. `access_version`
+-- counts the changes.
+CREATE TABLE model_access (
+    model    TEXT PRIMARY KEY,
+    accounts TEXT NOT NULL,
+    groups   TEXT NOT NULL
+);
+CREATE TABLE group_members (
+    group_name TEXT    NOT NULL,
+    account_id INTEGER NOT NULL,
+    PRIMARY KEY (group_name, account_id)
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('access_version', 0);
+"#,
+    r#"
+-- A key's cap: the most it may spend in a stipend period (NULL: none), and what it spent in the
+-- period written down last (servers write their calls' spending about once a second).
+ALTER TABLE keys ADD COLUMN cap_cu INTEGER;
+ALTER TABLE keys ADD COLUMN cap_period INTEGER;
+ALTER TABLE keys ADD COLUMN cap_spent_cu INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// How many idle read connections are kept.
@@ -118,6 +144,16 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     /// Held for the store's lifetime: the writer's exclusive claim on the file.
     _lock: Option<File>,
+}
+
+fn read_access_version(connection: &Connection) -> Result<i64, StoreError> {
+    connection
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'access_version'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(io)
 }
 
 fn io(error: impl std::fmt::Display) -> StoreError {
@@ -479,7 +515,8 @@ fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Transfe
     })())
 }
 
-const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms";
+const KEY_COLUMNS: &str =
+    "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, cap_cu, cap_period, cap_spent_cu";
 
 fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, StoreError>> {
     let id: String = row.get(0)?;
@@ -487,6 +524,13 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
     let hash: Vec<u8> = row.get(2)?;
     let created_at_ms: i64 = row.get(3)?;
     let revoked_at_ms: Option<i64> = row.get(4)?;
+    let (cap_cu, cap_period, cap_spent_cu): (Option<i64>, Option<i64>, i64) =
+        (row.get(5)?, row.get(6)?, row.get(7)?);
+    let cap = cap_cu.map(|cap_cu| KeyCap {
+        cap_cu: cap_cu.max(0) as u64,
+        period: cap_period.unwrap_or(i64::MIN),
+        spent_cu: cap_spent_cu.max(0) as u64,
+    });
     Ok(hash
         .as_slice()
         .try_into()
@@ -497,6 +541,7 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
             secret_sha256,
             created_at_ms,
             revoked_at_ms,
+            cap,
         }))
 }
 
@@ -743,6 +788,52 @@ impl Store for SqliteStore {
         Ok(changed == 1)
     }
 
+    fn set_key_cap(&self, id: &str, cap_cu: Option<u64>) -> Result<bool, StoreError> {
+        let changed = self
+            .writer()?
+            .execute(
+                "UPDATE keys SET cap_cu = ?2 WHERE id = ?1",
+                params![id, cap_cu.map(|cap| cap.min(i64::MAX as u64) as i64)],
+            )
+            .map_err(io)?;
+        Ok(changed == 1)
+    }
+
+    fn add_key_spends(&self, spends: &[KeySpend]) -> Result<Vec<u64>, StoreError> {
+        let mut connection = self.writer()?;
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(io)?;
+        let mut totals = Vec::with_capacity(spends.len());
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "UPDATE keys SET
+                         cap_spent_cu = CASE WHEN cap_period = ?2 THEN cap_spent_cu + ?3 ELSE ?3 END,
+                         cap_period = ?2
+                     WHERE id = ?1 AND (cap_period IS NULL OR cap_period <= ?2)
+                     RETURNING cap_spent_cu",
+                )
+                .map_err(io)?;
+            for spend in spends {
+                let total: Option<i64> = statement
+                    .query_row(
+                        params![
+                            spend.id,
+                            spend.period,
+                            spend.spent_cu.min(i64::MAX as u64) as i64
+                        ],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(io)?;
+                totals.push(total.unwrap_or(0).max(0) as u64);
+            }
+        }
+        transaction.commit().map_err(io)?;
+        Ok(totals)
+    }
+
     fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection
@@ -772,6 +863,125 @@ impl Store for SqliteStore {
             }
             Ok(keys)
         })
+    }
+
+    fn access_rules(&self) -> Result<AccessRules, StoreError> {
+        self.with_reader(|connection| {
+            in_snapshot(connection, |connection| {
+                let version = read_access_version(connection)?;
+                let mut models = Vec::new();
+                let mut statement = connection
+                    .prepare_cached("SELECT model, accounts, groups FROM model_access ORDER BY model")
+                    .map_err(io)?;
+                let rows = statement
+                    .query_map([], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                        ))
+                    })
+                    .map_err(io)?;
+                for row in rows {
+                    let (model, accounts, groups) = row.map_err(io)?;
+                    models.push(model_access_from_json(model, &accounts, &groups)?);
+                }
+                let mut groups: Vec<(String, Vec<AccountId>)> = Vec::new();
+                let mut statement = connection
+                    .prepare_cached(
+                        "SELECT group_name, account_id FROM group_members ORDER BY group_name, account_id",
+                    )
+                    .map_err(io)?;
+                let rows = statement
+                    .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+                    .map_err(io)?;
+                for row in rows {
+                    let (group, account) = row.map_err(io)?;
+                    let account = AccountId(account as u64);
+                    match groups.last_mut() {
+                        Some((name, members)) if *name == group => members.push(account),
+                        _ => groups.push((group, vec![account])),
+                    }
+                }
+                Ok(AccessRules {
+                    models,
+                    groups,
+                    version,
+                })
+            })
+        })
+    }
+
+    fn access_version(&self) -> Result<i64, StoreError> {
+        self.with_reader(read_access_version)
+    }
+
+    fn set_model_access(
+        &self,
+        model: &str,
+        accounts: &[AccountId],
+        groups: &[String],
+    ) -> Result<(), StoreError> {
+        let mut connection = self.writer()?;
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(io)?;
+        if accounts.is_empty() && groups.is_empty() {
+            transaction
+                .execute("DELETE FROM model_access WHERE model = ?1", [model])
+                .map_err(io)?;
+        } else {
+            let (accounts, groups) = model_access_json(accounts, groups)?;
+            transaction
+                .execute(
+                    "INSERT INTO model_access (model, accounts, groups) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (model) DO UPDATE SET accounts = excluded.accounts,
+                                                       groups = excluded.groups",
+                    params![model, accounts, groups],
+                )
+                .map_err(io)?;
+        }
+        transaction
+            .execute(
+                "UPDATE meta SET value = value + 1 WHERE key = 'access_version'",
+                [],
+            )
+            .map_err(io)?;
+        transaction.commit().map_err(io)
+    }
+
+    fn set_group_member(
+        &self,
+        group: &str,
+        account: AccountId,
+        member: bool,
+    ) -> Result<bool, StoreError> {
+        let mut connection = self.writer()?;
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(io)?;
+        let changed = if member {
+            transaction.execute(
+                "INSERT OR IGNORE INTO group_members (group_name, account_id) VALUES (?1, ?2)",
+                params![group, account.0 as i64],
+            )
+        } else {
+            transaction.execute(
+                "DELETE FROM group_members WHERE group_name = ?1 AND account_id = ?2",
+                params![group, account.0 as i64],
+            )
+        }
+        .map_err(io)?;
+        if changed > 0 {
+            transaction
+                .execute(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'access_version'",
+                    [],
+                )
+                .map_err(io)?;
+        }
+        transaction.commit().map_err(io)?;
+        Ok(changed > 0)
     }
 
     fn checkpoint_seq(&self) -> Result<i64, StoreError> {
@@ -1158,6 +1368,7 @@ mod tests {
             secret_sha256: [9; 32],
             created_at_ms: 5,
             revoked_at_ms: None,
+            cap: None,
         };
         store.insert_key(&key).unwrap();
         assert!(store.insert_key(&key).is_err(), "ids are unique");

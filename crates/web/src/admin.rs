@@ -76,6 +76,7 @@ struct Seen {
     next_after: Option<u64>,
     found: Option<Result<AccountView, String>>,
     query: Option<String>,
+    access: stipend_ledger::AccessRules,
 }
 
 /// This period's distribution, the page of accounts asked for, and the one searched for.
@@ -103,6 +104,7 @@ fn gather(web: &Web, search: Search) -> Result<Seen, LedgerError> {
         next_after,
         found,
         query,
+        access: web.books.store().access_rules()?,
     })
 }
 
@@ -526,7 +528,15 @@ fn admin_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                     dd {
                         @for model in web.gateway.models.values() {
                             (model.name) ": " (model.price_prompt_cu) " cu a prompt token, "
-                            (model.price_completion_cu) " cu a completion token" br;
+                            (model.price_completion_cu) " cu a completion token; "
+                            @match seen.access.models.iter().find(|rule| rule.model == model.name) {
+                                None => "open to everyone",
+                                Some(rule) => span.restricted data-model=(model.name) {
+                                    "only " (rule.accounts.len()) " accounts"
+                                    @if !rule.groups.is_empty() { " and the groups " (rule.groups.join(", ")) }
+                                },
+                            }
+                            br;
                         }
                     }
                 }

@@ -12,7 +12,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -21,7 +21,7 @@ use stipend_ledger::units::{format_utc, parse_amount_cu, parse_duration};
 use stipend_ledger::{AccountKind, AccountView, KeyRecord, LedgerError, StoreError, TransferId};
 
 use crate::Web;
-use crate::limits::ADMIN_LIST_MAX;
+use crate::limits::{ACCESS_SUBJECTS_MAX, ADMIN_LIST_MAX, GROUP_NAME_LEN_MAX};
 use crate::operator;
 
 /// The admin API's routes.
@@ -38,7 +38,14 @@ pub(crate) fn router() -> Router<Arc<Web>> {
             get(list_keys).post(create_key),
         )
         .route("/v1/admin/keys/{id}", delete(revoke_key))
+        .route("/v1/admin/keys/{id}/cap", put(set_key_cap))
         .route("/v1/admin/distribution", get(distribution))
+        .route("/v1/admin/access", get(access_rules))
+        .route("/v1/admin/models/{model}/access", put(set_model_access))
+        .route(
+            "/v1/admin/groups/{group}/members/{name}",
+            put(add_member).delete(remove_member),
+        )
 }
 
 /// Why the admin API refused; nothing changed.
@@ -249,6 +256,7 @@ fn key_json(record: &KeyRecord, account: &str, key: Option<&str>) -> Value {
         "account": account,
         "created_at": format_utc(record.created_at_ms),
         "revoked_at": record.revoked_at_ms.map(format_utc),
+        "cap_cu": record.cap.map(|cap| cap.cap_cu),
     });
     if let Some(key) = key {
         value["key"] = json!(key);
@@ -504,6 +512,246 @@ async fn distribution(_: Operator, State(web): State<Arc<Web>>) -> Response {
                 "top_10pct_share": distribution.top_10pct_share,
                 "median_cu": distribution.median_cu,
             }))
+        })
+        .await,
+    )
+}
+
+/// The access rules with names: each restricted model's accounts and groups, each group's
+/// members.
+fn access_json(web: &Web, rules: &stipend_ledger::AccessRules) -> Result<Value, AdminError> {
+    let name = |id: stipend_ledger::AccountId| -> Result<String, AdminError> {
+        Ok(web.books.view(id)?.name)
+    };
+    let mut models = Vec::new();
+    for model in web.gateway.models.keys() {
+        match rules.models.iter().find(|rule| &rule.model == model) {
+            None => models.push(json!({"model": model, "restricted": false})),
+            Some(rule) => {
+                let accounts = rule
+                    .accounts
+                    .iter()
+                    .map(|id| name(*id))
+                    .collect::<Result<Vec<_>, _>>()?;
+                models.push(json!({
+                    "model": model, "restricted": true,
+                    "accounts": accounts, "groups": rule.groups,
+                }));
+            }
+        }
+    }
+    let mut groups = Vec::new();
+    for (group, members) in &rules.groups {
+        let members = members
+            .iter()
+            .map(|id| name(*id))
+            .collect::<Result<Vec<_>, _>>()?;
+        groups.push(json!({"group": group, "members": members}));
+    }
+    Ok(json!({"object": "access", "models": models, "groups": groups}))
+}
+
+/// `GET /v1/admin/access`: which models are restricted, to whom, and who is in each group.
+async fn access_rules(_: Operator, State(web): State<Arc<Web>>) -> Response {
+    reply(
+        blocking(move || {
+            let rules = web.books.store().access_rules()?;
+            access_json(&web, &rules)
+        })
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetAccess {
+    #[serde(default)]
+    accounts: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+/// A group's name: 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`.
+fn check_group(name: &str) -> Result<(), AdminError> {
+    let good = !name.is_empty()
+        && name.len() <= GROUP_NAME_LEN_MAX
+        && name.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
+        });
+    if good {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid {
+            message: format!(
+                "{name:?} is not a group name: 1 to {GROUP_NAME_LEN_MAX} of a-z, 0-9, '-', '_', '.'."
+            ),
+            param: Some("groups"),
+        })
+    }
+}
+
+/// `PUT /v1/admin/models/{model}/access` `{"accounts": [...], "groups": [...]}`: only these
+/// accounts and the members of these groups may use the model from now on; both empty opens
+/// it to everyone again. Anyone else asking for it is told it does not exist (404).
+async fn set_model_access(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Path(model): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let set: SetAccess = match body(&bytes) {
+        Ok(set) => set,
+        Err(error) => return error.into_response(),
+    };
+    if !web.gateway.models.contains_key(&model) {
+        return AdminError::NotFound(format!("no model named {model:?}")).into_response();
+    }
+    if set.accounts.len() + set.groups.len() > ACCESS_SUBJECTS_MAX {
+        return AdminError::Invalid {
+            message: format!(
+                "At most {ACCESS_SUBJECTS_MAX} accounts and groups a model; use a group."
+            ),
+            param: None,
+        }
+        .into_response();
+    }
+    for group in &set.groups {
+        if let Err(error) = check_group(group) {
+            return error.into_response();
+        }
+    }
+    reply(
+        blocking(move || {
+            let mut accounts = Vec::with_capacity(set.accounts.len());
+            for name in &set.accounts {
+                accounts.push(web.books.account_id(name)?);
+            }
+            accounts.sort();
+            accounts.dedup();
+            let mut groups = set.groups;
+            groups.sort();
+            groups.dedup();
+            let store = web.books.store();
+            store.set_model_access(&model, &accounts, &groups)?;
+            web.gateway.access.reload()?;
+            tracing::info!(model = %model, accounts = accounts.len(), groups = groups.len(), "model access set");
+            access_json(&web, &store.access_rules()?)
+        })
+        .await,
+    )
+}
+
+/// `PUT /v1/admin/groups/{group}/members/{name}`: the account joins the group.
+async fn add_member(
+    operator: Operator,
+    state: State<Arc<Web>>,
+    path: Path<(String, String)>,
+) -> Response {
+    membership(operator, state, path, true).await
+}
+
+/// `DELETE /v1/admin/groups/{group}/members/{name}`: the account leaves the group.
+async fn remove_member(
+    operator: Operator,
+    state: State<Arc<Web>>,
+    path: Path<(String, String)>,
+) -> Response {
+    membership(operator, state, path, false).await
+}
+
+async fn membership(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Path((group, name)): Path<(String, String)>,
+    member: bool,
+) -> Response {
+    if let Err(error) = check_group(&group) {
+        return error.into_response();
+    }
+    reply(
+        blocking(move || {
+            let account = web.books.account_id(&name)?;
+            let changed = web
+                .books
+                .store()
+                .set_group_member(&group, account, member)?;
+            web.gateway.access.reload()?;
+            tracing::info!(account = %account, member, changed, "group membership set");
+            Ok(
+                json!({"object": "group_member", "group": group, "account": name,
+                      "member": member, "changed": changed}),
+            )
+        })
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetCap {
+    /// `"1 TFLOP"`, a number of cu, or null for no cap.
+    cap: Value,
+}
+
+/// `PUT /v1/admin/keys/{id}/cap` `{"cap": "1 TFLOP"}` (or `null`): the most the key may spend
+/// in a period from now on, whatever its account holds; a call past it is refused with 429
+/// `insufficient_quota`.
+async fn set_key_cap(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let set: SetCap = match body(&bytes) {
+        Ok(set) => set,
+        Err(error) => return error.into_response(),
+    };
+    let cap_cu = match &set.cap {
+        Value::Null => None,
+        Value::Number(number) => match number.as_u64() {
+            Some(cap) => Some(cap),
+            None => {
+                return AdminError::Invalid {
+                    message: "cap must be a whole number of cu, a text like \"1 TFLOP\", or null."
+                        .to_string(),
+                    param: Some("cap"),
+                }
+                .into_response();
+            }
+        },
+        Value::String(text) => match parse_amount_cu(text) {
+            Ok(cap) => Some(cap),
+            Err(error) => {
+                return AdminError::Invalid {
+                    message: format!("cap {text:?}: {error}."),
+                    param: Some("cap"),
+                }
+                .into_response();
+            }
+        },
+        _ => {
+            return AdminError::Invalid {
+                message: "cap must be a number of cu, a text like \"1 TFLOP\", or null."
+                    .to_string(),
+                param: Some("cap"),
+            }
+            .into_response();
+        }
+    };
+    reply(
+        blocking(move || {
+            let store = web.books.store();
+            if !store.set_key_cap(&id, cap_cu)? {
+                return Err(AdminError::NotFound(format!("no key with id {id:?}")));
+            }
+            // The next call with the key reads it again, with its new cap.
+            web.gateway.keys.forget(&id);
+            let record = store
+                .key(&id)?
+                .ok_or_else(|| AdminError::NotFound(format!("no key with id {id:?}")))?;
+            let account = web.books.view(record.account)?.name;
+            tracing::info!(key = %id, capped = cap_cu.is_some(), "key cap set");
+            Ok(key_json(&record, &account, None))
         })
         .await,
     )

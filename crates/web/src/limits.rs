@@ -18,6 +18,10 @@ pub const KEYS_SHOWN: usize = 100;
 pub const ADMIN_ACCOUNTS_SHOWN: usize = 50;
 /// The most accounts one page of the admin API's list scans.
 pub const ADMIN_LIST_MAX: usize = 1_000;
+/// The most accounts and groups one model's access rule names.
+pub const ACCESS_SUBJECTS_MAX: usize = 1_000;
+/// The longest group name.
+pub const GROUP_NAME_LEN_MAX: usize = 64;
 /// Accounts read at a time when the operator's page adds up this period's distribution.
 pub const PEOPLE_SCANNED_PAGE: usize = 10_000;
 /// The longest key a sign-in form may carry (a real one is under 100 bytes).

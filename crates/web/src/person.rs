@@ -434,7 +434,17 @@ fn from_now(at_ms: i64, now_ms: i64) -> String {
 
 fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
     let view = &seen.view;
-    let models: Vec<_> = web.gateway.models.values().collect();
+    // The models this person may use, and any other they were charged for before it was closed
+    // to them.
+    let models: Vec<_> = web
+        .gateway
+        .models
+        .values()
+        .filter(|model| {
+            web.gateway.access.allows(&model.name, view.id)
+                || view.daily.iter().any(|usage| usage.sink == model.sink)
+        })
+        .collect();
     let usage: Vec<(String, u64, u64)> = models
         .iter()
         .map(|model| {
@@ -627,12 +637,18 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                 }
                 div.table-wrap {
                     table #keys-table {
-                        thead { tr { th { "Key id" } th { "Created" } th { "State" } } }
+                        thead { tr { th { "Key id" } th { "Created" } th { "Cap a period" } th { "State" } } }
                         tbody {
                             @for key in &seen.keys {
                                 tr data-key=(key.id) {
                                     td { code { (key.id) } }
                                     td { (when(key.created_at_ms)) }
+                                    td.cap {
+                                        @match key.cap {
+                                            Some(cap) => (Flops(cap.cap_cu as i64)),
+                                            None => "none",
+                                        }
+                                    }
                                     td {
                                         @if let Some(at_ms) = key.revoked_at_ms {
                                             span.state-revoked { "revoked " (when(at_ms)) }

@@ -127,6 +127,8 @@ impl World {
         };
         let gateway = Arc::new(Gateway {
             ledger: Arc::clone(&ledger) as Arc<dyn stipend_ledger::Budget>,
+            access: stipend_gateway::Access::load(keys.store()).unwrap(),
+            caps: Arc::new(stipend_gateway::KeyCaps::new(keys.store())),
             keys,
             models: BTreeMap::from([("script".to_string(), Arc::new(model))]),
             options: GatewayOptions::default(),

@@ -79,6 +79,8 @@ pub async fn serve(
 ) -> std::net::SocketAddr {
     let gateway = Arc::new(Gateway {
         ledger,
+        access: stipend_gateway::Access::load(keys.store()).unwrap(),
+        caps: Arc::new(stipend_gateway::KeyCaps::new(keys.store())),
         keys,
         models: models
             .into_iter()

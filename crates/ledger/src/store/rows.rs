@@ -107,6 +107,37 @@ pub fn usage_from_json(json: &str) -> Result<Vec<Usage>, String> {
     Ok(rows.into_iter().map(UsageRow::into_usage).collect())
 }
 
+/// A model's access rule as a store writes it: its accounts' ids and its groups' names, each a
+/// JSON array.
+pub fn model_access_json(
+    accounts: &[AccountId],
+    groups: &[String],
+) -> Result<(String, String), StoreError> {
+    let ids: Vec<u64> = accounts.iter().map(|account| account.0).collect();
+    let corrupt = |error: serde_json::Error| StoreError::Corrupt(error.to_string());
+    Ok((
+        serde_json::to_string(&ids).map_err(corrupt)?,
+        serde_json::to_string(groups).map_err(corrupt)?,
+    ))
+}
+
+/// A model's access rule as a store wrote it.
+pub fn model_access_from_json(
+    model: String,
+    accounts: &str,
+    groups: &str,
+) -> Result<crate::store::ModelAccess, StoreError> {
+    let corrupt =
+        |error: serde_json::Error| StoreError::Corrupt(format!("model_access {model:?}: {error}"));
+    let ids: Vec<u64> = serde_json::from_str(accounts).map_err(corrupt)?;
+    let groups: Vec<String> = serde_json::from_str(groups).map_err(corrupt)?;
+    Ok(crate::store::ModelAccess {
+        accounts: ids.into_iter().map(AccountId).collect(),
+        groups,
+        model,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
