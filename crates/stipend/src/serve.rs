@@ -531,6 +531,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let web = stipend_web::Web::new(
             Arc::clone(&gateway),
             Arc::clone(&engine.books),
+            Some(Arc::clone(&agents)),
             config.web.clone(),
         );
         let router = stipend_gateway::router(Arc::clone(&gateway))

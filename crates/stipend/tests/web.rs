@@ -659,3 +659,171 @@ async fn an_operator_sees_how_compute_is_shared_and_grants() {
     browser.close().await;
     drop(server);
 }
+
+/// The npm filesystem MCP server the agents' tests run (`make test` installs it).
+fn files_server() -> PathBuf {
+    let modules = std::env::var("STIPEND_MCP_NODE_MODULES")
+        .unwrap_or_else(|_| "/var/tmp/stipend-target/mcp/node_modules".to_string());
+    let path = PathBuf::from(modules).join(".bin/mcp-server-filesystem");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test`",
+        path.display()
+    );
+    path
+}
+
+/// Starts a run of the scripted model with the files toolset through the API; its id.
+async fn start_run(http: &reqwest::Client, api: &str, key: &str, script: &str) -> String {
+    let run: Value = http
+        .post(format!("{api}/agents"))
+        .bearer_auth(key)
+        .json(
+            &json!({"goal": script, "model": "script", "budget_cu": 200_000,
+                      "toolsets": ["files"]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    run["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{run}"))
+        .to_string()
+}
+
+/// Waits for a run to reach `state`; the run.
+async fn run_in(http: &reqwest::Client, api: &str, key: &str, id: &str, state: &str) -> Value {
+    for _ in 0..400 {
+        let run = common::get_json(http, api, &format!("agents/{id}"), key).await;
+        if run["state"] == state {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("run {id} never reached {state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_answers_what_their_agents_ask_on_the_page() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let config = format!(
+        "{}[[models]]\nname = \"script\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\n\
+         [[toolsets]]\nname = \"files\"\ncommand = \"{}\"\nargs = [\"{{workdir}}\"]\n\
+         policy = {{ default = \"ask\" }}\n",
+        common::CONFIG,
+        files_server().display()
+    );
+    let env = Env::new(&config);
+    let ada = env.person_with_key("ada");
+    let server = Server::start(&env);
+    let api = server.base.clone();
+    let site = api.trim_end_matches("/v1").to_string();
+    let http = reqwest::Client::new();
+    let browser = Browser::start().await;
+    let page = browser.client();
+    page.goto(&format!("{site}/")).await.unwrap();
+    browser.fill("#key", &ada).await;
+    browser.click("#signin").await;
+    assert!(
+        browser
+            .text("#inbox-empty")
+            .await
+            .contains("Nothing is waiting")
+    );
+
+    // A run starts after the page was drawn; what it asks shows up without a reload.
+    let write = r#"SCRIPT: [{"call":[{"name":"files__write_file","arguments":{"path":"note.txt","content":"as asked"}}]},{"say":"noted"}]"#;
+    let id = start_run(&http, &api, &ada, write).await;
+    let form = format!(
+        "form.approval[action^=\"/approvals/appr_{}\"]",
+        id.trim_start_matches("run_")
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while page.find(Locator::Css(&form)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the approval never showed up live"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        browser.text(&format!("{form} .tool")).await,
+        "files__write_file"
+    );
+    assert_eq!(
+        browser.text(&format!("tr[data-run=\"{id}\"] .state")).await,
+        "waiting for you"
+    );
+    browser.screenshot("agents").await;
+
+    // Approved with the arguments edited: the file holds the edit.
+    let textarea = format!("{form} textarea.arguments");
+    browser
+        .fill(
+            &textarea,
+            r#"{"path": "note.txt", "content": "as edited on the page"}"#,
+        )
+        .await;
+    browser.click(&format!("{form} button.approve")).await;
+    assert_eq!(browser.text("#flash").await, "Approved, as you edited it.");
+    let done = run_in(&http, &api, &ada, &id, "done").await;
+    let note = env
+        .dir
+        .path()
+        .join("data/agents")
+        .join(&id)
+        .join("note.txt");
+    assert_eq!(
+        std::fs::read_to_string(note).unwrap(),
+        "as edited on the page"
+    );
+    assert_eq!(done["steps"][1]["outcome"], "approved");
+
+    // Denied with a reason: the tool does not run, and the model is told why.
+    let second = start_run(&http, &api, &ada, write).await;
+    run_in(&http, &api, &ada, &second, "waiting_for_approval").await;
+    page.refresh().await.unwrap();
+    let form = format!(
+        "form.approval[action^=\"/approvals/appr_{}\"]",
+        second.trim_start_matches("run_")
+    );
+    browser
+        .fill(&format!("{form} input.reason"), "not today")
+        .await;
+    browser.click(&format!("{form} button.deny")).await;
+    assert_eq!(
+        browser.text("#flash").await,
+        "Denied; the agent is told why."
+    );
+    let denied = run_in(&http, &api, &ada, &second, "done").await;
+    assert_eq!(denied["steps"][1]["outcome"], "denied", "{denied}");
+    assert!(
+        !env.dir
+            .path()
+            .join("data/agents")
+            .join(&second)
+            .join("note.txt")
+            .exists()
+    );
+    // A second answer to the same approval changes nothing.
+    page.refresh().await.unwrap();
+    assert!(page.find(Locator::Css(&form)).await.is_err());
+    assert_eq!(
+        browser
+            .text(&format!("tr[data-run=\"{second}\"] .state"))
+            .await,
+        "done"
+    );
+    assert_eq!(
+        browser
+            .attr(&format!("tr[data-run=\"{id}\"] .spent"), "data-cu")
+            .await,
+        done["spent_cu"].to_string()
+    );
+
+    browser.close().await;
+    drop(server);
+}

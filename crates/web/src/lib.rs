@@ -9,6 +9,7 @@
 //! never content.
 
 mod admin;
+mod agents;
 mod api;
 pub mod chart;
 pub mod limits;
@@ -25,6 +26,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use maud::{DOCTYPE, Markup, html};
+use stipend_agents::Agents;
 use stipend_gateway::Gateway;
 use stipend_ledger::Books;
 
@@ -34,6 +36,10 @@ use crate::session::Sessions;
 const STYLESHEET: &str = include_str!("../assets/stipend.css");
 /// Where the stylesheet is served.
 const STYLESHEET_PATH: &str = "/static/stipend.css";
+/// The pages' one script (it redraws the agents section while the page is open), and where it
+/// is served.
+const SCRIPT: &str = include_str!("../assets/live.js");
+const SCRIPT_PATH: &str = "/static/live.js";
 
 /// What the pages may do: the limits the config may set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,19 +59,27 @@ impl Default for WebOptions {
     }
 }
 
-/// The pages' state: the gateway (budgets, models, keys), the books, and the sessions.
+/// The pages' state: the gateway (budgets, models, keys), the books, the agents (where they
+/// run), and the sessions.
 pub struct Web {
     gateway: Arc<Gateway>,
     books: Arc<dyn Books>,
+    agents: Option<Arc<Agents>>,
     sessions: Sessions,
 }
 
 impl Web {
-    /// The pages over a gateway and its books.
-    pub fn new(gateway: Arc<Gateway>, books: Arc<dyn Books>, options: WebOptions) -> Arc<Web> {
+    /// The pages over a gateway, its books and its agents.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        books: Arc<dyn Books>,
+        agents: Option<Arc<Agents>>,
+        options: WebOptions,
+    ) -> Arc<Web> {
         Arc::new(Web {
             gateway,
             books,
+            agents,
             sessions: Sessions::new(options.session_ttl, options.sessions_max),
         })
     }
@@ -86,7 +100,10 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/admin/signout", post(admin::sign_out))
         .route("/admin/accounts", post(admin::create_account))
         .route("/admin/grant", post(admin::grant))
+        .route("/approvals/{id}", post(agents::decide))
+        .route("/fragments/agents", get(agents::fragment))
         .route(STYLESHEET_PATH, get(stylesheet))
+        .route(SCRIPT_PATH, get(script))
         .merge(api::router())
         .layer(DefaultBodyLimit::max(limits::FORM_BYTES_MAX))
         .layer(axum::middleware::map_response(locked_down))
@@ -104,17 +121,28 @@ async fn stylesheet() -> Response {
         .into_response()
 }
 
+async fn script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        SCRIPT,
+    )
+        .into_response()
+}
+
 /// Headers every page carries: nothing of it is cached (a page shows a person's budget and,
-/// once, a new key), framed, sniffed or sent on as a referrer, and it runs no script and loads
-/// nothing but this server's stylesheet.
+/// once, a new key), framed, sniffed or sent on as a referrer, and it loads nothing but this
+/// server's stylesheet and script.
 async fn locked_down(mut response: Response) -> Response {
     let headers = response.headers_mut();
     let defaults: [(header::HeaderName, &str); 5] = [
         (header::CACHE_CONTROL, "no-store"),
         (
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
-             frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'self'; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),

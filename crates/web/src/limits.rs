@@ -24,6 +24,10 @@ pub const ACCESS_SUBJECTS_MAX: usize = 1_000;
 pub const GROUP_NAME_LEN_MAX: usize = 64;
 /// Accounts read at a time when the operator's page adds up this period's distribution.
 pub const PEOPLE_SCANNED_PAGE: usize = 10_000;
+/// Agent runs shown on a person's page (the newest).
+pub const AGENT_RUNS_SHOWN: usize = 50;
+/// Characters of a run's goal shown in the list.
+pub const AGENT_GOAL_SHOWN: usize = 200;
 /// The longest key a sign-in form may carry (a real one is under 100 bytes).
 pub const KEY_BYTES_MAX: usize = 256;
 

@@ -211,7 +211,7 @@ fn clear_cookie(response: &mut Response, headers: &HeaderMap) {
 
 /// The session of a form's request, once the form is known to come from this server's page
 /// and its key still stands; else the response that says why not.
-fn signed_in(web: &Web, headers: &HeaderMap) -> Result<Session, Box<Response>> {
+pub(crate) fn signed_in(web: &Web, headers: &HeaderMap) -> Result<Session, Box<Response>> {
     if let Err(refused) = session::same_origin(headers) {
         return Err(Box::new(refusal(
             StatusCode::FORBIDDEN,
@@ -546,7 +546,8 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
             }
             section.card #usage aria-labelledby="usage-title" {
                 h2 #usage-title { "Used this period" }
-                p.muted { (Flops(used_cu as i64)) " in all" }
+                p.muted { (Flops(used_cu as i64)) " in all"
+                    @if web.agents.is_some() { "; your agents' spending is counted with each run" } }
                 (chart::bars(
                     "usage-chart",
                     "Compute used this period, per model",
@@ -575,6 +576,12 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                         }
                     }
                 }
+            }
+            @if let Some(agents) = &web.agents {
+                section.card.wide #agents aria-labelledby="agents-title" {
+                    (crate::agents::section(agents, view.id))
+                }
+                script src=(crate::SCRIPT_PATH) defer {}
             }
             section.card.wide #daily aria-labelledby="daily-title" {
                 h2 #daily-title { "Used per day" }

@@ -134,6 +134,20 @@ impl Sessions {
         Some(seen)
     }
 
+    /// The live session a request's cookie names, leaving its flash for the next page (a part
+    /// of the page redrawn by its script must not eat it).
+    pub fn peek(&self, headers: &HeaderMap) -> Option<Session> {
+        let token = session_token(headers)?;
+        let table = self.table.lock();
+        let session = table.get(&digest(token))?;
+        if session.expires_at <= Instant::now() {
+            return None;
+        }
+        let mut seen = session.clone();
+        seen.flash = None;
+        Some(seen)
+    }
+
     /// Sets what the session's next page shows once.
     pub fn flash(&self, headers: &HeaderMap, flash: Flash) {
         if let Some(token) = session_token(headers)
@@ -328,6 +342,13 @@ mod tests {
             Some(Flash::Done("given".into()))
         );
         assert_eq!(sessions.take(&with).unwrap().flash, None);
+        // A peek leaves a flash where it is.
+        sessions.flash(&with, Flash::Done("again".into()));
+        assert_eq!(sessions.peek(&with).unwrap().flash, None);
+        assert_eq!(
+            sessions.take(&with).unwrap().flash,
+            Some(Flash::Done("again".into()))
+        );
         sessions.close(&with);
         assert!(sessions.take(&with).is_none());
     }
