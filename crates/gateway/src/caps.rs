@@ -203,6 +203,7 @@ mod tests {
                 created_at_ms: 0,
                 revoked_at_ms: None,
                 cap: None,
+                name: None,
             })
             .unwrap();
         store.set_key_cap("k", Some(1_000)).unwrap();

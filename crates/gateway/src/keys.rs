@@ -49,6 +49,7 @@ pub fn generate(account: AccountId, now_ms: i64) -> Result<NewKey, StoreError> {
             created_at_ms: now_ms,
             revoked_at_ms: None,
             cap: None,
+            name: None,
         },
     })
 }
@@ -226,7 +227,18 @@ impl KeyRing {
 
     /// Creates and stores a new key for an account.
     pub fn create(&self, account: AccountId, now_ms: i64) -> Result<NewKey, StoreError> {
-        let new = generate(account, now_ms)?;
+        self.create_named(account, None, now_ms)
+    }
+
+    /// Creates and stores a new key for an account, with the name its person gave it.
+    pub fn create_named(
+        &self,
+        account: AccountId,
+        name: Option<String>,
+        now_ms: i64,
+    ) -> Result<NewKey, StoreError> {
+        let mut new = generate(account, now_ms)?;
+        new.record.name = name;
         self.store.insert_key(&new.record)?;
         self.unknown.write().remove(&new.record.id);
         Ok(new)

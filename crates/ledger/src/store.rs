@@ -113,6 +113,8 @@ pub struct KeyRecord {
     pub revoked_at_ms: Option<i64>,
     /// Its cap, if it has one: the most it may spend in a period.
     pub cap: Option<KeyCap>,
+    /// What its person calls it ("laptop", "the script"), if anything.
+    pub name: Option<String>,
 }
 
 /// A key's cap: the most it may spend in one stipend period, and what it spent in the period
@@ -210,6 +212,12 @@ pub trait Store: Send + Sync {
     fn keys_changed_since(&self, since: Option<i64>) -> Result<(Vec<String>, i64), StoreError> {
         let _ = since;
         Ok((Vec::new(), 0))
+    }
+    /// Names a key (or, with `None`, takes its name away). Returns false if there is no such
+    /// key.
+    fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
+        let _ = (id, name);
+        Err(StoreError::Io("this store keeps no key names".to_string()))
     }
     /// Sets a key's cap per period (or, with `None`, takes it away); what it spent this period is
     /// kept. Returns false if there is no such key. Durable when it returns.

@@ -789,6 +789,7 @@ fn key_caps_count_spending_per_period() {
         created_at_ms: 1,
         revoked_at_ms: None,
         cap: None,
+        name: None,
     };
     store.insert_key(&key("a")).unwrap();
     store.insert_key(&key("b")).unwrap();
@@ -826,6 +827,15 @@ fn key_caps_count_spending_per_period() {
     assert_eq!(store.key("a").unwrap().unwrap().cap, None);
     store.set_key_cap("a", Some(40)).unwrap();
     assert_eq!(store.key("a").unwrap().unwrap().cap.unwrap().spent_cu, 20);
+    // A key's name is its person's to set and take away.
+    assert!(store.set_key_name("a", Some("the script")).unwrap());
+    assert_eq!(
+        store.key("a").unwrap().unwrap().name.as_deref(),
+        Some("the script")
+    );
+    assert!(store.set_key_name("a", None).unwrap());
+    assert_eq!(store.key("a").unwrap().unwrap().name, None);
+    assert!(!store.set_key_name("nope", Some("x")).unwrap());
 }
 
 on_every_store!(

@@ -214,9 +214,14 @@ async fn only_an_operator_key_opens_it_and_it_manages_accounts_and_keys() {
 
     // Keys: made (shown once), listed without secrets, revoked at once.
     let (status, key) = admin
-        .send(reqwest::Method::POST, "accounts/carol/keys", None)
+        .send(
+            reqwest::Method::POST,
+            "accounts/carol/keys",
+            Some(json!({"name": "carol's laptop"})),
+        )
         .await;
     assert_eq!(status, 201, "{key}");
+    assert_eq!(key["name"], "carol's laptop");
     let carol = key["key"].as_str().unwrap().to_string();
     assert_eq!(
         budget(&http, &server.base, &carol).await["account"],

@@ -342,7 +342,8 @@ async fn a_person_signs_in_and_sees_spends_gives_and_manages_keys() {
     );
     browser.screenshot("person").await;
 
-    // A new key is shown once, works, and can be revoked.
+    // A new key, named, is shown once, works, can be renamed, and can be revoked.
+    browser.fill("#key-name", "the script").await;
     browser.click("#create-key").await;
     let new_key = browser.text("#new-key").await;
     assert!(new_key.starts_with("sk-stipend-"), "{new_key}");
@@ -359,6 +360,35 @@ async fn a_person_signs_in_and_sees_spends_gives_and_manages_keys() {
             .unwrap()
             .len(),
         2
+    );
+    let row = format!("tr[data-key=\"{new_id}\"]");
+    assert_eq!(
+        page.find(Locator::Css(&format!("{row} input.rename")))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("the script")
+    );
+    browser.fill(&format!("{row} input.rename"), "laptop").await;
+    browser.click(&format!("{row} button.rename-submit")).await;
+    assert!(
+        browser
+            .text("#flash")
+            .await
+            .contains("now called \"laptop\"")
+    );
+    assert_eq!(
+        page.find(Locator::Css(&format!("{row} input.rename")))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("laptop")
     );
     browser
         .click(&format!("tr[data-key=\"{new_id}\"] button.revoke"))
@@ -617,6 +647,20 @@ async fn an_operator_sees_how_compute_is_shared_and_grants() {
     // The models as they are now: the echo model served what the people were charged.
     assert_eq!(
         browser.attr("tr[data-model=echo] .served", "data-cu").await,
+        total.to_string()
+    );
+    // And per day: today's row holds everything the people were charged.
+    let today = budget(&http, &api, &keys[9]).await["usage_by_day"][0]["day"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        browser
+            .attr(
+                &format!("#served-table tr[data-day=\"{today}\"] td.num"),
+                "data-cu"
+            )
+            .await,
         total.to_string()
     );
     browser.screenshot("admin").await;

@@ -164,6 +164,9 @@ ALTER TABLE keys ADD COLUMN cap_cu BIGINT;
 ALTER TABLE keys ADD COLUMN cap_period BIGINT;
 ALTER TABLE keys ADD COLUMN cap_spent_cu BIGINT NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE keys ADD COLUMN name TEXT;
+"#,
 ];
 
 /// The advisory lock the writer holds for the store's lifetime ("STIPEND" and 1).
@@ -180,10 +183,10 @@ const ACCOUNT_COLUMNS: &str =
     "id, name, kind, balance_cu, lots, stipend_period, created_at_ms, usage";
 const TRANSFER_COLUMNS: &str =
     "id, kind, debit_account, credit_account, amount_cu, created_at_ms, lot_expires_at_ms, period";
-const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms";
+const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, name";
 /// What a key's read is: its columns and its cap's.
-const KEY_SELECT: &str =
-    "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, cap_cu, cap_period, cap_spent_cu";
+const KEY_SELECT: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, cap_cu, \
+     cap_period, cap_spent_cu, name";
 
 fn io(error: impl std::fmt::Display) -> StoreError {
     StoreError::Io(error.to_string())
@@ -762,6 +765,7 @@ fn key_from_row(row: &Row) -> Result<KeyRecord, StoreError> {
                 })
             })
             .transpose()?,
+        name: row.try_get(8).map_err(pg)?,
         id,
     })
 }
@@ -1186,13 +1190,16 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 client
                     .execute(
-                        &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+                        &format!(
+                            "INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+                        ),
                         &[
                             &key.id,
                             &(key.account.0 as i64),
                             &key.secret_sha256.as_slice(),
                             &key.created_at_ms,
                             &key.revoked_at_ms,
+                            &key.name,
                         ],
                     )
                     .await
@@ -1212,6 +1219,20 @@ impl Store for PostgresStore {
                          WHERE id = $1",
                         &[&id, &at_ms],
                     )
+                    .await
+                    .map_err(pg)?;
+                Ok(changed == 1)
+            })
+        })
+    }
+
+    fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let name = name.map(str::to_string);
+        self.read(move |client| {
+            Box::pin(async move {
+                let changed = client
+                    .execute("UPDATE keys SET name = $2 WHERE id = $1", &[&id, &name])
                     .await
                     .map_err(pg)?;
                 Ok(changed == 1)

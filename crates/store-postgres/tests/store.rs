@@ -96,6 +96,7 @@ fn commits_read_back_the_same_and_survive_reopen() {
             created_at_ms: 3,
             revoked_at_ms: None,
             cap: None,
+            name: None,
         };
         store.insert_key(&key).unwrap();
         assert!(store.revoke_key("k1", 11).unwrap());

@@ -118,6 +118,10 @@ ALTER TABLE keys ADD COLUMN cap_cu INTEGER;
 ALTER TABLE keys ADD COLUMN cap_period INTEGER;
 ALTER TABLE keys ADD COLUMN cap_spent_cu INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- What a key's person calls it, if anything.
+ALTER TABLE keys ADD COLUMN name TEXT;
+"#,
 ];
 
 /// How many idle read connections are kept.
@@ -515,8 +519,8 @@ fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Transfe
     })())
 }
 
-const KEY_COLUMNS: &str =
-    "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, cap_cu, cap_period, cap_spent_cu";
+const KEY_COLUMNS: &str = "id, account_id, secret_sha256, created_at_ms, revoked_at_ms, cap_cu, \
+     cap_period, cap_spent_cu, name";
 
 fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, StoreError>> {
     let id: String = row.get(0)?;
@@ -526,6 +530,7 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
     let revoked_at_ms: Option<i64> = row.get(4)?;
     let (cap_cu, cap_period, cap_spent_cu): (Option<i64>, Option<i64>, i64) =
         (row.get(5)?, row.get(6)?, row.get(7)?);
+    let name: Option<String> = row.get(8)?;
     let cap = cap_cu.map(|cap_cu| KeyCap {
         cap_cu: cap_cu.max(0) as u64,
         period: cap_period.unwrap_or(i64::MIN),
@@ -542,6 +547,7 @@ fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<KeyRecord, S
             created_at_ms,
             revoked_at_ms,
             cap,
+            name,
         }))
 }
 
@@ -763,14 +769,15 @@ impl Store for SqliteStore {
     fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.writer()?
             .execute(
-                "INSERT INTO keys (id, account_id, secret_sha256, created_at_ms, revoked_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO keys (id, account_id, secret_sha256, created_at_ms, revoked_at_ms, name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     key.id,
                     key.account.0 as i64,
                     key.secret_sha256.as_slice(),
                     key.created_at_ms,
-                    key.revoked_at_ms
+                    key.revoked_at_ms,
+                    key.name
                 ],
             )
             .map_err(io)?;
@@ -784,6 +791,14 @@ impl Store for SqliteStore {
                 "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
                 params![id, at_ms],
             )
+            .map_err(io)?;
+        Ok(changed == 1)
+    }
+
+    fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
+        let changed = self
+            .writer()?
+            .execute("UPDATE keys SET name = ?2 WHERE id = ?1", params![id, name])
             .map_err(io)?;
         Ok(changed == 1)
     }
@@ -1369,6 +1384,7 @@ mod tests {
             created_at_ms: 5,
             revoked_at_ms: None,
             cap: None,
+            name: None,
         };
         store.insert_key(&key).unwrap();
         assert!(store.insert_key(&key).is_err(), "ids are unique");

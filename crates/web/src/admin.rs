@@ -14,6 +14,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use stipend_gateway::Backend;
 use stipend_gateway::keys::{self, KeyError};
+use stipend_ledger::limits::DAY_MS;
 use stipend_ledger::units::{format_duration, parse_amount_cu};
 use stipend_ledger::{AccountKind, AccountView, Flops, LedgerError, TransferId};
 use stipend_report::Distribution;
@@ -72,6 +73,8 @@ pub(crate) struct Search {
 /// What the operator's page shows.
 struct Seen {
     distribution: Distribution,
+    earlier: Vec<(i64, Distribution)>,
+    served_by_day: Vec<(i64, Vec<u64>)>,
     accounts: Vec<AccountView>,
     next_after: Option<u64>,
     found: Option<Result<AccountView, String>>,
@@ -81,7 +84,13 @@ struct Seen {
 
 /// This period's distribution, the page of accounts asked for, and the one searched for.
 fn gather(web: &Web, search: Search) -> Result<Seen, LedgerError> {
-    let distribution = operator::distribution(web.books.as_ref())?;
+    let sinks: Vec<_> = web
+        .gateway
+        .models
+        .values()
+        .map(|model| model.sink)
+        .collect();
+    let survey = operator::survey(web.books.as_ref(), &sinks)?;
     let (accounts, next_after) =
         operator::accounts(web.books.as_ref(), search.after, ADMIN_ACCOUNTS_SHOWN)?;
     let query = search
@@ -99,7 +108,9 @@ fn gather(web: &Web, search: Search) -> Result<Seen, LedgerError> {
         }),
     };
     Ok(Seen {
-        distribution,
+        distribution: survey.distribution,
+        earlier: survey.earlier,
+        served_by_day: survey.served_by_day,
         accounts,
         next_after,
         found,
@@ -377,6 +388,14 @@ async fn grant_flash(web: &Arc<Web>, form: Grant) -> Flash {
     }
 }
 
+/// A UTC day as a date: `2026-12-05`.
+fn day_label(day: i64) -> String {
+    stipend_ledger::units::format_utc(day * DAY_MS)
+        .chars()
+        .take(10)
+        .collect()
+}
+
 fn percent(share: f64) -> String {
     format!("{:.1} %", share * 100.0)
 }
@@ -384,6 +403,22 @@ fn percent(share: f64) -> String {
 fn admin_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
     let distribution = &seen.distribution;
     let policy = web.gateway.ledger.policy();
+    let period_ms = policy.period().as_millis() as i64;
+    let series: Vec<String> = web.gateway.models.keys().cloned().collect();
+    let served_columns: Vec<chart::Column> = seen
+        .served_by_day
+        .iter()
+        .map(|(day, parts)| chart::Column {
+            label: day_label(*day),
+            parts: parts.clone(),
+        })
+        .collect();
+    let served_tallest = seen
+        .served_by_day
+        .iter()
+        .map(|(_, parts)| parts.iter().sum::<u64>())
+        .max()
+        .unwrap_or(0);
     let lorenz_words = distribution
         .lorenz
         .iter()
@@ -439,6 +474,36 @@ fn admin_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                     }
                 }
                 p.muted { "Served: compute charged for each model's calls since this server started." }
+                h3 { "Served per day" }
+                (chart::columns(
+                    "served-chart",
+                    "Compute served per day, per model",
+                    &format!(
+                        "A column per UTC day over the last {} days, stacked by model; the tallest is {}. The table below has the numbers.",
+                        seen.served_by_day.len(),
+                        Flops(served_tallest as i64)
+                    ),
+                    &series,
+                    &served_columns,
+                    &Flops(served_tallest as i64).to_string(),
+                ))
+                div.table-wrap {
+                    table #served-table {
+                        caption { "Days with any use" }
+                        thead { tr {
+                            th { "Day" }
+                            @for name in &series { th.num { (name) } }
+                        } }
+                        tbody {
+                            @for (day, parts) in seen.served_by_day.iter().filter(|(_, parts)| parts.iter().any(|part| *part > 0)) {
+                                tr data-day=(day_label(*day)) {
+                                    td { (day_label(*day)) }
+                                    @for part in parts { td.num data-cu=(part) { (Flops(*part as i64)) } }
+                                }
+                            }
+                        }
+                    }
+                }
             }
             section.card #distribution aria-labelledby="distribution-title" {
                 h2 #distribution-title { "How this period's compute is shared" }
@@ -455,6 +520,26 @@ fn admin_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                     dd #people { (distribution.people) ", of whom " (distribution.people_active) " used compute" }
                     dt { "Used in all" }
                     dd #used data-cu=(distribution.used_cu) { (Flops(distribution.used_cu.min(i64::MAX as u128) as i64)) }
+                }
+                @if !seen.earlier.is_empty() {
+                    h3 { "Earlier periods" }
+                    div.table-wrap {
+                        table #earlier {
+                            caption { "Counting everyone with an account now" }
+                            thead { tr { th { "Began" } th.num { "Gini" } th.num { "Top 10 %" } th.num { "Median" } th.num { "Used any" } } }
+                            tbody {
+                                @for (period, earlier) in &seen.earlier {
+                                    tr data-period=(period) {
+                                        td { (day_label(period * period_ms / DAY_MS)) }
+                                        td.num.gini data-value=(earlier.gini) { (format!("{:.3}", earlier.gini)) }
+                                        td.num { (percent(earlier.top_10pct_share)) }
+                                        td.num { (Flops(earlier.median_cu.round() as i64)) }
+                                        td.num { (earlier.people_active) }
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
             section.card aria-labelledby="lorenz-title" {

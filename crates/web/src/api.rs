@@ -21,7 +21,7 @@ use stipend_ledger::units::{format_utc, parse_amount_cu, parse_duration};
 use stipend_ledger::{AccountKind, AccountView, KeyRecord, LedgerError, StoreError, TransferId};
 
 use crate::Web;
-use crate::limits::{ACCESS_SUBJECTS_MAX, ADMIN_LIST_MAX, GROUP_NAME_LEN_MAX};
+use crate::limits::{ACCESS_SUBJECTS_MAX, ADMIN_LIST_MAX, GROUP_NAME_LEN_MAX, KEY_NAME_CHARS_MAX};
 use crate::operator;
 
 /// The admin API's routes.
@@ -257,6 +257,7 @@ fn key_json(record: &KeyRecord, account: &str, key: Option<&str>) -> Value {
         "created_at": format_utc(record.created_at_ms),
         "revoked_at": record.revoked_at_ms.map(format_utc),
         "cap_cu": record.cap.map(|cap| cap.cap_cu),
+        "name": record.name,
     });
     if let Some(key) = key {
         value["key"] = json!(key);
@@ -449,12 +450,44 @@ async fn list_keys(_: Operator, State(web): State<Arc<Web>>, Path(name): Path<St
     )
 }
 
-/// `POST /v1/admin/accounts/{name}/keys`: 201 with the new key, shown this once.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    /// What the key is called, if anything.
+    name: Option<String>,
+}
+
+/// `POST /v1/admin/accounts/{name}/keys` (optionally `{"name": "laptop"}`): 201 with the new
+/// key, shown this once.
 async fn create_key(
     _: Operator,
     State(web): State<Arc<Web>>,
     Path(name): Path<String>,
+    bytes: Bytes,
 ) -> Response {
+    let new: NewKey = if bytes.is_empty() {
+        NewKey::default()
+    } else {
+        match body(&bytes) {
+            Ok(new) => new,
+            Err(error) => return error.into_response(),
+        }
+    };
+    let key_name = new
+        .name
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty());
+    if key_name.as_ref().is_some_and(|name| {
+        name.chars().count() > KEY_NAME_CHARS_MAX || name.chars().any(char::is_control)
+    }) {
+        return AdminError::Invalid {
+            message: format!(
+                "A key's name is at most {KEY_NAME_CHARS_MAX} characters, on one line."
+            ),
+            param: Some("name"),
+        }
+        .into_response();
+    }
     created(
         blocking(move || {
             let id = web.books.account_id(&name)?;
@@ -464,7 +497,10 @@ async fn create_key(
                     "{name:?} is a {kind} account and cannot have an API key"
                 )));
             }
-            let new = web.gateway.keys.create(id, web.books.now_ms())?;
+            let new = web
+                .gateway
+                .keys
+                .create_named(id, key_name, web.books.now_ms())?;
             tracing::info!(account = %id, key = %new.record.id, "key created through the admin API");
             Ok(key_json(&new.record, &name, Some(&new.key)))
         })

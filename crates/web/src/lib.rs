@@ -94,6 +94,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/signout", post(person::sign_out))
         .route("/keys", post(person::create_key))
         .route("/keys/{id}/revoke", post(person::revoke_key))
+        .route("/keys/{id}/name", post(person::rename_key))
         .route("/give", post(person::give))
         .route("/admin", get(admin::home))
         .route("/admin/signin", post(admin::sign_in))

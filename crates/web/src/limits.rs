@@ -28,6 +28,8 @@ pub const PEOPLE_SCANNED_PAGE: usize = 10_000;
 pub const AGENT_RUNS_SHOWN: usize = 50;
 /// Characters of a run's goal shown in the list.
 pub const AGENT_GOAL_SHOWN: usize = 200;
+/// The longest name a key may have, in characters.
+pub const KEY_NAME_CHARS_MAX: usize = 64;
 /// The longest key a sign-in form may carry (a real one is under 100 bytes).
 pub const KEY_BYTES_MAX: usize = 256;
 

@@ -21,7 +21,7 @@ use stipend_ledger::{
 };
 
 use crate::chart::{self, Bar, Column};
-use crate::limits::{HISTORY_SHOWN, KEY_BYTES_MAX, KEYS_SHOWN};
+use crate::limits::{HISTORY_SHOWN, KEY_BYTES_MAX, KEY_NAME_CHARS_MAX, KEYS_SHOWN};
 use crate::session::{self, Flash, Role, Session};
 use crate::{Web, page, refusal, respond};
 
@@ -232,16 +232,51 @@ pub(crate) fn signed_in(web: &Web, headers: &HeaderMap) -> Result<Session, Box<R
     Ok(session)
 }
 
-/// `POST /keys`: a new key for the person, shown once.
-pub(crate) async fn create_key(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+pub(crate) struct KeyName {
+    #[serde(default)]
+    name: String,
+}
+
+/// A key's name as its person typed it: trimmed, at most [`KEY_NAME_CHARS_MAX`] characters, no
+/// control characters; empty is no name.
+fn key_name(typed: &str) -> Result<Option<String>, String> {
+    let name = typed.trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if name.chars().count() > KEY_NAME_CHARS_MAX || name.chars().any(char::is_control) {
+        return Err(format!(
+            "A key's name is at most {KEY_NAME_CHARS_MAX} characters, on one line."
+        ));
+    }
+    Ok(Some(name.to_string()))
+}
+
+/// `POST /keys`: a new key for the person, with the name they gave it, shown once.
+pub(crate) async fn create_key(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    form: Result<Form<KeyName>, FormRejection>,
+) -> Response {
     let session = match signed_in(&web, &headers) {
         Ok(session) => session,
         Err(response) => return *response,
     };
+    let name = match form.map(|Form(form)| key_name(&form.name)) {
+        Ok(Ok(name)) => name,
+        Ok(Err(message)) => {
+            web.sessions.flash(&headers, Flash::Refused(message));
+            return Redirect::to("/").into_response();
+        }
+        Err(_) => None,
+    };
     let created = {
         let web = Arc::clone(&web);
         tokio::task::spawn_blocking(move || {
-            web.gateway.keys.create(session.account, web.books.now_ms())
+            web.gateway
+                .keys
+                .create_named(session.account, name, web.books.now_ms())
         })
         .await
     };
@@ -300,6 +335,54 @@ pub(crate) async fn revoke_key(
         }
         Ok(Ok(false)) => Flash::Refused(format!("You have no working key {id}.")),
         _ => Flash::Refused("The key could not be revoked; try again shortly.".to_string()),
+    };
+    web.sessions.flash(&headers, flash);
+    Redirect::to("/").into_response()
+}
+
+/// `POST /keys/{id}/name`: one of the person's keys is named (or, empty, unnamed).
+pub(crate) async fn rename_key(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    form: Result<Form<KeyName>, FormRejection>,
+) -> Response {
+    let session = match signed_in(&web, &headers) {
+        Ok(session) => session,
+        Err(response) => return *response,
+    };
+    let name = match form.map(|Form(form)| key_name(&form.name)) {
+        Ok(Ok(name)) => name,
+        Ok(Err(message)) => {
+            web.sessions.flash(&headers, Flash::Refused(message));
+            return Redirect::to("/").into_response();
+        }
+        Err(_) => None,
+    };
+    let renamed = {
+        let (web, id, name) = (Arc::clone(&web), id.clone(), name.clone());
+        tokio::task::spawn_blocking(move || -> Result<bool, stipend_ledger::StoreError> {
+            // Only a key of this account: another's is not found, as one that does not exist.
+            let owned = web
+                .gateway
+                .keys
+                .list(session.account)?
+                .iter()
+                .any(|key| key.id == id && key.revoked_at_ms.is_none());
+            if !owned {
+                return Ok(false);
+            }
+            web.books.store().set_key_name(&id, name.as_deref())
+        })
+        .await
+    };
+    let flash = match renamed {
+        Ok(Ok(true)) => Flash::Done(match name {
+            Some(name) => format!("Key {id} is now called {name:?}."),
+            None => format!("Key {id} has no name now."),
+        }),
+        Ok(Ok(false)) => Flash::Refused(format!("You have no working key {id}.")),
+        _ => Flash::Refused("The key could not be renamed; try again shortly.".to_string()),
     };
     web.sessions.flash(&headers, flash);
     Redirect::to("/").into_response()
@@ -639,15 +722,29 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
             }
             section.card #keys aria-labelledby="keys-title" {
                 h2 #keys-title { "Your keys" }
-                form method="post" action="/keys" {
+                form.row method="post" action="/keys" {
+                    label { "Name (optional)"
+                        input #key-name type="text" name="name" maxlength=(KEY_NAME_CHARS_MAX) autocomplete="off" placeholder="laptop, a script…";
+                    }
                     button #create-key type="submit" { "Create a key" }
                 }
                 div.table-wrap {
                     table #keys-table {
-                        thead { tr { th { "Key id" } th { "Created" } th { "Cap a period" } th { "State" } } }
+                        thead { tr { th { "Name" } th { "Key id" } th { "Created" } th { "Cap a period" } th { "State" } } }
                         tbody {
                             @for key in &seen.keys {
                                 tr data-key=(key.id) {
+                                    td.name {
+                                        @if key.revoked_at_ms.is_none() {
+                                            form.inline method="post" action={"/keys/" (key.id) "/name"} {
+                                                input.rename type="text" name="name" value=[key.name.as_deref()]
+                                                    maxlength=(KEY_NAME_CHARS_MAX) aria-label="The key's name" autocomplete="off";
+                                                button.quiet.rename-submit type="submit" { "Rename" }
+                                            }
+                                        } @else {
+                                            (key.name.as_deref().unwrap_or(""))
+                                        }
+                                    }
                                     td { code { (key.id) } }
                                     td { (when(key.created_at_ms)) }
                                     td.cap {
