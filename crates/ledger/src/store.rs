@@ -213,6 +213,16 @@ pub trait Store: Send + Sync {
         let _ = since;
         Ok((Vec::new(), 0))
     }
+    /// Up to `limit` accounts whose name begins with `prefix`, in name order: their ids and
+    /// names (an operator's search).
+    fn accounts_named_like(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, String)>, StoreError> {
+        let _ = (prefix, limit);
+        Ok(Vec::new())
+    }
     /// Names a key (or, with `None`, takes its name away). Returns false if there is no such
     /// key.
     fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {

@@ -838,7 +838,39 @@ fn key_caps_count_spending_per_period() {
     assert!(!store.set_key_name("nope", Some("x")).unwrap());
 }
 
+/// The operator's search: accounts whose names begin with what was typed, in name order.
+fn accounts_are_found_by_the_start_of_their_name() {
+    let h = Harness::new(policy(1_000, 1_000));
+    for name in ["alice", "alicia", "al", "bob", "ålice", "zoe"] {
+        h.ledger()
+            .create_account(name, AccountKind::Person)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    h.ledger().flush().unwrap();
+    let store = h.ledger().store();
+    let names = |prefix: &str, limit: usize| -> Vec<String> {
+        store
+            .accounts_named_like(prefix, limit)
+            .unwrap()
+            .into_iter()
+            .map(|(_, name)| name)
+            .collect()
+    };
+    assert_eq!(names("ali", 10), ["alice", "alicia"]);
+    assert_eq!(names("al", 10), ["al", "alice", "alicia"]);
+    assert_eq!(names("al", 2), ["al", "alice"]);
+    assert_eq!(names("å", 10), ["ålice"]);
+    assert!(names("x", 10).is_empty());
+    // A prefix that is a name is found too; every id names its account.
+    for (id, name) in store.accounts_named_like("bob", 10).unwrap() {
+        assert_eq!(h.ledger().view(id).unwrap().name, name);
+    }
+}
+
 on_every_store!(
+    accounts_are_found_by_the_start_of_their_name,
     key_caps_count_spending_per_period,
     access_rules_are_kept_and_counted,
     a_new_person_receives_the_stipend_at_once,

@@ -691,9 +691,24 @@ async fn an_operator_sees_how_compute_is_shared_and_grants() {
             .await,
         "10000000"
     );
+    // By the start of a name: p0 … p9 all begin with "p".
+    browser.fill("#search", "p").await;
+    browser.click("#search-submit").await;
+    assert_eq!(
+        page.find_all(Locator::Css("#found tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
     browser.fill("#search", "nobody-here").await;
     browser.click("#search-submit").await;
-    assert!(browser.text("#found").await.contains("Nobody is named"));
+    assert!(
+        browser
+            .text("#found")
+            .await
+            .contains("Nobody's name begins")
+    );
     // The operator's session opens no person's page: `/` leads back to `/admin`.
     page.goto(&format!("{site}/")).await.unwrap();
     assert!(page.current_url().await.unwrap().path().ends_with("/admin"));

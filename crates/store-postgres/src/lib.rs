@@ -1226,6 +1226,31 @@ impl Store for PostgresStore {
         })
     }
 
+    fn accounts_named_like(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, String)>, StoreError> {
+        let prefix = prefix.to_string();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT id, name FROM accounts WHERE starts_with(name, $1)
+                         ORDER BY name COLLATE \"C\" LIMIT $2",
+                        &[&prefix, &limit],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|row| (AccountId(row.get::<_, i64>(0) as u64), row.get(1)))
+                    .collect())
+            })
+        })
+    }
+
     fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
         let id = id.to_string();
         let name = name.map(str::to_string);

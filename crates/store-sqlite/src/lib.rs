@@ -795,6 +795,36 @@ impl Store for SqliteStore {
         Ok(changed == 1)
     }
 
+    fn accounts_named_like(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(AccountId, String)>, StoreError> {
+        // A range over the names' index: every name with the prefix sorts from the prefix up to
+        // the prefix followed by the last character there is.
+        let upper = format!("{prefix}{}", char::MAX);
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT id, name FROM accounts WHERE name >= ?1 AND name < ?2
+                     ORDER BY name LIMIT ?3",
+                )
+                .map_err(io)?;
+            let rows = statement
+                .query_map(
+                    params![prefix, upper, limit.min(i64::MAX as usize) as i64],
+                    |row| {
+                        Ok((
+                            AccountId(row.get::<_, i64>(0)? as u64),
+                            row.get::<_, String>(1)?,
+                        ))
+                    },
+                )
+                .map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        })
+    }
+
     fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
         let changed = self
             .writer()?

@@ -20,7 +20,7 @@ use stipend_ledger::{AccountKind, AccountView, Flops, LedgerError, TransferId};
 use stipend_report::Distribution;
 
 use crate::chart;
-use crate::limits::{ADMIN_ACCOUNTS_SHOWN, KEY_BYTES_MAX};
+use crate::limits::{ADMIN_ACCOUNTS_SHOWN, KEY_BYTES_MAX, SEARCH_RESULTS_MAX};
 use crate::operator;
 use crate::session::{self, Flash, Role, Session};
 use crate::{Web, page, refusal, respond};
@@ -77,7 +77,7 @@ struct Seen {
     served_by_day: Vec<(i64, Vec<u64>)>,
     accounts: Vec<AccountView>,
     next_after: Option<u64>,
-    found: Option<Result<AccountView, String>>,
+    found: Option<Result<Vec<AccountView>, String>>,
     query: Option<String>,
     access: stipend_ledger::AccessRules,
 }
@@ -97,15 +97,27 @@ fn gather(web: &Web, search: Search) -> Result<Seen, LedgerError> {
         .q
         .map(|q| q.trim().to_string())
         .filter(|q| !q.is_empty());
+    // The people and pools whose names begin with what was typed.
     let found = match &query {
         None => None,
-        Some(name) => Some(match web.books.account_id(name) {
-            Ok(id) => Ok(web.books.view(id)?),
-            Err(LedgerError::UnknownAccount { .. } | LedgerError::InvalidName { .. }) => {
-                Err(format!("Nobody is named {name:?}."))
+        Some(prefix) => {
+            let mut views = Vec::new();
+            for (id, _) in web
+                .books
+                .store()
+                .accounts_named_like(prefix, SEARCH_RESULTS_MAX)?
+            {
+                let view = web.books.view(id)?;
+                if matches!(view.kind, AccountKind::Person | AccountKind::Pool) {
+                    views.push(view);
+                }
             }
-            Err(error) => return Err(error),
-        }),
+            Some(if views.is_empty() {
+                Err(format!("Nobody's name begins with {prefix:?}."))
+            } else {
+                Ok(views)
+            })
+        }
     };
     Ok(Seen {
         distribution: survey.distribution,
@@ -565,14 +577,14 @@ fn admin_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
             section.card.wide #people aria-labelledby="people-title" {
                 h2 #people-title { "People and pools" }
                 form.row method="get" action="/admin" {
-                    label { "Find by name"
+                    label { "Find by the start of a name"
                         input #search type="text" name="q" value=[seen.query.as_deref()] maxlength="128";
                     }
                     button #search-submit type="submit" { "Find" }
                 }
                 @if let Some(found) = &seen.found {
                     @match found {
-                        Ok(view) => div #found { (account_table(std::slice::from_ref(view))) },
+                        Ok(views) => div #found { (account_table(views)) },
                         Err(message) => p.flash.refused #found { (message) },
                     }
                 }
