@@ -152,6 +152,25 @@ pub struct ModelAccess {
     pub groups: Vec<String>,
 }
 
+/// The longest group name.
+pub const GROUP_NAME_LEN_MAX: usize = 64;
+
+/// Checks a group's name: 1 to [`GROUP_NAME_LEN_MAX`] of `a-z`, `0-9`, `-`, `_`, `.`.
+pub fn check_group_name(name: &str) -> Result<(), String> {
+    let good = !name.is_empty()
+        && name.len() <= GROUP_NAME_LEN_MAX
+        && name.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
+        });
+    if good {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a group name: 1 to {GROUP_NAME_LEN_MAX} of a-z, 0-9, '-', '_', '.'"
+        ))
+    }
+}
+
 /// The access rules in force: the restricted models and every group's members.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessRules {

@@ -77,6 +77,33 @@ pub enum Request {
         /// The key's id (`sk-stipend-<id>-…`).
         id: String,
     },
+    /// Set a key's cap per period, or lift it.
+    SetKeyCap {
+        /// The key's id.
+        id: String,
+        /// The most it may spend a period, in cu; `None` lifts the cap.
+        cap_cu: Option<u64>,
+    },
+    /// Restrict a model to accounts and groups, or (both empty) open it to everyone.
+    SetModelAccess {
+        /// The model's name.
+        model: String,
+        /// Accounts that may use it, by name.
+        accounts: Vec<String>,
+        /// Groups whose members may use it.
+        groups: Vec<String>,
+    },
+    /// Add an account to a group, or take it out.
+    SetGroupMember {
+        /// The group.
+        group: String,
+        /// The account's name.
+        name: String,
+        /// In (true) or out.
+        member: bool,
+    },
+    /// Show the models' access rules and the groups.
+    ShowAccess,
 }
 
 /// An API key, for display. The secret appears only in the reply to its creation.
@@ -93,6 +120,32 @@ pub struct KeyInfo {
     pub created_at: String,
     /// When it was revoked, if it was.
     pub revoked_at: Option<String>,
+    /// Its cap per period, in cu, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_cu: Option<u64>,
+    /// What its person calls it, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A restricted model, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelAccessInfo {
+    /// The model.
+    pub model: String,
+    /// Accounts that may use it.
+    pub accounts: Vec<String>,
+    /// Groups whose members may use it.
+    pub groups: Vec<String>,
+}
+
+/// A group, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// The group.
+    pub group: String,
+    /// Its members.
+    pub members: Vec<String>,
 }
 
 impl Request {
@@ -109,6 +162,10 @@ impl Request {
             Request::CreateOperatorKey => "admin key create",
             Request::ListKeys { .. } => "key list",
             Request::RevokeKey { .. } => "key revoke",
+            Request::SetKeyCap { .. } => "key cap",
+            Request::SetModelAccess { .. } => "model access",
+            Request::SetGroupMember { .. } => "group",
+            Request::ShowAccess => "model rules",
         }
     }
 }
@@ -218,6 +275,13 @@ pub enum Response {
         /// The keys, oldest first.
         keys: Vec<KeyInfo>,
     },
+    /// The models' access rules and the groups.
+    Access {
+        /// The restricted models (any other is open to everyone).
+        models: Vec<ModelAccessInfo>,
+        /// The groups.
+        groups: Vec<GroupInfo>,
+    },
     /// In-memory invariant violations (empty when all hold).
     Invariants {
         /// The violations.
@@ -296,7 +360,37 @@ fn key_info(record: &stipend_ledger::KeyRecord, account: String, key: Option<Str
         key,
         created_at: format_utc(record.created_at_ms),
         revoked_at: record.revoked_at_ms.map(format_utc),
+        cap_cu: record.cap.map(|cap| cap.cap_cu),
+        name: record.name.clone(),
     }
+}
+
+fn access_info(ledger: &dyn Books) -> Result<Response, CommandError> {
+    let rules = ledger.store().access_rules()?;
+    let name = |id: AccountId| ledger.view(id).map(|view| view.name);
+    let mut models = Vec::new();
+    for rule in &rules.models {
+        models.push(ModelAccessInfo {
+            model: rule.model.clone(),
+            accounts: rule
+                .accounts
+                .iter()
+                .map(|id| name(*id))
+                .collect::<Result<_, _>>()?,
+            groups: rule.groups.clone(),
+        });
+    }
+    let mut groups = Vec::new();
+    for (group, members) in &rules.groups {
+        groups.push(GroupInfo {
+            group: group.clone(),
+            members: members
+                .iter()
+                .map(|id| name(*id))
+                .collect::<Result<_, _>>()?,
+        });
+    }
+    Ok(Response::Access { models, groups })
 }
 
 /// Why a command was refused; nothing changed.
@@ -311,6 +405,9 @@ pub enum CommandError {
     /// No such key.
     #[error("no key with id {0:?}")]
     UnknownKey(String),
+    /// A bad group name.
+    #[error("{0}")]
+    BadGroup(String),
 }
 
 /// Runs one command against the ledger and the key ring.
@@ -363,6 +460,53 @@ pub fn execute(
             tracing::info!(key = %id, "key revoked");
             Ok(Response::Key(key_info(&record, account, None)))
         }
+        Request::SetKeyCap { id, cap_cu } => {
+            if !ledger.store().set_key_cap(&id, cap_cu)? {
+                return Err(CommandError::UnknownKey(id));
+            }
+            // A running server reads the key again at its next use, with its new cap.
+            keys.forget(&id);
+            let record = ledger
+                .store()
+                .key(&id)?
+                .ok_or_else(|| CommandError::UnknownKey(id.clone()))?;
+            let account = ledger.view(record.account)?.name;
+            tracing::info!(key = %id, capped = cap_cu.is_some(), "key cap set");
+            Ok(Response::Key(key_info(&record, account, None)))
+        }
+        Request::SetModelAccess {
+            model,
+            accounts,
+            groups,
+        } => {
+            for group in &groups {
+                stipend_ledger::check_group_name(group).map_err(CommandError::BadGroup)?;
+            }
+            let mut ids = Vec::with_capacity(accounts.len());
+            for name in &accounts {
+                ids.push(ledger.account_id(name)?);
+            }
+            ids.sort();
+            ids.dedup();
+            let mut groups = groups;
+            groups.sort();
+            groups.dedup();
+            ledger.store().set_model_access(&model, &ids, &groups)?;
+            tracing::info!(model = %model, accounts = ids.len(), groups = groups.len(), "model access set");
+            access_info(ledger)
+        }
+        Request::SetGroupMember {
+            group,
+            name,
+            member,
+        } => {
+            stipend_ledger::check_group_name(&group).map_err(CommandError::BadGroup)?;
+            let account = ledger.account_id(&name)?;
+            ledger.store().set_group_member(&group, account, member)?;
+            tracing::info!(account = %account, member, "group membership set");
+            access_info(ledger)
+        }
+        Request::ShowAccess => access_info(ledger),
         Request::CreateAccount { name, kind } => {
             if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
                 return Err(LedgerError::WrongKind {
@@ -579,7 +723,33 @@ pub fn render(response: &Response) -> String {
                     .revoked_at
                     .as_deref()
                     .map_or("active".to_string(), |at| format!("revoked {at}"));
-                let _ = writeln!(out, "{}  created {}  {state}", key.id, key.created_at);
+                let cap = key
+                    .cap_cu
+                    .map(|cap| format!("  cap {} a period", Flops(cap as i64)))
+                    .unwrap_or_default();
+                let name = key
+                    .name
+                    .as_deref()
+                    .map(|name| format!("  {name:?}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{}  created {}  {state}{cap}{name}",
+                    key.id, key.created_at
+                );
+            }
+        }
+        Response::Access { models, groups } => {
+            if models.is_empty() {
+                let _ = writeln!(out, "every model is open to everyone");
+            }
+            for model in models {
+                let mut who = model.accounts.clone();
+                who.extend(model.groups.iter().map(|group| format!("group {group}")));
+                let _ = writeln!(out, "{}: only {}", model.model, who.join(", "));
+            }
+            for group in groups {
+                let _ = writeln!(out, "group {}: {}", group.group, group.members.join(", "));
             }
         }
         Response::Invariants { violations } => {
@@ -687,6 +857,8 @@ mod tests {
             key: Some("sk-stipend-k1a2b3-secret".into()),
             created_at: "2026-12-04T08:00:00Z".into(),
             revoked_at: None,
+            cap_cu: None,
+            name: None,
         };
         let revoked = KeyInfo {
             key: None,
@@ -710,7 +882,30 @@ mod tests {
             Response::Key(key.clone()),
             Response::Key(revoked.clone()),
             Response::Keys {
-                keys: vec![key, revoked],
+                keys: vec![
+                    key,
+                    revoked,
+                    KeyInfo {
+                        id: "k9".into(),
+                        account: "alice".into(),
+                        key: None,
+                        created_at: "2026-12-05T08:00:00Z".into(),
+                        revoked_at: None,
+                        cap_cu: Some(1_000),
+                        name: Some("the script".into()),
+                    },
+                ],
+            },
+            Response::Access {
+                models: vec![ModelAccessInfo {
+                    model: "big".into(),
+                    accounts: vec!["bob".into()],
+                    groups: vec!["staff".into()],
+                }],
+                groups: vec![GroupInfo {
+                    group: "staff".into(),
+                    members: vec!["alice".into(), "carol".into()],
+                }],
             },
             Response::Invariants {
                 violations: vec!["account 9: balance -1 cu is negative".into()],

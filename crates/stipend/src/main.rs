@@ -45,6 +45,9 @@ enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Groups of accounts, which a model's access may name.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// The operator's own keys, which open the operator's page (`/admin`).
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -156,6 +159,41 @@ enum ModelCommand {
         #[arg(long, default_value = stipend::config::MODELS_DIR_DEFAULT)]
         dir: PathBuf,
     },
+    /// Restrict a configured model to some accounts and groups: anyone else is told it does
+    /// not exist. With `--open`, anyone may use it again.
+    Access {
+        /// The model, as clients ask for it.
+        model: String,
+        /// An account that may use it (repeat for more).
+        #[arg(long = "account", value_name = "NAME")]
+        accounts: Vec<String>,
+        /// A group whose members may use it (repeat for more).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        /// Open the model to everyone.
+        #[arg(long, conflicts_with_all = ["accounts", "groups"])]
+        open: bool,
+    },
+    /// Which models are restricted, to whom, and who is in each group.
+    Rules,
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Add an account to a group (made by its first member).
+    Add {
+        /// The group: a-z, 0-9, '-', '_', '.'.
+        group: String,
+        /// The account.
+        name: String,
+    },
+    /// Take an account out of a group.
+    Remove {
+        /// The group.
+        group: String,
+        /// The account.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +228,13 @@ enum KeyCommand {
     Revoke {
         /// The key's id (from `key list`, or the part after `sk-stipend-`).
         key_id: String,
+    },
+    /// Cap what a key may spend in a period, whatever its account holds (`none` lifts it).
+    Cap {
+        /// The key's id.
+        key_id: String,
+        /// The most it may spend a period ("1 TFLOP", a number of cu), or `none`.
+        amount: String,
     },
 }
 
@@ -323,7 +368,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Ledger(LedgerCommand::Verify) => return verify_command(&config, cli.json),
-        Command::Model(_) => return Ok(ExitCode::SUCCESS), // handled above
+        Command::Model(ModelCommand::Fetch { .. }) => return Ok(ExitCode::SUCCESS), // handled above
+        Command::Model(ModelCommand::Access {
+            model,
+            accounts,
+            groups,
+            open,
+        }) => {
+            if !config
+                .models
+                .iter()
+                .any(|configured| configured.name == model)
+            {
+                anyhow::bail!("no model named {model:?} in the config");
+            }
+            if !open && accounts.is_empty() && groups.is_empty() {
+                anyhow::bail!(
+                    "say who may use {model}: --account NAME, --group GROUP, or --open for everyone"
+                );
+            }
+            Request::SetModelAccess {
+                model,
+                accounts,
+                groups,
+            }
+        }
+        Command::Model(ModelCommand::Rules) => Request::ShowAccess,
+        Command::Group(GroupCommand::Add { group, name }) => Request::SetGroupMember {
+            group,
+            name,
+            member: true,
+        },
+        Command::Group(GroupCommand::Remove { group, name }) => Request::SetGroupMember {
+            group,
+            name,
+            member: false,
+        },
+        Command::Key(KeyCommand::Cap { key_id, amount }) => Request::SetKeyCap {
+            id: key_id,
+            cap_cu: if amount.trim().eq_ignore_ascii_case("none") {
+                None
+            } else {
+                Some(parse_positive_amount(&amount)?)
+            },
+        },
         Command::Account(AccountCommand::Create { name, kind }) => Request::CreateAccount {
             name,
             kind: match kind {

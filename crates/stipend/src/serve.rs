@@ -433,7 +433,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // On a shared database, keys are created and revoked by other servers and the CLI too.
     let follower = engine.node.is_some().then(|| {
         let keys = keys.clone();
-        let gateway = Arc::clone(&gateway);
         tokio::spawn(async move {
             let mut since = None;
             let mut interval = tokio::time::interval(stipend_gateway::limits::KEYS_FOLLOW_INTERVAL);
@@ -445,7 +444,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Ok(Err(error)) => tracing::warn!(%error, "cannot follow the keys' changes"),
                     Err(_) => {}
                 }
-                // The models' access rules, changed by other servers.
+            }
+        })
+    });
+    // The models' access rules, changed by the CLI (through the control socket) or, on a shared
+    // database, by other servers: read again when their version moves.
+    let access_follower = {
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(stipend_gateway::limits::KEYS_FOLLOW_INTERVAL);
+            loop {
+                interval.tick().await;
                 let shared = Arc::clone(&gateway);
                 if let Ok(Err(error)) =
                     tokio::task::spawn_blocking(move || shared.access.follow()).await
@@ -454,7 +463,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         })
-    });
+    };
     let control_task = tokio::spawn(control::serve(listener, Arc::clone(&engine.books), keys));
     // The single-node engine voids timed-out reservations on a timer; a node's reservations
     // end with their calls and its leases by its own writer.
@@ -610,6 +619,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     caps_writer.abort();
     let _ = caps_writer.await;
+    access_follower.abort();
+    let _ = access_follower.await;
     // Every call has settled: what capped keys spent is written down in full.
     let caps = Arc::clone(&gateway.caps);
     if let Ok(Err(error)) = tokio::task::spawn_blocking(move || caps.write()).await {

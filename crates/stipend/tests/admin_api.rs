@@ -620,3 +620,83 @@ async fn a_key_over_its_cap_is_refused_and_the_cap_outlives_a_restart() {
     assert_eq!(call(&http, &base, &capped, "echo").await.0, 200);
     drop(server);
 }
+
+/// Calls `model` with `key` until it answers `status` (the CLI's changes reach a running server
+/// within its follow interval); panics after 5 s.
+async fn until_status(http: &reqwest::Client, base: &str, key: &str, model: &str, status: u16) {
+    for _ in 0..100 {
+        if call(http, base, key, model).await.0 == status {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{model} never answered {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_access_and_caps_on_a_running_server() {
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let mut config = config().await;
+    config.push_str(&format!(
+        "[[models]]\nname = \"big\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nupstream_model = \"echo\"\nparams = \"8B\"\ntimeout = \"5s\"\n"
+    ));
+    let env = Env::new(&config);
+    let alice = env.person_with_key("alice");
+    let bob = env.person_with_key("bob");
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+
+    // Through the control socket: big for bob and the group staff.
+    let rules = env.json(&[
+        "model",
+        "access",
+        "big",
+        "--account",
+        "bob",
+        "--group",
+        "staff",
+    ]);
+    assert_eq!(
+        rules["models"],
+        json!([{"model": "big", "accounts": ["bob"], "groups": ["staff"]}])
+    );
+    until_status(&http, &base, &alice, "big", 404).await;
+    assert_eq!(call(&http, &base, &bob, "big").await.0, 200);
+    env.json(&["group", "add", "staff", "alice"]);
+    until_status(&http, &base, &alice, "big", 200).await;
+    let shown = env.run(&["model", "rules"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("big: only bob, group staff"), "{text}");
+    assert!(text.contains("group staff: alice"), "{text}");
+    env.json(&["group", "remove", "staff", "alice"]);
+    until_status(&http, &base, &alice, "big", 404).await;
+    // Refusals: a model not in the config, a bad group, no one named.
+    assert!(
+        env.refused(&["model", "access", "nope", "--open"])
+            .contains("no model named")
+    );
+    assert!(
+        env.refused(&["group", "add", "Bad Group", "alice"])
+            .contains("not a group name")
+    );
+    assert!(env.refused(&["model", "access", "big"]).contains("--open"));
+    env.json(&["model", "access", "big", "--open"]);
+    until_status(&http, &base, &alice, "big", 200).await;
+
+    // A cap set from the CLI bites at once.
+    let keys = env.json(&["key", "list", "alice"]);
+    let id = keys["keys"][0]["id"].as_str().unwrap().to_string();
+    let capped = env.json(&["key", "cap", &id, "1 GFLOP"]);
+    assert_eq!(capped["cap_cu"], 1);
+    let refusal = call(&http, &base, &alice, "echo").await;
+    refused(&refusal, 429, Some("key_cap_reached"));
+    let listed = env.run(&["key", "list", "alice"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("cap 1 GFLOP a period"),
+        "{listed:?}"
+    );
+    env.json(&["key", "cap", &id, "none"]);
+    assert_eq!(call(&http, &base, &alice, "echo").await.0, 200);
+    drop(server);
+}

@@ -21,7 +21,7 @@ use stipend_ledger::units::{format_utc, parse_amount_cu, parse_duration};
 use stipend_ledger::{AccountKind, AccountView, KeyRecord, LedgerError, StoreError, TransferId};
 
 use crate::Web;
-use crate::limits::{ACCESS_SUBJECTS_MAX, ADMIN_LIST_MAX, GROUP_NAME_LEN_MAX, KEY_NAME_CHARS_MAX};
+use crate::limits::{ACCESS_SUBJECTS_MAX, ADMIN_LIST_MAX, KEY_NAME_CHARS_MAX};
 use crate::operator;
 
 /// The admin API's routes.
@@ -607,23 +607,12 @@ struct SetAccess {
     groups: Vec<String>,
 }
 
-/// A group's name: 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`.
+/// A group's name, or the 400 that says why not.
 fn check_group(name: &str) -> Result<(), AdminError> {
-    let good = !name.is_empty()
-        && name.len() <= GROUP_NAME_LEN_MAX
-        && name.bytes().all(|byte| {
-            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
-        });
-    if good {
-        Ok(())
-    } else {
-        Err(AdminError::Invalid {
-            message: format!(
-                "{name:?} is not a group name: 1 to {GROUP_NAME_LEN_MAX} of a-z, 0-9, '-', '_', '.'."
-            ),
-            param: Some("groups"),
-        })
-    }
+    stipend_ledger::check_group_name(name).map_err(|message| AdminError::Invalid {
+        message: format!("{message}."),
+        param: Some("groups"),
+    })
 }
 
 /// `PUT /v1/admin/models/{model}/access` `{"accounts": [...], "groups": [...]}`: only these

@@ -20,8 +20,6 @@ pub const ADMIN_ACCOUNTS_SHOWN: usize = 50;
 pub const ADMIN_LIST_MAX: usize = 1_000;
 /// The most accounts and groups one model's access rule names.
 pub const ACCESS_SUBJECTS_MAX: usize = 1_000;
-/// The longest group name.
-pub const GROUP_NAME_LEN_MAX: usize = 64;
 /// The most accounts a search on the operator's page shows.
 pub const SEARCH_RESULTS_MAX: usize = 50;
 /// Accounts read at a time when the operator's page adds up this period's distribution.
