@@ -63,7 +63,7 @@ pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
 pub use store::{
     AccessRules, AccountUpdate, AuditRow, Batch, JournalRecord, KeyCap, KeyRecord, KeySpend,
-    ModelAccess, RunJournal, Store, StoreError, TransferAudit, check_group_name,
+    ModelAccess, OperatorAction, RunJournal, Store, StoreError, TransferAudit, check_group_name,
 };
 pub use transfer::{Transfer, TransferId, TransferKind};
 pub use units::Flops;

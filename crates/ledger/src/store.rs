@@ -152,6 +152,25 @@ pub struct ModelAccess {
     pub groups: Vec<String>,
 }
 
+/// One thing an operator did, as the operator log keeps it: who, when, what, to which account
+/// (by id, so that closing an account erases its name from the log too) and how much. Never
+/// any content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorAction {
+    /// When (ms since the epoch).
+    pub at_ms: i64,
+    /// Who: `cli` (the operator's command line, on this machine) or `operator key <id>`.
+    pub actor: String,
+    /// What: `grant`, `account create`, `key revoke`, `model access`, …
+    pub action: String,
+    /// The account it was done to, if any.
+    pub account: Option<AccountId>,
+    /// The key, model or group it was done to, if any.
+    pub object: Option<String>,
+    /// How much, in cu, if an amount moved or was set.
+    pub amount_cu: Option<u64>,
+}
+
 /// The longest group name.
 pub const GROUP_NAME_LEN_MAX: usize = 64;
 
@@ -294,6 +313,23 @@ pub trait Store: Send + Sync {
         Err(StoreError::Io(
             "this store keeps no access rules".to_string(),
         ))
+    }
+    /// Appends to the operator log. Durable when it returns.
+    fn record_action(&self, action: &OperatorAction) -> Result<(), StoreError> {
+        let _ = action;
+        Err(StoreError::Io(
+            "this store keeps no operator log".to_string(),
+        ))
+    }
+    /// Up to `limit` entries of the operator log before the entry numbered `before` (all, if
+    /// `None`), newest first, each with its number.
+    fn actions(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, OperatorAction)>, StoreError> {
+        let _ = (before, limit);
+        Ok(Vec::new())
     }
     /// From one consistent snapshot: visits every account with its transfer sums up to the
     /// checkpoint, then every transfer after it, in order; and returns facts about all transfers.

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{DAY_MS, Harness, T0, policy};
 use stipend_ledger::{
-    AccountId, AccountKind, KeyRecord, KeySpend, LedgerError, LotSource, ModelAccess, TransferId,
-    TransferKind,
+    AccountId, AccountKind, KeyRecord, KeySpend, LedgerError, LotSource, ModelAccess,
+    OperatorAction, TransferId, TransferKind,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -838,6 +838,44 @@ fn key_caps_count_spending_per_period() {
     assert!(!store.set_key_name("nope", Some("x")).unwrap());
 }
 
+/// The operator log: entries kept in order, read newest first a page at a time, across a restart.
+fn the_operator_log_keeps_who_did_what() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let store = h.ledger().store();
+    assert!(store.actions(None, 10).unwrap().is_empty());
+    for n in 0..5u64 {
+        store
+            .record_action(&OperatorAction {
+                at_ms: 1_000 + n as i64,
+                actor: "cli".to_string(),
+                action: "grant".to_string(),
+                account: Some(AccountId(n + 2)),
+                object: (n == 3).then(|| "a key".to_string()),
+                amount_cu: Some(n * 10),
+            })
+            .unwrap();
+    }
+    drop(store);
+    h.reopen();
+    let store = h.ledger().store();
+    let page = store.actions(None, 2).unwrap();
+    assert_eq!(
+        page.iter()
+            .map(|(_, action)| action.at_ms)
+            .collect::<Vec<_>>(),
+        [1_004, 1_003]
+    );
+    assert_eq!(page[1].1.object.as_deref(), Some("a key"));
+    let next = store.actions(Some(page[1].0), 10).unwrap();
+    assert_eq!(
+        next.iter()
+            .map(|(_, action)| action.amount_cu)
+            .collect::<Vec<_>>(),
+        [Some(20), Some(10), Some(0)]
+    );
+    assert_eq!(next[2].1.account, Some(AccountId(2)));
+}
+
 /// The operator's search: accounts whose names begin with what was typed, in name order.
 fn accounts_are_found_by_the_start_of_their_name() {
     let h = Harness::new(policy(1_000, 1_000));
@@ -870,6 +908,7 @@ fn accounts_are_found_by_the_start_of_their_name() {
 }
 
 on_every_store!(
+    the_operator_log_keeps_who_did_what,
     accounts_are_found_by_the_start_of_their_name,
     key_caps_count_spending_per_period,
     access_rules_are_kept_and_counted,

@@ -104,6 +104,35 @@ pub enum Request {
     },
     /// Show the models' access rules and the groups.
     ShowAccess,
+    /// The operator log, newest first.
+    ListActions {
+        /// Before this entry's number.
+        before: Option<i64>,
+        /// At most this many.
+        limit: usize,
+    },
+}
+
+/// An entry of the operator log, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionInfo {
+    /// Its number.
+    pub seq: i64,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// Who: `cli` or `operator key <id>`.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// The account it was done to, by its name now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The key, model or group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// How much, in cu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_cu: Option<u64>,
 }
 
 /// An API key, for display. The secret appears only in the reply to its creation.
@@ -166,6 +195,7 @@ impl Request {
             Request::SetModelAccess { .. } => "model access",
             Request::SetGroupMember { .. } => "group",
             Request::ShowAccess => "model rules",
+            Request::ListActions { .. } => "audit",
         }
     }
 }
@@ -274,6 +304,13 @@ pub enum Response {
     Keys {
         /// The keys, oldest first.
         keys: Vec<KeyInfo>,
+    },
+    /// Entries of the operator log, newest first.
+    Actions {
+        /// The entries.
+        actions: Vec<ActionInfo>,
+        /// Pass as `--before` for the next page, if there may be one.
+        next_before: Option<i64>,
     },
     /// The models' access rules and the groups.
     Access {
@@ -410,12 +447,99 @@ pub enum CommandError {
     BadGroup(String),
 }
 
-/// Runs one command against the ledger and the key ring.
+/// Runs one command against the ledger and the key ring; a change is written to the operator
+/// log (`stipend audit`) once it is made.
 pub fn execute(
     ledger: &dyn Books,
     keys: &KeyRing,
     request: Request,
 ) -> Result<Response, CommandError> {
+    let asked = request.clone();
+    let response = run(ledger, keys, request)?;
+    if let Some(action) = operator_action(ledger, &asked, &response) {
+        // The change is made: a log that cannot be written is said, not undone.
+        if let Err(error) = ledger.store().record_action(&action) {
+            tracing::warn!(%error, action = %action.action, "cannot write the operator log");
+        }
+    }
+    Ok(response)
+}
+
+/// What the operator log keeps of a command that changed something: accounts by id, never by
+/// name, so that a closed account's name leaves the log too.
+fn operator_action(
+    ledger: &dyn Books,
+    request: &Request,
+    response: &Response,
+) -> Option<stipend_ledger::OperatorAction> {
+    let id = |name: &str| ledger.account_id(name).ok();
+    let key = |response: &Response| match response {
+        Response::Key(key) => Some((key.id.clone(), id(&key.account))),
+        _ => None,
+    };
+    let (action, account, object, amount_cu) = match request {
+        Request::CreateAccount { name, .. } => ("account create", id(name), None, None),
+        Request::Grant {
+            name, amount_cu, ..
+        } => ("grant", id(name), None, Some(*amount_cu)),
+        Request::Give {
+            from,
+            to,
+            amount_cu,
+            ..
+        } => (
+            "give",
+            id(from),
+            id(to).map(|to| format!("to account {to}")),
+            Some(*amount_cu),
+        ),
+        Request::CreateKey { .. } => {
+            let (key, account) = key(response)?;
+            ("key create", account, Some(key), None)
+        }
+        Request::CreateOperatorKey => (
+            "operator key create",
+            None,
+            key(response).map(|k| k.0),
+            None,
+        ),
+        Request::RevokeKey { .. } => {
+            let (key, account) = key(response)?;
+            ("key revoke", account, Some(key), None)
+        }
+        Request::SetKeyCap { cap_cu, .. } => {
+            let (key, account) = key(response)?;
+            ("key cap", account, Some(key), *cap_cu)
+        }
+        Request::SetModelAccess { model, .. } => ("model access", None, Some(model.clone()), None),
+        Request::SetGroupMember {
+            group,
+            name,
+            member,
+        } => (
+            if *member { "group add" } else { "group remove" },
+            id(name),
+            Some(group.clone()),
+            None,
+        ),
+        Request::ListAccounts { .. }
+        | Request::ShowAccount { .. }
+        | Request::CheckInvariants
+        | Request::ListKeys { .. }
+        | Request::ShowAccess
+        | Request::ListActions { .. } => return None,
+    };
+    Some(stipend_ledger::OperatorAction {
+        at_ms: ledger.now_ms(),
+        actor: "cli".to_string(),
+        action: action.to_string(),
+        account,
+        object,
+        amount_cu,
+    })
+}
+
+fn run(ledger: &dyn Books, keys: &KeyRing, request: Request) -> Result<Response, CommandError> {
     match request {
         Request::CreateKey { account } => {
             let id = ledger.account_id(&account)?;
@@ -507,6 +631,33 @@ pub fn execute(
             access_info(ledger)
         }
         Request::ShowAccess => access_info(ledger),
+        Request::ListActions { before, limit } => {
+            let limit = limit.clamp(1, LIST_LIMIT_MAX);
+            let actions = ledger.store().actions(before, limit)?;
+            let next_before = (actions.len() == limit)
+                .then(|| actions.last().map(|(seq, _)| *seq))
+                .flatten();
+            let mut shown = Vec::with_capacity(actions.len());
+            for (seq, action) in actions {
+                shown.push(ActionInfo {
+                    seq,
+                    at: format_utc(action.at_ms),
+                    actor: action.actor,
+                    action: action.action,
+                    // The account's name now (a closed account's is gone).
+                    account: action
+                        .account
+                        .map(|account| ledger.view(account).map(|view| view.name))
+                        .transpose()?,
+                    object: action.object,
+                    amount_cu: action.amount_cu,
+                });
+            }
+            Ok(Response::Actions {
+                actions: shown,
+                next_before,
+            })
+        }
         Request::CreateAccount { name, kind } => {
             if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
                 return Err(LedgerError::WrongKind {
@@ -737,6 +888,27 @@ pub fn render(response: &Response) -> String {
                     "{}  created {}  {state}{cap}{name}",
                     key.id, key.created_at
                 );
+            }
+        }
+        Response::Actions { actions, .. } => {
+            if actions.is_empty() {
+                let _ = writeln!(out, "no operator actions yet");
+            }
+            for action in actions {
+                let mut line = format!(
+                    "{:>6}  {}  {}  {}",
+                    action.seq, action.at, action.actor, action.action
+                );
+                if let Some(account) = &action.account {
+                    line.push_str(&format!("  {account}"));
+                }
+                if let Some(object) = &action.object {
+                    line.push_str(&format!("  {object}"));
+                }
+                if let Some(amount_cu) = action.amount_cu {
+                    line.push_str(&format!("  {}", Flops(amount_cu as i64)));
+                }
+                let _ = writeln!(out, "{line}");
             }
         }
         Response::Access { models, groups } => {

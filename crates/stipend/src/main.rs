@@ -48,6 +48,15 @@ enum Command {
     /// Groups of accounts, which a model's access may name.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// The operator log: who changed what, when, to which account, how much (never content).
+    Audit {
+        /// Show entries before this number (from an earlier page).
+        #[arg(long)]
+        before: Option<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// The operator's own keys, which open the operator's page (`/admin`).
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -394,6 +403,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Model(ModelCommand::Rules) => Request::ShowAccess,
+        Command::Audit { before, limit } => Request::ListActions {
+            before,
+            limit: limit as usize,
+        },
         Command::Group(GroupCommand::Add { group, name }) => Request::SetGroupMember {
             group,
             name,

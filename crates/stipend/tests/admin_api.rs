@@ -700,3 +700,74 @@ async fn the_cli_sets_access_and_caps_on_a_running_server() {
     assert_eq!(call(&http, &base, &alice, "echo").await.0, 200);
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_log_says_who_changed_what_and_nothing_of_what_people_do() {
+    let env = Env::new(&config().await);
+    let alice = env.person_with_key("alice");
+    env.json(&["account", "create", "bob"]);
+    let operator = env.json(&["admin", "key", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let operator_id = operator.split('-').nth(2).unwrap().to_string();
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let admin = Admin {
+        http: http.clone(),
+        base: server.base.clone(),
+        key: operator,
+    };
+    // The CLI (through the running server) and the admin API each change something.
+    env.json(&["grant", "bob", "7 TFLOP"]);
+    let (status, _) = admin
+        .post("accounts/alice/grants", json!({"amount": 2_000}))
+        .await;
+    assert_eq!(status, 200);
+    // A person's own call is nobody's business here.
+    assert_eq!(call(&http, &server.base, &alice, "echo").await.0, 200);
+    let log = env.json(&["audit"]);
+    let actions = log["actions"].as_array().unwrap();
+    let said: Vec<(String, String, String, Option<u64>)> = actions
+        .iter()
+        .map(|action| {
+            (
+                action["actor"].as_str().unwrap().to_string(),
+                action["action"].as_str().unwrap().to_string(),
+                action["account"].as_str().unwrap_or("").to_string(),
+                action["amount_cu"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (
+                format!("operator key {operator_id}"),
+                "grant".into(),
+                "alice".into(),
+                Some(2_000)
+            ),
+            ("cli".into(), "grant".into(), "bob".into(), Some(7_000)),
+            (
+                "cli".into(),
+                "operator key create".into(),
+                String::new(),
+                None
+            ),
+            ("cli".into(), "account create".into(), "bob".into(), None),
+            ("cli".into(), "key create".into(), "alice".into(), None),
+            ("cli".into(), "account create".into(), "alice".into(), None),
+        ],
+        "{log}"
+    );
+    // The same through the admin API, a page at a time.
+    let (_, first) = admin.get("audit?limit=2").await;
+    assert_eq!(first["data"].as_array().unwrap().len(), 2);
+    let before = first["next_before"].as_i64().unwrap();
+    let (_, rest) = admin.get(&format!("audit?before={before}")).await;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 4);
+    let text = String::from_utf8_lossy(&env.run(&["audit"]).stdout).to_string();
+    assert!(text.contains("grant  bob  7 TFLOP"), "{text}");
+    drop(server);
+}

@@ -25,8 +25,8 @@ use stipend_ledger::store::rows::{
 };
 use stipend_ledger::{
     ACCOUNT_NAME_SKELETON_VERSION, AccessRules, AccountId, AccountKind, AccountRecord, AuditRow,
-    Batch, KeyCap, KeyRecord, KeySpend, Store, StoreError, Transfer, TransferAudit, TransferId,
-    TransferKind, account_name_skeleton,
+    Batch, KeyCap, KeyRecord, KeySpend, OperatorAction, Store, StoreError, Transfer, TransferAudit,
+    TransferId, TransferKind, account_name_skeleton,
 };
 use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 
@@ -166,6 +166,17 @@ ALTER TABLE keys ADD COLUMN cap_spent_cu BIGINT NOT NULL DEFAULT 0;
 "#,
     r#"
 ALTER TABLE keys ADD COLUMN name TEXT;
+"#,
+    r#"
+CREATE TABLE operator_actions (
+    seq        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at_ms      BIGINT NOT NULL,
+    actor      TEXT   NOT NULL,
+    action     TEXT   NOT NULL,
+    account_id BIGINT,
+    object     TEXT,
+    amount_cu  BIGINT
+);
 "#,
 ];
 
@@ -1246,6 +1257,70 @@ impl Store for PostgresStore {
                 Ok(rows
                     .iter()
                     .map(|row| (AccountId(row.get::<_, i64>(0) as u64), row.get(1)))
+                    .collect())
+            })
+        })
+    }
+
+    fn record_action(&self, action: &OperatorAction) -> Result<(), StoreError> {
+        let action = action.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "INSERT INTO operator_actions
+                             (at_ms, actor, action, account_id, object, amount_cu)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                        &[
+                            &action.at_ms,
+                            &action.actor,
+                            &action.action,
+                            &action.account.map(|account| account.0 as i64),
+                            &action.object,
+                            &action.amount_cu.map(|cu| cu.min(i64::MAX as u64) as i64),
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn actions(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, OperatorAction)>, StoreError> {
+        let before = before.unwrap_or(i64::MAX);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT seq, at_ms, actor, action, account_id, object, amount_cu
+                         FROM operator_actions WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+                        &[&before, &limit],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        (
+                            row.get::<_, i64>(0),
+                            OperatorAction {
+                                at_ms: row.get(1),
+                                actor: row.get(2),
+                                action: row.get(3),
+                                account: row
+                                    .get::<_, Option<i64>>(4)
+                                    .map(|id| AccountId(id as u64)),
+                                object: row.get(5),
+                                amount_cu: row.get::<_, Option<i64>>(6).map(|cu| cu.max(0) as u64),
+                            },
+                        )
+                    })
                     .collect())
             })
         })

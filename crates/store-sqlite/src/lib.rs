@@ -16,8 +16,8 @@ use stipend_ledger::store::rows::{
 };
 use stipend_ledger::{
     ACCOUNT_NAME_SKELETON_VERSION, AccessRules, AccountId, AccountKind, AccountRecord, AuditRow,
-    Batch, KeyCap, KeyRecord, KeySpend, Store, StoreError, Transfer, TransferAudit, TransferId,
-    TransferKind, account_name_skeleton,
+    Batch, KeyCap, KeyRecord, KeySpend, OperatorAction, Store, StoreError, Transfer, TransferAudit,
+    TransferId, TransferKind, account_name_skeleton,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
@@ -121,6 +121,18 @@ ALTER TABLE keys ADD COLUMN cap_spent_cu INTEGER NOT NULL DEFAULT 0;
     r#"
 -- What a key's person calls it, if anything.
 ALTER TABLE keys ADD COLUMN name TEXT;
+"#,
+    r#"
+-- The operator log: who did what, when, to which account (by id) and how much; no content.
+CREATE TABLE operator_actions (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms      INTEGER NOT NULL,
+    actor      TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    account_id INTEGER,
+    object     TEXT,
+    amount_cu  INTEGER
+);
 "#,
 ];
 
@@ -817,6 +829,63 @@ impl Store for SqliteStore {
                         Ok((
                             AccountId(row.get::<_, i64>(0)? as u64),
                             row.get::<_, String>(1)?,
+                        ))
+                    },
+                )
+                .map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        })
+    }
+
+    fn record_action(&self, action: &OperatorAction) -> Result<(), StoreError> {
+        self.writer()?
+            .execute(
+                "INSERT INTO operator_actions (at_ms, actor, action, account_id, object, amount_cu)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    action.at_ms,
+                    action.actor,
+                    action.action,
+                    action.account.map(|account| account.0 as i64),
+                    action.object,
+                    action.amount_cu.map(|cu| cu.min(i64::MAX as u64) as i64),
+                ],
+            )
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn actions(
+        &self,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, OperatorAction)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT seq, at_ms, actor, action, account_id, object, amount_cu
+                     FROM operator_actions WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+                )
+                .map_err(io)?;
+            let rows = statement
+                .query_map(
+                    params![
+                        before.unwrap_or(i64::MAX),
+                        limit.min(i64::MAX as usize) as i64
+                    ],
+                    |row| {
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            OperatorAction {
+                                at_ms: row.get(1)?,
+                                actor: row.get(2)?,
+                                action: row.get(3)?,
+                                account: row
+                                    .get::<_, Option<i64>>(4)?
+                                    .map(|id| AccountId(id as u64)),
+                                object: row.get(5)?,
+                                amount_cu: row.get::<_, Option<i64>>(6)?.map(|cu| cu.max(0) as u64),
+                            },
                         ))
                     },
                 )

@@ -289,9 +289,10 @@ pub(crate) async fn create_account(
     headers: HeaderMap,
     form: Result<Form<Create>, FormRejection>,
 ) -> Response {
-    if let Err(response) = signed_in(&web, &headers) {
-        return *response;
-    }
+    let actor = match signed_in(&web, &headers) {
+        Ok(session) => format!("operator key {}", session.key_id),
+        Err(response) => return *response,
+    };
     let flash = match form {
         Err(_) => Flash::Refused("Give the account a name and a kind.".to_string()),
         Ok(Form(form)) => {
@@ -303,16 +304,13 @@ pub(crate) async fn create_account(
             match kind {
                 None => Flash::Refused("An account is a person or a pool.".to_string()),
                 Some(kind) => {
-                    let (books, name) = (Arc::clone(&web.books), form.name.trim().to_string());
+                    let (books, name) = (Arc::clone(&web.books), form.name);
                     let created = tokio::task::spawn_blocking(move || {
-                        books
-                            .create_account(&name, kind)
-                            .and_then(|id| books.view(id))
+                        operator::create_account(books.as_ref(), &actor, &name, kind)
                     })
                     .await;
                     match created {
                         Ok(Ok(view)) => {
-                            tracing::info!(account = %view.id, "account created on the operator's page");
                             Flash::Done(format!("Created {} {}.", view.kind, view.name))
                         }
                         Ok(Err(
@@ -346,18 +344,19 @@ pub(crate) async fn grant(
     headers: HeaderMap,
     form: Result<Form<Grant>, FormRejection>,
 ) -> Response {
-    if let Err(response) = signed_in(&web, &headers) {
-        return *response;
-    }
+    let actor = match signed_in(&web, &headers) {
+        Ok(session) => format!("operator key {}", session.key_id),
+        Err(response) => return *response,
+    };
     let flash = match form {
         Err(_) => Flash::Refused("Say whom to grant to and how much.".to_string()),
-        Ok(Form(form)) => grant_flash(&web, form).await,
+        Ok(Form(form)) => grant_flash(&web, &actor, form).await,
     };
     web.sessions.flash(&headers, flash);
     Redirect::to("/admin").into_response()
 }
 
-async fn grant_flash(web: &Arc<Web>, form: Grant) -> Flash {
+async fn grant_flash(web: &Arc<Web>, actor: &str, form: Grant) -> Flash {
     let name = form.name.trim().to_string();
     let amount_cu = match parse_amount_cu(form.amount.trim()) {
         Ok(0) => return Flash::Refused("Grant more than nothing.".to_string()),
@@ -373,9 +372,9 @@ async fn grant_flash(web: &Arc<Web>, form: Grant) -> Flash {
         return Flash::Refused("The form is damaged; reload the page.".to_string());
     };
     let granted = {
-        let (books, name) = (Arc::clone(&web.books), name.clone());
+        let (books, name, actor) = (Arc::clone(&web.books), name.clone(), actor.to_string());
         tokio::task::spawn_blocking(move || {
-            operator::grant(books.as_ref(), &name, amount_cu, id, None)
+            operator::grant(books.as_ref(), &actor, &name, amount_cu, id, None)
         })
         .await
     };

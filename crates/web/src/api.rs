@@ -41,6 +41,7 @@ pub(crate) fn router() -> Router<Arc<Web>> {
         .route("/v1/admin/keys/{id}/cap", put(set_key_cap))
         .route("/v1/admin/distribution", get(distribution))
         .route("/v1/admin/access", get(access_rules))
+        .route("/v1/admin/audit", get(audit))
         .route("/v1/admin/models/{model}/access", put(set_model_access))
         .route(
             "/v1/admin/groups/{group}/members/{name}",
@@ -147,7 +148,10 @@ impl IntoResponse for AdminError {
 }
 
 /// A request made with an operator key; anything else is refused (401) before its handler runs.
-pub(crate) struct Operator;
+pub(crate) struct Operator {
+    /// Who, for the operator log: `operator key <id>`.
+    actor: String,
+}
 
 impl FromRequestParts<Arc<Web>> for Operator {
     type Rejection = AdminError;
@@ -173,9 +177,17 @@ impl FromRequestParts<Arc<Web>> for Operator {
                 param: None,
             });
         }
+        let key_text = presented.to_string();
         let (ring, presented) = (web.gateway.keys.clone(), presented.to_string());
         match tokio::task::spawn_blocking(move || ring.authenticate_operator(&presented)).await {
-            Ok(Ok(())) => Ok(Operator),
+            Ok(Ok(())) => Ok(Operator {
+                actor: format!(
+                    "operator key {}",
+                    stipend_gateway::keys::parse(&key_text)
+                        .map(|(id, _)| id)
+                        .unwrap_or("?")
+                ),
+            }),
             Ok(Err(KeyError::Store(error))) => Err(AdminError::from(error)),
             Ok(Err(KeyError::Revoked)) => Err(AdminError::Unauthorized(
                 "the operator key was revoked".to_string(),
@@ -316,7 +328,7 @@ fn person() -> String {
 }
 
 /// `POST /v1/admin/accounts` `{"name": …, "kind": "person" | "pool"}`: 201 with the account.
-async fn create_account(_: Operator, State(web): State<Arc<Web>>, bytes: Bytes) -> Response {
+async fn create_account(operator: Operator, State(web): State<Arc<Web>>, bytes: Bytes) -> Response {
     let new: NewAccount = match body(&bytes) {
         Ok(new) => new,
         Err(error) => return error.into_response(),
@@ -334,7 +346,8 @@ async fn create_account(_: Operator, State(web): State<Arc<Web>>, bytes: Bytes) 
     };
     created(
         blocking(move || {
-            let view = operator::create_account(web.books.as_ref(), &new.name, kind)?;
+            let view =
+                operator::create_account(web.books.as_ref(), &operator.actor, &new.name, kind)?;
             Ok(account_json(&web, &view))
         })
         .await,
@@ -355,7 +368,7 @@ struct NewGrant {
 /// `POST /v1/admin/accounts/{name}/grants` `{"amount": "5 PFLOP", "id"?, "expires_in"?}`:
 /// compute from the issuer, idempotent by `id`.
 async fn grant(
-    _: Operator,
+    operator: Operator,
     State(web): State<Arc<Web>>,
     Path(name): Path<String>,
     bytes: Bytes,
@@ -418,8 +431,14 @@ async fn grant(
         blocking(move || {
             let expires_at_ms =
                 expires_in.map(|duration| web.books.now_ms() + duration.as_millis() as i64);
-            let (to, posted) =
-                operator::grant(web.books.as_ref(), &name, amount_cu, id, expires_at_ms)?;
+            let (to, posted) = operator::grant(
+                web.books.as_ref(),
+                &operator.actor,
+                &name,
+                amount_cu,
+                id,
+                expires_at_ms,
+            )?;
             Ok(json!({
                 "object": "transfer",
                 "id": id.to_string(),
@@ -460,7 +479,7 @@ struct NewKey {
 /// `POST /v1/admin/accounts/{name}/keys` (optionally `{"name": "laptop"}`): 201 with the new
 /// key, shown this once.
 async fn create_key(
-    _: Operator,
+    operator: Operator,
     State(web): State<Arc<Web>>,
     Path(name): Path<String>,
     bytes: Bytes,
@@ -502,6 +521,14 @@ async fn create_key(
                 .keys
                 .create_named(id, key_name, web.books.now_ms())?;
             tracing::info!(account = %id, key = %new.record.id, "key created through the admin API");
+            operator::record(
+                web.books.as_ref(),
+                &operator.actor,
+                "key create",
+                Some(id),
+                Some(new.record.id.clone()),
+                None,
+            );
             Ok(key_json(&new.record, &name, Some(&new.key)))
         })
         .await,
@@ -509,7 +536,11 @@ async fn create_key(
 }
 
 /// `DELETE /v1/admin/keys/{id}`: the key stops working at once.
-async fn revoke_key(_: Operator, State(web): State<Arc<Web>>, Path(id): Path<String>) -> Response {
+async fn revoke_key(
+    operator: Operator,
+    State(web): State<Arc<Web>>,
+    Path(id): Path<String>,
+) -> Response {
     reply(
         blocking(move || {
             if !web.gateway.keys.revoke(&id, web.books.now_ms())? {
@@ -522,6 +553,14 @@ async fn revoke_key(_: Operator, State(web): State<Arc<Web>>, Path(id): Path<Str
                 .ok_or_else(|| AdminError::NotFound(format!("no key with id {id:?}")))?;
             let account = web.books.view(record.account)?.name;
             tracing::info!(key = %id, "key revoked through the admin API");
+            operator::record(
+                web.books.as_ref(),
+                &operator.actor,
+                "key revoke",
+                Some(record.account),
+                Some(id.clone()),
+                None,
+            );
             Ok(key_json(&record, &account, None))
         })
         .await,
@@ -619,7 +658,7 @@ fn check_group(name: &str) -> Result<(), AdminError> {
 /// accounts and the members of these groups may use the model from now on; both empty opens
 /// it to everyone again. Anyone else asking for it is told it does not exist (404).
 async fn set_model_access(
-    _: Operator,
+    operator: Operator,
     State(web): State<Arc<Web>>,
     Path(model): Path<String>,
     bytes: Bytes,
@@ -660,6 +699,14 @@ async fn set_model_access(
             store.set_model_access(&model, &accounts, &groups)?;
             web.gateway.access.reload()?;
             tracing::info!(model = %model, accounts = accounts.len(), groups = groups.len(), "model access set");
+            operator::record(
+                web.books.as_ref(),
+                &operator.actor,
+                "model access",
+                None,
+                Some(model.clone()),
+                None,
+            );
             access_json(&web, &store.access_rules()?)
         })
         .await,
@@ -685,7 +732,7 @@ async fn remove_member(
 }
 
 async fn membership(
-    _: Operator,
+    operator: Operator,
     State(web): State<Arc<Web>>,
     Path((group, name)): Path<(String, String)>,
     member: bool,
@@ -702,6 +749,16 @@ async fn membership(
                 .set_group_member(&group, account, member)?;
             web.gateway.access.reload()?;
             tracing::info!(account = %account, member, changed, "group membership set");
+            if changed {
+                operator::record(
+                    web.books.as_ref(),
+                    &operator.actor,
+                    if member { "group add" } else { "group remove" },
+                    Some(account),
+                    Some(group.clone()),
+                    None,
+                );
+            }
             Ok(
                 json!({"object": "group_member", "group": group, "account": name,
                       "member": member, "changed": changed}),
@@ -722,7 +779,7 @@ struct SetCap {
 /// in a period from now on, whatever its account holds; a call past it is refused with 429
 /// `insufficient_quota`.
 async fn set_key_cap(
-    _: Operator,
+    operator: Operator,
     State(web): State<Arc<Web>>,
     Path(id): Path<String>,
     bytes: Bytes,
@@ -776,7 +833,57 @@ async fn set_key_cap(
                 .ok_or_else(|| AdminError::NotFound(format!("no key with id {id:?}")))?;
             let account = web.books.view(record.account)?.name;
             tracing::info!(key = %id, capped = cap_cu.is_some(), "key cap set");
+            operator::record(
+                web.books.as_ref(),
+                &operator.actor,
+                "key cap",
+                Some(record.account),
+                Some(id.clone()),
+                cap_cu,
+            );
             Ok(key_json(&record, &account, None))
+        })
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct AuditPage {
+    before: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/admin/audit?before=N&limit=N`: the operator log, newest first: who changed what,
+/// when, to which account (by its name now), how much.
+async fn audit(
+    _: Operator,
+    State(web): State<Arc<Web>>,
+    Query(page): Query<AuditPage>,
+) -> Response {
+    let limit = page.limit.unwrap_or(100).clamp(1, ADMIN_LIST_MAX);
+    reply(
+        blocking(move || {
+            let actions = web.books.store().actions(page.before, limit)?;
+            let next_before = (actions.len() == limit)
+                .then(|| actions.last().map(|(seq, _)| *seq))
+                .flatten();
+            let mut data = Vec::with_capacity(actions.len());
+            for (seq, action) in actions {
+                let account = match action.account {
+                    Some(id) => Some(web.books.view(id)?.name),
+                    None => None,
+                };
+                data.push(json!({
+                    "seq": seq,
+                    "at": format_utc(action.at_ms),
+                    "actor": action.actor,
+                    "action": action.action,
+                    "account": account,
+                    "object": action.object,
+                    "amount_cu": action.amount_cu,
+                }));
+            }
+            Ok(json!({"object": "list", "data": data, "next_before": next_before}))
         })
         .await,
     )

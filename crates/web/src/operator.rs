@@ -26,15 +26,40 @@ pub fn accounts(
     Ok((shown, next_after))
 }
 
-/// Creates a person or a pool; returns it as it now is.
+/// Writes what an operator (`actor`) did to the operator log; a log that cannot be written is
+/// said, and the change it describes stands.
+pub fn record(
+    books: &dyn Books,
+    actor: &str,
+    action: &str,
+    account: Option<AccountId>,
+    object: Option<String>,
+    amount_cu: Option<u64>,
+) {
+    let entry = stipend_ledger::OperatorAction {
+        at_ms: books.now_ms(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        account,
+        object,
+        amount_cu,
+    };
+    if let Err(error) = books.store().record_action(&entry) {
+        tracing::warn!(%error, action, "cannot write the operator log");
+    }
+}
+
+/// Creates a person or a pool for the operator `actor`; returns it as it now is.
 pub fn create_account(
     books: &dyn Books,
+    actor: &str,
     name: &str,
     kind: AccountKind,
 ) -> Result<AccountView, LedgerError> {
     let id = books.create_account(name.trim(), kind)?;
     let view = books.view(id)?;
     tracing::info!(account = %id, "account created by the operator");
+    record(books, actor, "account create", Some(id), None, None);
     Ok(view)
 }
 
@@ -42,6 +67,7 @@ pub fn create_account(
 /// its name as stored and the transfer.
 pub fn grant(
     books: &dyn Books,
+    actor: &str,
     name: &str,
     amount_cu: u64,
     id: TransferId,
@@ -50,6 +76,9 @@ pub fn grant(
     let to = books.account_id(name.trim())?;
     let posted = books.grant(id, to, amount_cu, expires_at_ms)?;
     tracing::info!(account = %to, transfer = %id, replayed = posted.replayed, "grant by the operator");
+    if !posted.replayed {
+        record(books, actor, "grant", Some(to), None, Some(amount_cu));
+    }
     Ok((books.view(to)?.name, posted))
 }
 
