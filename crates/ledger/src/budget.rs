@@ -192,6 +192,11 @@ pub trait Books: Send + Sync {
     fn now_ms(&self) -> i64;
     /// The store, for the API keys.
     fn store(&self) -> Arc<dyn Store>;
+    /// Waits until every change decided so far is in the store (books kept in the database
+    /// alone have nothing to wait for).
+    fn flush(&self) -> Result<(), LedgerError> {
+        Ok(())
+    }
 }
 
 impl Books for Ledger {
@@ -237,6 +242,10 @@ impl Books for Ledger {
         amount_cu: u64,
     ) -> Result<Posted, LedgerError> {
         Ledger::give(self, id, from, to, amount_cu)?.wait()
+    }
+
+    fn flush(&self) -> Result<(), LedgerError> {
+        Ledger::flush(self)
     }
 
     fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError> {

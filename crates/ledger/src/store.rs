@@ -226,6 +226,14 @@ pub trait Store: Send + Sync {
     /// The latest `limit` transfers other than spends that debit or credit `account`, newest
     /// first. (Spends are the bulk of the log and are not indexed by account.)
     fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError>;
+    /// Every transfer that debits or credits `account`, spends included, oldest first: what a
+    /// person's export holds. Spends are not indexed by account, so this reads the whole log.
+    fn all_transfers_of(&self, account: AccountId) -> Result<Vec<Transfer>, StoreError> {
+        let _ = account;
+        Err(StoreError::Io(
+            "this store cannot list an account's transfers".to_string(),
+        ))
+    }
     /// The last transfer reflected in the account rows.
     fn checkpoint_seq(&self) -> Result<i64, StoreError>;
     /// Visits, in order, every transfer after the checkpoint: the tail that recovery replays.

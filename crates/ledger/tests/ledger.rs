@@ -838,6 +838,52 @@ fn key_caps_count_spending_per_period() {
     assert!(!store.set_key_name("nope", Some("x")).unwrap());
 }
 
+/// A person's export: every transfer naming the account, spends included, oldest first, and
+/// none of anyone else's.
+fn all_transfers_of_an_account_include_its_spends() {
+    let h = Harness::new(policy(1_000, 1_000));
+    let ledger = h.ledger();
+    let person = |name: &str| {
+        ledger
+            .create_account(name, AccountKind::Person)
+            .unwrap()
+            .wait()
+            .unwrap()
+    };
+    let (ann, bo) = (person("ann"), person("bo"));
+    let sink = ledger.sink("sink:m").unwrap();
+    for (account, cu) in [(ann, 10), (bo, 20), (ann, 30)] {
+        let reservation = ledger
+            .reserve(account, sink, cu, Duration::from_secs(60))
+            .unwrap();
+        ledger.settle(reservation.id(), cu).unwrap().wait().unwrap();
+    }
+    ledger
+        .give(TransferId(77), bo, ann, 5)
+        .unwrap()
+        .wait()
+        .unwrap();
+    ledger.flush().unwrap();
+    let mine = ledger.store().all_transfers_of(ann).unwrap();
+    let seen: Vec<(TransferKind, u64)> = mine
+        .iter()
+        .map(|transfer| (transfer.kind, transfer.amount_cu))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (TransferKind::Stipend, 1_000),
+            (TransferKind::Spend, 10),
+            (TransferKind::Spend, 30),
+            (TransferKind::Gift, 5),
+        ]
+    );
+    assert!(
+        mine.iter()
+            .all(|transfer| transfer.debit == ann || transfer.credit == ann)
+    );
+}
+
 /// The operator log: entries kept in order, read newest first a page at a time, across a restart.
 fn the_operator_log_keeps_who_did_what() {
     let mut h = Harness::new(policy(1_000, 1_000));
@@ -908,6 +954,7 @@ fn accounts_are_found_by_the_start_of_their_name() {
 }
 
 on_every_store!(
+    all_transfers_of_an_account_include_its_spends,
     the_operator_log_keeps_who_did_what,
     accounts_are_found_by_the_start_of_their_name,
     key_caps_count_spending_per_period,

@@ -771,3 +771,85 @@ async fn the_operator_log_says_who_changed_what_and_nothing_of_what_people_do() 
     assert!(text.contains("grant  bob  7 TFLOP"), "{text}");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_exports_every_transfer_of_theirs_and_nothing_of_anyone_else() {
+    let env = Env::new(&config().await);
+    let alice = env.person_with_key("alice");
+    let bob = env.person_with_key("bob");
+    let operator = env.json(&["admin", "key", "create"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let server = Server::start(&env);
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    for _ in 0..3 {
+        assert_eq!(call(&http, &base, &alice, "echo").await.0, 200);
+    }
+    assert_eq!(call(&http, &base, &bob, "echo").await.0, 200);
+    env.json(&["give", "alice", "bob", "1 TFLOP"]);
+    env.json(&["give", "bob", "alice", "2 TFLOP"]);
+    env.json(&["grant", "alice", "5 TFLOP"]);
+    env.json(&["grant", "bob", "9 TFLOP"]);
+
+    let response = http
+        .get(format!("{base}/me/export"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("attachment")
+    );
+    let text = response.text().await.unwrap();
+    let export: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(export["account"]["name"], "alice");
+    let transfers = export["transfers"].as_array().unwrap();
+    let kinds: Vec<&str> = transfers
+        .iter()
+        .map(|transfer| transfer["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "stipend", "spend", "spend", "spend", "gift", "gift", "grant"
+        ],
+        "{export}"
+    );
+    // Every transfer is there: they add up to the balance, which began at nothing.
+    let total: i64 = transfers
+        .iter()
+        .map(|transfer| transfer["amount_cu"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, export["account"]["balance_cu"].as_i64().unwrap());
+    assert_eq!(export["usage_this_period"][0]["requests"], 3);
+    assert_eq!(export["keys"].as_array().unwrap().len(), 1);
+    // Nothing of bob's but his name on alice's own gifts: not his key, his call, his grant.
+    let bob_id = bob.split('-').nth(2).unwrap();
+    assert!(!text.contains(bob_id));
+    assert!(
+        transfers
+            .iter()
+            .all(|transfer| transfer["amount_cu"].as_i64().unwrap().abs() != 9_000),
+        "bob's grant"
+    );
+    // No secret, not even alice's own.
+    let alice_secret = alice.split('-').nth(3).unwrap();
+    assert!(!text.contains(alice_secret));
+    // Only a person's key opens it.
+    for key in [operator.as_str(), "sk-stipend-0123456789abcdef-nope"] {
+        let refused = http
+            .get(format!("{base}/me/export"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+    }
+    drop(server);
+}

@@ -1097,6 +1097,25 @@ impl Store for PostgresStore {
         })
     }
 
+    fn all_transfers_of(&self, account: AccountId) -> Result<Vec<Transfer>, StoreError> {
+        let account = account.0 as i64;
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {TRANSFER_COLUMNS} FROM transfers
+                             WHERE debit_account = $1 OR credit_account = $1 ORDER BY seq"
+                        ),
+                        &[&account],
+                    )
+                    .await
+                    .map_err(pg)?;
+                transfers_from(&rows)
+            })
+        })
+    }
+
     fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError> {
         let account = account.0 as i64;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);

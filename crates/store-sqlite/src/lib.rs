@@ -657,6 +657,25 @@ impl Store for SqliteStore {
         })
     }
 
+    fn all_transfers_of(&self, account: AccountId) -> Result<Vec<Transfer>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM transfers
+                     WHERE debit_account = ?1 OR credit_account = ?1 ORDER BY seq"
+                ))
+                .map_err(io)?;
+            let rows = statement
+                .query_map(params![account.0 as i64], transfer_from_row)
+                .map_err(io)?;
+            let mut transfers = Vec::new();
+            for row in rows {
+                transfers.push(row.map_err(io)??);
+            }
+            Ok(transfers)
+        })
+    }
+
     fn transfers_of(&self, account: AccountId, limit: usize) -> Result<Vec<Transfer>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection

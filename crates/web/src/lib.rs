@@ -13,6 +13,7 @@ mod agents;
 mod api;
 pub mod chart;
 pub mod limits;
+mod me;
 pub mod operator;
 mod person;
 pub mod session;
@@ -103,6 +104,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/admin/grant", post(admin::grant))
         .route("/approvals/{id}", post(agents::decide))
         .route("/fragments/agents", get(agents::fragment))
+        .route("/v1/me/export", get(me::export))
         .route(STYLESHEET_PATH, get(stylesheet))
         .route(SCRIPT_PATH, get(script))
         .merge(api::router())
