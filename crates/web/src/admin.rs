@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -23,7 +23,9 @@ use crate::chart;
 use crate::limits::{ADMIN_ACCOUNTS_SHOWN, KEY_BYTES_MAX, SEARCH_RESULTS_MAX};
 use crate::operator;
 use crate::session::{self, Flash, Role, Session};
-use crate::{Web, page, refusal, respond};
+use crate::{
+    SignInForm, Web, clear_cookie, page, refusal, respond, sign_in_form, signed_in_redirect,
+};
 
 /// `GET /admin`: the operator's page, or its sign-in form.
 pub(crate) async fn home(
@@ -153,36 +155,14 @@ fn key_stands(web: &Web, headers: &HeaderMap, session: &Session) -> Result<(), B
     }
 }
 
-fn clear_cookie(response: &mut Response, headers: &HeaderMap) {
-    if let Ok(value) = HeaderValue::from_str(&session::cookie_cleared(session::over_tls(headers))) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
-}
-
 fn sign_in_page(status: StatusCode, message: Option<&str>) -> Response {
-    respond(
-        status,
-        page(
-            "Operator",
-            None,
-            html! {
-                section.card.wide.signin {
-                    h2 { "Operator sign-in" }
-                    p.muted { "Sign in with an operator key (" code { "stipend admin key create" } " prints one)." }
-                    @if let Some(message) = message {
-                        p.flash.refused #signin-refused { (message) }
-                    }
-                    form.stack method="post" action="/admin/signin" {
-                        label { "Operator key"
-                            input #key type="password" name="key" autocomplete="current-password"
-                                required maxlength=(KEY_BYTES_MAX) spellcheck="false";
-                        }
-                        button #signin type="submit" { "Sign in" }
-                    }
-                }
-            },
-        ),
-    )
+    let form = SignInForm {
+        title: "Operator sign-in",
+        intro: html! { "Sign in with an operator key (" code { "stipend admin key create" } " prints one)." },
+        action: "/admin/signin",
+        label: "Operator key",
+    };
+    sign_in_form(status, form, message)
 }
 
 #[derive(Deserialize)]
@@ -239,12 +219,7 @@ pub(crate) async fn sign_in(
         Err(_) => return refusal(StatusCode::SERVICE_UNAVAILABLE, "No session could be made."),
     };
     tracing::info!(key = %key_id, "operator signed in to the web page");
-    let mut response = Redirect::to("/admin").into_response();
-    let cookie = session::cookie(&token, web.sessions.ttl(), session::over_tls(&headers));
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
-    response
+    signed_in_redirect(&web, &headers, &token, "/admin")
 }
 
 /// `POST /admin/signout`.

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use maud::{DOCTYPE, Markup, html};
@@ -184,6 +184,62 @@ fn page(title: &str, who: Option<&str>, body: Markup) -> Markup {
                 main { (body) }
             }
         }
+    }
+}
+
+/// What a sign-in form asks for: the person's key or the operator's.
+struct SignInForm {
+    /// The page's title and heading.
+    title: &'static str,
+    /// A line on where such a key comes from.
+    intro: Markup,
+    /// Where the form posts.
+    action: &'static str,
+    /// The field's label.
+    label: &'static str,
+}
+
+/// A sign-in page, saying why the last try was refused if it was.
+fn sign_in_form(status: StatusCode, form: SignInForm, message: Option<&str>) -> Response {
+    respond(
+        status,
+        page(
+            form.title,
+            None,
+            html! {
+                section.card.wide.signin {
+                    h2 { (form.title) }
+                    p.muted { (form.intro) }
+                    @if let Some(message) = message {
+                        p.flash.refused #signin-refused { (message) }
+                    }
+                    form.stack method="post" action=(form.action) {
+                        label { (form.label)
+                            input #key type="password" name="key" autocomplete="current-password"
+                                required maxlength=(limits::KEY_BYTES_MAX) spellcheck="false";
+                        }
+                        button #signin type="submit" { "Sign in" }
+                    }
+                }
+            },
+        ),
+    )
+}
+
+/// A redirect to `location` that hands the browser its new session.
+fn signed_in_redirect(web: &Web, headers: &HeaderMap, token: &str, location: &str) -> Response {
+    let mut response = axum::response::Redirect::to(location).into_response();
+    let cookie = session::cookie(token, web.sessions.ttl(), session::over_tls(headers));
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// Makes the browser forget its session.
+fn clear_cookie(response: &mut Response, headers: &HeaderMap) {
+    if let Ok(value) = HeaderValue::from_str(&session::cookie_cleared(session::over_tls(headers))) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
     }
 }
 

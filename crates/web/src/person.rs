@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -23,7 +23,9 @@ use stipend_ledger::{
 use crate::chart::{self, Bar, Column};
 use crate::limits::{HISTORY_SHOWN, KEY_BYTES_MAX, KEY_NAME_CHARS_MAX, KEYS_SHOWN};
 use crate::session::{self, Flash, Role, Session};
-use crate::{Web, page, refusal, respond};
+use crate::{
+    SignInForm, Web, clear_cookie, page, refusal, respond, sign_in_form, signed_in_redirect,
+};
 
 /// `GET /`: the person's page, or the sign-in form.
 pub(crate) async fn home(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
@@ -109,29 +111,13 @@ fn key_stands(web: &Web, headers: &HeaderMap, session: &Session) -> Result<(), B
 }
 
 fn sign_in_page(status: StatusCode, message: Option<&str>) -> Response {
-    respond(
-        status,
-        page(
-            "Sign in",
-            None,
-            html! {
-                section.card.wide.signin {
-                    h2 { "Sign in" }
-                    p.muted { "Sign in with one of your API keys (it starts with " code { "sk-stipend-" } ")." }
-                    @if let Some(message) = message {
-                        p.flash.refused #signin-refused { (message) }
-                    }
-                    form.stack method="post" action="/signin" {
-                        label { "API key"
-                            input #key type="password" name="key" autocomplete="current-password"
-                                required maxlength=(KEY_BYTES_MAX) spellcheck="false";
-                        }
-                        button #signin type="submit" { "Sign in" }
-                    }
-                }
-            },
-        ),
-    )
+    let form = SignInForm {
+        title: "Sign in",
+        intro: html! { "Sign in with one of your API keys (it starts with " code { "sk-stipend-" } ")." },
+        action: "/signin",
+        label: "API key",
+    };
+    sign_in_form(status, form, message)
 }
 
 #[derive(Deserialize)]
@@ -184,12 +170,7 @@ pub(crate) async fn sign_in(
         Err(_) => return refusal(StatusCode::SERVICE_UNAVAILABLE, "No session could be made."),
     };
     tracing::info!(account = %account, key = %key_id, "signed in to the web page");
-    let mut response = Redirect::to("/").into_response();
-    let cookie = session::cookie(&token, web.sessions.ttl(), session::over_tls(&headers));
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
-    response
+    signed_in_redirect(&web, &headers, &token, "/")
 }
 
 /// `POST /signout`: the session ends and the browser forgets it.
@@ -201,12 +182,6 @@ pub(crate) async fn sign_out(State(web): State<Arc<Web>>, headers: HeaderMap) ->
     let mut response = Redirect::to("/").into_response();
     clear_cookie(&mut response, &headers);
     response
-}
-
-fn clear_cookie(response: &mut Response, headers: &HeaderMap) {
-    if let Ok(value) = HeaderValue::from_str(&session::cookie_cleared(session::over_tls(headers))) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
 }
 
 /// The session of a form's request, once the form is known to come from this server's page
@@ -253,6 +228,22 @@ fn key_name(typed: &str) -> Result<Option<String>, String> {
     Ok(Some(name.to_string()))
 }
 
+/// The name a key form gave, or the redirect whose page says why it is refused.
+fn typed_key_name(
+    web: &Web,
+    headers: &HeaderMap,
+    form: Result<Form<KeyName>, FormRejection>,
+) -> Result<Option<String>, Box<Response>> {
+    match form.map(|Form(form)| key_name(&form.name)) {
+        Ok(Ok(name)) => Ok(name),
+        Ok(Err(message)) => {
+            web.sessions.flash(headers, Flash::Refused(message));
+            Err(Box::new(Redirect::to("/").into_response()))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
 /// `POST /keys`: a new key for the person, with the name they gave it, shown once.
 pub(crate) async fn create_key(
     State(web): State<Arc<Web>>,
@@ -263,13 +254,9 @@ pub(crate) async fn create_key(
         Ok(session) => session,
         Err(response) => return *response,
     };
-    let name = match form.map(|Form(form)| key_name(&form.name)) {
-        Ok(Ok(name)) => name,
-        Ok(Err(message)) => {
-            web.sessions.flash(&headers, Flash::Refused(message));
-            return Redirect::to("/").into_response();
-        }
-        Err(_) => None,
+    let name = match typed_key_name(&web, &headers, form) {
+        Ok(name) => name,
+        Err(response) => return *response,
     };
     let created = {
         let web = Arc::clone(&web);
@@ -351,13 +338,9 @@ pub(crate) async fn rename_key(
         Ok(session) => session,
         Err(response) => return *response,
     };
-    let name = match form.map(|Form(form)| key_name(&form.name)) {
-        Ok(Ok(name)) => name,
-        Ok(Err(message)) => {
-            web.sessions.flash(&headers, Flash::Refused(message));
-            return Redirect::to("/").into_response();
-        }
-        Err(_) => None,
+    let name = match typed_key_name(&web, &headers, form) {
+        Ok(name) => name,
+        Err(response) => return *response,
     };
     let renamed = {
         let (web, id, name) = (Arc::clone(&web), id.clone(), name.clone());
