@@ -134,9 +134,8 @@ impl KeyCaps {
                         known.written_cu = total;
                     }
                 }
-                // Keys with nothing held nor pending are read from the store again when next
-                // used: the table stays as small as the keys in use.
-                spends.retain(|_, spend| spend.held_cu > 0 || spend.unwritten_cu > 0);
+                // Every key counted stays (one entry per capped key used): dropping one would
+                // start it again from its cached record's count, which is older than this.
                 Ok(pending.len())
             }
             Err(error) => {
@@ -239,6 +238,12 @@ mod tests {
         assert_eq!(caps.used("k", 1), Some((100, 0)));
         // Written down: the store counts it, and a new server starts from there.
         assert_eq!(caps.write().unwrap(), 1);
+        // Regression: after a write, the count stands even when the key's record (cached when
+        // the key was first used) still says nothing was spent.
+        assert!(matches!(
+            caps.hold("k", cap(0, 1), 1, 99, 901),
+            Err(ApiError::KeyCapReached { used_cu: 100, .. })
+        ));
         let written = store.key("k").unwrap().unwrap().cap.unwrap();
         assert_eq!((written.period, written.spent_cu), (1, 100));
         let restarted = Arc::new(KeyCaps::new(Arc::clone(&store)));
