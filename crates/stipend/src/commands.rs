@@ -104,6 +104,12 @@ pub enum Request {
     },
     /// Show the models' access rules and the groups.
     ShowAccess,
+    /// Everything held about an account, as its person's export holds it (without agent runs,
+    /// which live in the server that runs them).
+    ExportAccount {
+        /// The account's name.
+        name: String,
+    },
     /// The operator log, newest first.
     ListActions {
         /// Before this entry's number.
@@ -196,6 +202,7 @@ impl Request {
             Request::SetGroupMember { .. } => "group",
             Request::ShowAccess => "model rules",
             Request::ListActions { .. } => "audit",
+            Request::ExportAccount { .. } => "account export",
         }
     }
 }
@@ -304,6 +311,11 @@ pub enum Response {
     Keys {
         /// The keys, oldest first.
         keys: Vec<KeyInfo>,
+    },
+    /// An account's export (JSON).
+    Export {
+        /// The export.
+        export: serde_json::Value,
     },
     /// Entries of the operator log, newest first.
     Actions {
@@ -528,6 +540,7 @@ fn operator_action(
         | Request::ListKeys { .. }
         | Request::ShowAccess
         | Request::ListActions { .. } => return None,
+        Request::ExportAccount { name } => ("account export", id(name), None, None),
     };
     Some(stipend_ledger::OperatorAction {
         at_ms: ledger.now_ms(),
@@ -631,6 +644,13 @@ fn run(ledger: &dyn Books, keys: &KeyRing, request: Request) -> Result<Response,
             access_info(ledger)
         }
         Request::ShowAccess => access_info(ledger),
+        Request::ExportAccount { name } => {
+            let id = ledger.account_id(&name)?;
+            let view = ledger.view(id)?;
+            let export =
+                stipend_web::me::export(ledger, keys, view, &|_| None, serde_json::json!([]))?;
+            Ok(Response::Export { export })
+        }
         Request::ListActions { before, limit } => {
             let limit = limit.clamp(1, LIST_LIMIT_MAX);
             let actions = ledger.store().actions(before, limit)?;
@@ -889,6 +909,13 @@ pub fn render(response: &Response) -> String {
                     key.id, key.created_at
                 );
             }
+        }
+        Response::Export { export } => {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(export).unwrap_or_default()
+            );
         }
         Response::Actions { actions, .. } => {
             if actions.is_empty() {

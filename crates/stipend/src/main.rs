@@ -274,6 +274,13 @@ enum AccountCommand {
         #[arg(long, default_value_t = 10)]
         history: usize,
     },
+    /// Everything held about an account, as JSON: its lots, every transfer (spends included),
+    /// usage, keys' metadata (what `GET /v1/me/export` gives its person, but the agent runs,
+    /// which that holds too). Written to the operator log.
+    Export {
+        /// The account's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -436,6 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             after,
             limit: limit as usize,
         },
+        Command::Account(AccountCommand::Export { name }) => Request::ExportAccount { name },
         Command::Account(AccountCommand::Show { name, history }) => {
             Request::ShowAccount { name, history }
         }

@@ -841,6 +841,14 @@ async fn a_person_exports_every_transfer_of_theirs_and_nothing_of_anyone_else() 
     // No secret, not even alice's own.
     let alice_secret = alice.split('-').nth(3).unwrap();
     assert!(!text.contains(alice_secret));
+    // The operator's CLI exports the same (through the running server), and says so in the log.
+    let cli = env.json(&["account", "export", "alice"])["export"].clone();
+    assert_eq!(cli["transfers"], export["transfers"]);
+    assert_eq!(cli["keys"], export["keys"]);
+    assert_eq!(
+        env.json(&["audit"])["actions"][0]["action"],
+        "account export"
+    );
     // Only a person's key opens it.
     for key in [operator.as_str(), "sk-stipend-0123456789abcdef-nope"] {
         let refused = http

@@ -13,7 +13,7 @@ mod agents;
 mod api;
 pub mod chart;
 pub mod limits;
-mod me;
+pub mod me;
 pub mod operator;
 mod person;
 pub mod session;
@@ -104,7 +104,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/admin/grant", post(admin::grant))
         .route("/approvals/{id}", post(agents::decide))
         .route("/fragments/agents", get(agents::fragment))
-        .route("/v1/me/export", get(me::export))
+        .route("/v1/me/export", get(me::export_route))
         .route(STYLESHEET_PATH, get(stylesheet))
         .route(SCRIPT_PATH, get(script))
         .merge(api::router())

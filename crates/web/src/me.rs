@@ -13,13 +13,14 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use stipend_gateway::ApiError;
+use stipend_gateway::KeyRing;
 use stipend_ledger::units::format_utc;
-use stipend_ledger::{AccountId, LedgerError};
+use stipend_ledger::{AccountId, AccountView, Books, LedgerError};
 
 use crate::Web;
 
 /// `GET /v1/me/export`.
-pub(crate) async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+pub(crate) async fn export_route(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
     let account = match stipend_gateway::authenticate(&web.gateway, &headers) {
         Ok(account) => account,
         Err(error) => return error.into_response(),
@@ -44,15 +45,46 @@ pub(crate) async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> R
 
 fn gather(web: &Web, account: AccountId) -> Result<Value, LedgerError> {
     let view = web.gateway.ledger.view(account)?;
+    let model_of = |sink: AccountId| {
+        web.gateway
+            .models
+            .values()
+            .find(|model| model.sink == sink)
+            .map(|model| model.name.clone())
+    };
+    let agent_runs = match &web.agents {
+        Some(agents) => serde_json::to_value(agents.list(account)).unwrap_or(Value::Null),
+        None => json!([]),
+    };
+    export(
+        web.books.as_ref(),
+        &web.gateway.keys,
+        view,
+        &model_of,
+        agent_runs,
+    )
+}
+
+/// Everything held about the account `view` shows, as the export's JSON: `model_of` names a
+/// sink's model (else the sink's own name is shown), and `agent_runs` are the account's runs
+/// (empty where none are known). Shared by `GET /v1/me/export` and `stipend account export`.
+pub fn export(
+    books: &dyn Books,
+    keys: &KeyRing,
+    view: AccountView,
+    model_of: &dyn Fn(AccountId) -> Option<String>,
+    agent_runs: Value,
+) -> Result<Value, LedgerError> {
+    let account = view.id;
     // Every change decided so far is in the store, so the transfers agree with the balance.
-    web.books.flush()?;
-    let store = web.books.store();
+    books.flush()?;
+    let store = books.store();
     let mut names: HashMap<AccountId, String> = HashMap::new();
     let mut name_of = |id: AccountId| -> Result<String, LedgerError> {
         if let Some(name) = names.get(&id) {
             return Ok(name.clone());
         }
-        let name = web.books.view(id)?.name;
+        let name = books.view(id)?.name;
         names.insert(id, name.clone());
         Ok(name)
     };
@@ -73,13 +105,6 @@ fn gather(web: &Web, account: AccountId) -> Result<Value, LedgerError> {
             "at": format_utc(transfer.created_at_ms),
         }));
     }
-    let model_of = |sink: AccountId| {
-        web.gateway
-            .models
-            .values()
-            .find(|model| model.sink == sink)
-            .map(|model| model.name.clone())
-    };
     let mut usage_this_period = Vec::new();
     for usage in &view.usage {
         usage_this_period.push(json!({
@@ -97,9 +122,7 @@ fn gather(web: &Web, account: AccountId) -> Result<Value, LedgerError> {
             "charged_cu": usage.charged_cu,
         }));
     }
-    let keys: Vec<Value> = web
-        .gateway
-        .keys
+    let keys: Vec<Value> = keys
         .list(account)?
         .iter()
         .map(|key| {
@@ -112,13 +135,9 @@ fn gather(web: &Web, account: AccountId) -> Result<Value, LedgerError> {
             })
         })
         .collect();
-    let agent_runs = match &web.agents {
-        Some(agents) => serde_json::to_value(agents.list(account)).unwrap_or(Value::Null),
-        None => json!([]),
-    };
     Ok(json!({
         "object": "export",
-        "exported_at": format_utc(web.books.now_ms()),
+        "exported_at": format_utc(books.now_ms()),
         "account": {
             "id": view.id.0,
             "name": view.name,
