@@ -73,11 +73,6 @@ impl Access {
             .is_none_or(|accounts| accounts.contains(&account))
     }
 
-    /// Whether `model` is restricted at all.
-    pub fn restricted(&self, model: &str) -> bool {
-        self.compiled.read().allowed.contains_key(model)
-    }
-
     /// Reads the rules again, now (after a change made through this server).
     pub fn reload(&self) -> Result<(), StoreError> {
         let compiled = Compiled::of(&self.store.access_rules()?);

@@ -278,6 +278,21 @@ pub(crate) async fn create_key(
     Redirect::to("/").into_response()
 }
 
+/// Whether `id` is a working key of `account`: another's key is not found, as one that does not
+/// exist.
+fn owns_working_key(
+    web: &Web,
+    account: AccountId,
+    id: &str,
+) -> Result<bool, stipend_ledger::StoreError> {
+    Ok(web
+        .gateway
+        .keys
+        .list(account)?
+        .iter()
+        .any(|key| key.id == id && key.revoked_at_ms.is_none()))
+}
+
 /// `POST /keys/{id}/revoke`: one of the person's keys stops working. Revoking the key this
 /// session was opened with ends the session.
 pub(crate) async fn revoke_key(
@@ -292,14 +307,7 @@ pub(crate) async fn revoke_key(
     let revoked = {
         let (web, id) = (Arc::clone(&web), id.clone());
         tokio::task::spawn_blocking(move || -> Result<bool, stipend_ledger::StoreError> {
-            // Only a key of this account: another's is not found, as one that does not exist.
-            let owned = web
-                .gateway
-                .keys
-                .list(session.account)?
-                .iter()
-                .any(|key| key.id == id && key.revoked_at_ms.is_none());
-            if !owned {
+            if !owns_working_key(&web, session.account, &id)? {
                 return Ok(false);
             }
             web.gateway.keys.revoke(&id, web.books.now_ms())
@@ -345,14 +353,7 @@ pub(crate) async fn rename_key(
     let renamed = {
         let (web, id, name) = (Arc::clone(&web), id.clone(), name.clone());
         tokio::task::spawn_blocking(move || -> Result<bool, stipend_ledger::StoreError> {
-            // Only a key of this account: another's is not found, as one that does not exist.
-            let owned = web
-                .gateway
-                .keys
-                .list(session.account)?
-                .iter()
-                .any(|key| key.id == id && key.revoked_at_ms.is_none());
-            if !owned {
+            if !owns_working_key(&web, session.account, &id)? {
                 return Ok(false);
             }
             web.books.store().set_key_name(&id, name.as_deref())
