@@ -67,6 +67,9 @@ pub struct AccountView {
     pub lots: Vec<Lot>,
     /// What it spent this period, per sink (one sink per model).
     pub usage: Vec<Usage>,
+    /// What it spent in the period before this one, per sink: what the transparency report of
+    /// the last complete period counts.
+    pub last_period: Vec<Usage>,
     /// What it spent per sink and UTC day, over the last
     /// [`USAGE_DAYS_KEPT`](crate::limits::USAGE_DAYS_KEPT) days, oldest first.
     pub daily: Vec<Usage>,
@@ -891,6 +894,10 @@ impl Ledger {
             usage: usage_in_period(
                 &account.balance.usage,
                 shared.options.policy.period_index(now_ms),
+            ),
+            last_period: usage_in_period(
+                &account.balance.usage,
+                shared.options.policy.period_index(now_ms) - 1,
             ),
             daily: usage_by_day(&account.balance.usage, first_day_kept(now_ms)),
         };

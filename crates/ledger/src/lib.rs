@@ -62,8 +62,9 @@ pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DE
 pub use policy::StipendPolicy;
 pub use reservation::{Reservation, ReservationId, Settlement};
 pub use store::{
-    AccessRules, AccountUpdate, AuditRow, Batch, JournalRecord, KeyCap, KeyRecord, KeySpend,
-    ModelAccess, OperatorAction, RunJournal, Store, StoreError, TransferAudit, check_group_name,
+    AccessRules, AccountUpdate, AuditRow, Batch, JournalRecord, KeptReport, KeyCap, KeyRecord,
+    KeySpend, ModelAccess, OperatorAction, RunJournal, Store, StoreError, TransferAudit,
+    check_group_name,
 };
 pub use transfer::{Transfer, TransferId, TransferKind};
 pub use units::Flops;

@@ -658,6 +658,10 @@ impl Node {
                 &record.usage,
                 shared.options.policy.period_index(now_ms),
             ),
+            last_period: crate::account::usage_in_period(
+                &record.usage,
+                shared.options.policy.period_index(now_ms) - 1,
+            ),
             daily: crate::account::usage_by_day(
                 &record.usage,
                 crate::ledger::first_day_kept(now_ms),

@@ -52,12 +52,12 @@ impl Balance {
     }
 
     /// Counts one spend at `sink` in `period` on `day`. Counts of earlier periods are kept for
-    /// [`USAGE_DAYS_KEPT`] days, and at most [`USAGE_ENTRIES_MAX`] in all: past it the oldest
-    /// days' go first, never this period's.
+    /// [`USAGE_DAYS_KEPT`] days (the last period's whole, for its transparency report), and at
+    /// most [`USAGE_ENTRIES_MAX`] in all: past it the oldest days' go first, never this period's.
     fn count_spend(&mut self, sink: AccountId, period: i64, day: i64, amount_cu: u64) {
         let first_day = day - (USAGE_DAYS_KEPT - 1);
         self.usage
-            .retain(|usage| usage.period >= period || usage.day >= first_day);
+            .retain(|usage| usage.period >= period - 1 || usage.day >= first_day);
         match self
             .usage
             .iter_mut()

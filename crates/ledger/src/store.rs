@@ -152,6 +152,19 @@ pub struct ModelAccess {
     pub groups: Vec<String>,
 }
 
+/// One period's transparency report as kept: made once, then published unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptReport {
+    /// When its period began, ms since the epoch.
+    pub period_start_ms: i64,
+    /// The privacy budget it spent.
+    pub epsilon: f64,
+    /// When it was made, ms since the epoch.
+    pub made_at_ms: i64,
+    /// The report, as published (JSON).
+    pub body: String,
+}
+
 /// One thing an operator did, as the operator log keeps it: who, when, what, to which account
 /// (by id, so that closing an account erases its name from the log too) and how much. Never
 /// any content.
@@ -337,6 +350,24 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<(i64, OperatorAction)>, StoreError> {
         let _ = (before, limit);
+        Ok(Vec::new())
+    }
+    /// The transparency report kept for the period that began at `period_start_ms`, if any.
+    fn report(&self, period_start_ms: i64) -> Result<Option<String>, StoreError> {
+        let _ = period_start_ms;
+        Ok(None)
+    }
+    /// Keeps a period's transparency report (its published JSON and the ε it spent) unless one is
+    /// kept already, and returns the one kept: of two servers that made one at once, the first
+    /// to write wins and both publish it. Durable when it returns.
+    fn keep_report(&self, report: &KeptReport) -> Result<String, StoreError> {
+        let _ = report;
+        Err(StoreError::Io(
+            "this store keeps no transparency reports".to_string(),
+        ))
+    }
+    /// Every kept report's period start and ε, oldest first: the privacy budget spent so far.
+    fn reports(&self) -> Result<Vec<(i64, f64)>, StoreError> {
         Ok(Vec::new())
     }
     /// From one consistent snapshot: visits every account with its transfer sums up to the

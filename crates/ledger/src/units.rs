@@ -345,6 +345,50 @@ pub fn format_utc(ms: i64) -> String {
     )
 }
 
+/// Reads [`format_utc`]'s form back, `2026-11-30T00:00:00Z`, as ms since the UNIX epoch; `None`
+/// for anything else.
+pub fn parse_utc(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    let shape_ok = bytes.len() == 20
+        && bytes[4] == b'-'
+        && bytes[7] == b'-'
+        && bytes[10] == b'T'
+        && bytes[13] == b':'
+        && bytes[16] == b':'
+        && bytes[19] == b'Z';
+    if !shape_ok {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = text.get(range)?;
+        if !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    // Civil date to days since 1970-01-01 (Howard Hinnant's `days_from_civil`).
+    let year_shifted = if month <= 2 { year - 1 } else { year };
+    let era = year_shifted.div_euclid(400);
+    let year_of_era = year_shifted - era * 400;
+    let month_index = (month + 9) % 12;
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let ms = (days * 86_400 + hour * 3_600 + minute * 60 + second) * 1_000;
+    // A day past the month's end (February 30th) reads back as another date: refused.
+    (format_utc(ms) == text).then_some(ms)
+}
+
 /// An amount with what it buys of one model: `1 TFLOP (≈ 1000 tokens of smollm2-135m)`.
 pub fn describe_tokens(amount_cu: u64, price_cu_per_token: u64, model: &str) -> String {
     let tokens = amount_cu / price_cu_per_token.max(1);
@@ -469,6 +513,32 @@ mod tests {
         assert_eq!(format_utc(1_709_251_199_999), "2024-02-29T23:59:59Z");
         assert_eq!(format_utc(-1_000), "1969-12-31T23:59:59Z");
         assert_eq!(format_utc(4_102_444_800_000), "2100-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn utc_times_read_back() {
+        for ms in [
+            0,
+            1_764_460_800_000,
+            951_782_400_000,
+            1_709_251_199_000,
+            -1_000,
+            4_102_444_800_000,
+        ] {
+            assert_eq!(parse_utc(&format_utc(ms)), Some(ms), "{ms}");
+        }
+        for text in [
+            "2025-02-30T00:00:00Z",
+            "2025-13-01T00:00:00Z",
+            "2025-11-30T24:00:00Z",
+            "2025-11-30 00:00:00Z",
+            "2025-11-30T00:00:00",
+            "+025-11-30T00:00:00Z",
+            "1764460800000",
+            "",
+        ] {
+            assert_eq!(parse_utc(text), None, "{text}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{DAY_MS, Harness, T0, policy};
 use stipend_ledger::{
-    AccountId, AccountKind, KeyRecord, KeySpend, LedgerError, LotSource, ModelAccess,
+    AccountId, AccountKind, KeptReport, KeyRecord, KeySpend, LedgerError, LotSource, ModelAccess,
     OperatorAction, TransferId, TransferKind,
 };
 
@@ -922,6 +922,36 @@ fn the_operator_log_keeps_who_did_what() {
     assert_eq!(next[2].1.account, Some(AccountId(2)));
 }
 
+/// Transparency reports: kept once per period (a second keep returns the first), read back
+/// across a restart, and listed with the ε each spent.
+fn a_period_report_is_kept_once() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let store = h.ledger().store();
+    assert_eq!(store.report(86_400_000).unwrap(), None);
+    let report = |start: i64, body: &str| KeptReport {
+        period_start_ms: start,
+        epsilon: 1.0,
+        made_at_ms: start + 86_400_000,
+        body: body.to_string(),
+    };
+    assert_eq!(
+        store.keep_report(&report(86_400_000, "first")).unwrap(),
+        "first"
+    );
+    assert_eq!(
+        store.keep_report(&report(86_400_000, "second")).unwrap(),
+        "first"
+    );
+    let mut half = report(0, "earlier");
+    half.epsilon = 0.5;
+    assert_eq!(store.keep_report(&half).unwrap(), "earlier");
+    drop(store);
+    h.reopen();
+    let store = h.ledger().store();
+    assert_eq!(store.report(86_400_000).unwrap().as_deref(), Some("first"));
+    assert_eq!(store.reports().unwrap(), [(0, 0.5), (86_400_000, 1.0)]);
+}
+
 /// The operator's search: accounts whose names begin with what was typed, in name order.
 fn accounts_are_found_by_the_start_of_their_name() {
     let h = Harness::new(policy(1_000, 1_000));
@@ -954,6 +984,7 @@ fn accounts_are_found_by_the_start_of_their_name() {
 }
 
 on_every_store!(
+    a_period_report_is_kept_once,
     all_transfers_of_an_account_include_its_spends,
     the_operator_log_keeps_who_did_what,
     accounts_are_found_by_the_start_of_their_name,

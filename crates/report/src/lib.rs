@@ -1,7 +1,11 @@
 //! How equally compute is shared across people: the Gini coefficient, the Lorenz curve, the
 //! shares of the top 1 % and 10 %, the median. Pure functions of counts (each person's compute
 //! used, in cu), with no I/O and no knowledge of where the counts came from; the operator's page
-//! shows them exactly, and the transparency report will publish them with noise.
+//! shows them exactly. [`transparency`] publishes them for everyone with differential-privacy
+//! noise drawn by [`noise`].
+
+pub mod noise;
+pub mod transparency;
 
 /// The points of the Lorenz curve: the poorest 0 %, 10 %, …, 100 % of people.
 pub const LORENZ_POINTS: usize = 11;

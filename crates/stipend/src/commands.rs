@@ -12,7 +12,7 @@ use stipend_ledger::{
 };
 
 /// An operator command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Create a person or pool account.
@@ -117,6 +117,23 @@ pub enum Request {
         /// At most this many.
         limit: usize,
     },
+    /// The transparency report of the period that began at `period_start` (RFC 3339), or of the
+    /// last complete one (made and kept now if it was not yet).
+    Report {
+        /// When the period began; `None`: the last complete period.
+        period_start: Option<String>,
+        /// How a report not yet made is made (the config's).
+        options: ReportOptions,
+    },
+}
+
+/// `transparency_epsilon` and `transparency_clip_cu`, as the CLI read them from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReportOptions {
+    /// ε.
+    pub epsilon: f64,
+    /// The clipping bound, if set.
+    pub clip_cu: Option<u64>,
 }
 
 /// An entry of the operator log, for display.
@@ -203,6 +220,7 @@ impl Request {
             Request::ShowAccess => "model rules",
             Request::ListActions { .. } => "audit",
             Request::ExportAccount { .. } => "account export",
+            Request::Report { .. } => "report",
         }
     }
 }
@@ -291,7 +309,7 @@ pub struct PostedInfo {
 }
 
 /// A command's result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     /// One account.
@@ -316,6 +334,15 @@ pub enum Response {
     Export {
         /// The export.
         export: serde_json::Value,
+    },
+    /// A period's transparency report, and the privacy budget every report has spent.
+    Report {
+        /// The report as published.
+        published: Box<stipend_web::transparency::Published>,
+        /// The sum of every kept report's ε.
+        epsilon_spent: f64,
+        /// How many reports are kept.
+        reports: usize,
     },
     /// Entries of the operator log, newest first.
     Actions {
@@ -457,6 +484,9 @@ pub enum CommandError {
     /// A bad group name.
     #[error("{0}")]
     BadGroup(String),
+    /// No transparency report can be shown.
+    #[error(transparent)]
+    Report(#[from] stipend_web::transparency::TransparencyError),
 }
 
 /// Runs one command against the ledger and the key ring; a change is written to the operator
@@ -539,6 +569,7 @@ fn operator_action(
         | Request::CheckInvariants
         | Request::ListKeys { .. }
         | Request::ShowAccess
+        | Request::Report { .. }
         | Request::ListActions { .. } => return None,
         Request::ExportAccount { name } => ("account export", id(name), None, None),
     };
@@ -651,6 +682,26 @@ fn run(ledger: &dyn Books, keys: &KeyRing, request: Request) -> Result<Response,
                 stipend_web::me::export(ledger, keys, view, &|_| None, serde_json::json!([]))?;
             Ok(Response::Export { export })
         }
+        Request::Report {
+            period_start,
+            options,
+        } => {
+            let options = stipend_web::transparency::TransparencyOptions {
+                epsilon: options.epsilon,
+                clip_cu: options.clip_cu,
+            };
+            let body =
+                stipend_web::transparency::report(ledger, &options, period_start.as_deref())?;
+            let (epsilon_spent, reports) = stipend_web::transparency::budget_spent(ledger)?;
+            let published = serde_json::from_str(&body).map_err(|error| {
+                stipend_ledger::StoreError::Io(format!("a kept report does not read back: {error}"))
+            })?;
+            Ok(Response::Report {
+                published: Box::new(published),
+                epsilon_spent,
+                reports,
+            })
+        }
         Request::ListActions { before, limit } => {
             let limit = limit.clamp(1, LIST_LIMIT_MAX);
             let actions = ledger.store().actions(before, limit)?;
@@ -755,6 +806,88 @@ fn run(ledger: &dyn Books, keys: &KeyRing, request: Request) -> Result<Response,
 /// `12.5 TFLOP (12500 cu)`.
 pub fn amount(cu: i64) -> String {
     format!("{} ({cu} cu)", Flops(cu))
+}
+
+/// A transparency report as text: every number with its 95 % error bar.
+fn render_report(
+    published: &stipend_web::transparency::Published,
+    epsilon_spent: f64,
+    reports: usize,
+    out: &mut String,
+) {
+    use std::fmt::Write as _;
+    let report = &published.report;
+    let share = |estimate: &stipend_report::transparency::Estimate<f64>| {
+        format!(
+            "{:.1} % ± {:.1}",
+            estimate.value * 100.0,
+            estimate.error95 * 100.0
+        )
+    };
+    let _ = writeln!(
+        out,
+        "transparency report for {} to {} (made {})",
+        published.period_start, published.period_end, published.made_at
+    );
+    let _ = writeln!(
+        out,
+        "ε = {}, each person clipped at {} cu; all reports so far: ε = {epsilon_spent} over {reports}",
+        report.epsilon, report.clip_cu
+    );
+    let lines = [
+        (
+            "people with a stipend",
+            format!(
+                "{} ± {}",
+                report.people_with_stipend.value, report.people_with_stipend.error95
+            ),
+        ),
+        (
+            "people active",
+            format!(
+                "{} ± {}",
+                report.people_active.value, report.people_active.error95
+            ),
+        ),
+        (
+            "compute granted",
+            format!(
+                "{} ± {} cu",
+                report.granted_cu.value, report.granted_cu.error95
+            ),
+        ),
+        (
+            "compute used",
+            format!("{} ± {} cu", report.used_cu.value, report.used_cu.error95),
+        ),
+        (
+            "gini",
+            format!("{:.3} ± {:.3}", report.gini.value, report.gini.error95),
+        ),
+        ("top 10 % share", share(&report.top_10pct_share)),
+        ("top 1 % share", share(&report.top_1pct_share)),
+        (
+            "median",
+            format!(
+                "{} ± {} cu",
+                report.median_cu.value, report.median_cu.error95
+            ),
+        ),
+    ];
+    for (what, value) in lines {
+        let _ = writeln!(out, "  {what:<22} {value}");
+    }
+    for model in &report.models {
+        let _ = writeln!(
+            out,
+            "  used at {:<14} {} ± {} cu",
+            model.model, model.used_cu.value, model.used_cu.error95
+        );
+    }
+    let _ = writeln!(out, "  lorenz (the poorest 0 %, 10 %, …, 100 % used):");
+    for (index, point) in report.lorenz.iter().enumerate() {
+        let _ = writeln!(out, "    {:>3} %  {}", index * 10, share(point));
+    }
 }
 
 fn render_account(info: &AccountInfo, out: &mut String) {
@@ -917,6 +1050,11 @@ pub fn render(response: &Response) -> String {
                 serde_json::to_string_pretty(export).unwrap_or_default()
             );
         }
+        Response::Report {
+            published,
+            epsilon_spent,
+            reports,
+        } => render_report(published, *epsilon_spent, *reports, &mut out),
         Response::Actions { actions, .. } => {
             if actions.is_empty() {
                 let _ = writeln!(out, "no operator actions yet");

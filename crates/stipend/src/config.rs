@@ -53,6 +53,8 @@ struct RawConfig {
     database_url: Option<String>,
     lease_ttl: Option<String>,
     workers: Option<i64>,
+    transparency_epsilon: Option<f64>,
+    transparency_clip_cu: Option<AmountText>,
     #[serde(default)]
     stipend: RawStipend,
     #[serde(default)]
@@ -706,8 +708,10 @@ impl Config {
             data_dir.join("agents"),
         )
         .with_context(|| format!("config {name}"))?;
-        let web =
+        let mut web =
             check_web(raw.web.unwrap_or_default()).with_context(|| format!("config {name}"))?;
+        web.transparency = check_transparency(raw.transparency_epsilon, raw.transparency_clip_cu)
+            .with_context(|| format!("config {name}"))?;
         Ok(Config {
             source: source.map(Path::to_path_buf),
             data_dir,
@@ -727,6 +731,31 @@ impl Config {
             web,
         })
     }
+}
+
+/// Checks `transparency_epsilon` and `transparency_clip_cu`.
+fn check_transparency(
+    epsilon: Option<f64>,
+    clip: Option<AmountText>,
+) -> anyhow::Result<stipend_web::transparency::TransparencyOptions> {
+    let mut options = stipend_web::transparency::TransparencyOptions::default();
+    if let Some(epsilon) = epsilon {
+        stipend_report::transparency::check_epsilon(epsilon).context("transparency_epsilon")?;
+        if epsilon > 100.0 {
+            bail!(
+                "transparency_epsilon must be at most 100 (beyond it the noise hides nobody), got {epsilon}"
+            );
+        }
+        options.epsilon = epsilon;
+    }
+    if let Some(clip) = clip {
+        let clip_cu = clip.parse("transparency_clip_cu")?;
+        if clip_cu == 0 {
+            bail!("transparency_clip_cu must be at least 1 cu");
+        }
+        options.clip_cu = Some(clip_cu);
+    }
+    Ok(options)
 }
 
 /// Checks `[web]`.

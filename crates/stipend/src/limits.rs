@@ -31,6 +31,8 @@ pub const CONTROL_CONNECTIONS_MAX: usize = 64;
 
 /// How often timed-out reservations are voided.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the server looks for a period that ended without its transparency report.
+pub const TRANSPARENCY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often what capped keys spent is written down (a crash forgets at most this much of it).
 pub const KEY_CAPS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 

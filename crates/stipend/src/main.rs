@@ -48,6 +48,14 @@ enum Command {
     /// Groups of accounts, which a model's access may name.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// The public transparency report: how equally compute was shared in a period, with
+    /// differential-privacy noise (the last complete period's is made now if it was not yet).
+    Report {
+        /// The period that began at this time (RFC 3339, as reports show it); default: the
+        /// last complete period.
+        #[arg(long, value_name = "START")]
+        period: Option<String>,
+    },
     /// The operator log: who changed what, when, to which account, how much (never content).
     Audit {
         /// Show entries before this number (from an earlier page).
@@ -410,6 +418,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Model(ModelCommand::Rules) => Request::ShowAccess,
+        Command::Report { period } => Request::Report {
+            period_start: period,
+            options: stipend::commands::ReportOptions {
+                epsilon: config.web.transparency.epsilon,
+                clip_cu: config.web.transparency.clip_cu,
+            },
+        },
         Command::Audit { before, limit } => Request::ListActions {
             before,
             limit: limit as usize,

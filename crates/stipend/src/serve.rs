@@ -2,7 +2,9 @@
 //! node on a PostgreSQL database that several servers share), serves the OpenAI-compatible API
 //! and the control socket until it is told to stop, then drains (bounded) and flushes.
 
-use crate::limits::{CUT_GRACE, KEY_CAPS_WRITE_INTERVAL, SWEEP_INTERVAL};
+use crate::limits::{
+    CUT_GRACE, KEY_CAPS_WRITE_INTERVAL, SWEEP_INTERVAL, TRANSPARENCY_CHECK_INTERVAL,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -492,6 +494,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
+    // Each period that ends while the server runs gets its transparency report at once, while
+    // everyone's counts of it are whole; a period that ended while no server ran gets it when
+    // first asked for.
+    let reporter = {
+        let books = Arc::clone(&engine.books);
+        let options = config.web.transparency;
+        tokio::spawn(async move {
+            let first = books.policy().period_index(books.now_ms());
+            let mut interval = tokio::time::interval(TRANSPARENCY_CHECK_INTERVAL);
+            loop {
+                interval.tick().await;
+                let books = Arc::clone(&books);
+                let made = tokio::task::spawn_blocking(move || {
+                    let last = books.policy().period_index(books.now_ms()) - 1;
+                    if last < first {
+                        return Ok(());
+                    }
+                    stipend_web::transparency::report(books.as_ref(), &options, None).map(|_| ())
+                })
+                .await;
+                if let Ok(Err(error)) = made {
+                    tracing::warn!(%error, "cannot make the transparency report");
+                }
+            }
+        })
+    };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     // `/metrics` on a listener of its own, if so configured; stopped with the API.
     let metrics_address = match config.metrics_listen {
@@ -619,6 +647,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     caps_writer.abort();
     let _ = caps_writer.await;
+    reporter.abort();
+    let _ = reporter.await;
     access_follower.abort();
     let _ = access_follower.await;
     // Every call has settled: what capped keys spent is written down in full.

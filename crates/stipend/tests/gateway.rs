@@ -919,7 +919,8 @@ fn random_bodies_are_answered_or_refused_and_charged_exactly() {
 /// Prompt and answer text is never written to disk or to the logs (the product's invariant 4),
 /// even with every log level on and on every path: answered, streamed, refused for a bad body, a
 /// bad field, an unknown model, a body too large, the upstream refusing or failing, a stream
-/// broken off or left by its client, the legacy completions endpoint.
+/// broken off or left by its client, the legacy completions endpoint; nor is it in what reads
+/// the counts back (the exports, the transparency report).
 #[tokio::test(flavor = "multi_thread")]
 async fn prompts_reach_no_log_and_no_file() {
     const MARKER: &str = "zq-prompt-marker-4471";
@@ -995,6 +996,29 @@ async fn prompts_reach_no_log_and_no_file() {
     let mut response = stack.post(&key, "/chat/completions", &slow).await;
     response.chunk().await.unwrap();
     drop(response);
+
+    // What reads the counts back (the person's export, the public report, the operator's
+    // export and report) holds none of the text either.
+    let http = reqwest::Client::new();
+    let export = http
+        .get(format!("{}/me/export", stack.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    assert!(!export.text().await.unwrap().contains(MARKER));
+    let report = http
+        .get(format!("{}/transparency", stack.base))
+        .send()
+        .await
+        .unwrap();
+    // The last complete period's report, made now.
+    assert_eq!(report.status(), 200);
+    assert!(!report.text().await.unwrap().contains(MARKER));
+    let exported = stack.env.run(&["--json", "account", "export", "alice"]);
+    assert!(exported.status.success());
+    assert!(!String::from_utf8_lossy(&exported.stdout).contains(MARKER));
 
     let mut stack = stack;
     let output = stack.server.take().unwrap().stop();

@@ -261,6 +261,10 @@ impl PostgresBooks {
             open_reservations: 0,
             lots: record.lots,
             usage: stipend_ledger::usage_in_period(&record.usage, self.policy.period_index(now_ms)),
+            last_period: stipend_ledger::usage_in_period(
+                &record.usage,
+                self.policy.period_index(now_ms) - 1,
+            ),
             daily: stipend_ledger::usage_by_day(
                 &record.usage,
                 stipend_ledger::first_day_kept(now_ms),

@@ -25,8 +25,8 @@ use stipend_ledger::store::rows::{
 };
 use stipend_ledger::{
     ACCOUNT_NAME_SKELETON_VERSION, AccessRules, AccountId, AccountKind, AccountRecord, AuditRow,
-    Batch, KeyCap, KeyRecord, KeySpend, OperatorAction, Store, StoreError, Transfer, TransferAudit,
-    TransferId, TransferKind, account_name_skeleton,
+    Batch, KeptReport, KeyCap, KeyRecord, KeySpend, OperatorAction, Store, StoreError, Transfer,
+    TransferAudit, TransferId, TransferKind, account_name_skeleton,
 };
 use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Row};
 
@@ -176,6 +176,14 @@ CREATE TABLE operator_actions (
     account_id BIGINT,
     object     TEXT,
     amount_cu  BIGINT
+);
+"#,
+    r#"
+CREATE TABLE reports (
+    period_start_ms BIGINT           PRIMARY KEY,
+    epsilon         DOUBLE PRECISION NOT NULL,
+    made_at_ms      BIGINT           NOT NULL,
+    body            TEXT             NOT NULL
 );
 "#,
 ];
@@ -1277,6 +1285,77 @@ impl Store for PostgresStore {
                     .iter()
                     .map(|row| (AccountId(row.get::<_, i64>(0) as u64), row.get(1)))
                     .collect())
+            })
+        })
+    }
+
+    fn report(&self, period_start_ms: i64) -> Result<Option<String>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT body FROM reports WHERE period_start_ms = $1",
+                        &[&period_start_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(row.map(|row| row.get(0)))
+            })
+        })
+    }
+
+    fn keep_report(&self, report: &KeptReport) -> Result<String, StoreError> {
+        let report = report.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                // Of two servers racing, the second's insert does nothing and it reads the first's
+                // row; if that row was written after this statement's snapshot, it reads again.
+                let kept = client
+                    .query_opt(
+                        "WITH kept AS (
+                             INSERT INTO reports (period_start_ms, epsilon, made_at_ms, body)
+                             VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (period_start_ms) DO NOTHING
+                             RETURNING body)
+                         SELECT body FROM kept
+                         UNION ALL
+                         SELECT body FROM reports WHERE period_start_ms = $1
+                         LIMIT 1",
+                        &[
+                            &report.period_start_ms,
+                            &report.epsilon,
+                            &report.made_at_ms,
+                            &report.body,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let row = match kept {
+                    Some(row) => row,
+                    None => client
+                        .query_one(
+                            "SELECT body FROM reports WHERE period_start_ms = $1",
+                            &[&report.period_start_ms],
+                        )
+                        .await
+                        .map_err(pg)?,
+                };
+                Ok(row.get(0))
+            })
+        })
+    }
+
+    fn reports(&self) -> Result<Vec<(i64, f64)>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT period_start_ms, epsilon FROM reports ORDER BY period_start_ms",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
             })
         })
     }

@@ -16,8 +16,8 @@ use stipend_ledger::store::rows::{
 };
 use stipend_ledger::{
     ACCOUNT_NAME_SKELETON_VERSION, AccessRules, AccountId, AccountKind, AccountRecord, AuditRow,
-    Batch, KeyCap, KeyRecord, KeySpend, OperatorAction, Store, StoreError, Transfer, TransferAudit,
-    TransferId, TransferKind, account_name_skeleton,
+    Batch, KeptReport, KeyCap, KeyRecord, KeySpend, OperatorAction, Store, StoreError, Transfer,
+    TransferAudit, TransferId, TransferKind, account_name_skeleton,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
@@ -132,6 +132,16 @@ CREATE TABLE operator_actions (
     account_id INTEGER,
     object     TEXT,
     amount_cu  INTEGER
+);
+"#,
+    r#"
+-- The transparency reports: one per period, made once and then published unchanged, with the
+-- privacy budget each spent.
+CREATE TABLE reports (
+    period_start_ms INTEGER PRIMARY KEY,
+    epsilon         REAL    NOT NULL,
+    made_at_ms      INTEGER NOT NULL,
+    body            TEXT    NOT NULL
 );
 "#,
 ];
@@ -851,6 +861,56 @@ impl Store for SqliteStore {
                         ))
                     },
                 )
+                .map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        })
+    }
+
+    fn report(&self, period_start_ms: i64) -> Result<Option<String>, StoreError> {
+        self.with_reader(|connection| {
+            connection
+                .query_row(
+                    "SELECT body FROM reports WHERE period_start_ms = ?1",
+                    params![period_start_ms],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(io)
+        })
+    }
+
+    fn keep_report(&self, report: &KeptReport) -> Result<String, StoreError> {
+        let writer = self.writer()?;
+        writer
+            .execute(
+                "INSERT INTO reports (period_start_ms, epsilon, made_at_ms, body)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (period_start_ms) DO NOTHING",
+                params![
+                    report.period_start_ms,
+                    report.epsilon,
+                    report.made_at_ms,
+                    report.body
+                ],
+            )
+            .map_err(io)?;
+        writer
+            .query_row(
+                "SELECT body FROM reports WHERE period_start_ms = ?1",
+                params![report.period_start_ms],
+                |row| row.get(0),
+            )
+            .map_err(io)
+    }
+
+    fn reports(&self) -> Result<Vec<(i64, f64)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT period_start_ms, epsilon FROM reports ORDER BY period_start_ms",
+                )
+                .map_err(io)?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
                 .map_err(io)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(io)
         })

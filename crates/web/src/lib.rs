@@ -17,6 +17,7 @@ pub mod me;
 pub mod operator;
 mod person;
 pub mod session;
+pub mod transparency;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,12 +44,14 @@ const SCRIPT: &str = include_str!("../assets/live.js");
 const SCRIPT_PATH: &str = "/static/live.js";
 
 /// What the pages may do: the limits the config may set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebOptions {
     /// How long a signed-in session lasts.
     pub session_ttl: Duration,
     /// Sessions held at once; past it, a sign-in ends the oldest.
     pub sessions_max: usize,
+    /// How the public transparency report is made.
+    pub transparency: transparency::TransparencyOptions,
 }
 
 impl Default for WebOptions {
@@ -56,6 +59,7 @@ impl Default for WebOptions {
         WebOptions {
             session_ttl: limits::SESSION_TTL_DEFAULT,
             sessions_max: limits::SESSIONS_MAX_DEFAULT,
+            transparency: transparency::TransparencyOptions::default(),
         }
     }
 }
@@ -67,6 +71,7 @@ pub struct Web {
     books: Arc<dyn Books>,
     agents: Option<Arc<Agents>>,
     sessions: Sessions,
+    transparency: transparency::TransparencyOptions,
 }
 
 impl Web {
@@ -82,12 +87,13 @@ impl Web {
             books,
             agents,
             sessions: Sessions::new(options.session_ttl, options.sessions_max),
+            transparency: options.transparency,
         })
     }
 }
 
 /// The pages' routes: `/` (a person's page, or the sign-in form), `/admin` (the operator's), their
-/// forms, and the stylesheet.
+/// forms, the public `/transparency` page and `/v1/transparency`, and the stylesheet.
 pub fn router(web: Arc<Web>) -> Router {
     Router::new()
         .route("/", get(person::home))
@@ -105,6 +111,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/approvals/{id}", post(agents::decide))
         .route("/fragments/agents", get(agents::fragment))
         .route("/v1/me/export", get(me::export_route))
+        .route("/v1/transparency", get(transparency::route))
+        .route("/transparency", get(transparency::page_route))
         .route(STYLESHEET_PATH, get(stylesheet))
         .route(SCRIPT_PATH, get(script))
         .merge(api::router())
