@@ -941,6 +941,19 @@ fn replay(id: &str, entries: Vec<journal::Entry>) -> Option<Run> {
 }
 
 /// The name of a run's account: `agent:<person's id>:<run id>`.
+/// The person a run's journal belongs to, from its first record (`Store::journal_starts`).
+pub fn journaled_person(first_record: &[u8]) -> Option<AccountId> {
+    match serde_json::from_slice(first_record).ok()? {
+        journal::Entry::Start { person, .. } => Some(AccountId(person)),
+        _ => None,
+    }
+}
+
+/// The start of every agent account name of `person`'s runs (`agent:<person id>:`).
+pub fn agent_account_prefix(person: AccountId) -> String {
+    format!("agent:{}:", person.0)
+}
+
 fn agent_account_name(person: AccountId, run: &str) -> String {
-    format!("agent:{}:{run}", person.0)
+    format!("{}{run}", agent_account_prefix(person))
 }

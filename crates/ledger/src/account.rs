@@ -31,6 +31,10 @@ pub enum AccountKind {
     Issuer,
     /// Where spent compute goes, one per backend. Never negative.
     Sink,
+    /// A person's or pool's account after it was closed: renamed to an anonymous id, its balance
+    /// back with the issuer, holding nothing and receiving nothing ever again. Its transfers stay,
+    /// so that double entry still holds.
+    Closed,
 }
 
 impl AccountKind {
@@ -42,6 +46,7 @@ impl AccountKind {
             AccountKind::Agent => "agent",
             AccountKind::Issuer => "issuer",
             AccountKind::Sink => "sink",
+            AccountKind::Closed => "closed",
         }
     }
 
@@ -53,6 +58,7 @@ impl AccountKind {
             "agent" => AccountKind::Agent,
             "issuer" => AccountKind::Issuer,
             "sink" => AccountKind::Sink,
+            "closed" => AccountKind::Closed,
             _ => return None,
         })
     }

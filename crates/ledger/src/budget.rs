@@ -182,6 +182,11 @@ pub trait Books: Send + Sync {
         to: AccountId,
         amount_cu: u64,
     ) -> Result<Posted, LedgerError>;
+    /// Closes a person's or pool's account for good (`Ledger::close`): its whole balance back to
+    /// the issuer, nothing held for calls in flight. `None` when it was closed already.
+    fn close(&self, id: AccountId) -> Result<Option<Posted>, LedgerError>;
+    /// Gives a closed account its anonymous name, erasing the old one and its keys' names.
+    fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), LedgerError>;
     /// The latest `limit` transfers other than spends that name the account, newest first.
     fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError>;
     /// What is wrong in memory (nothing, for books kept in the database alone).
@@ -246,6 +251,14 @@ impl Books for Ledger {
 
     fn flush(&self) -> Result<(), LedgerError> {
         Ledger::flush(self)
+    }
+
+    fn close(&self, id: AccountId) -> Result<Option<Posted>, LedgerError> {
+        Ledger::close(self, id)?.wait()
+    }
+
+    fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), LedgerError> {
+        Ledger::erase_names(self, id, anonymous_name)
     }
 
     fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError> {

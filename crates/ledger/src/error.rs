@@ -82,6 +82,16 @@ pub enum LedgerError {
         /// What was attempted.
         operation: &'static str,
     },
+    /// The account holds compute for calls or runs in flight, so it cannot be closed yet.
+    #[error(
+        "account {account} holds {reserved_cu} cu for calls or runs in flight; it can be closed once they end"
+    )]
+    AccountBusy {
+        /// The account.
+        account: AccountId,
+        /// What is held.
+        reserved_cu: u64,
+    },
     /// A transfer from an account to itself.
     #[error("an account cannot give to itself")]
     SameAccount,

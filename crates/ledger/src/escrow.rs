@@ -81,6 +81,7 @@ fn sink() -> Balance {
 }
 
 fn write_back(record: &mut AccountRecord, balance: Balance) {
+    record.kind = balance.kind;
     record.balance_cu = balance.balance_cu;
     record.lots = balance.lots.as_slice().to_vec();
     record.stipend_period = balance.stipend_period;

@@ -41,6 +41,9 @@ use crate::transfer::{Transfer, TransferId, TransferKind};
 /// The issuer's account name.
 pub const ISSUER_NAME: &str = "issuer";
 
+/// How a closed account's anonymous name begins: `closed:` and 32 random hex digits.
+pub const CLOSED_NAME_PREFIX: &str = "closed:";
+
 /// How many times a contender checks the state lock before parking (about 5 µs here).
 const LOCK_SPINS: u32 = 256;
 
@@ -617,13 +620,14 @@ pub fn check_name_reserved(name: &str, kind: AccountKind) -> Result<(), LedgerEr
     } else if name.starts_with(SINK_NAME_PREFIX) {
         kind != AccountKind::Sink
     } else {
-        false
+        // Closed accounts' anonymous names: nobody is created under one.
+        name.starts_with(CLOSED_NAME_PREFIX)
     };
     if reserved {
         return Err(LedgerError::InvalidName {
             reason: format!(
                 "{name:?} is reserved: \"{ISSUER_NAME}\" and names that start with \"{SINK_NAME_PREFIX}\" \
-                 are the ledger's own"
+                 or \"{CLOSED_NAME_PREFIX}\" are the ledger's own"
             ),
         });
     }
@@ -1218,6 +1222,84 @@ impl Ledger {
         ))
     }
 
+    /// Closes a person's or pool's account for good: its whole balance, whatever it is (this
+    /// period's stipend included), goes back to the issuer in one `closure` transfer, and the
+    /// account is closed by it: it receives no stipend, grant or gift and reserves nothing ever
+    /// again. Refused while it holds compute for calls in flight. Closing a closed account does
+    /// nothing (`None`).
+    pub fn close(&self, account: AccountId) -> Result<Durable<Option<Posted>>, LedgerError> {
+        let shared = &self.shared;
+        let issuer = shared.issuer;
+        let mut state = shared.lock_with(&[account, issuer])?;
+        shared.check_pending_limit(&state)?;
+        let now_ms = shared.now_ms();
+        shared.sweep(&mut state, now_ms, false);
+        let kind = state.account(account)?.kind();
+        if kind == AccountKind::Closed {
+            let seq = state.seq_last;
+            return Ok(shared.durable(None, seq));
+        }
+        if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
+            return Err(LedgerError::WrongKind {
+                account,
+                kind,
+                operation: "be closed",
+            });
+        }
+        // What is due first (this period's stipend, expiries), so that the closure takes it.
+        shared.touch(&mut state, account, now_ms);
+        let closing = state.account(account)?;
+        if closing.reserved_cu > 0 {
+            return Err(LedgerError::AccountBusy {
+                account,
+                reserved_cu: closing.reserved_cu,
+            });
+        }
+        let amount_cu = closing.balance.balance_cu.max(0) as u64;
+        let id = state.next_transfer_id();
+        let candidate = transfer(
+            TransferKind::Closure,
+            id,
+            account,
+            issuer,
+            amount_cu,
+            now_ms,
+        );
+        state.check_room(candidate.debit, candidate.credit, amount_cu)?;
+        let posted = state.post(candidate);
+        let seq = state.seq_last;
+        drop(state);
+        shared.work.notify_one();
+        tracing::info!(account = %account, amount_cu, "account closed");
+        Ok(shared.durable(
+            Some(Posted {
+                transfer: posted,
+                replayed: false,
+            }),
+            seq,
+        ))
+    }
+
+    /// Gives a closed account its anonymous name, in the store (the old name's bytes
+    /// overwritten where the store can) and here.
+    pub fn erase_names(&self, account: AccountId, anonymous_name: &str) -> Result<(), LedgerError> {
+        {
+            let state = self.shared.lock_with(&[account])?;
+            let kind = state.account(account)?.kind();
+            if kind != AccountKind::Closed {
+                return Err(LedgerError::WrongKind {
+                    account,
+                    kind,
+                    operation: "lose its name (close it first)",
+                });
+            }
+        }
+        self.shared.store.erase_names(account, anonymous_name)?;
+        let mut state = self.shared.lock_with(&[account])?;
+        state.account_mut(account)?.name = anonymous_name.into();
+        Ok(())
+    }
+
     /// If a transfer with the candidate's id exists: the same content is a replay (a no-op,
     /// durable once what is queued is), different content is a conflict.
     fn replay(
@@ -1419,6 +1501,7 @@ fn write_until_failure(shared: &Shared) -> bool {
                 .filter_map(|id| {
                     state.accounts.get(&id).map(|account| AccountUpdate {
                         id,
+                        kind: account.kind(),
                         balance_cu: account.balance.balance_cu,
                         lots: account.balance.lots.to_vec(),
                         stipend_period: account.balance.stipend_period,

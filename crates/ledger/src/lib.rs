@@ -56,7 +56,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::{Durable, DurableFuture};
 pub use error::LedgerError;
 pub use ledger::{
-    AccountView, ISSUER_NAME, Ledger, Posted, WriterStats, check_name_reserved, first_day_kept,
+    AccountView, CLOSED_NAME_PREFIX, ISSUER_NAME, Ledger, Posted, WriterStats, check_name_reserved,
+    first_day_kept,
 };
 pub use limits::{ACCOUNT_NAME_LEN_MAX, LedgerOptions, RESERVATION_TIMEOUT_MAX_DEFAULT};
 pub use policy::StipendPolicy;

@@ -129,6 +129,14 @@ impl Balance {
                     return Err(format!("sink {id}: negative balance {}", self.balance_cu));
                 }
             }
+            AccountKind::Closed => {
+                if self.balance_cu != 0 {
+                    return Err(format!(
+                        "closed account {id}: a balance of {} cu",
+                        self.balance_cu
+                    ));
+                }
+            }
         }
         if !self.kind.holds_grants() && !self.lots.as_slice().is_empty() {
             return Err(format!("account {id}: a {} account holds lots", self.kind));
@@ -150,6 +158,7 @@ fn kinds_allowed(kind: TransferKind, debit: AccountKind, credit: AccountKind) ->
             matches!(debit, Person | Pool | Agent) && matches!(credit, Person | Agent)
         }
         TransferKind::PoolContribution => matches!(debit, Person | Pool | Agent) && credit == Pool,
+        TransferKind::Closure => matches!(debit, Person | Pool) && credit == Issuer,
     }
 }
 
@@ -166,7 +175,9 @@ pub fn apply(
         reason,
     };
     let amount = transfer.amount_cu;
-    if amount == 0 || amount > i64::MAX as u64 {
+    // A closure takes whatever is left, which may be nothing; every other transfer moves some.
+    let empty_allowed = transfer.kind == TransferKind::Closure;
+    if (amount == 0 && !empty_allowed) || amount > i64::MAX as u64 {
         return Err(fail(format!("amount {amount} cu is out of range")));
     }
     if !kinds_allowed(transfer.kind, debit.kind, credit.kind) {
@@ -200,6 +211,16 @@ pub fn apply(
                 if expired != amount {
                     return Err(fail(format!("only {expired} cu had expired")));
                 }
+            }
+            TransferKind::Closure => {
+                let total = debit.lots.total_cu();
+                if total != amount {
+                    return Err(fail(format!(
+                        "a closure takes the whole balance, {total} cu, not {amount} cu"
+                    )));
+                }
+                debit.lots.burn(amount);
+                debit.kind = AccountKind::Closed;
             }
             _ => {
                 let total = debit.lots.total_cu();

@@ -5,7 +5,7 @@
 
 pub mod rows;
 
-use crate::account::{AccountId, AccountRecord, Lot, Usage};
+use crate::account::{AccountId, AccountKind, AccountRecord, Lot, Usage};
 use crate::transfer::{Transfer, TransferId};
 
 /// Why the store failed.
@@ -38,6 +38,8 @@ pub enum StoreError {
 pub struct AccountUpdate {
     /// Which account.
     pub id: AccountId,
+    /// Its kind afterwards (a closure closes it).
+    pub kind: AccountKind,
     /// Its balance afterwards.
     pub balance_cu: i64,
     /// Its lots afterwards.
@@ -351,6 +353,24 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<(i64, OperatorAction)>, StoreError> {
         let _ = (before, limit);
         Ok(Vec::new())
+    }
+    /// Erases what names a closed account's person: the account takes `anonymous_name` (its
+    /// skeleton with it), and its keys lose their names. Where the store can, the old bytes are
+    /// overwritten, not just unlinked. Durable when it returns.
+    fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), StoreError> {
+        let _ = (id, anonymous_name);
+        Err(StoreError::Io("this store cannot erase names".to_string()))
+    }
+    /// Every journaled agent run, of every server, with its first record (which names its
+    /// person; the agents crate reads it).
+    fn journal_starts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Erases a run's journal, whichever server wrote it (the bytes overwritten where the store
+    /// can).
+    fn journal_erase(&self, run: &str) -> Result<(), StoreError> {
+        let _ = run;
+        Err(StoreError::Io("this store keeps no journals".to_string()))
     }
     /// The transparency report kept for the period that began at `period_start_ms`, if any.
     fn report(&self, period_start_ms: i64) -> Result<Option<String>, StoreError> {

@@ -82,6 +82,9 @@ pub enum TransferKind {
     Gift,
     /// A contribution to a pool.
     PoolContribution,
+    /// A person's or pool's whole balance back to the issuer as the account is closed (possibly
+    /// nothing); the account is closed by it.
+    Closure,
 }
 
 impl TransferKind {
@@ -95,6 +98,7 @@ impl TransferKind {
             TransferKind::Spend => "spend",
             TransferKind::Gift => "gift",
             TransferKind::PoolContribution => "pool_contribution",
+            TransferKind::Closure => "closure",
         }
     }
 
@@ -108,6 +112,7 @@ impl TransferKind {
             "spend" => TransferKind::Spend,
             "gift" => TransferKind::Gift,
             "pool_contribution" => TransferKind::PoolContribution,
+            "closure" => TransferKind::Closure,
             _ => return None,
         })
     }

@@ -922,6 +922,85 @@ fn the_operator_log_keeps_who_did_what() {
     assert_eq!(next[2].1.account, Some(AccountId(2)));
 }
 
+/// Closing an account: its whole balance back to the issuer in one transfer, closed for good
+/// (no stipend, grant, gift or reservation), its name erased, across a restart; refused while a
+/// reservation holds compute; `verify` still passes.
+fn closing_returns_everything_and_closes_for_good() {
+    let mut h = Harness::new(policy(1_000, 1_000));
+    let (ann, sink, issuer) = {
+        let ledger = h.ledger();
+        let ann = ledger
+            .create_account("ann", AccountKind::Person)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let sink = ledger.sink("sink:model").unwrap();
+        ledger
+            .grant(TransferId(7), ann, 500, None)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let spent = ledger.reserve(ann, sink, 100, MINUTE).unwrap();
+        ledger.settle(spent.id(), 100).unwrap().wait().unwrap();
+        (ann, sink, ledger.issuer())
+    };
+    let ledger = h.ledger();
+    // A call in flight holds compute: not yet.
+    let open = ledger.reserve(ann, sink, 50, MINUTE).unwrap();
+    assert!(matches!(
+        ledger.close(ann),
+        Err(LedgerError::AccountBusy {
+            reserved_cu: 50,
+            ..
+        })
+    ));
+    ledger.void(open.id()).unwrap();
+    let issuer_before = ledger.view(issuer).unwrap().balance_cu;
+    let posted = ledger.close(ann).unwrap().wait().unwrap().unwrap();
+    assert_eq!(posted.transfer.kind, TransferKind::Closure);
+    assert_eq!(posted.transfer.amount_cu, 1_400);
+    assert_eq!(
+        ledger.view(issuer).unwrap().balance_cu,
+        issuer_before + 1_400
+    );
+    let view = ledger.view(ann).unwrap();
+    assert_eq!(
+        (view.kind, view.balance_cu, view.available_cu),
+        (AccountKind::Closed, 0, 0)
+    );
+    assert!(view.lots.is_empty());
+    // Closed for good: nothing comes in, nothing is reserved; a second close does nothing.
+    assert!(matches!(
+        ledger.grant(TransferId(8), ann, 10, None),
+        Err(LedgerError::WrongKind { .. })
+    ));
+    assert!(ledger.reserve(ann, sink, 10, MINUTE).is_err());
+    assert!(ledger.close(ann).unwrap().wait().unwrap().is_none());
+    ledger.erase_names(ann, "closed:0123").unwrap();
+    assert_eq!(ledger.view(ann).unwrap().name, "closed:0123");
+    assert!(matches!(
+        ledger.account_id("ann"),
+        Err(LedgerError::UnknownAccount { .. })
+    ));
+    // Nobody can be made under a closed account's kind of name.
+    assert!(matches!(
+        ledger.create_account("closed:abc", AccountKind::Person),
+        Err(LedgerError::InvalidName { .. })
+    ));
+    ledger.flush().unwrap();
+    // Across a restart and a new period: still closed, empty, anonymous; no stipend arrives.
+    h.reopen();
+    h.clock.advance_ms(DAY_MS);
+    let ledger = h.ledger();
+    let view = ledger.view(ann).unwrap();
+    assert_eq!((view.kind, view.balance_cu), (AccountKind::Closed, 0));
+    assert_eq!(view.name, "closed:0123");
+    assert_eq!(ledger.account_id("closed:0123").unwrap(), ann);
+    ledger.flush().unwrap();
+    let report = h.location.audit();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
+
 /// Transparency reports: kept once per period (a second keep returns the first), read back
 /// across a restart, and listed with the ε each spent.
 fn a_period_report_is_kept_once() {
@@ -984,6 +1063,7 @@ fn accounts_are_found_by_the_start_of_their_name() {
 }
 
 on_every_store!(
+    closing_returns_everything_and_closes_for_good,
     a_period_report_is_kept_once,
     all_transfers_of_an_account_include_its_spends,
     the_operator_log_keeps_who_did_what,

@@ -4,6 +4,7 @@
 
 use crate::limits::{HISTORY_LIMIT_MAX, LIST_LIMIT_MAX};
 use serde::{Deserialize, Serialize};
+use stipend_agents::Agents;
 use stipend_gateway::KeyRing;
 use stipend_ledger::units::format_utc;
 use stipend_ledger::{
@@ -117,6 +118,12 @@ pub enum Request {
         /// At most this many.
         limit: usize,
     },
+    /// Closes an account for good: keys revoked, runs and transcripts erased, the balance back to
+    /// the issuer, the name erased (the amounts stay under an anonymous id).
+    CloseAccount {
+        /// The account's name.
+        name: String,
+    },
     /// The transparency report of the period that began at `period_start` (RFC 3339), or of the
     /// last complete one (made and kept now if it was not yet).
     Report {
@@ -221,6 +228,7 @@ impl Request {
             Request::ListActions { .. } => "audit",
             Request::ExportAccount { .. } => "account export",
             Request::Report { .. } => "report",
+            Request::CloseAccount { .. } => "account close",
         }
     }
 }
@@ -334,6 +342,17 @@ pub enum Response {
     Export {
         /// The export.
         export: serde_json::Value,
+    },
+    /// An account closed.
+    Closed {
+        /// The anonymous name its amounts stay under.
+        account: String,
+        /// What went back to the issuer, in cu.
+        returned_cu: u64,
+        /// Keys revoked.
+        keys_revoked: usize,
+        /// Agent runs erased.
+        runs_erased: usize,
     },
     /// A period's transparency report, and the privacy budget every report has spent.
     Report {
@@ -494,10 +513,11 @@ pub enum CommandError {
 pub fn execute(
     ledger: &dyn Books,
     keys: &KeyRing,
+    agents: Option<&Agents>,
     request: Request,
 ) -> Result<Response, CommandError> {
     let asked = request.clone();
-    let response = run(ledger, keys, request)?;
+    let response = run(ledger, keys, agents, request)?;
     if let Some(action) = operator_action(ledger, &asked, &response) {
         // The change is made: a log that cannot be written is said, not undone.
         if let Err(error) = ledger.store().record_action(&action) {
@@ -572,6 +592,15 @@ fn operator_action(
         | Request::Report { .. }
         | Request::ListActions { .. } => return None,
         Request::ExportAccount { name } => ("account export", id(name), None, None),
+        // By id: the name is gone, and the log never held it.
+        Request::CloseAccount { .. } => match response {
+            Response::Closed {
+                account,
+                returned_cu,
+                ..
+            } => ("account close", id(account), None, Some(*returned_cu)),
+            _ => return None,
+        },
     };
     Some(stipend_ledger::OperatorAction {
         at_ms: ledger.now_ms(),
@@ -583,7 +612,12 @@ fn operator_action(
     })
 }
 
-fn run(ledger: &dyn Books, keys: &KeyRing, request: Request) -> Result<Response, CommandError> {
+fn run(
+    ledger: &dyn Books,
+    keys: &KeyRing,
+    agents: Option<&Agents>,
+    request: Request,
+) -> Result<Response, CommandError> {
     match request {
         Request::CreateKey { account } => {
             let id = ledger.account_id(&account)?;
@@ -678,9 +712,29 @@ fn run(ledger: &dyn Books, keys: &KeyRing, request: Request) -> Result<Response,
         Request::ExportAccount { name } => {
             let id = ledger.account_id(&name)?;
             let view = ledger.view(id)?;
-            let export =
-                stipend_web::me::export(ledger, keys, view, &|_| None, serde_json::json!([]))?;
+            // The runs, with their transcripts, where a server runs them.
+            let runs = agents
+                .map(|agents| serde_json::to_value(agents.list(id)).unwrap_or_default())
+                .unwrap_or_else(|| serde_json::json!([]));
+            let model_of = |sink: AccountId| {
+                ledger.view(sink).ok().and_then(|view| {
+                    view.name
+                        .strip_prefix(stipend_ledger::SINK_NAME_PREFIX)
+                        .map(str::to_string)
+                })
+            };
+            let export = stipend_web::me::export(ledger, keys, view, &model_of, runs)?;
             Ok(Response::Export { export })
+        }
+        Request::CloseAccount { name } => {
+            let id = ledger.account_id(&name)?;
+            let closed = stipend_web::me::close(ledger, keys, agents, id)?;
+            Ok(Response::Closed {
+                account: closed.anonymous_name,
+                returned_cu: closed.returned_cu,
+                keys_revoked: closed.keys_revoked,
+                runs_erased: closed.runs_erased,
+            })
         }
         Request::Report {
             period_start,
@@ -1055,6 +1109,19 @@ pub fn render(response: &Response) -> String {
             epsilon_spent,
             reports,
         } => render_report(published, *epsilon_spent, *reports, &mut out),
+        Response::Closed {
+            account,
+            returned_cu,
+            keys_revoked,
+            runs_erased,
+        } => {
+            let _ = writeln!(
+                out,
+                "closed: now {account}; {} back to the issuer; {keys_revoked} keys revoked; \
+                 {runs_erased} agent runs erased",
+                amount(*returned_cu as i64)
+            );
+        }
         Response::Actions { actions, .. } => {
             if actions.is_empty() {
                 let _ = writeln!(out, "no operator actions yet");

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use stipend_agents::Agents;
 use stipend_gateway::KeyRing;
 use stipend_ledger::Books;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -65,7 +66,12 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 }
 
 /// Accepts control connections until the task is dropped.
-pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<dyn Books>, keys: KeyRing) {
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    ledger: Arc<dyn Books>,
+    keys: KeyRing,
+    agents: Option<Arc<Agents>>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS_MAX));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -82,8 +88,9 @@ pub async fn serve(listener: tokio::net::UnixListener, ledger: Arc<dyn Books>, k
         };
         let ledger = Arc::clone(&ledger);
         let keys = keys.clone();
+        let agents = agents.clone();
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, ledger, keys).await {
+            if let Err(error) = handle(stream, ledger, keys, agents).await {
                 tracing::warn!(%error, "control connection failed");
             }
             drop(slot);
@@ -95,6 +102,7 @@ async fn handle(
     stream: tokio::net::UnixStream,
     ledger: Arc<dyn Books>,
     keys: KeyRing,
+    agents: Option<Arc<Agents>>,
 ) -> anyhow::Result<()> {
     // The directory's mode already keeps other users out; this holds even if it is changed.
     let peer = stream.peer_cred()?.uid();
@@ -127,7 +135,8 @@ async fn handle(
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             tracing::info!(command = request.name(), "control command");
-            match tokio::task::spawn_blocking(move || execute(&*ledger, &keys, request)).await {
+            let run = move || execute(&*ledger, &keys, agents.as_deref(), request);
+            match tokio::task::spawn_blocking(run).await {
                 Ok(Ok(response)) => Reply::Ok(response),
                 Ok(Err(error)) => Reply::Error {
                     message: error.to_string(),

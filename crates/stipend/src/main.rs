@@ -289,6 +289,16 @@ enum AccountCommand {
         /// The account's name.
         name: String,
     },
+    /// Close an account for good: its keys revoked, its agent runs and their transcripts
+    /// erased, its balance back to the issuer, its name erased (its amounts stay in the ledger
+    /// under an anonymous id). Cannot be undone. Written to the operator log.
+    Close {
+        /// The account's name.
+        name: String,
+        /// Yes, close it: without this nothing happens.
+        #[arg(long)]
+        confirm: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -459,6 +469,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit: limit as usize,
         },
         Command::Account(AccountCommand::Export { name }) => Request::ExportAccount { name },
+        Command::Account(AccountCommand::Close { name, confirm }) => {
+            if !confirm {
+                anyhow::bail!(
+                    "closing {name:?} cannot be undone: its keys are revoked, its agent runs and \
+                     their transcripts erased, its name erased, and its balance goes back to the \
+                     issuer; run again with --confirm to go ahead"
+                );
+            }
+            Request::CloseAccount { name }
+        }
         Command::Account(AccountCommand::Show { name, history }) => {
             Request::ShowAccount { name, history }
         }
@@ -592,12 +612,12 @@ fn send(config: &Config, request: Request) -> anyhow::Result<Response> {
             store as std::sync::Arc<dyn stipend_ledger::Store>,
             books.issuer(),
         );
-        return Ok(execute(books.as_ref(), &keys, request)?);
+        return Ok(execute(books.as_ref(), &keys, None, request)?);
     }
     match serve::open_ledger(config) {
         Ok(ledger) => {
             let keys = stipend_gateway::KeyRing::new(ledger.store(), ledger.issuer());
-            Ok(execute(&ledger, &keys, request)?)
+            Ok(execute(&ledger, &keys, None, request)?)
         }
         Err(error)
             if matches!(

@@ -157,6 +157,73 @@ fn load_embedded(
     Ok(model)
 }
 
+/// The policy this server applies, in one line: the stipend, each model's prices, the
+/// transparency report's ε and clipping bound.
+fn policy_in_force(config: &Config, gateway: &Gateway) -> String {
+    let policy = &config.policy;
+    let models: Vec<String> = gateway
+        .models
+        .values()
+        .map(|model| {
+            format!(
+                "{} {}/{} cu a token",
+                model.name, model.price_prompt_cu, model.price_completion_cu
+            )
+        })
+        .collect();
+    format!(
+        "stipend {} cu every {}, rollover up to {} cu; models: {}; transparency ε {} clipped at {} cu",
+        policy.amount_cu(),
+        stipend_ledger::units::format_duration(policy.period()),
+        policy.rollover_max_cu(),
+        if models.is_empty() {
+            "none".to_string()
+        } else {
+            models.join(", ")
+        },
+        config.web.transparency.epsilon,
+        config.web.transparency.clip_cu(policy),
+    )
+}
+
+/// Writes the policy to the operator log when it differs from the last one logged (action
+/// `policy`, actor `config`): an operator's change to the config is an operator action too.
+fn log_policy_change(books: &dyn Books, policy: &str) {
+    let store = books.store();
+    let mut before = None;
+    let last = loop {
+        let page = match store.actions(before, 1_000) {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the operator log");
+                return;
+            }
+        };
+        if let Some((_, action)) = page.iter().find(|(_, action)| action.action == "policy") {
+            break action.object.clone();
+        }
+        match page.last() {
+            Some((seq, _)) if page.len() == 1_000 => before = Some(*seq),
+            _ => break None,
+        }
+    };
+    if last.as_deref() == Some(policy) {
+        return;
+    }
+    let entry = stipend_ledger::OperatorAction {
+        at_ms: books.now_ms(),
+        actor: "config".to_string(),
+        action: "policy".to_string(),
+        account: None,
+        object: Some(policy.to_string()),
+        amount_cu: Some(books.policy().amount_cu()),
+    };
+    match store.record_action(&entry) {
+        Ok(()) => tracing::info!(policy, "policy in force logged"),
+        Err(error) => tracing::warn!(%error, "cannot write the operator log"),
+    }
+}
+
 /// Builds the gateway's models: a sink account each, and an upstream client or a loaded model.
 fn build_gateway(
     config: &Config,
@@ -426,6 +493,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("the model loading task failed")??
     };
     let gateway = Arc::new(gateway);
+    {
+        let policy = policy_in_force(&config, &gateway);
+        let books = Arc::clone(&engine.books);
+        tokio::task::spawn_blocking(move || log_policy_change(books.as_ref(), &policy))
+            .await
+            .context("the policy check failed")?;
+    }
     let http = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
@@ -466,7 +540,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let control_task = tokio::spawn(control::serve(listener, Arc::clone(&engine.books), keys));
     // The single-node engine voids timed-out reservations on a timer; a node's reservations
     // end with their calls and its leases by its own writer.
     let sweeper = engine.local.clone().map(|ledger| {
@@ -564,6 +637,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if resumed > 0 {
         println!("Resumed {resumed} agent runs where they were.");
     }
+    // The CLI's commands, on this server's books, keys and agents.
+    let control_task = tokio::spawn(control::serve(
+        listener,
+        Arc::clone(&engine.books),
+        keys.clone(),
+        Some(Arc::clone(&agents)),
+    ));
     let mut http_task = tokio::spawn({
         let web = stipend_web::Web::new(
             Arc::clone(&gateway),

@@ -749,6 +749,13 @@ async fn the_operator_log_says_who_changed_what_and_nothing_of_what_people_do() 
                 Some(2_000)
             ),
             ("cli".into(), "grant".into(), "bob".into(), Some(7_000)),
+            // The policy the server started with: its first start logs it.
+            (
+                "config".into(),
+                "policy".into(),
+                String::new(),
+                Some(10_000_000)
+            ),
             (
                 "cli".into(),
                 "operator key create".into(),
@@ -766,9 +773,38 @@ async fn the_operator_log_says_who_changed_what_and_nothing_of_what_people_do() 
     assert_eq!(first["data"].as_array().unwrap().len(), 2);
     let before = first["next_before"].as_i64().unwrap();
     let (_, rest) = admin.get(&format!("audit?before={before}")).await;
-    assert_eq!(rest["data"].as_array().unwrap().len(), 4);
+    assert_eq!(rest["data"].as_array().unwrap().len(), 5);
     let text = String::from_utf8_lossy(&env.run(&["audit"]).stdout).to_string();
     assert!(text.contains("grant  bob  7 TFLOP"), "{text}");
+    let policy = actions[2]["object"].as_str().unwrap().to_string();
+    assert!(
+        policy.contains("stipend 10000000 cu every 3650d")
+            && policy.contains("echo 16/16 cu a token"),
+        "{policy}"
+    );
+    // Started again on the same config: nothing new. On a changed one: the change is logged.
+    drop(server);
+    let server = Server::start(&env);
+    let policies = |env: &Env| -> Vec<String> {
+        env.json(&["audit"])["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|action| action["action"] == "policy")
+            .map(|action| action["object"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(policies(&env), std::slice::from_ref(&policy));
+    drop(server);
+    let changed = format!(
+        "transparency_epsilon = 0.5\n{}",
+        std::fs::read_to_string(env.config()).unwrap()
+    );
+    std::fs::write(env.config(), changed).unwrap();
+    let server = Server::start(&env);
+    let logged = policies(&env);
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert!(logged[0].contains("transparency ε 0.5"), "{logged:?}");
     drop(server);
 }
 

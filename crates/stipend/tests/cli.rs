@@ -16,7 +16,7 @@ fn operator_commands_work_directly_on_the_store() {
     let output = env.run(&["ledger", "verify"]);
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.starts_with("ok: 4 accounts and 5 transfers"), "{text}");
+    assert!(text.starts_with("ok: 4 accounts and 6 transfers"), "{text}");
 }
 
 #[test]

@@ -60,12 +60,14 @@ fn gini(values: &[u64]) -> f64 {
     differences / (2.0 * n * total)
 }
 
-/// `value` is within four error bars of `truth` (a miss has a chance of 0.05⁴ for each number).
-fn near(estimate: &Value, truth: f64) {
+/// `value` is within four error bars of `truth` (a miss has a chance of 0.05⁴ for each number),
+/// give or take `slack`: a count's bar may be 0 when its noise is 0 in over 95 % of draws, and
+/// then the noise is ±1 or ±2 (under 4 % and 0.002 % of draws at this ε).
+fn near(estimate: &Value, truth: f64, slack: f64) {
     let value = estimate["value"].as_f64().unwrap();
     let error95 = estimate["error95"].as_f64().unwrap();
     assert!(
-        (value - truth).abs() <= 4.0 * error95 + 1e-9,
+        (value - truth).abs() <= 4.0 * error95 + slack + 1e-9,
         "{estimate} is far from {truth}"
     );
 }
@@ -151,14 +153,14 @@ async fn a_period_report_is_made_once_and_published_everywhere_the_same() {
         report["period_end"],
         stipend_ledger::units::format_utc(period_start_ms + PERIOD_MS)
     );
-    near(&report["people_with_stipend"], 12.0);
-    near(&report["people_active"], 11.0);
-    near(&report["used_cu"], used_total as f64);
-    near(&report["models"][0]["used_cu"], used_total as f64);
+    near(&report["people_with_stipend"], 12.0, 2.0);
+    near(&report["people_active"], 11.0, 2.0);
+    near(&report["used_cu"], used_total as f64, 2.0);
+    near(&report["models"][0]["used_cu"], used_total as f64, 2.0);
     assert_eq!(report["models"][0]["model"], "echo");
     // Everyone was granted the whole stipend, clipped.
-    near(&report["granted_cu"], (12 * CLIP_CU) as f64);
-    near(&report["gini"], gini(&used));
+    near(&report["granted_cu"], (12 * CLIP_CU) as f64, 2.0);
+    near(&report["gini"], gini(&used), 0.0);
     let lorenz = report["lorenz"].as_array().unwrap();
     assert_eq!(lorenz.len(), 11);
     assert_eq!(lorenz[0]["value"], 0.0);
@@ -167,8 +169,8 @@ async fn a_period_report_is_made_once_and_published_everywhere_the_same() {
     sorted.sort_unstable();
     // The poorest half: the six lightest users, exactly (12 people).
     let half: u64 = sorted[..6].iter().sum();
-    near(&lorenz[5], half as f64 / used_total as f64);
-    near(&report["median_cu"], sorted[5] as f64);
+    near(&lorenz[5], half as f64 / used_total as f64, 0.0);
+    near(&report["median_cu"], sorted[5] as f64, 2.0);
     for key in ["top_1pct_share", "top_10pct_share"] {
         assert!(report[key]["value"].as_f64().unwrap() <= 1.0, "{report}");
     }

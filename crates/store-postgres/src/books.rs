@@ -39,6 +39,44 @@ struct Locked {
     held_cu: i64,
 }
 
+/// Brings locked rows up to date (due stipends and expiries); the transfers that did it.
+fn bring_rows_up_to_date(
+    policy: &StipendPolicy,
+    rows: &mut [Locked],
+    issuer: AccountId,
+    now_ms: i64,
+) -> Result<Vec<Transfer>, LedgerError> {
+    let mut transfers = Vec::new();
+    for row in rows {
+        let due = bring_up_to_date(
+            policy,
+            &mut row.record,
+            row.held_cu as u64,
+            issuer,
+            now_ms,
+            &mut TransferId::random,
+        )
+        .map_err(|error| store_error(corrupt(error)))?;
+        transfers.extend(due);
+    }
+    Ok(transfers)
+}
+
+/// Writes locked rows back and appends the transfers that changed them.
+async fn write_rows(
+    transaction: &impl GenericClient,
+    rows: &[Locked],
+    transfers: &[Transfer],
+) -> Result<(), LedgerError> {
+    for row in rows {
+        write_row(transaction, &row.record, row.held_cu)
+            .await
+            .map_err(store_error)?;
+    }
+    append(transaction, transfers).await.map_err(store_error)?;
+    Ok(())
+}
+
 async fn lock_rows(
     client: &impl GenericClient,
     ids: &[AccountId],
@@ -291,29 +329,10 @@ impl PostgresBooks {
                         return Ok(posted);
                     }
                     let mut rows = lock_rows(&transaction, &ids).await?;
-                    let mut transfers = Vec::new();
-                    for row in &mut rows {
-                        let due = bring_up_to_date(
-                            &policy,
-                            &mut row.record,
-                            row.held_cu as u64,
-                            issuer,
-                            now_ms,
-                            &mut TransferId::random,
-                        )
-                        .map_err(|error| store_error(corrupt(error)))?;
-                        transfers.extend(due);
-                    }
+                    let mut transfers = bring_rows_up_to_date(&policy, &mut rows, issuer, now_ms)?;
                     change(&mut rows, &candidate)?;
                     transfers.push(candidate);
-                    for row in &rows {
-                        write_row(&transaction, &row.record, row.held_cu)
-                            .await
-                            .map_err(store_error)?;
-                    }
-                    append(&transaction, &transfers)
-                        .await
-                        .map_err(store_error)?;
+                    write_rows(&transaction, &rows, &transfers).await?;
                     Ok(Posted {
                         transfer: candidate,
                         replayed: false,
@@ -620,6 +639,82 @@ impl Books for PostgresBooks {
             tracing::info!(from = %from, to = %to, amount_cu, "gift");
         }
         Ok(posted)
+    }
+
+    fn close(&self, id: AccountId) -> Result<Option<Posted>, LedgerError> {
+        let policy = self.policy;
+        let issuer = self.issuer;
+        let now_ms = self.clock.now_ms();
+        let closed = self.store.read(move |client| {
+            Box::pin(async move {
+                let transaction = client.transaction().await.map_err(pg)?;
+                let result = async {
+                    let mut rows = lock_rows(&transaction, &[id, issuer]).await?;
+                    let kind = rows[0].record.kind;
+                    if kind == AccountKind::Closed {
+                        return Ok(None);
+                    }
+                    if !matches!(kind, AccountKind::Person | AccountKind::Pool) {
+                        return Err(LedgerError::WrongKind {
+                            account: id,
+                            kind,
+                            operation: "be closed",
+                        });
+                    }
+                    // Compute leased to servers is in calls' hands until the leases end.
+                    if rows[0].held_cu > 0 {
+                        return Err(LedgerError::AccountBusy {
+                            account: id,
+                            reserved_cu: rows[0].held_cu as u64,
+                        });
+                    }
+                    let mut transfers = bring_rows_up_to_date(&policy, &mut rows, issuer, now_ms)?;
+                    let closure = Transfer {
+                        id: TransferId::random(),
+                        kind: TransferKind::Closure,
+                        debit: id,
+                        credit: issuer,
+                        amount_cu: rows[0].record.balance_cu.max(0) as u64,
+                        created_at_ms: now_ms,
+                        lot_expires_at_ms: None,
+                        period: None,
+                    };
+                    let (closing, issuing) = rows.split_at_mut(1);
+                    give(&mut closing[0].record, &mut issuing[0].record, &closure)
+                        .map_err(|error| store_error(corrupt(error)))?;
+                    transfers.push(closure);
+                    write_rows(&transaction, &rows, &transfers).await?;
+                    Ok(Some(Posted {
+                        transfer: closure,
+                        replayed: false,
+                    }))
+                }
+                .await;
+                match result {
+                    Ok(posted) => {
+                        transaction.commit().await.map_err(pg)?;
+                        Ok(Ok(posted))
+                    }
+                    Err(error) => Ok(Err(error)),
+                }
+            })
+        })??;
+        if let Some(posted) = &closed {
+            tracing::info!(account = %id, amount_cu = posted.transfer.amount_cu, "account closed");
+        }
+        Ok(closed)
+    }
+
+    fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), LedgerError> {
+        let kind = self.view(id)?.kind;
+        if kind != AccountKind::Closed {
+            return Err(LedgerError::WrongKind {
+                account: id,
+                kind,
+                operation: "lose its name (close it first)",
+            });
+        }
+        Ok(self.store.erase_names(id, anonymous_name)?)
     }
 
     fn history(&self, id: AccountId, limit: usize) -> Result<Vec<Transfer>, LedgerError> {

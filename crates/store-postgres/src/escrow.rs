@@ -45,7 +45,7 @@ pub(crate) async fn write_row(
     client
         .execute(
             "UPDATE accounts SET balance_cu = $2, lots = $3, stipend_period = $4, usage = $5,
-                                 held_cu = $6, next_expiry_ms = $7
+                                 held_cu = $6, next_expiry_ms = $7, kind = $8
              WHERE id = $1",
             &[
                 &(record.id.0 as i64),
@@ -55,6 +55,7 @@ pub(crate) async fn write_row(
                 &usage_json(&record.usage)?,
                 &held_cu,
                 &next_expiry_ms(&record.lots),
+                &record.kind.as_str(),
             ],
         )
         .await

@@ -960,7 +960,9 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
         let mut periods = Vec::with_capacity(updates.len());
         let mut usages = Vec::with_capacity(updates.len());
         let mut expiries = Vec::with_capacity(updates.len());
+        let mut kinds = Vec::with_capacity(updates.len());
         for update in updates {
+            kinds.push(update.kind.as_str());
             expiries.push(stipend_ledger::escrow::next_expiry_ms(&update.lots));
             ids.push(update.id.0 as i64);
             balances.push(update.balance_cu);
@@ -973,12 +975,12 @@ async fn commit(writer: &mut Writer, batch: Batch) -> Result<(), StoreError> {
                 "UPDATE accounts AS a
                  SET balance_cu = u.balance_cu, lots = u.lots,
                      stipend_period = u.stipend_period, usage = u.usage,
-                     next_expiry_ms = u.next_expiry_ms
+                     next_expiry_ms = u.next_expiry_ms, kind = u.kind
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[],
-                             $6::bigint[])
-                     AS u(id, balance_cu, lots, stipend_period, usage, next_expiry_ms)
+                             $6::bigint[], $7::text[])
+                     AS u(id, balance_cu, lots, stipend_period, usage, next_expiry_ms, kind)
                  WHERE a.id = u.id",
-                &[&ids, &balances, &lots, &periods, &usages, &expiries],
+                &[&ids, &balances, &lots, &periods, &usages, &expiries, &kinds],
             )
             .await
             .map_err(pg)?;
@@ -1285,6 +1287,59 @@ impl Store for PostgresStore {
                     .iter()
                     .map(|row| (AccountId(row.get::<_, i64>(0) as u64), row.get(1)))
                     .collect())
+            })
+        })
+    }
+
+    fn journal_starts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query("SELECT run, record FROM agent_journal WHERE seq = 0", &[])
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+            })
+        })
+    }
+
+    fn journal_erase(&self, run: &str) -> Result<(), StoreError> {
+        let run = run.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                client
+                    .execute("DELETE FROM agent_journal WHERE run = $1", &[&run])
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), StoreError> {
+        let name = anonymous_name.to_string();
+        let skeleton = account_name_skeleton(anonymous_name);
+        self.read(move |client| {
+            Box::pin(async move {
+                let transaction = client.transaction().await.map_err(pg)?;
+                let changed = transaction
+                    .execute(
+                        "UPDATE accounts SET name = $2, skeleton = $3 WHERE id = $1",
+                        &[&(id.0 as i64), &name, &skeleton],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if changed != 1 {
+                    return Err(StoreError::Io(format!("no account {id} to rename")));
+                }
+                transaction
+                    .execute(
+                        "UPDATE keys SET name = NULL WHERE account_id = $1",
+                        &[&(id.0 as i64)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                transaction.commit().await.map_err(pg)
             })
         })
     }

@@ -76,6 +76,7 @@ fn commits_read_back_the_same_and_survive_reopen() {
                 transfers: vec![gift(44, 2)],
                 checkpoint: Some(vec![AccountUpdate {
                     id: AccountId(2),
+                    kind: AccountKind::Person,
                     balance_cu: 5,
                     lots: vec![lot],
                     stipend_period: Some(7),

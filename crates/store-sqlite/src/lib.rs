@@ -146,6 +146,60 @@ CREATE TABLE reports (
 "#,
 ];
 
+/// Adds what keys spent, in one transaction; each key's total afterwards.
+fn add_key_spends_on(
+    connection: &mut Connection,
+    spends: &[KeySpend],
+) -> Result<Vec<u64>, StoreError> {
+    let transaction = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(io)?;
+    let mut totals = Vec::with_capacity(spends.len());
+    {
+        let mut statement = transaction
+            .prepare_cached(
+                "UPDATE keys SET
+                     cap_spent_cu = CASE WHEN cap_period = ?2 THEN cap_spent_cu + ?3 ELSE ?3 END,
+                     cap_period = ?2
+                 WHERE id = ?1 AND (cap_period IS NULL OR cap_period <= ?2)
+                 RETURNING cap_spent_cu",
+            )
+            .map_err(io)?;
+        for spend in spends {
+            let total: Option<i64> = statement
+                .query_row(
+                    params![
+                        spend.id,
+                        spend.period,
+                        spend.spent_cu.min(i64::MAX as u64) as i64
+                    ],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(io)?;
+            totals.push(total.unwrap_or(0).max(0) as u64);
+        }
+    }
+    transaction.commit().map_err(io)?;
+    Ok(totals)
+}
+
+/// Runs `write` with what it frees zeroed in the file (`secure_delete`): for rows that hold a
+/// name, so that no old copy of one stays behind a rewrite.
+fn zeroing<T>(
+    connection: &Connection,
+    write: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    connection
+        .execute_batch("PRAGMA secure_delete = ON")
+        .map_err(io)?;
+    let result = write(connection);
+    connection
+        .execute_batch("PRAGMA secure_delete = OFF")
+        .map_err(io)?;
+    result
+}
+
 /// How many idle read connections are kept.
 const READERS_IDLE_MAX: usize = 8;
 
@@ -761,9 +815,17 @@ impl Store for SqliteStore {
             }
         }
         if let Some(updates) = &batch.checkpoint {
+            // A rewritten row's old copy is zeroed, not left in the page: an account's name then
+            // lives in one place only, which closing the account overwrites. `FAST` zeroes it in
+            // the page being written anyway, at no extra I/O (docs/benchmarks.md: within the
+            // noise of the settle benchmark); the appends above, the bulk, free nothing.
+            transaction
+                .execute_batch("PRAGMA secure_delete = FAST")
+                .map_err(io)?;
             let mut update_account = transaction
                 .prepare_cached(
-                    "UPDATE accounts SET balance_cu = ?2, lots = ?3, stipend_period = ?4, usage = ?5
+                    "UPDATE accounts SET balance_cu = ?2, lots = ?3, stipend_period = ?4, usage = ?5,
+                                         kind = ?6
                      WHERE id = ?1",
                 )
                 .map_err(io)?;
@@ -775,12 +837,17 @@ impl Store for SqliteStore {
                         lots_json(&update.lots)?,
                         update.stipend_period,
                         usage_json(&update.usage)?,
+                        update.kind.as_str(),
                     ])
                     .map_err(io)?;
                 if changed != 1 {
                     return Err(corrupt(format!("update of missing account {}", update.id)));
                 }
             }
+            drop(update_account);
+            transaction
+                .execute_batch("PRAGMA secure_delete = OFF")
+                .map_err(io)?;
             transaction
                 .execute(
                     "UPDATE meta SET value = (SELECT COALESCE(MAX(seq), 0) FROM transfers)
@@ -826,13 +893,14 @@ impl Store for SqliteStore {
     }
 
     fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
-        let changed = self
-            .writer()?
-            .execute(
-                "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
-                params![id, at_ms],
-            )
-            .map_err(io)?;
+        let changed = zeroing(&*self.writer()?, |writer| {
+            writer
+                .execute(
+                    "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
+                    params![id, at_ms],
+                )
+                .map_err(io)
+        })?;
         Ok(changed == 1)
     }
 
@@ -864,6 +932,54 @@ impl Store for SqliteStore {
                 .map_err(io)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(io)
         })
+    }
+
+    fn journal_starts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT run, record FROM agent_journal WHERE seq = 0")
+                .map_err(io)?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        })
+    }
+
+    fn journal_erase(&self, run: &str) -> Result<(), StoreError> {
+        stipend_ledger::RunJournal::journal_delete(self, run)
+    }
+
+    fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), StoreError> {
+        let writer = self.writer()?;
+        // As a journal's deletion: the old name is overwritten in the file, in the table and
+        // both its indexes, and the log's frames that held it are dropped (if no reader holds
+        // them now, else at a later checkpoint).
+        zeroing(&writer, |writer| {
+            let transaction = writer.unchecked_transaction().map_err(io)?;
+            let changed = transaction
+                .execute(
+                    "UPDATE accounts SET name = ?2, skeleton = ?3 WHERE id = ?1",
+                    params![
+                        id.0 as i64,
+                        anonymous_name,
+                        account_name_skeleton(anonymous_name)
+                    ],
+                )
+                .map_err(io)?;
+            if changed != 1 {
+                return Err(StoreError::Io(format!("no account {id} to rename")));
+            }
+            transaction
+                .execute(
+                    "UPDATE keys SET name = NULL WHERE account_id = ?1",
+                    params![id.0 as i64],
+                )
+                .map_err(io)?;
+            transaction.commit().map_err(io)
+        })?;
+        let _ = writer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        Ok(())
     }
 
     fn report(&self, period_start_ms: i64) -> Result<Option<String>, StoreError> {
@@ -974,57 +1090,37 @@ impl Store for SqliteStore {
     }
 
     fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
-        let changed = self
-            .writer()?
-            .execute("UPDATE keys SET name = ?2 WHERE id = ?1", params![id, name])
-            .map_err(io)?;
+        let changed = zeroing(&*self.writer()?, |writer| {
+            writer
+                .execute("UPDATE keys SET name = ?2 WHERE id = ?1", params![id, name])
+                .map_err(io)
+        })?;
         Ok(changed == 1)
     }
 
     fn set_key_cap(&self, id: &str, cap_cu: Option<u64>) -> Result<bool, StoreError> {
-        let changed = self
-            .writer()?
-            .execute(
-                "UPDATE keys SET cap_cu = ?2 WHERE id = ?1",
-                params![id, cap_cu.map(|cap| cap.min(i64::MAX as u64) as i64)],
-            )
-            .map_err(io)?;
+        let changed = zeroing(&*self.writer()?, |writer| {
+            writer
+                .execute(
+                    "UPDATE keys SET cap_cu = ?2 WHERE id = ?1",
+                    params![id, cap_cu.map(|cap| cap.min(i64::MAX as u64) as i64)],
+                )
+                .map_err(io)
+        })?;
         Ok(changed == 1)
     }
 
     fn add_key_spends(&self, spends: &[KeySpend]) -> Result<Vec<u64>, StoreError> {
         let mut connection = self.writer()?;
-        let transaction = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+        // A key's row holds its name: its old copies are zeroed as it is rewritten.
+        connection
+            .execute_batch("PRAGMA secure_delete = ON")
             .map_err(io)?;
-        let mut totals = Vec::with_capacity(spends.len());
-        {
-            let mut statement = transaction
-                .prepare_cached(
-                    "UPDATE keys SET
-                         cap_spent_cu = CASE WHEN cap_period = ?2 THEN cap_spent_cu + ?3 ELSE ?3 END,
-                         cap_period = ?2
-                     WHERE id = ?1 AND (cap_period IS NULL OR cap_period <= ?2)
-                     RETURNING cap_spent_cu",
-                )
-                .map_err(io)?;
-            for spend in spends {
-                let total: Option<i64> = statement
-                    .query_row(
-                        params![
-                            spend.id,
-                            spend.period,
-                            spend.spent_cu.min(i64::MAX as u64) as i64
-                        ],
-                        |row| row.get(0),
-                    )
-                    .optional()
-                    .map_err(io)?;
-                totals.push(total.unwrap_or(0).max(0) as u64);
-            }
-        }
-        transaction.commit().map_err(io)?;
-        Ok(totals)
+        let totals = add_key_spends_on(&mut connection, spends);
+        connection
+            .execute_batch("PRAGMA secure_delete = OFF")
+            .map_err(io)?;
+        totals
     }
 
     fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -1346,20 +1442,14 @@ impl stipend_ledger::RunJournal for SqliteStore {
 
     fn journal_delete(&self, run: &str) -> Result<(), StoreError> {
         let writer = self.writer()?;
-        // A journal holds a person's transcript: what is deleted is overwritten in the file
-        // (`secure_delete`), and the log's frames that still held it are dropped by emptying
-        // the log (if no reader holds it now, else at a later checkpoint).
-        writer
-            .execute_batch("PRAGMA secure_delete = ON")
-            .map_err(io)?;
-        let deleted = writer
-            .execute("DELETE FROM agent_journal WHERE run = ?1", params![run])
-            .map_err(io);
-        // Only here: the ledger's own writes need not pay for it.
-        writer
-            .execute_batch("PRAGMA secure_delete = OFF")
-            .map_err(io)?;
-        deleted?;
+        // A journal holds a person's transcript: what is deleted is overwritten in the file, and
+        // the log's frames that still held it are dropped by emptying the log (if no reader
+        // holds it now, else at a later checkpoint).
+        zeroing(&writer, |writer| {
+            writer
+                .execute("DELETE FROM agent_journal WHERE run = ?1", params![run])
+                .map_err(io)
+        })?;
         let _ = writer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
         Ok(())
     }
@@ -1461,6 +1551,7 @@ mod tests {
                 checkpoint: Some(vec![
                     AccountUpdate {
                         id: AccountId(1),
+                        kind: AccountKind::Person,
                         balance_cu: -5,
                         lots: vec![],
                         stipend_period: None,
@@ -1468,6 +1559,7 @@ mod tests {
                     },
                     AccountUpdate {
                         id: AccountId(2),
+                        kind: AccountKind::Person,
                         balance_cu: 5,
                         lots: vec![Lot {
                             remaining_cu: 5,

@@ -111,6 +111,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/approvals/{id}", post(agents::decide))
         .route("/fragments/agents", get(agents::fragment))
         .route("/v1/me/export", get(me::export_route))
+        .route("/v1/me", axum::routing::delete(me::close_route))
         .route("/v1/transparency", get(transparency::route))
         .route("/transparency", get(transparency::page_route))
         .route(STYLESHEET_PATH, get(stylesheet))

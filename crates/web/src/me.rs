@@ -3,6 +3,10 @@
 //! received (spends included), its usage counts, its keys' metadata (never a secret) and its
 //! agent runs. Nothing of anyone else: another account appears only by name, as the other side
 //! of the person's own transfer.
+//!
+//! `DELETE /v1/me?confirm=NAME` closes the account for good ([`close`], which `stipend account
+//! close` runs too): keys revoked, runs and transcripts erased, the balance back to the issuer,
+//! the name erased.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,10 +16,15 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use stipend_agents::Agents;
 use stipend_gateway::ApiError;
 use stipend_gateway::KeyRing;
 use stipend_ledger::units::format_utc;
-use stipend_ledger::{AccountId, AccountView, Books, LedgerError};
+use stipend_ledger::{
+    AccountId, AccountKind, AccountView, Books, CLOSED_NAME_PREFIX, LedgerError, TransferId,
+};
+
+use crate::limits::PEOPLE_SCANNED_PAGE;
 
 use crate::Web;
 
@@ -158,4 +167,165 @@ pub fn export(
         "keys": keys,
         "agent_runs": agent_runs,
     }))
+}
+
+/// What closing an account did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The anonymous name the account's amounts stay under.
+    pub anonymous_name: String,
+    /// What went back to the issuer, in cu.
+    pub returned_cu: u64,
+    /// Keys revoked.
+    pub keys_revoked: usize,
+    /// Agent runs whose transcripts were erased.
+    pub runs_erased: usize,
+}
+
+/// Closes `account` for good: its keys revoked, its agent runs stopped and their transcripts
+/// erased (through `agents` where they run here, and from the journal whichever server wrote
+/// them), its whole balance back to the issuer (`Books::close`), and its name and its keys'
+/// names erased (`Books::erase_names`). The ledger keeps its amounts under an anonymous id, so
+/// double entry holds. Closing a closed account again finishes what a failure interrupted.
+/// Blocking: call it on a blocking thread inside the runtime when `agents` is given.
+pub fn close(
+    books: &dyn Books,
+    keys: &KeyRing,
+    agents: Option<&Agents>,
+    account: AccountId,
+) -> Result<Closed, LedgerError> {
+    let view = books.view(account)?;
+    if !matches!(
+        view.kind,
+        AccountKind::Person | AccountKind::Pool | AccountKind::Closed
+    ) {
+        return Err(LedgerError::WrongKind {
+            account,
+            kind: view.kind,
+            operation: "be closed",
+        });
+    }
+    // No key opens anything of it from now on.
+    let now_ms = books.now_ms();
+    let mut keys_revoked = 0;
+    for key in keys.list(account)? {
+        if key.revoked_at_ms.is_none() && keys.revoke(&key.id, now_ms)? {
+            keys_revoked += 1;
+        }
+    }
+    // Runs stop and give back what they hold before the balance is taken.
+    let mut runs_erased = 0;
+    if let Some(agents) = agents {
+        let handle = tokio::runtime::Handle::current();
+        for run in agents.list(account) {
+            handle
+                .block_on(agents.delete(account, &run.id))
+                .map_err(|error| LedgerError::Unavailable {
+                    reason: format!("run {} could not be deleted: {error}", run.id),
+                })?;
+            runs_erased += 1;
+        }
+    }
+    let store = books.store();
+    for (run, first) in store.journal_starts()? {
+        if stipend_agents::journaled_person(&first) == Some(account) {
+            store.journal_erase(&run)?;
+            runs_erased += 1;
+        }
+    }
+    let prefix = stipend_agents::agent_account_prefix(account);
+    for (run_account, _) in store.accounts_named_like(&prefix, PEOPLE_SCANNED_PAGE)? {
+        let held = books.view(run_account)?;
+        if held.balance_cu > 0 {
+            return Err(LedgerError::AccountBusy {
+                account,
+                reserved_cu: held.balance_cu as u64,
+            });
+        }
+    }
+    let closure = books.close(account)?;
+    let anonymous_name = if view.name.starts_with(CLOSED_NAME_PREFIX) {
+        view.name
+    } else {
+        let name = format!("{CLOSED_NAME_PREFIX}{:032x}", TransferId::random().0);
+        books.erase_names(account, &name)?;
+        name
+    };
+    tracing::info!(account = %account, keys_revoked, runs_erased, "account closed and its names erased");
+    Ok(Closed {
+        anonymous_name,
+        returned_cu: closure.map_or(0, |posted| posted.transfer.amount_cu),
+        keys_revoked,
+        runs_erased,
+    })
+}
+
+/// `?confirm=` on `DELETE /v1/me`: the account's own name, typed again.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct Confirm {
+    confirm: Option<String>,
+}
+
+/// `DELETE /v1/me?confirm=NAME`: the person closes their own account. Without the name typed
+/// again, nothing happens and the answer says what to send.
+pub(crate) async fn close_route(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    axum::extract::Query(confirm): axum::extract::Query<Confirm>,
+) -> Response {
+    let account = match stipend_gateway::authenticate(&web.gateway, &headers) {
+        Ok(account) => account,
+        Err(error) => return error.into_response(),
+    };
+    let closed = {
+        let web = Arc::clone(&web);
+        tokio::task::spawn_blocking(move || -> Result<Result<Closed, String>, LedgerError> {
+            let view = web.books.view(account)?;
+            if confirm.confirm.as_deref().map(str::trim) != Some(view.name.as_str()) {
+                return Ok(Err(view.name));
+            }
+            let closed = close(
+                web.books.as_ref(),
+                &web.gateway.keys,
+                web.agents.as_deref(),
+                account,
+            )?;
+            crate::operator::record(
+                web.books.as_ref(),
+                "the person",
+                "account close",
+                Some(account),
+                None,
+                Some(closed.returned_cu),
+            );
+            Ok(Ok(closed))
+        })
+        .await
+    };
+    match closed {
+        Ok(Ok(Ok(closed))) => Json(json!({
+            "object": "account.closed",
+            "account": closed.anonymous_name,
+            "returned_cu": closed.returned_cu,
+            "keys_revoked": closed.keys_revoked,
+            "runs_erased": closed.runs_erased,
+        }))
+        .into_response(),
+        Ok(Ok(Err(_name))) => ApiError::param(
+            "confirm",
+            "Closing your account cannot be undone: your keys are revoked, your agent runs and \
+             their transcripts erased, your name erased, and what is left of your compute goes \
+             back to the issuer. To go ahead, send DELETE /v1/me?confirm= with your account's \
+             name (GET /v1/budget shows it)."
+                .to_string(),
+        )
+        .into_response(),
+        Ok(Err(LedgerError::AccountBusy { .. })) => crate::api::AdminError::Conflict(
+            "Your account holds compute for calls or agent runs in flight; close it once they end."
+                .to_string(),
+        )
+        .into_response(),
+        Ok(Err(error)) => ApiError::from(error).into_response(),
+        Err(_) => ApiError::Internal.into_response(),
+    }
 }

@@ -242,7 +242,8 @@ pub fn last_period(books: &dyn Books) -> Result<Period, TransparencyError> {
                     Some(person) => person,
                     None => continue,
                 },
-                AccountKind::Pool | AccountKind::Issuer => continue,
+                // A closed account asked to be forgotten: it is counted no more.
+                AccountKind::Pool | AccountKind::Issuer | AccountKind::Closed => continue,
             };
             let spent = used.entry(owner).or_default();
             spent.extend(

@@ -444,12 +444,10 @@ pub fn runner(cases: u32) -> proptest::test_runner::TestRunner {
     })
 }
 
-/// Fails if `marker` is in any file below `dir` (logs, the ledger, its WAL, …) or in the server's
-/// `output`: for the rule that prompt and answer text is never written to disk or logs.
-pub fn assert_written_nowhere(marker: &str, dir: &std::path::Path, output: &str) {
-    assert!(!output.contains(marker), "the server printed {marker}");
+/// Every regular file below `dir` that holds `needle`, with where.
+pub fn files_holding(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
-    let mut n_files = 0;
     while let Some(path) = pending.pop() {
         for entry in std::fs::read_dir(&path).unwrap() {
             let entry = entry.unwrap();
@@ -457,19 +455,30 @@ pub fn assert_written_nowhere(marker: &str, dir: &std::path::Path, output: &str)
             if kind.is_dir() {
                 pending.push(entry.path());
             } else if kind.is_file() {
-                n_files += 1;
                 let bytes = std::fs::read(entry.path()).unwrap();
-                assert!(
-                    !bytes
-                        .windows(marker.len())
-                        .any(|window| window == marker.as_bytes()),
-                    "{} holds {marker}",
-                    entry.path().display()
-                );
+                if let Some(at) = bytes
+                    .windows(needle.len())
+                    .position(|window| window == needle.as_bytes())
+                {
+                    found.push(format!("{} at byte {at}", entry.path().display()));
+                }
             }
         }
     }
-    assert!(n_files > 0, "nothing was written below {}", dir.display());
+    found
+}
+
+/// Fails if `marker` is in any file below `dir` (logs, the ledger, its WAL, …) or in the server's
+/// `output`: for the rule that prompt and answer text is never written to disk or logs.
+pub fn assert_written_nowhere(marker: &str, dir: &std::path::Path, output: &str) {
+    assert!(!output.contains(marker), "the server printed {marker}");
+    let found = files_holding(dir, marker);
+    assert!(found.is_empty(), "{marker} is in {found:?}");
+    assert!(
+        std::fs::read_dir(dir).unwrap().next().is_some(),
+        "nothing was written below {}",
+        dir.display()
+    );
 }
 
 /// Every operator command once, with its edges: what `stipend` does for an operator on a fresh
@@ -568,6 +577,38 @@ pub fn exercise(env: &Env) {
     }
     let alice = env.json(&["account", "show", "alice"]);
     assert_eq!(alice["balance_cu"], 10_000_000 - 250 - 1_000_000);
+
+    // Closing the pool: only when confirmed; all it holds back to the issuer; closed for good.
+    let message = env.refused(&["account", "close", "lab"]);
+    assert!(message.contains("--confirm"), "{message}");
+    let issuer = env.json(&["account", "show", "issuer"])["balance_cu"]
+        .as_i64()
+        .unwrap();
+    let closed = env.json(&["account", "close", "lab", "--confirm"]);
+    assert_eq!(closed["returned_cu"], 1_000_000);
+    let anonymous = closed["account"].as_str().unwrap().to_string();
+    assert!(anonymous.starts_with("closed:"), "{closed}");
+    assert_eq!(
+        env.json(&["account", "show", "issuer"])["balance_cu"],
+        issuer + 1_000_000
+    );
+    let shown = env.json(&["account", "show", &anonymous]);
+    assert_eq!(
+        (shown["kind"].as_str(), shown["balance_cu"].as_i64()),
+        (Some("closed"), Some(0))
+    );
+    assert!(
+        env.refused(&["account", "show", "lab"])
+            .contains("no account named")
+    );
+    let message = env.refused(&["give", "alice", &anonymous, "5"]);
+    assert!(message.contains("closed"), "{message}");
+    // Again: nothing more happens.
+    let again = env.json(&["account", "close", &anonymous, "--confirm"]);
+    assert_eq!(
+        (again["account"].as_str(), again["returned_cu"].as_u64()),
+        (Some(anonymous.as_str()), Some(0))
+    );
     assert_eq!(
         env.json(&["ledger", "verify"])["violations"],
         Value::Array(vec![])
