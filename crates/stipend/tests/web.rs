@@ -514,6 +514,37 @@ async fn a_person_signs_in_and_sees_spends_gives_and_manages_keys() {
     page.goto(&format!("{site}/")).await.unwrap();
     assert!(page.find(Locator::Css("#available")).await.is_err());
 
+    // Alice closes her account from her page: another name closes nothing; hers closes it,
+    // signs her out, and her key opens nothing any more.
+    browser.fill("#key", &alice).await;
+    browser.click("#signin").await;
+    assert_eq!(browser.text("#who").await, "alice");
+    // Opening the section is no navigation: a plain click.
+    let open_close = || async {
+        page.find(Locator::Css("#close summary"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    };
+    open_close().await;
+    browser.fill("#close-confirm", "bob").await;
+    browser.click("#close-submit").await;
+    assert!(browser.text("#flash").await.contains("Nothing was closed"));
+    assert_eq!(budget(&http, &api, &alice).await["account"], "alice");
+    open_close().await;
+    browser.fill("#close-confirm", "alice").await;
+    browser.click("#close-submit").await;
+    assert!(browser.text("#signin-refused").await.contains("closed"));
+    let gone = http
+        .get(format!("{api}/budget"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 401);
+
     browser.close().await;
     drop(server);
 }

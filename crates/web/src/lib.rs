@@ -103,6 +103,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/keys/{id}/revoke", post(person::revoke_key))
         .route("/keys/{id}/name", post(person::rename_key))
         .route("/give", post(person::give))
+        .route("/export", get(person::export))
+        .route("/close", post(person::close))
         .route("/admin", get(admin::home))
         .route("/admin/signin", post(admin::sign_in))
         .route("/admin/signout", post(admin::sign_out))

@@ -30,14 +30,15 @@ use crate::Web;
 
 /// `GET /v1/me/export`.
 pub(crate) async fn export_route(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
-    let account = match stipend_gateway::authenticate(&web.gateway, &headers) {
-        Ok(account) => account,
-        Err(error) => return error.into_response(),
-    };
-    let exported = {
-        let web = Arc::clone(&web);
-        tokio::task::spawn_blocking(move || gather(&web, account)).await
-    };
+    match stipend_gateway::authenticate(&web.gateway, &headers) {
+        Ok(account) => download(web, account).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The account's export as a JSON download.
+pub(crate) async fn download(web: Arc<Web>, account: AccountId) -> Response {
+    let exported = tokio::task::spawn_blocking(move || gather(&web, account)).await;
     match exported {
         Ok(Ok(value)) => {
             let mut response = Json(value).into_response();
@@ -260,6 +261,34 @@ pub fn close(
     })
 }
 
+/// Closes the person's own account if `confirm` is its name (else `None`, and nothing
+/// happens), and writes it to the operator log (actor `the person`).
+pub(crate) fn close_confirmed(
+    web: &Web,
+    account: AccountId,
+    confirm: &str,
+) -> Result<Option<Closed>, LedgerError> {
+    let view = web.books.view(account)?;
+    if confirm.trim() != view.name {
+        return Ok(None);
+    }
+    let closed = close(
+        web.books.as_ref(),
+        &web.gateway.keys,
+        web.agents.as_deref(),
+        account,
+    )?;
+    crate::operator::record(
+        web.books.as_ref(),
+        "the person",
+        "account close",
+        Some(account),
+        None,
+        Some(closed.returned_cu),
+    );
+    Ok(Some(closed))
+}
+
 /// `?confirm=` on `DELETE /v1/me`: the account's own name, typed again.
 #[derive(Debug, Default, serde::Deserialize)]
 pub(crate) struct Confirm {
@@ -279,31 +308,11 @@ pub(crate) async fn close_route(
     };
     let closed = {
         let web = Arc::clone(&web);
-        tokio::task::spawn_blocking(move || -> Result<Result<Closed, String>, LedgerError> {
-            let view = web.books.view(account)?;
-            if confirm.confirm.as_deref().map(str::trim) != Some(view.name.as_str()) {
-                return Ok(Err(view.name));
-            }
-            let closed = close(
-                web.books.as_ref(),
-                &web.gateway.keys,
-                web.agents.as_deref(),
-                account,
-            )?;
-            crate::operator::record(
-                web.books.as_ref(),
-                "the person",
-                "account close",
-                Some(account),
-                None,
-                Some(closed.returned_cu),
-            );
-            Ok(Ok(closed))
-        })
-        .await
+        let confirm = confirm.confirm.unwrap_or_default();
+        tokio::task::spawn_blocking(move || close_confirmed(&web, account, &confirm)).await
     };
     match closed {
-        Ok(Ok(Ok(closed))) => Json(json!({
+        Ok(Ok(Some(closed))) => Json(json!({
             "object": "account.closed",
             "account": closed.anonymous_name,
             "returned_cu": closed.returned_cu,
@@ -311,7 +320,7 @@ pub(crate) async fn close_route(
             "runs_erased": closed.runs_erased,
         }))
         .into_response(),
-        Ok(Ok(Err(_name))) => ApiError::param(
+        Ok(Ok(None)) => ApiError::param(
             "confirm",
             "Closing your account cannot be undone: your keys are revoked, your agent runs and \
              their transcripts erased, your name erased, and what is left of your compute goes \

@@ -787,8 +787,80 @@ fn person_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                     }
                 }
             }
+            section.card.wide #your-data aria-labelledby="data-title" {
+                h2 #data-title { "Your data" }
+                p { a #export href="/export" download="stipend-export.json" { "Download everything Stipend holds about you" } " (JSON: your account, every transfer, your usage, your keys' names, your agent runs)." }
+                p { "How equally compute is shared, for everyone: " a href="/transparency" { "the transparency report" } "." }
+                details #close {
+                    summary { "Close your account" }
+                    p { "This cannot be undone. Your keys stop working, your agent runs and their transcripts are erased, what is left of your compute goes back to the issuer, and your name is erased. The ledger keeps only the amounts, under an anonymous id." }
+                    form.stack method="post" action="/close" {
+                        label { "Type your account's name, " strong { (view.name) } ", to close it"
+                            input #close-confirm type="text" name="confirm" required maxlength="128" autocomplete="off";
+                        }
+                        button.danger #close-submit type="submit" { "Close my account for good" }
+                    }
+                }
+            }
         },
     )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CloseForm {
+    #[serde(default)]
+    confirm: String,
+}
+
+/// `GET /export`: the person's export (`GET /v1/me/export`'s), downloaded from their page.
+pub(crate) async fn export(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    let session = match signed_in(&web, &headers) {
+        Ok(session) => session,
+        Err(response) => return *response,
+    };
+    crate::me::download(web, session.account).await
+}
+
+/// `POST /close`: the person closes their account, their name typed again; then they are signed
+/// out and told what happened.
+pub(crate) async fn close(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    form: Result<Form<CloseForm>, FormRejection>,
+) -> Response {
+    let session = match signed_in(&web, &headers) {
+        Ok(session) => session,
+        Err(response) => return *response,
+    };
+    let confirm = form.map(|Form(form)| form.confirm).unwrap_or_default();
+    let closed = {
+        let web = Arc::clone(&web);
+        tokio::task::spawn_blocking(move || {
+            crate::me::close_confirmed(&web, session.account, &confirm)
+        })
+        .await
+    };
+    let flash = match closed {
+        Ok(Ok(Some(_))) => {
+            web.sessions.close(&headers);
+            let mut response = sign_in_page(
+                StatusCode::OK,
+                Some("Your account is closed: your keys no longer work, and your name is erased."),
+            );
+            clear_cookie(&mut response, &headers);
+            return response;
+        }
+        Ok(Ok(None)) => Flash::Refused(
+            "Nothing was closed: type your account's name exactly to close it.".to_string(),
+        ),
+        Ok(Err(LedgerError::AccountBusy { .. })) => Flash::Refused(
+            "Your account holds compute for calls or agent runs in flight; close it once they end."
+                .to_string(),
+        ),
+        _ => Flash::Refused("Your account could not be closed; try again shortly.".to_string()),
+    };
+    web.sessions.flash(&headers, flash);
+    Redirect::to("/").into_response()
 }
 
 #[cfg(test)]
