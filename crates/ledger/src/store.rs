@@ -366,6 +366,11 @@ pub trait Store: Send + Sync {
     fn journal_starts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         Ok(Vec::new())
     }
+    /// A run's journal records, in order, whichever server wrote them.
+    fn journal_of(&self, run: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let _ = run;
+        Ok(Vec::new())
+    }
     /// Erases a run's journal, whichever server wrote it (the bytes overwritten where the store
     /// can).
     fn journal_erase(&self, run: &str) -> Result<(), StoreError> {

@@ -712,10 +712,12 @@ fn run(
         Request::ExportAccount { name } => {
             let id = ledger.account_id(&name)?;
             let view = ledger.view(id)?;
-            // The runs, with their transcripts, where a server runs them.
-            let runs = agents
-                .map(|agents| serde_json::to_value(agents.list(id)).unwrap_or_default())
-                .unwrap_or_else(|| serde_json::json!([]));
+            // The runs, with their transcripts: as the server running them shows them, or else
+            // as their journals keep them.
+            let runs = match agents {
+                Some(agents) => serde_json::to_value(agents.list(id)).unwrap_or_default(),
+                None => stipend_web::me::journaled_runs(ledger, id)?,
+            };
             let model_of = |sink: AccountId| {
                 ledger.view(sink).ok().and_then(|view| {
                     view.name

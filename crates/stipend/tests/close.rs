@@ -87,6 +87,15 @@ async fn a_closed_account_keeps_its_amounts_and_loses_everything_else() {
     let runs = export["export"]["agent_runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1, "{export}");
     assert_eq!(runs[0]["goal"], GOAL);
+    // With no server running: the run as its journal keeps it.
+    drop(server);
+    let export = env.json(&["account", "export", NAME]);
+    let runs = export["export"]["agent_runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{export}");
+    assert_eq!(runs[0]["id"], run_id.as_str());
+    assert!(runs[0]["journal"].to_string().contains(GOAL), "{export}");
+    let server = Server::start(&env);
+    let base = server.base.clone();
 
     // Without the name typed again: refused, and nothing changed.
     let before = budget(&http, &base, &key).await;

@@ -1303,6 +1303,22 @@ impl Store for PostgresStore {
         })
     }
 
+    fn journal_of(&self, run: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let run = run.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT record FROM agent_journal WHERE run = $1 ORDER BY seq",
+                        &[&run],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|row| row.get(0)).collect())
+            })
+        })
+    }
+
     fn journal_erase(&self, run: &str) -> Result<(), StoreError> {
         let run = run.to_string();
         self.read(move |client| {

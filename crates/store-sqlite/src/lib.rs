@@ -946,6 +946,16 @@ impl Store for SqliteStore {
         })
     }
 
+    fn journal_of(&self, run: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT record FROM agent_journal WHERE run = ?1 ORDER BY seq")
+                .map_err(io)?;
+            let rows = statement.query_map([run], |row| row.get(0)).map_err(io)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        })
+    }
+
     fn journal_erase(&self, run: &str) -> Result<(), StoreError> {
         stipend_ledger::RunJournal::journal_delete(self, run)
     }

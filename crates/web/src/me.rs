@@ -170,6 +170,26 @@ pub fn export(
     }))
 }
 
+/// The account's agent runs as their journals keep them, for an export made where no server
+/// runs them: each run's id and its records (the run's start, its messages and steps, the
+/// approvals asked and decided, how it ended), as written.
+pub fn journaled_runs(books: &dyn Books, account: AccountId) -> Result<Value, LedgerError> {
+    let store = books.store();
+    let mut runs = Vec::new();
+    for (run, first) in store.journal_starts()? {
+        if stipend_agents::journaled_person(&first) != Some(account) {
+            continue;
+        }
+        let records: Vec<Value> = store
+            .journal_of(&run)?
+            .iter()
+            .filter_map(|record| serde_json::from_slice(record).ok())
+            .collect();
+        runs.push(json!({"id": run, "journal": records}));
+    }
+    Ok(Value::Array(runs))
+}
+
 /// What closing an account did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closed {
