@@ -344,13 +344,20 @@ fn widest(value: f64, low: f64, high: f64) -> Estimate<f64> {
     }
 }
 
-/// Makes the Lorenz shares rise, as the true curve does, by pooling adjacent violators (least
-/// squares onto rising sequences). Each point's error bar is then widened to reach the ends of
-/// its interval from the new value, so what it covers is unchanged.
-fn rising(points: &mut [Estimate<f64>]) {
+/// Makes the Lorenz shares what a Lorenz curve is: rising (by pooling adjacent violators, least
+/// squares onto rising sequences) and never above the diagonal (the poorest fraction `p` hold at
+/// most `p`; `ceilings` are those `p`). The true value lies in its interval and in [0, p] both,
+/// so each interval is cut to that; each error bar then reaches both ends of its interval from
+/// the new value, so what it covers is unchanged.
+fn lorenz_shaped(points: &mut [Estimate<f64>], ceilings: &[f64]) {
     let intervals: Vec<(f64, f64)> = points
         .iter()
-        .map(|point| (point.value - point.error95, point.value + point.error95))
+        .zip(ceilings)
+        .map(|(point, &ceiling)| {
+            let high = (point.value + point.error95).min(ceiling);
+            let low = (point.value - point.error95).max(0.0).min(high);
+            (low, high)
+        })
         .collect();
     // Blocks of (sum, count), merged while a block's mean is below the one before it.
     let mut blocks: Vec<(f64, usize)> = Vec::new();
@@ -371,7 +378,9 @@ fn rising(points: &mut [Estimate<f64>]) {
     for (sum, count) in blocks {
         for _ in 0..count {
             let (low, high) = intervals[index];
-            points[index] = widest(sum / count as f64, low, high);
+            // Under the diagonal; the minimum of two rising sequences still rises.
+            let value = (sum / count as f64).min(ceilings[index]).max(0.0);
+            points[index] = widest(value, low, high);
             index += 1;
         }
     }
@@ -392,7 +401,7 @@ fn release(period: &Period, clip_cu: u64, epsilon: Option<(f64, &mut dyn Randomn
             error95: bound.min(u128::from(u64::MAX)) as u64,
         }
     };
-    let people_with_stipend = count(
+    let mut people_with_stipend = count(
         &mut noise,
         u128::from(exact.people),
         1,
@@ -404,6 +413,9 @@ fn release(period: &Period, clip_cu: u64, epsilon: Option<(f64, &mut dyn Randomn
         1,
         "people_active",
     );
+    // Everyone active has a stipend. Both draws have the same scale, so when the active count is
+    // the larger, it is within the same bound of the true number of people.
+    people_with_stipend.value = people_with_stipend.value.max(people_active.value);
     let granted_cu = count(&mut noise, exact.granted_cu, clip, "granted_cu");
     let used_cu = count(&mut noise, exact.used_cu, clip, "used_cu");
     // The per-model sums are one vector whose L1 sensitivity is the bound: each gets the whole
@@ -459,14 +471,19 @@ fn release(period: &Period, clip_cu: u64, epsilon: Option<(f64, &mut dyn Randomn
         value: 1.0,
         error95: 0.0,
     });
-    rising(&mut lorenz[1..LORENZ_POINTS - 1]);
+    let ceilings: Vec<f64> = (1..LORENZ_POINTS - 1)
+        .map(|index| index as f64 / (LORENZ_POINTS - 1) as f64)
+        .collect();
+    lorenz_shaped(&mut lorenz[1..LORENZ_POINTS - 1], &ceilings);
     let top_10pct_share = Estimate {
         value: 1.0 - lorenz[9].value,
         error95: lorenz[9].error95,
     };
     let epsilon = noise.share("top_1pct_share");
     let below_top = held(&mut noise, exact.below_top_1pct_hundredths, 100, epsilon);
-    let below_top = share_of(below_top, denominator, 0.99);
+    let mut below_top = [share_of(below_top, denominator, 0.99)];
+    lorenz_shaped(&mut below_top, &[0.99]);
+    let [below_top] = below_top;
     // The top 1 % hold no more than the top 10 %.
     let top_1pct_value = (1.0 - below_top.value).min(top_10pct_share.value);
     let top_1pct_share = widest(
@@ -776,6 +793,15 @@ mod tests {
                     .windows(2)
                     .all(|pair| pair[0].value <= pair[1].value)
             );
+            for (index, point) in report.lorenz.iter().enumerate() {
+                assert!(
+                    point.value <= index as f64 / 10.0 + 1e-12,
+                    "{point:?} above the diagonal"
+                );
+                assert!(point.error95 <= 1.0, "{point:?}");
+            }
+            assert!(report.people_with_stipend.value >= report.people_active.value);
+            assert!(report.top_1pct_share.value >= 0.01 - 1e-12);
             for share in report
                 .lorenz
                 .iter()

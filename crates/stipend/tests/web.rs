@@ -917,3 +917,116 @@ async fn a_person_answers_what_their_agents_ask_on_the_page() {
     browser.close().await;
     drop(server);
 }
+
+/// The public transparency page, as anyone reads it: after a period of 4 s in which the i-th of
+/// 30 people made i calls, the page shows the kept report, the same numbers as the JSON, the
+/// Lorenz curve drawn, with no key and no sign-in, and fits a phone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anyone_reads_how_compute_was_shared_on_the_transparency_page() {
+    const PERIOD_MS: i64 = 4_000;
+    let upstream = stipend_testkit::spawn().await.unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntransparency_clip_cu = 20000\n\
+         [stipend]\namount = \"10 PFLOP\"\nperiod = \"4s\"\nrollover_max = \"0\"\n{}",
+        CONFIG_MODELS.replace("UPSTREAM", &upstream)
+    );
+    let env = Env::new(&config);
+    let keys: Vec<String> = (0..30)
+        .map(|index| env.person_with_key(&format!("person{index}")))
+        .collect();
+    let server = Server::start(&env);
+    let api = server.base.clone();
+    let site = api.trim_end_matches("/v1").to_string();
+    let http = reqwest::Client::new();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // The calls, inside one period.
+    let start_ms = (now_ms() / PERIOD_MS + 1) * PERIOD_MS;
+    tokio::time::sleep(Duration::from_millis((start_ms - now_ms()) as u64 + 50)).await;
+    for (index, key) in keys.iter().enumerate() {
+        for _ in 0..index {
+            let status = http
+                .post(format!("{api}/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "echo", "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200);
+        }
+    }
+    assert!(
+        now_ms() < start_ms + PERIOD_MS,
+        "the calls took longer than a period"
+    );
+    let period_start = stipend_ledger::units::format_utc(start_ms);
+    let report: Value = loop {
+        let response = http
+            .get(format!("{api}/transparency?period_start={period_start}"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            break response.json().await.unwrap();
+        }
+        assert!(now_ms() < start_ms + 3 * PERIOD_MS, "no report was made");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let browser = Browser::start().await;
+    let page = browser.client();
+    page.goto(&format!("{site}/transparency?period_start={period_start}"))
+        .await
+        .unwrap();
+    assert_eq!(browser.text("#period-start").await, period_start);
+    assert_eq!(
+        browser.attr("#row-people td.num", "data-value").await,
+        report["people_with_stipend"]["value"].to_string()
+    );
+    assert_eq!(
+        browser.attr("#row-used td.num", "data-value").await,
+        report["used_cu"]["value"].to_string()
+    );
+    let gini: f64 = browser
+        .attr("#row-gini td.num", "data-value")
+        .await
+        .parse()
+        .unwrap();
+    assert_eq!(gini, report["gini"]["value"].as_f64().unwrap());
+    // The curve: drawn, and as a table of 11 rows whose values are the JSON's.
+    assert!(page.find(Locator::Css("#lorenz-chart")).await.is_ok());
+    let rows = page
+        .find_all(Locator::Css("#lorenz-table tbody td.num"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 11);
+    for (row, point) in rows.iter().zip(report["lorenz"].as_array().unwrap()) {
+        let shown: f64 = row
+            .attr("data-value")
+            .await
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(shown, point["value"].as_f64().unwrap());
+    }
+    assert!(browser.text("#method").await.contains("20000 cu"));
+    browser.screenshot("transparency").await;
+    page.set_window_size(360, 1400).await.unwrap();
+    let overflow = page
+        .execute(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(overflow, json!(0), "the page is wider than 360 px");
+    browser.close().await;
+    drop(server);
+}

@@ -430,6 +430,7 @@ fn report_page(published: &Published, kept: &[(i64, f64)]) -> Markup {
                 h2 { "How equally compute was shared" }
                 p { "The period from " strong #period-start { (published.period_start) } " to " (published.period_end) "." }
                 p.hint #method { (published.method) }
+                p.hint { "The noise protects each person; the error bars say how much of the picture it hides. They shrink as the population grows: with a few dozen people most of it is hidden, with tens of thousands little." }
                 p.hint { "Privacy budget spent by every report so far: ε = " span #budget-spent { (format!("{spent:.2}")) } " over " (kept.len()) " reports." }
             }
             section.card aria-labelledby="numbers-title" {
