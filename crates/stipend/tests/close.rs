@@ -115,6 +115,15 @@ async fn a_closed_account_keeps_its_amounts_and_loses_everything_else() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 400);
+    let garbled = http
+        .delete(format!("{base}/me?confirm=a&confirm=b"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbled.status(), 400);
+    let garbled: Value = garbled.json().await.unwrap();
+    assert_eq!(garbled["error"]["param"], "confirm", "{garbled}");
     assert_eq!(budget(&http, &base, &key).await, before);
     assert_eq!(call(&http, &base, &key).await, 200);
 

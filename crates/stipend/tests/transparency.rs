@@ -225,6 +225,10 @@ async fn a_period_report_is_made_once_and_published_everywhere_the_same() {
     assert_eq!(refused["error"]["param"], "period_start");
     let (status, refused) = get(&http, &format!("{url}?period_start=yesterday")).await;
     assert_eq!(status, 400, "{refused}");
+    // A query string that does not parse: the same shape.
+    let (status, refused) = get(&http, &format!("{url}?period_start=a&period_start=b")).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "period_start");
     // Long before the server ran: no report was made, and none is made now.
     let (status, refused) = get(&http, &format!("{url}?period_start=2020-01-01T00:00:00Z")).await;
     assert_eq!(status, 404, "{refused}");

@@ -22,6 +22,8 @@ pub const ADMIN_LIST_MAX: usize = 1_000;
 pub const ACCESS_SUBJECTS_MAX: usize = 1_000;
 /// The most accounts a search on the operator's page shows.
 pub const SEARCH_RESULTS_MAX: usize = 50;
+/// How long closing an account waits for the calls that started before its keys were revoked.
+pub const CLOSE_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Accounts read at a time when the operator's page adds up this period's distribution.
 pub const PEOPLE_SCANNED_PAGE: usize = 10_000;
 /// Agent runs shown on a person's page (the newest).

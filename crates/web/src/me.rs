@@ -24,7 +24,7 @@ use stipend_ledger::{
     AccountId, AccountKind, AccountView, Books, CLOSED_NAME_PREFIX, LedgerError, TransferId,
 };
 
-use crate::limits::PEOPLE_SCANNED_PAGE;
+use crate::limits::{CLOSE_WAIT_MAX, PEOPLE_SCANNED_PAGE};
 
 use crate::Web;
 
@@ -226,6 +226,13 @@ pub fn close(
             operation: "be closed",
         });
     }
+    // Calls in flight now: refused before anything changes (the person can try again).
+    if view.reserved_cu > 0 {
+        return Err(LedgerError::AccountBusy {
+            account,
+            reserved_cu: view.reserved_cu,
+        });
+    }
     // No key opens anything of it from now on.
     let now_ms = books.now_ms();
     let mut keys_revoked = 0;
@@ -264,7 +271,16 @@ pub fn close(
             });
         }
     }
-    let closure = books.close(account)?;
+    // No call can start now; one that started before the keys went ends within its deadline.
+    let waited = std::time::Instant::now();
+    let closure = loop {
+        match books.close(account) {
+            Err(LedgerError::AccountBusy { .. }) if waited.elapsed() < CLOSE_WAIT_MAX => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            closed => break closed?,
+        }
+    };
     let anonymous_name = if view.name.starts_with(CLOSED_NAME_PREFIX) {
         view.name
     } else {
@@ -320,8 +336,12 @@ pub(crate) struct Confirm {
 pub(crate) async fn close_route(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    axum::extract::Query(confirm): axum::extract::Query<Confirm>,
+    confirm: Result<axum::extract::Query<Confirm>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let Ok(axum::extract::Query(confirm)) = confirm else {
+        return ApiError::param("confirm", "The query string is not `confirm=NAME`.")
+            .into_response();
+    };
     let account = match stipend_gateway::authenticate(&web.gateway, &headers) {
         Ok(account) => account,
         Err(error) => return error.into_response(),

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
@@ -335,6 +336,15 @@ pub(crate) struct Asked {
     period_start: Option<String>,
 }
 
+/// A query string that is not `period_start=…` once.
+fn bad_query() -> AdminError {
+    AdminError::Invalid {
+        message: "The query string is not `period_start=START` (RFC 3339, as reports show it)."
+            .to_string(),
+        param: Some("period_start"),
+    }
+}
+
 /// The kept report with the privacy budget spent so far beside it.
 fn with_budget(books: &dyn Books, body: &str) -> Result<Value, TransparencyError> {
     let mut value: Value = serde_json::from_str(body)
@@ -350,7 +360,13 @@ fn with_budget(books: &dyn Books, body: &str) -> Result<Value, TransparencyError
 }
 
 /// `GET /v1/transparency`: public, no key.
-pub(crate) async fn route(State(web): State<Arc<Web>>, Query(asked): Query<Asked>) -> Response {
+pub(crate) async fn route(
+    State(web): State<Arc<Web>>,
+    asked: Result<Query<Asked>, QueryRejection>,
+) -> Response {
+    let Ok(Query(asked)) = asked else {
+        return bad_query().into_response();
+    };
     let result = tokio::task::spawn_blocking(move || {
         let books = web.books.as_ref();
         let body = report(books, &web.transparency, asked.period_start.as_deref())?;
@@ -367,8 +383,11 @@ pub(crate) async fn route(State(web): State<Arc<Web>>, Query(asked): Query<Asked
 /// `GET /transparency`: the report as a page, with the Lorenz curve drawn.
 pub(crate) async fn page_route(
     State(web): State<Arc<Web>>,
-    Query(asked): Query<Asked>,
+    asked: Result<Query<Asked>, QueryRejection>,
 ) -> Response {
+    let Ok(Query(asked)) = asked else {
+        return bad_query().into_response();
+    };
     let result = tokio::task::spawn_blocking(move || {
         let books = web.books.as_ref();
         let body = report(books, &web.transparency, asked.period_start.as_deref())?;
