@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, Server, budget, files_holding};
+use common::{Env, Server, budget, echo_call, files_holding};
 use serde_json::{Value, json};
 
 /// A name found nowhere else, so that a byte search for it means something.
@@ -23,18 +23,6 @@ async fn config() -> String {
         "{}\n[[models]]\nname = \"echo\"\nbackend = \"openai\"\nbase_url = \"{upstream}\"\nparams = \"8B\"\ntimeout = \"5s\"\n",
         common::CONFIG
     )
-}
-
-async fn call(http: &reqwest::Client, base: &str, key: &str) -> u16 {
-    http.post(format!("{base}/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "echo", "max_tokens": 2,
-                      "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 fn issuer_balance(env: &Env) -> i64 {
@@ -66,7 +54,7 @@ async fn a_closed_account_keeps_its_amounts_and_loses_everything_else() {
         .unwrap();
     assert_eq!(named.status(), 201);
     for _ in 0..3 {
-        assert_eq!(call(&http, &base, &key).await, 200);
+        assert_eq!(echo_call(&http, &base, &key).await, 200);
     }
     env.json(&["give", NAME, "bob", "1 TFLOP"]);
     let run = env.json(&[
@@ -125,7 +113,7 @@ async fn a_closed_account_keeps_its_amounts_and_loses_everything_else() {
     let garbled: Value = garbled.json().await.unwrap();
     assert_eq!(garbled["error"]["param"], "confirm", "{garbled}");
     assert_eq!(budget(&http, &base, &key).await, before);
-    assert_eq!(call(&http, &base, &key).await, 200);
+    assert_eq!(echo_call(&http, &base, &key).await, 200);
 
     let balance = budget(&http, &base, &key).await["balance_cu"]
         .as_i64()
@@ -147,7 +135,7 @@ async fn a_closed_account_keeps_its_amounts_and_loses_everything_else() {
     assert_eq!(closed["runs_erased"], 1);
     // Every compute unit is back with the issuer; the keys open nothing.
     assert_eq!(issuer_balance(&env), issuer_before + balance);
-    assert_eq!(call(&http, &base, &key).await, 401);
+    assert_eq!(echo_call(&http, &base, &key).await, 401);
     let again = http
         .delete(format!("{base}/me?confirm={NAME}"))
         .bearer_auth(&key)
@@ -187,11 +175,11 @@ async fn a_closed_account_keeps_its_amounts_and_loses_everything_else() {
     // The operator closes bob: refused without --confirm, then done, and logged.
     let message = env.refused(&["account", "close", "bob"]);
     assert!(message.contains("--confirm"), "{message}");
-    assert_eq!(call(&http, &base, &bob).await, 200);
+    assert_eq!(echo_call(&http, &base, &bob).await, 200);
     let bob_closed = env.json(&["account", "close", "bob", "--confirm"]);
     assert_eq!(bob_closed["result"], "closed");
     assert!(bob_closed["returned_cu"].as_u64().unwrap() > 0);
-    assert_eq!(call(&http, &base, &bob).await, 401);
+    assert_eq!(echo_call(&http, &base, &bob).await, 401);
     let log = env.json(&["audit"]);
     let closes: Vec<&Value> = log["actions"]
         .as_array()

@@ -9,8 +9,8 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Env, Server, budget};
-use serde_json::{Value, json};
+use common::{Env, Server, budget, echo_call};
+use serde_json::Value;
 
 /// The period: short, so that one ends while the test runs.
 const PERIOD_MS: i64 = 5_000;
@@ -97,16 +97,7 @@ async fn a_period_report_is_made_once_and_published_everywhere_the_same() {
     // The i-th person makes i calls; the first none.
     for (index, key) in keys.iter().enumerate() {
         for _ in 0..index {
-            let status = http
-                .post(format!("{}/chat/completions", server.base))
-                .bearer_auth(key)
-                .json(&json!({"model": "echo", "max_tokens": 2,
-                              "messages": [{"role": "user", "content": "hi"}]}))
-                .send()
-                .await
-                .unwrap()
-                .status();
-            assert_eq!(status, 200);
+            assert_eq!(echo_call(&http, &server.base, key).await, 200);
         }
     }
     let mut used = Vec::new();

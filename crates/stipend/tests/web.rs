@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Env, Server, budget};
+use common::{Env, Server, budget, echo_call};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -949,16 +949,7 @@ async fn anyone_reads_how_compute_was_shared_on_the_transparency_page() {
     tokio::time::sleep(Duration::from_millis((start_ms - now_ms()) as u64 + 50)).await;
     for (index, key) in keys.iter().enumerate() {
         for _ in 0..index {
-            let status = http
-                .post(format!("{api}/chat/completions"))
-                .bearer_auth(key)
-                .json(&json!({"model": "echo", "max_tokens": 2,
-                              "messages": [{"role": "user", "content": "hi"}]}))
-                .send()
-                .await
-                .unwrap()
-                .status();
-            assert_eq!(status, 200);
+            assert_eq!(echo_call(&http, &api, key).await, 200);
         }
     }
     assert!(

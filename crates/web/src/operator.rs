@@ -101,6 +101,25 @@ pub struct Survey {
     pub served_by_day: Vec<(i64, Vec<u64>)>,
 }
 
+/// Visits every account, a page of [`PEOPLE_SCANNED_PAGE`] at a time, in id order.
+pub fn for_each_view(
+    books: &dyn Books,
+    mut visit: impl FnMut(&AccountView),
+) -> Result<(), LedgerError> {
+    let mut after = None;
+    loop {
+        let views = books.views(after, PEOPLE_SCANNED_PAGE)?;
+        let Some(last) = views.last() else {
+            return Ok(());
+        };
+        after = Some(last.id);
+        views.iter().for_each(&mut visit);
+        if views.len() < PEOPLE_SCANNED_PAGE {
+            return Ok(());
+        }
+    }
+}
+
 /// How many earlier periods the operator's page shows.
 pub const EARLIER_PERIODS_SHOWN: usize = 3;
 
@@ -126,39 +145,30 @@ pub fn survey(books: &dyn Books, sinks: &[AccountId]) -> Result<Survey, LedgerEr
     let mut used_now = Vec::new();
     let mut used_earlier: Vec<Vec<u64>> = vec![Vec::new(); earlier_periods.len()];
     let mut served: Vec<Vec<u64>> = vec![vec![0; sinks.len()]; (today - first_day + 1) as usize];
-    let mut after = None;
-    loop {
-        let views = books.views(after, PEOPLE_SCANNED_PAGE)?;
-        let Some(last) = views.last() else { break };
-        after = Some(last.id);
-        for view in &views {
-            for usage in &view.daily {
-                if let (Some(sink), Ok(day)) = (
-                    sinks.iter().position(|sink| *sink == usage.sink),
-                    usize::try_from(usage.day - first_day),
-                ) && let Some(row) = served.get_mut(day)
-                {
-                    row[sink] += usage.charged_cu;
-                }
-            }
-            if view.kind != AccountKind::Person {
-                continue;
-            }
-            used_now.push(view.usage.iter().map(|usage| usage.charged_cu).sum::<u64>());
-            for (index, period) in earlier_periods.iter().enumerate() {
-                used_earlier[index].push(
-                    view.daily
-                        .iter()
-                        .filter(|usage| (usage.day * DAY_MS).div_euclid(period_ms) == *period)
-                        .map(|usage| usage.charged_cu)
-                        .sum(),
-                );
+    for_each_view(books, |view| {
+        for usage in &view.daily {
+            if let (Some(sink), Ok(day)) = (
+                sinks.iter().position(|sink| *sink == usage.sink),
+                usize::try_from(usage.day - first_day),
+            ) && let Some(row) = served.get_mut(day)
+            {
+                row[sink] += usage.charged_cu;
             }
         }
-        if views.len() < PEOPLE_SCANNED_PAGE {
-            break;
+        if view.kind != AccountKind::Person {
+            return;
         }
-    }
+        used_now.push(view.usage.iter().map(|usage| usage.charged_cu).sum::<u64>());
+        for (index, period) in earlier_periods.iter().enumerate() {
+            used_earlier[index].push(
+                view.daily
+                    .iter()
+                    .filter(|usage| (usage.day * DAY_MS).div_euclid(period_ms) == *period)
+                    .map(|usage| usage.charged_cu)
+                    .sum(),
+            );
+        }
+    })?;
     Ok(Survey {
         distribution: Distribution::of(used_now),
         earlier: earlier_periods

@@ -220,43 +220,33 @@ pub fn last_period(books: &dyn Books) -> Result<Period, TransparencyError> {
     let mut people: Vec<AccountId> = Vec::new();
     // Spending by each person (and by each agent, for its person), per sink.
     let mut used: HashMap<AccountId, Vec<(AccountId, u64)>> = HashMap::new();
-    let mut after = None;
-    loop {
-        let views = books.views(after, PEOPLE_SCANNED_PAGE)?;
-        let Some(last) = views.last() else { break };
-        after = Some(last.id);
-        for view in &views {
-            let owner = match view.kind {
-                AccountKind::Sink => {
-                    let model = view
-                        .name
-                        .strip_prefix(stipend_ledger::SINK_NAME_PREFIX)
-                        .unwrap_or(&view.name);
-                    models.push((view.id, model.to_string()));
-                    continue;
-                }
-                AccountKind::Person => {
-                    people.push(view.id);
-                    view.id
-                }
-                AccountKind::Agent => match agent_person(&view.name) {
-                    Some(person) => person,
-                    None => continue,
-                },
-                // A closed account asked to be forgotten: it is counted no more.
-                AccountKind::Pool | AccountKind::Issuer | AccountKind::Closed => continue,
-            };
-            let spent = used.entry(owner).or_default();
-            spent.extend(
-                view.last_period
-                    .iter()
-                    .map(|usage| (usage.sink, usage.charged_cu)),
-            );
-        }
-        if views.len() < PEOPLE_SCANNED_PAGE {
-            break;
-        }
-    }
+    crate::operator::for_each_view(books, |view| {
+        let owner = match view.kind {
+            AccountKind::Sink => {
+                let model = view
+                    .name
+                    .strip_prefix(stipend_ledger::SINK_NAME_PREFIX)
+                    .unwrap_or(&view.name);
+                models.push((view.id, model.to_string()));
+                return;
+            }
+            AccountKind::Person => {
+                people.push(view.id);
+                view.id
+            }
+            AccountKind::Agent => match agent_person(&view.name) {
+                Some(person) => person,
+                None => return,
+            },
+            // A closed account asked to be forgotten: it is counted no more.
+            AccountKind::Pool | AccountKind::Issuer | AccountKind::Closed => return,
+        };
+        used.entry(owner).or_default().extend(
+            view.last_period
+                .iter()
+                .map(|usage| (usage.sink, usage.charged_cu)),
+        );
+    })?;
     let granted = grants_in(books, start_ms, end_ms)?;
     let model_index: HashMap<AccountId, usize> = models
         .iter()

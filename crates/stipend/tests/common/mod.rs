@@ -223,6 +223,19 @@ pub async fn get_json(http: &reqwest::Client, base: &str, path: &str, key: &str)
         .unwrap()
 }
 
+/// One small chat call to the test upstream's `echo` model with `key`; its status.
+pub async fn echo_call(http: &reqwest::Client, base: &str, key: &str) -> u16 {
+    http.post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "echo", "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// `GET /v1/budget` with `key`, as JSON.
 pub async fn budget(http: &reqwest::Client, base: &str, key: &str) -> Value {
     get_json(http, base, "budget", key).await
