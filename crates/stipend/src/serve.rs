@@ -837,6 +837,8 @@ fn print_summary(
          Your budget:\n  \
          curl http://{address}/v1/budget -H \"Authorization: Bearer $KEY\"\n  \
          or in a browser: http://{address}/ (sign in with the key)\n\n\
+         How equally compute is shared, for anyone (a report each period, with privacy noise):\n  \
+         http://{address}/transparency\n\n\
          Press Ctrl-C to stop.",
         Flops(policy.amount_cu() as i64),
         format_duration(policy.period()),
