@@ -267,6 +267,35 @@ async fn a_person_signs_in_and_sees_spends_gives_and_manages_keys() {
     let cookie = page.get_named_cookie("stipend_session").await.unwrap();
     assert_eq!(cookie.http_only(), Some(true));
     assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
+    // With it, the page's download is the person's own export; without it, nothing.
+    assert_eq!(browser.attr("#export", "href").await, "/export");
+    let export: Value = http
+        .get(format!("{site}/export"))
+        .header("cookie", format!("stipend_session={}", cookie.value()))
+        // What the browser sends for a link on the same site; another site's gets 403.
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(export["account"]["name"], "alice", "{export}");
+    let anonymous = http
+        .get(format!("{site}/export"))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let cross_site = http
+        .get(format!("{site}/export"))
+        .header("cookie", format!("stipend_session={}", cookie.value()))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 403);
 
     // A call through the API shows in the chart and the table after a reload.
     let answer: Value = http
