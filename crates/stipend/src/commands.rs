@@ -749,9 +749,7 @@ fn run(
             let body =
                 stipend_web::transparency::report(ledger, &options, period_start.as_deref())?;
             let (epsilon_spent, reports) = stipend_web::transparency::budget_spent(ledger)?;
-            let published = serde_json::from_str(&body).map_err(|error| {
-                stipend_ledger::StoreError::Io(format!("a kept report does not read back: {error}"))
-            })?;
+            let published = stipend_web::transparency::read_back(&body)?;
             Ok(Response::Report {
                 published: Box::new(published),
                 epsilon_spent,

@@ -574,21 +574,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let books = Arc::clone(&engine.books);
         let options = config.web.transparency;
         tokio::spawn(async move {
-            let first = books.policy().period_index(books.now_ms());
+            // The last period this server knows to have its report: the one before it started
+            // is not its to make, and one made is not looked for again.
+            let mut reported = books.policy().period_index(books.now_ms()) - 1;
             let mut interval = tokio::time::interval(TRANSPARENCY_CHECK_INTERVAL);
             loop {
                 interval.tick().await;
+                let last = books.policy().period_index(books.now_ms()) - 1;
+                if last <= reported {
+                    continue;
+                }
                 let books = Arc::clone(&books);
                 let made = tokio::task::spawn_blocking(move || {
-                    let last = books.policy().period_index(books.now_ms()) - 1;
-                    if last < first {
-                        return Ok(());
-                    }
-                    stipend_web::transparency::report(books.as_ref(), &options, None).map(|_| ())
+                    stipend_web::transparency::report(books.as_ref(), &options, None)
                 })
                 .await;
-                if let Ok(Err(error)) = made {
-                    tracing::warn!(%error, "cannot make the transparency report");
+                match made {
+                    Ok(Ok(_)) => reported = last,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cannot make the transparency report")
+                    }
+                    Err(_) => {}
                 }
             }
         })

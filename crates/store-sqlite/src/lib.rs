@@ -187,8 +187,8 @@ fn add_key_spends_on(
 /// Runs `write` with what it frees zeroed in the file (`secure_delete`): for rows that hold a
 /// name, so that no old copy of one stays behind a rewrite.
 fn zeroing<T>(
-    connection: &Connection,
-    write: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    connection: &mut Connection,
+    write: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     connection
         .execute_batch("PRAGMA secure_delete = ON")
@@ -893,7 +893,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_key(&self, id: &str, at_ms: i64) -> Result<bool, StoreError> {
-        let changed = zeroing(&*self.writer()?, |writer| {
+        let changed = zeroing(&mut *self.writer()?, |writer| {
             writer
                 .execute(
                     "UPDATE keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
@@ -961,11 +961,11 @@ impl Store for SqliteStore {
     }
 
     fn erase_names(&self, id: AccountId, anonymous_name: &str) -> Result<(), StoreError> {
-        let writer = self.writer()?;
+        let mut writer = self.writer()?;
         // As a journal's deletion: the old name is overwritten in the file, in the table and
         // both its indexes, and the log's frames that held it are dropped (if no reader holds
         // them now, else at a later checkpoint).
-        zeroing(&writer, |writer| {
+        zeroing(&mut writer, |writer| {
             let transaction = writer.unchecked_transaction().map_err(io)?;
             let changed = transaction
                 .execute(
@@ -1100,7 +1100,7 @@ impl Store for SqliteStore {
     }
 
     fn set_key_name(&self, id: &str, name: Option<&str>) -> Result<bool, StoreError> {
-        let changed = zeroing(&*self.writer()?, |writer| {
+        let changed = zeroing(&mut *self.writer()?, |writer| {
             writer
                 .execute("UPDATE keys SET name = ?2 WHERE id = ?1", params![id, name])
                 .map_err(io)
@@ -1109,7 +1109,7 @@ impl Store for SqliteStore {
     }
 
     fn set_key_cap(&self, id: &str, cap_cu: Option<u64>) -> Result<bool, StoreError> {
-        let changed = zeroing(&*self.writer()?, |writer| {
+        let changed = zeroing(&mut *self.writer()?, |writer| {
             writer
                 .execute(
                     "UPDATE keys SET cap_cu = ?2 WHERE id = ?1",
@@ -1121,16 +1121,10 @@ impl Store for SqliteStore {
     }
 
     fn add_key_spends(&self, spends: &[KeySpend]) -> Result<Vec<u64>, StoreError> {
-        let mut connection = self.writer()?;
         // A key's row holds its name: its old copies are zeroed as it is rewritten.
-        connection
-            .execute_batch("PRAGMA secure_delete = ON")
-            .map_err(io)?;
-        let totals = add_key_spends_on(&mut connection, spends);
-        connection
-            .execute_batch("PRAGMA secure_delete = OFF")
-            .map_err(io)?;
-        totals
+        zeroing(&mut *self.writer()?, |writer| {
+            add_key_spends_on(writer, spends)
+        })
     }
 
     fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -1451,11 +1445,11 @@ impl stipend_ledger::RunJournal for SqliteStore {
     }
 
     fn journal_delete(&self, run: &str) -> Result<(), StoreError> {
-        let writer = self.writer()?;
+        let mut writer = self.writer()?;
         // A journal holds a person's transcript: what is deleted is overwritten in the file, and
         // the log's frames that still held it are dropped by emptying the log (if no reader
         // holds it now, else at a later checkpoint).
-        zeroing(&writer, |writer| {
+        zeroing(&mut writer, |writer| {
             writer
                 .execute("DELETE FROM agent_journal WHERE run = ?1", params![run])
                 .map_err(io)

@@ -103,9 +103,17 @@ impl From<StoreError> for AdminError {
     }
 }
 
-impl IntoResponse for AdminError {
-    fn into_response(self) -> Response {
-        let (status, kind, code, param) = match &self {
+impl AdminError {
+    /// The status, error type, code and parameter it is answered with.
+    fn parts(
+        &self,
+    ) -> (
+        StatusCode,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    ) {
+        match self {
             AdminError::Unauthorized(_) => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -136,7 +144,18 @@ impl IntoResponse for AdminError {
                 Some("ledger_unavailable"),
                 None,
             ),
-        };
+        }
+    }
+
+    /// The status it is answered with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, kind, code, param) = self.parts();
         (
             status,
             Json(json!({"error": {

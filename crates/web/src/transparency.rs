@@ -335,6 +335,12 @@ fn bad_query() -> AdminError {
     }
 }
 
+/// A kept report, read back.
+pub fn read_back(body: &str) -> Result<Published, StoreError> {
+    serde_json::from_str(body)
+        .map_err(|error| StoreError::Io(format!("a kept report does not read back: {error}")))
+}
+
 /// The kept report with the privacy budget spent so far beside it.
 fn with_budget(books: &dyn Books, body: &str) -> Result<Value, TransparencyError> {
     let mut value: Value = serde_json::from_str(body)
@@ -381,9 +387,7 @@ pub(crate) async fn page_route(
     let result = tokio::task::spawn_blocking(move || {
         let books = web.books.as_ref();
         let body = report(books, &web.transparency, asked.period_start.as_deref())?;
-        let published: Published = serde_json::from_str(&body).map_err(|error| {
-            StoreError::Io(format!("a kept report does not read back: {error}"))
-        })?;
+        let published = read_back(&body)?;
         let kept = books.store().reports()?;
         Ok::<_, TransparencyError>((published, kept))
     })
@@ -392,8 +396,7 @@ pub(crate) async fn page_route(
         Ok(Ok((published, kept))) => report_page(&published, &kept).into_response(),
         Ok(Err(error)) => {
             let message = error.to_string();
-            let status =
-                axum::response::IntoResponse::into_response(AdminError::from(error)).status();
+            let status = AdminError::from(error).status();
             (
                 status,
                 page(
