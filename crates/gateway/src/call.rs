@@ -62,6 +62,9 @@ impl Bounds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Usage {
     pub prompt_tokens: u64,
+    /// Of the prompt tokens, those read from the embedded model's prefix cache: priced at
+    /// `price_cached_prompt_cu`. Always 0 for an upstream, whose caching Stipend cannot see.
+    pub cached_tokens: u64,
     pub completion_tokens: u64,
 }
 
@@ -70,14 +73,17 @@ impl Usage {
     pub(crate) fn from_json(usage: &serde_json::Value) -> Option<Usage> {
         Some(Usage {
             prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
+            cached_tokens: 0,
             completion_tokens: usage.get("completion_tokens")?.as_u64()?,
         })
     }
 
     /// What these counts cost at `model`'s prices.
     pub(crate) fn cost_cu(&self, model: &Model) -> u64 {
-        self.prompt_tokens
+        let cached = self.cached_tokens.min(self.prompt_tokens);
+        (self.prompt_tokens - cached)
             .saturating_mul(model.price_prompt_cu)
+            .saturating_add(cached.saturating_mul(model.price_cached_prompt_cu))
             .saturating_add(
                 self.completion_tokens
                     .saturating_mul(model.price_completion_cu),
@@ -174,11 +180,14 @@ pub(crate) fn price(bounds: &Bounds, counted: Counted, delivered: &Delivered) ->
     };
     let usage = trusted.unwrap_or(Usage {
         prompt_tokens: bounds.prompt_tokens_max,
+        cached_tokens: 0,
         // A token decodes to at least one byte of text.
         completion_tokens: delivered.bytes,
     });
+    let prompt_tokens = usage.prompt_tokens.min(bounds.prompt_tokens_max);
     Usage {
-        prompt_tokens: usage.prompt_tokens.min(bounds.prompt_tokens_max),
+        prompt_tokens,
+        cached_tokens: usage.cached_tokens.min(prompt_tokens),
         completion_tokens: usage.completion_tokens.min(bounds.completion_tokens_max),
     }
 }
@@ -619,6 +628,7 @@ mod tests {
     fn usage(prompt_tokens: u64, completion_tokens: u64) -> Usage {
         Usage {
             prompt_tokens,
+            cached_tokens: 0,
             completion_tokens,
         }
     }
@@ -683,6 +693,36 @@ mod tests {
             price(&BOUNDS, Counted::Exact(usage(7, 0)), &delivered(&[(0, 50)])),
             usage(7, 0),
             "exact counts are not second-guessed"
+        );
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_priced_apart_and_never_above_the_prompt() {
+        let counted = Usage {
+            prompt_tokens: 60,
+            cached_tokens: 45,
+            completion_tokens: 5,
+        };
+        let charged = price(&BOUNDS, Counted::Exact(counted), &Delivered::default());
+        assert_eq!(charged, counted);
+        // Cached tokens beyond the prompt are a bug's count: never more than the prompt.
+        let impossible = price(
+            &BOUNDS,
+            Counted::Exact(Usage {
+                cached_tokens: 500,
+                ..counted
+            }),
+            &Delivered::default(),
+        );
+        assert_eq!(impossible.cached_tokens, 60);
+        // An upstream's report is never taken as cached: its caching is not ours to see.
+        assert_eq!(
+            Usage::from_json(&serde_json::json!({
+                "prompt_tokens": 60,
+                "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 45},
+            })),
+            Some(usage(60, 5))
         );
     }
 

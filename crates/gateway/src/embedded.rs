@@ -483,6 +483,8 @@ pub(crate) fn prepare(
         stop: stop_sequences(request),
         sampling: sampling(request),
         grammar,
+        // Set by the caller, who knows whose call it is.
+        owner: 0,
     };
     let bounds = Bounds {
         prompt_tokens_max: prompt_tokens,
@@ -525,11 +527,13 @@ impl Shape {
         }
     }
 
+    /// OpenAI's usage object, with the prompt tokens read from the cache in its details.
     fn usage(usage: Usage) -> Value {
         json!({
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         })
     }
 
@@ -726,6 +730,7 @@ enum Answer {
 fn exact(counts: TokenCounts) -> Counted {
     Counted::Exact(Usage {
         prompt_tokens: counts.prompt_tokens as u64,
+        cached_tokens: counts.cached_prompt_tokens as u64,
         completion_tokens: counts.completion_tokens as u64,
     })
 }
@@ -979,6 +984,7 @@ mod tests {
     fn the_answers_have_openais_shapes() {
         let usage = Usage {
             prompt_tokens: 12,
+            cached_tokens: 8,
             completion_tokens: 3,
         };
         let mut out = String::new();

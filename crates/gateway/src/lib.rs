@@ -55,6 +55,9 @@ pub struct Model {
     pub name: String,
     /// cu per prompt token.
     pub price_prompt_cu: u64,
+    /// cu per prompt token read from the embedded model's prefix cache instead of computed; at
+    /// most `price_prompt_cu`, so that a call's worst case, priced with no hit, bounds it.
+    pub price_cached_prompt_cu: u64,
     /// cu per completion token.
     pub price_completion_cu: u64,
     /// Where its spent compute goes.

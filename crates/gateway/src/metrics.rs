@@ -160,6 +160,8 @@ pub struct Gauges {
     pub in_flight: Vec<(String, usize)>,
     /// Embedded models' slots generating right now, by model.
     pub slots_busy: Vec<(String, usize)>,
+    /// Embedded models' prefix caches: hits, tokens reused, evictions, by model.
+    pub prefix_cache: Vec<(String, stipend_model::CacheStats)>,
 }
 
 /// One model's fair-share queue, for `/metrics`.
@@ -377,6 +379,30 @@ fn render_gauges(out: &mut Exposition, gauges: &Gauges) {
     for (model, busy) in &gauges.slots_busy {
         out.sample("stipend_model_slots_busy", &[("model", model)], busy);
     }
+    type Read = fn(&stipend_model::CacheStats) -> u64;
+    let cache_families: [(&str, &str, Read); 3] = [
+        (
+            "stipend_prefix_cache_hits_total",
+            "Calls to an embedded model that reused cached prompt tokens.",
+            |stats| stats.hits,
+        ),
+        (
+            "stipend_prefix_cache_tokens_total",
+            "Prompt tokens an embedded model read from its prefix cache instead of computing.",
+            |stats| stats.cached_tokens,
+        ),
+        (
+            "stipend_prefix_cache_evictions_total",
+            "Slots of an embedded model whose cached tokens were cleared for a call that could not reuse them.",
+            |stats| stats.evictions,
+        ),
+    ];
+    for (name, help, value) in cache_families {
+        out.family(name, "counter", help);
+        for (model, stats) in &gauges.prefix_cache {
+            out.sample(name, &[("model", model)], value(stats));
+        }
+    }
     out.family(
         "stipend_reservations_open",
         "gauge",
@@ -458,6 +484,14 @@ mod tests {
             ledger_commit_seconds: 0.125,
             in_flight: vec![("smollm2-135m".to_string(), 3)],
             slots_busy: vec![("smollm2-135m".to_string(), 2)],
+            prefix_cache: vec![(
+                "smollm2-135m".to_string(),
+                stipend_model::CacheStats {
+                    hits: 5,
+                    cached_tokens: 640,
+                    evictions: 1,
+                },
+            )],
         };
         let text = render(
             &[("smollm2-135m", &model)],

@@ -162,6 +162,8 @@ async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
             if let Backend::Embedded(engine) = &model.backend {
                 entry["context_length"] = json!(engine.info().n_ctx);
                 entry["slots"] = json!(engine.info().slots);
+                entry["prefix_cache"] = json!(prefix_cache_name(engine.info().prefix_cache));
+                entry["price_cached_prompt_cu"] = json!(model.price_cached_prompt_cu);
             }
             entry
         })
@@ -199,6 +201,7 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
             json!({
                 "model": model.name,
                 "price_prompt_cu": model.price_prompt_cu,
+                "price_cached_prompt_cu": model.price_cached_prompt_cu,
                 "price_completion_cu": model.price_completion_cu,
                 "completion_tokens_available": view.available_cu / model.price_completion_cu.max(1),
                 "usage_this_period": {
@@ -245,6 +248,14 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             .values()
             .filter_map(|model| match &model.backend {
                 Backend::Embedded(engine) => Some((model.name.clone(), engine.busy_slots())),
+                Backend::Upstream { .. } => None,
+            })
+            .collect(),
+        prefix_cache: gateway
+            .models
+            .values()
+            .filter_map(|model| match &model.backend {
+                Backend::Embedded(engine) => Some((model.name.clone(), engine.cache_stats())),
                 Backend::Upstream { .. } => None,
             })
             .collect(),
@@ -411,6 +422,15 @@ async fn serve(
     serve_bytes(gateway, payer, bytes, endpoint, routed).await
 }
 
+/// A prefix cache mode as the config names it.
+fn prefix_cache_name(mode: stipend_model::PrefixCache) -> &'static str {
+    match mode {
+        stipend_model::PrefixCache::PerOwner => "person",
+        stipend_model::PrefixCache::Shared => "shared",
+        stipend_model::PrefixCache::Off => "off",
+    }
+}
+
 /// Who pays for a call, and whose turn it takes in the fair-share queue.
 #[derive(Debug, Clone)]
 pub struct Payer {
@@ -504,11 +524,13 @@ async fn serve_bytes(
             // Rendering the template and tokenizing is CPU work: off the async threads.
             let engine = Arc::clone(engine);
             let default = gateway.options.max_tokens_default;
-            let (bounds, generate, tools) = tokio::task::spawn_blocking(move || {
+            let (bounds, mut generate, tools) = tokio::task::spawn_blocking(move || {
                 crate::embedded::prepare(&engine, parsed, endpoint, default)
             })
             .await
             .map_err(|_| ApiError::Internal)??;
+            // The prefix cache is the person's: an agent's calls reuse what its person's left.
+            generate.owner = payer.queued_as.0;
             let call = Call::open(&gateway, payer, &model, bounds).await?;
             crate::embedded::serve(call, generate, stream, include_usage, endpoint, tools).await
         }

@@ -21,6 +21,7 @@ async fn trickle(ledger: &Ledger, slots: usize) -> Model {
     Model {
         name: "trickle".to_string(),
         price_prompt_cu: 1,
+        price_cached_prompt_cu: 1,
         price_completion_cu: 1,
         sink: ledger.sink("sink:trickle").unwrap(),
         backend: Backend::Upstream {
@@ -123,6 +124,7 @@ async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
     let model = Model {
         name: "smollm2-135m".to_string(),
         price_prompt_cu: 1,
+        price_cached_prompt_cu: 1,
         price_completion_cu: 1,
         sink: ledger.sink("sink:smollm2-135m").unwrap(),
         backend: Backend::Embedded(Arc::new(engine)),

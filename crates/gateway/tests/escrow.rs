@@ -91,6 +91,7 @@ async fn gateway_on(
     let model = Model {
         name: "honest".to_string(),
         price_prompt_cu: 1,
+        price_cached_prompt_cu: 1,
         price_completion_cu: 1,
         sink: SINK,
         backend: Backend::Upstream {

@@ -52,6 +52,7 @@ impl Metered {
             .map(|name| Model {
                 name: name.to_string(),
                 price_prompt_cu: 1,
+                price_cached_prompt_cu: 1,
                 price_completion_cu: 1,
                 sink: setup.ledger.sink(&format!("sink:{name}")).unwrap(),
                 backend: Backend::Upstream {

@@ -31,6 +31,7 @@ async fn finished_calls_reuse_one_connection_and_so_does_a_stream_its_client_lef
     let model = |name: &str| Model {
         name: name.to_string(),
         price_prompt_cu: 1,
+        price_cached_prompt_cu: 1,
         price_completion_cu: 1,
         sink: setup.ledger.sink(&format!("sink:{name}")).unwrap(),
         backend: Backend::Upstream {

@@ -8,6 +8,13 @@
 //! stalls them. The slot count is the model's capacity; requests beyond it wait in a bounded
 //! queue (the gateway's fair-share queue keeps it from filling).
 //!
+//! A slot keeps what it decoded after its generation ends (its *prefix cache*): the next
+//! request whose prompt begins with the same tokens, and that may reuse them ([`PrefixCache`]),
+//! is placed in that slot and decodes only the rest. A prompt that finds nothing to reuse takes
+//! an empty slot, or else the free slot used least recently, whose cache it clears (an
+//! eviction). The cache lives in the context's own KV memory, allocated once at load: keeping
+//! it costs no memory beyond the slots'.
+//!
 //! Tokenizing and rendering the chat template happen on the caller's thread: the model's
 //! vocabulary is read-only and shared.
 //!
@@ -19,7 +26,7 @@
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 
@@ -210,6 +217,42 @@ pub struct Generate {
     /// A grammar (llama.cpp's GBNF, root rule `root`) every token must keep the output within:
     /// a JSON schema's, from [`EmbeddedModel::grammar_for_schema`].
     pub grammar: Option<String>,
+    /// Whose request it is: under [`PrefixCache::PerOwner`] it reuses only what requests of the
+    /// same owner left in the cache.
+    pub owner: u64,
+}
+
+/// Whose cached prompt prefixes a request may reuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PrefixCache {
+    /// Only its own owner's: nobody's time to first token depends on what others asked.
+    #[default]
+    PerOwner,
+    /// Anyone's: prompts that share a long public prefix all gain, but a prompt that comes back
+    /// fast tells its sender that someone sent the same beginning recently.
+    Shared,
+    /// None: every prompt is decoded from its first token, and a slot's cache is cleared when
+    /// its generation ends.
+    Off,
+}
+
+/// What the prefix cache has done since the model was loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Generations that reused at least one cached prompt token.
+    pub hits: u64,
+    /// Prompt tokens read from the cache instead of decoded.
+    pub cached_tokens: u64,
+    /// Slots whose kept tokens were cleared to make room for a generation that could not reuse
+    /// them.
+    pub evictions: u64,
+}
+
+#[derive(Default)]
+struct CacheCounters {
+    hits: AtomicU64,
+    cached_tokens: AtomicU64,
+    evictions: AtomicU64,
 }
 
 /// Why a generation ended, as the OpenAI API names it.
@@ -225,8 +268,10 @@ pub enum FinishReason {
 /// Tokens a generation has computed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenCounts {
-    /// Prompt tokens decoded (all of them once generation began).
+    /// Prompt tokens read (all of them once generation began), decoded or cached.
     pub prompt_tokens: usize,
+    /// Of those, the tokens read from the prefix cache: nothing was computed for them.
+    pub cached_prompt_tokens: usize,
     /// Completion tokens generated (a stop sequence's tokens included: they were computed).
     pub completion_tokens: usize,
 }
@@ -301,6 +346,8 @@ pub struct ModelInfo {
     pub n_ctx: u32,
     /// How many generations are decoded together.
     pub slots: u32,
+    /// Whose cached prefixes a request may reuse.
+    pub prefix_cache: PrefixCache,
 }
 
 /// Options for loading.
@@ -314,6 +361,8 @@ pub struct LoadOptions {
     pub n_batch: u32,
     /// CPU threads.
     pub n_threads: i32,
+    /// Whose cached prefixes a request may reuse.
+    pub prefix_cache: PrefixCache,
 }
 
 impl Default for LoadOptions {
@@ -323,6 +372,7 @@ impl Default for LoadOptions {
             slots: 8,
             n_batch: 512,
             n_threads: std::thread::available_parallelism().map_or(2, |n| n.get() as i32),
+            prefix_cache: PrefixCache::default(),
         }
     }
 }
@@ -347,6 +397,7 @@ pub struct EmbeddedModel {
     template: minijinja::Environment<'static>,
     work: mpsc::SyncSender<Job>,
     busy: Arc<AtomicUsize>,
+    cache: Arc<CacheCounters>,
 }
 
 /// llama.cpp's backend, started once per process (llama.cpp allows no second start): for code
@@ -393,12 +444,20 @@ impl EmbeddedModel {
         let (work, jobs) = mpsc::sync_channel::<Job>(QUEUE_MAX);
         let (ready, ready_rx) = mpsc::channel::<Result<u32, ModelError>>();
         let busy = Arc::new(AtomicUsize::new(0));
-        let slots = options.slots;
+        let cache = Arc::new(CacheCounters::default());
+        let (slots, prefix_cache) = (options.slots, options.prefix_cache);
         let worker_model = Arc::clone(&model);
         let worker_busy = Arc::clone(&busy);
+        let worker_cache = Arc::clone(&cache);
         std::thread::Builder::new()
             .name("model-worker".to_string())
-            .spawn(move || worker(backend, &worker_model, options, ready, jobs, &worker_busy))
+            .spawn(move || {
+                let shared = Shared {
+                    busy: &worker_busy,
+                    cache: &worker_cache,
+                };
+                worker(backend, &worker_model, options, ready, jobs, shared)
+            })
             .map_err(|error| load_error(format!("cannot start the worker: {error}")))?;
         let n_ctx = ready_rx
             .recv()
@@ -408,6 +467,7 @@ impl EmbeddedModel {
             params: model.n_params(),
             n_ctx,
             slots,
+            prefix_cache,
         };
         Ok(EmbeddedModel {
             info,
@@ -415,6 +475,7 @@ impl EmbeddedModel {
             template,
             work,
             busy,
+            cache,
         })
     }
 
@@ -426,6 +487,15 @@ impl EmbeddedModel {
     /// Slots generating right now.
     pub fn busy_slots(&self) -> usize {
         self.busy.load(Ordering::Acquire)
+    }
+
+    /// What the prefix cache has done since loading.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.cache.hits.load(Ordering::Relaxed),
+            cached_tokens: self.cache.cached_tokens.load(Ordering::Relaxed),
+            evictions: self.cache.evictions.load(Ordering::Relaxed),
+        }
     }
 
     /// Renders chat messages into a prompt with the model's own template.
@@ -619,8 +689,10 @@ struct Slot {
     seq: i32,
     job: Job,
     sampler: LlamaSampler,
-    /// Prompt tokens decoded so far.
+    /// Prompt tokens read so far: reused from the cache, then decoded.
     fed: usize,
+    /// Prompt tokens reused from the slot's cache.
+    cached: usize,
     /// The last token sampled, to be decoded next.
     next: Option<LlamaToken>,
     /// The position `next` goes to.
@@ -635,6 +707,7 @@ impl Slot {
     fn counts(&self) -> TokenCounts {
         TokenCounts {
             prompt_tokens: self.fed,
+            cached_prompt_tokens: self.cached,
             completion_tokens: self.completion_tokens,
         }
     }
@@ -645,14 +718,41 @@ impl Slot {
     }
 }
 
+/// What a slot's sequence holds in the KV cache: the tokens at positions 0, 1, …, in order,
+/// and whose they are.
+#[derive(Default)]
+struct Kept {
+    owner: u64,
+    tokens: Vec<LlamaToken>,
+    /// When a generation last took the slot (an admission count): the least recent is evicted
+    /// first.
+    used: u64,
+}
+
+/// The counters the worker shares with the model's handle.
+struct Shared<'a> {
+    busy: &'a AtomicUsize,
+    cache: &'a CacheCounters,
+}
+
 /// The slots and the context they share.
 struct Slots<'a> {
     model: &'a LlamaModel,
     context: LlamaContext<'a>,
     slots: Vec<Option<Slot>>,
+    /// Per slot, what its sequence holds (whether or not a generation is in it).
+    kept: Vec<Kept>,
+    prefix_cache: PrefixCache,
+    /// Admissions so far: the clock of least recent use.
+    admissions: u64,
     n_ctx: u32,
     n_batch: usize,
-    busy: &'a AtomicUsize,
+    shared: Shared<'a>,
+}
+
+/// How many tokens `a` and `b` begin with in common.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(a, b)| a == b).count()
 }
 
 impl Slots<'_> {
@@ -663,7 +763,7 @@ impl Slots<'_> {
     /// Takes waiting jobs into free slots; blocks when nothing is running. Returns false when
     /// the model was dropped and nothing is left to do.
     fn admit(&mut self, jobs: &mpsc::Receiver<Job>) -> bool {
-        while let Some(index) = self.slots.iter().position(Option::is_none) {
+        while self.active() < self.slots.len() {
             let job = if self.active() == 0 {
                 match jobs.recv() {
                     Ok(job) => job,
@@ -712,34 +812,116 @@ impl Slots<'_> {
             if job.events.send(Event::Started { prompt_tokens }).is_err() {
                 continue;
             }
+            let (index, cached) = self.place(request);
             let sampler = request.sampling.sampler(self.model.n_vocab(), grammar);
             let text = TextStream::new(request.stop.clone());
             self.slots[index] = Some(Slot {
                 seq: index as i32,
                 job,
                 sampler,
-                fed: 0,
+                fed: cached,
+                cached,
                 next: None,
-                position: 0,
+                position: cached as i32,
                 completion_tokens: 0,
                 text,
                 logits_at: None,
             });
-            self.busy.fetch_add(1, Ordering::Relaxed);
+            self.shared.busy.fetch_add(1, Ordering::Relaxed);
         }
         true
     }
 
-    /// Ends the generation in slot `index` with `last` and frees the slot and its cache.
+    /// Chooses a free slot for `request` and readies its cache. Returns the slot and how many
+    /// prompt tokens it already holds. In order of preference:
+    /// 1. the slot whose kept tokens begin with the longest part of the prompt that this request
+    ///    may reuse, if that part is at least what reusing it throws away (its tail past it);
+    /// 2. an empty slot;
+    /// 3. the slot with the longest such part, whatever it throws away;
+    /// 4. the slot used least recently, cleared (an eviction).
+    fn place(&mut self, request: &Generate) -> (usize, usize) {
+        let prompt = &request.prompt.tokens;
+        let reusable = |kept: &Kept| match self.prefix_cache {
+            PrefixCache::PerOwner => kept.owner == request.owner,
+            PrefixCache::Shared => true,
+            PrefixCache::Off => false,
+        };
+        let rank = |index: usize| {
+            let kept = &self.kept[index];
+            // At least the prompt's last token is decoded: its logits give the first token.
+            let prefix = if reusable(kept) {
+                common_prefix(&kept.tokens, prompt).min(prompt.len() - 1)
+            } else {
+                0
+            };
+            let lost = kept.tokens.len() - prefix.min(kept.tokens.len());
+            let rank = if prefix > 0 && lost <= prefix {
+                (3, prefix, kept.used)
+            } else if kept.tokens.is_empty() {
+                (2, 0, 0)
+            } else if prefix > 0 {
+                (1, prefix, kept.used)
+            } else {
+                (0, 0, u64::MAX - kept.used)
+            };
+            (rank, prefix)
+        };
+        let (index, mut cached) = (0..self.slots.len())
+            .filter(|&index| self.slots[index].is_none())
+            .map(|index| {
+                let (rank, prefix) = rank(index);
+                (rank, index, prefix)
+            })
+            .max()
+            .map_or((0, 0), |(_, index, prefix)| (index, prefix)); // `admit` places only when a slot is free
+        let seq = index as u32;
+        let kept = &mut self.kept[index];
+        if cached == 0 && !kept.tokens.is_empty() {
+            self.shared.cache.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        if kept.tokens.len() > cached {
+            // Removing a tail can fail for some memory kinds (recurrent ones): then clear it all.
+            let trimmed = self
+                .context
+                .clear_kv_cache_seq(Some(seq), Some(cached as u32), None);
+            if !matches!(trimmed, Ok(true)) {
+                let _ = self.context.clear_kv_cache_seq(Some(seq), None, None);
+                cached = 0;
+            }
+        }
+        kept.tokens.truncate(cached);
+        kept.owner = request.owner;
+        self.admissions += 1;
+        kept.used = self.admissions;
+        if cached > 0 {
+            self.shared.cache.hits.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .cache
+                .cached_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+        }
+        (index, cached)
+    }
+
+    /// Ends the generation in slot `index` with `last` and frees the slot; its cache stays for
+    /// the next request that may reuse it, unless the cache is off.
     fn end(&mut self, index: usize, last: Event) {
         if let Some(slot) = self.slots[index].take() {
-            let _ = self
-                .context
-                .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+            if self.prefix_cache == PrefixCache::Off {
+                self.forget(index);
+            }
             // Free before the last event, so whoever reads it sees the slot free.
-            self.busy.fetch_sub(1, Ordering::Release);
+            self.shared.busy.fetch_sub(1, Ordering::Release);
             slot.send(last);
         }
+    }
+
+    /// Clears slot `index`'s cache.
+    fn forget(&mut self, index: usize) {
+        let _ = self
+            .context
+            .clear_kv_cache_seq(Some(index as u32), None, None);
+        self.kept[index].tokens.clear();
     }
 
     /// One step: every generating slot's next token, and as much waiting prompt as fits, in one
@@ -755,13 +937,15 @@ impl Slots<'_> {
         }
         batch.clear();
         let mut room = self.n_batch;
-        for slot in self.slots.iter_mut().flatten() {
+        for (slot, kept) in self.slots.iter_mut().zip(&mut self.kept) {
+            let Some(slot) = slot else { continue };
             slot.logits_at = None;
             if let Some(token) = slot.next.take() {
                 // Never fails: the batch holds n_batch ≥ slots tokens and these come first.
                 if batch.add(token, slot.position, &[slot.seq], true).is_ok() {
                     slot.logits_at = Some(batch.n_tokens() - 1);
                     slot.position += 1;
+                    kept.tokens.push(token);
                     room -= 1;
                 }
             }
@@ -770,7 +954,8 @@ impl Slots<'_> {
             // Some slots are generating: keep this step short.
             room = room.min(PROMPT_TOKENS_PER_SHARED_STEP);
         }
-        for slot in self.slots.iter_mut().flatten() {
+        for (slot, kept) in self.slots.iter_mut().zip(&mut self.kept) {
+            let Some(slot) = slot else { continue };
             let prompt = &slot.job.request.prompt.tokens;
             if room == 0 || slot.fed == prompt.len() {
                 continue;
@@ -785,6 +970,7 @@ impl Slots<'_> {
                 {
                     break;
                 }
+                kept.tokens.push(*token);
                 if last {
                     slot.logits_at = Some(batch.n_tokens() - 1);
                 }
@@ -797,15 +983,17 @@ impl Slots<'_> {
             return;
         }
         if let Err(error) = self.context.decode(batch) {
-            // The whole batch failed: every slot in it stops, none is left half-decoded.
+            // The whole batch failed: every slot in it stops, none is left half-decoded, and
+            // what their caches hold is no longer known.
             for index in 0..self.slots.len() {
-                if self.slots[index].is_some() {
-                    let counts = self.slots[index].as_ref().map(Slot::counts);
+                if let Some(slot) = &self.slots[index] {
+                    let counts = slot.counts();
+                    self.forget(index);
                     self.end(
                         index,
                         Event::Failed {
                             error: ModelError::Failed(error.to_string()),
-                            counts: counts.unwrap_or_default(),
+                            counts,
                         },
                     );
                 }
@@ -866,7 +1054,7 @@ fn worker(
     options: LoadOptions,
     ready: mpsc::Sender<Result<u32, ModelError>>,
     jobs: mpsc::Receiver<Job>,
-    busy: &AtomicUsize,
+    shared: Shared<'_>,
 ) {
     let slots = options.slots;
     let n_ctx = options.n_ctx.min(model.n_ctx_train()).max(64);
@@ -898,9 +1086,12 @@ fn worker(
         model,
         context,
         slots: (0..slots).map(|_| None).collect(),
+        kept: (0..slots).map(|_| Kept::default()).collect(),
+        prefix_cache: options.prefix_cache,
+        admissions: 0,
         n_ctx,
         n_batch: n_batch as usize,
-        busy,
+        shared,
     };
     let mut batch = LlamaBatch::new(n_batch as usize, 1);
     while state.admit(&jobs) {

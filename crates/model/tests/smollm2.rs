@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use stipend_model::{
-    ChatMessage, Completion, EmbeddedModel, Event, FinishReason, Generate, LoadOptions, ModelError,
-    Sampling, collect,
+    CacheStats, ChatMessage, Completion, EmbeddedModel, Event, FinishReason, Generate, LoadOptions,
+    ModelError, PrefixCache, Sampling, collect,
 };
 
 fn gguf() -> PathBuf {
@@ -29,6 +29,7 @@ fn greedy(model: &EmbeddedModel, prompt: &str, max_tokens: usize, stop: &[&str])
             temperature: 0.0,
             ..Sampling::default()
         },
+        owner: 0,
     }
 }
 
@@ -225,7 +226,15 @@ fn cancelling_stops_at_once_and_reports_what_was_computed() {
 
 #[test]
 fn batched_greedy_answers_equal_the_answers_one_at_a_time() {
-    let model = load();
+    // Without the prefix cache: each prompt is decoded whole either way.
+    let model = EmbeddedModel::load(
+        &gguf(),
+        LoadOptions {
+            prefix_cache: PrefixCache::Off,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
     let questions = [
         "What is the capital of France? Answer in one sentence.",
         "Name three colours.",
@@ -289,6 +298,7 @@ fn a_seed_makes_sampling_reproducible() {
                     seed,
                     ..Sampling::default()
                 },
+                owner: 0,
             },
         )
         .text
@@ -342,4 +352,166 @@ fn a_message_cannot_forge_a_turn() {
         safe.len() > unsafe_reading.len(),
         "the spelled-out marker is several text tokens"
     );
+}
+
+fn owned(mut request: Generate, owner: u64) -> Generate {
+    request.owner = owner;
+    request
+}
+
+fn load_with(prefix_cache: PrefixCache, slots: u32) -> EmbeddedModel {
+    EmbeddedModel::load(
+        &gguf(),
+        LoadOptions {
+            n_ctx: 1_024,
+            slots,
+            prefix_cache,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_repeated_prompt_decodes_only_its_last_token() {
+    let model = load_with(PrefixCache::PerOwner, 1);
+    let prompt = france(&model);
+    let first = run(&model, owned(greedy(&model, &prompt, 32, &[]), 1));
+    assert_eq!(first.counts.cached_prompt_tokens, 0, "{first:?}");
+    assert_eq!(model.cache_stats(), CacheStats::default());
+    let again = run(&model, owned(greedy(&model, &prompt, 32, &[]), 1));
+    assert_eq!(again.counts.prompt_tokens, first.counts.prompt_tokens);
+    assert_eq!(
+        again.counts.cached_prompt_tokens,
+        first.counts.prompt_tokens - 1,
+        "{again:?}"
+    );
+    assert_eq!(again.text, first.text);
+    assert_eq!(
+        model.cache_stats(),
+        CacheStats {
+            hits: 1,
+            cached_tokens: again.counts.cached_prompt_tokens as u64,
+            evictions: 0,
+        }
+    );
+    // With no other slot, a different question still reuses the template's system prompt, and
+    // the answer is the one a fresh model gives.
+    let colours = chat(&model, "Name three colours.");
+    let reused = run(&model, owned(greedy(&model, &colours, 32, &[]), 1));
+    let common = model
+        .tokenize(&colours)
+        .ids()
+        .iter()
+        .zip(model.tokenize(&prompt).ids())
+        .take_while(|(a, b)| **a == *b)
+        .count();
+    assert!(common > 10, "the system prompt is shared");
+    assert_eq!(reused.counts.cached_prompt_tokens, common, "{reused:?}");
+    let fresh = load_with(PrefixCache::Off, 1);
+    let from_scratch = run(&fresh, greedy(&fresh, &colours, 32, &[]));
+    assert_eq!(from_scratch.counts.cached_prompt_tokens, 0);
+    assert_eq!(reused.text, from_scratch.text);
+}
+
+#[test]
+fn each_turn_of_a_conversation_reuses_the_turns_before() {
+    let model = load_with(PrefixCache::PerOwner, 2);
+    let mut messages = Vec::new();
+    let mut previous_prompt_tokens = 0;
+    for turn in 0..10 {
+        messages.push(ChatMessage {
+            role: "user".to_string(),
+            content: format!("Tell me one short fact about the number {turn}."),
+        });
+        let prompt = model.chat_prompt(&messages).unwrap();
+        let answer = run(
+            &model,
+            Generate {
+                prompt,
+                ..owned(greedy(&model, "x", 24, &[]), 7)
+            },
+        );
+        if turn == 0 {
+            assert_eq!(answer.counts.cached_prompt_tokens, 0);
+        } else {
+            // Everything before this turn's question was read from the cache: the earlier
+            // prompts whole, and the answers as the model wrote them.
+            assert!(
+                answer.counts.cached_prompt_tokens >= previous_prompt_tokens,
+                "turn {turn}: {answer:?}, the previous prompt had {previous_prompt_tokens}"
+            );
+        }
+        previous_prompt_tokens = answer.counts.prompt_tokens;
+        messages.push(ChatMessage {
+            role: "assistant".to_string(),
+            content: answer.text,
+        });
+    }
+    assert!(previous_prompt_tokens > 200, "{previous_prompt_tokens}");
+    assert_eq!(model.cache_stats().hits, 9);
+}
+
+#[test]
+fn owners_reuse_only_what_the_mode_allows() {
+    let question = "What is the capital of France? Answer in one sentence.";
+    for (mode, stranger_reuses, owner_reuses) in [
+        (PrefixCache::PerOwner, false, true),
+        (PrefixCache::Shared, true, true),
+        (PrefixCache::Off, false, false),
+    ] {
+        let model = load_with(mode, 2);
+        let prompt = chat(&model, question);
+        let first = run(&model, owned(greedy(&model, &prompt, 16, &[]), 1));
+        // Another owner, right after, with the same prompt.
+        let stranger = run(&model, owned(greedy(&model, &prompt, 16, &[]), 2));
+        assert_eq!(
+            stranger.counts.cached_prompt_tokens > 0,
+            stranger_reuses,
+            "{mode:?}: {stranger:?}"
+        );
+        let own = run(&model, owned(greedy(&model, &prompt, 16, &[]), 1));
+        assert_eq!(
+            own.counts.cached_prompt_tokens > 0,
+            owner_reuses,
+            "{mode:?}: {own:?}"
+        );
+        for answer in [&stranger, &own] {
+            assert_eq!(answer.text, first.text, "{mode:?}");
+        }
+    }
+}
+
+#[test]
+fn the_least_recently_used_cache_is_evicted_first() {
+    let slots = 3;
+    let model = load_with(PrefixCache::PerOwner, slots);
+    // Distinct from their first token: no prompt can reuse another's.
+    let prompt = |owner: u64| {
+        format!(
+            "Owner {owner} asks: {}",
+            "tell me about the sea. ".repeat(20)
+        )
+    };
+    let ask = |owner: u64| {
+        run(&model, owned(greedy(&model, &prompt(owner), 4, &[]), owner))
+            .counts
+            .cached_prompt_tokens
+    };
+    for owner in 0..6 {
+        assert_eq!(ask(owner), 0, "owner {owner}, first time");
+    }
+    // Three slots: the first three caches were evicted for the last three.
+    assert_eq!(model.cache_stats().evictions, 3);
+    for owner in [5, 4, 3] {
+        assert!(ask(owner) > 100, "owner {owner} is still cached");
+    }
+    // Owner 5 is now the least recent of the kept: owner 0 takes its slot, and owner 5 then
+    // takes the next least recent, owner 4's.
+    assert_eq!(ask(0), 0);
+    assert_eq!(ask(5), 0, "evicted for owner 0");
+    assert!(ask(3) > 100);
+    assert_eq!(model.cache_stats().evictions, 5);
+    assert_eq!(model.cache_stats().hits, 4);
+    wait_idle(&model);
 }

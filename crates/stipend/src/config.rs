@@ -110,7 +110,9 @@ struct RawModel {
     upstream_model: Option<String>,
     params: Option<AmountText>,
     price_prompt_cu: Option<i64>,
+    price_cached_prompt_cu: Option<i64>,
     price_completion_cu: Option<i64>,
+    prefix_cache: Option<String>,
     max_concurrency: Option<i64>,
     timeout: Option<String>,
     ca_file: Option<PathBuf>,
@@ -158,9 +160,18 @@ pub struct ModelConfig {
     pub backend: BackendConfig,
     /// cu per prompt token; `None`: from the GGUF's parameter count (embedded models only).
     pub price_prompt_cu: Option<u64>,
+    /// cu per prompt token an embedded model reads from its prefix cache; `None`:
+    /// [`CACHED_PROMPT_PRICE_DEFAULT_CU`]. Never more than the prompt price.
+    pub price_cached_prompt_cu: Option<u64>,
     /// cu per completion token; `None` as for the prompt.
     pub price_completion_cu: Option<u64>,
 }
+
+/// The default price of a prompt token read from an embedded model's prefix cache: the FLOPs
+/// computed for it in the call, which are none (its keys and values were computed by an earlier
+/// call, and are only read). The attention that reads them is the work of the tokens computed,
+/// which the 2 × parameters rule of the other prices leaves out for every token alike.
+pub const CACHED_PROMPT_PRICE_DEFAULT_CU: u64 = 0;
 
 /// Where a configured model runs.
 #[derive(Debug, Clone)]
@@ -191,6 +202,9 @@ pub enum BackendConfig {
         context: u32,
         /// CPU threads (`None`: all cores).
         threads: Option<u32>,
+        /// Whose cached prompt prefixes a call may reuse (`prefix_cache`: "person", "shared" or
+        /// "off").
+        prefix_cache: stipend_model::PrefixCache,
     },
 }
 
@@ -204,8 +218,10 @@ impl ModelConfig {
                 slots: SLOTS_DEFAULT,
                 context: CONTEXT_DEFAULT,
                 threads: None,
+                prefix_cache: stipend_model::PrefixCache::PerOwner,
             },
             price_prompt_cu: None,
+            price_cached_prompt_cu: None,
             price_completion_cu: None,
         }
     }
@@ -248,6 +264,15 @@ fn check_embedded(
     ] {
         only(key, field, present, "openai")?;
     }
+    let prefix_cache = match raw.prefix_cache.as_deref() {
+        None | Some("person") => stipend_model::PrefixCache::PerOwner,
+        Some("shared") => stipend_model::PrefixCache::Shared,
+        Some("off") => stipend_model::PrefixCache::Off,
+        Some(other) => bail!(
+            "{}: unknown mode {other:?} (use \"person\", \"shared\" or \"off\")",
+            key("prefix_cache")
+        ),
+    };
     // A relative path is the config file's; `join` keeps an absolute one as it is.
     let path = base.join(
         raw.path
@@ -280,6 +305,7 @@ fn check_embedded(
             None => None,
             Some(n) => Some(bounded("threads", Some(n), 0, 1..=1_024)?),
         },
+        prefix_cache,
     })
 }
 
@@ -297,6 +323,11 @@ fn check_upstream(
         ("slots", raw.slots.is_some()),
         ("context", raw.context.is_some()),
         ("threads", raw.threads.is_some()),
+        ("prefix_cache", raw.prefix_cache.is_some()),
+        (
+            "price_cached_prompt_cu",
+            raw.price_cached_prompt_cu.is_some(),
+        ),
     ] {
         only(key, field, present, "embedded")?;
     }
@@ -421,10 +452,27 @@ fn check_model(
     };
     let price_prompt_cu = price("price_prompt_cu", raw.price_prompt_cu)?;
     let price_completion_cu = price("price_completion_cu", raw.price_completion_cu)?;
+    // A cached token may be free; never dearer than a computed one, so that a call's worst
+    // case, priced as if nothing were cached, still bounds what it is charged.
+    let price_cached_prompt_cu = match raw.price_cached_prompt_cu {
+        None => None,
+        Some(cu) if cu < 0 || cu as u64 > STIPEND_MAX_CU => bail!(
+            "{}: must be from 0 to {STIPEND_MAX_CU} cu, got {cu}",
+            key("price_cached_prompt_cu")
+        ),
+        Some(cu) => match price_prompt_cu {
+            Some(prompt) if cu as u64 > prompt => bail!(
+                "{}: must be at most price_prompt_cu ({prompt}), got {cu}",
+                key("price_cached_prompt_cu")
+            ),
+            _ => Some(cu as u64),
+        },
+    };
     Ok(ModelConfig {
         name,
         backend,
         price_prompt_cu,
+        price_cached_prompt_cu,
         price_completion_cu,
     })
 }
@@ -1102,6 +1150,8 @@ mod tests {
             backend = "embedded"
             path = "/srv/tiny.gguf"
             price_completion_cu = 5
+            prefix_cache = "shared"
+            price_cached_prompt_cu = 1
             [[models]]
             name = "big"
             backend = "openai"
@@ -1120,6 +1170,7 @@ mod tests {
             slots,
             context,
             threads,
+            prefix_cache,
         } = &local.backend
         else {
             panic!("{local:?}")
@@ -1129,6 +1180,9 @@ mod tests {
             Path::new("/etc/stipend/models/SmolLM2-135M-Instruct.Q4_1.gguf")
         );
         assert_eq!((*slots, *context, *threads), (4, 1024, Some(2)));
+        // Private by default, and free by default: nothing is computed for a cached token.
+        assert_eq!(*prefix_cache, stipend_model::PrefixCache::PerOwner);
+        assert_eq!(local.price_cached_prompt_cu, None);
         let tiny = &config.models[1];
         assert_eq!(
             (tiny.price_prompt_cu, tiny.price_completion_cu),
@@ -1139,10 +1193,13 @@ mod tests {
             slots,
             context,
             threads,
+            prefix_cache,
         } = &tiny.backend
         else {
             panic!("{tiny:?}")
         };
+        assert_eq!(*prefix_cache, stipend_model::PrefixCache::Shared);
+        assert_eq!(tiny.price_cached_prompt_cu, Some(1));
         assert_eq!(path, Path::new("/srv/tiny.gguf"));
         assert_eq!(
             (*slots, *context, *threads),
@@ -1210,6 +1267,29 @@ mod tests {
                 "price_prompt_cu: must be from 1 to",
             ),
             (model("slots = 4"), "models[0].slots: only for backend = \"embedded\""),
+            (
+                model("prefix_cache = \"off\""),
+                "models[0].prefix_cache: only for backend = \"embedded\"",
+            ),
+            (
+                model("price_cached_prompt_cu = 0"),
+                "models[0].price_cached_prompt_cu: only for backend = \"embedded\"",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\nprefix_cache = \"everyone\""
+                    .to_string(),
+                "models[0].prefix_cache: unknown mode \"everyone\"",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\nprice_cached_prompt_cu = -1"
+                    .to_string(),
+                "models[0].price_cached_prompt_cu: must be from 0 to",
+            ),
+            (
+                "[[models]]\nname = \"m\"\nbackend = \"embedded\"\npath = \"m.gguf\"\nprice_prompt_cu = 2\nprice_cached_prompt_cu = 3"
+                    .to_string(),
+                "models[0].price_cached_prompt_cu: must be at most price_prompt_cu (2), got 3",
+            ),
             (
                 model("ca_file = \"/nonexistent/ca.pem\""),
                 "models[0].ca_file: cannot read /nonexistent/ca.pem",

@@ -166,8 +166,11 @@ fn policy_in_force(config: &Config, gateway: &Gateway) -> String {
         .values()
         .map(|model| {
             format!(
-                "{} {}/{} cu a token",
-                model.name, model.price_prompt_cu, model.price_completion_cu
+                "{} {}/{} cu a token ({} cached)",
+                model.name,
+                model.price_prompt_cu,
+                model.price_completion_cu,
+                model.price_cached_prompt_cu
             )
         })
         .collect();
@@ -268,10 +271,12 @@ fn build_gateway(
                 slots,
                 context,
                 threads,
+                prefix_cache,
             } => {
                 let mut options = LoadOptions {
                     n_ctx: *context,
                     slots: *slots,
+                    prefix_cache: *prefix_cache,
                     ..LoadOptions::default()
                 };
                 if let Some(threads) = threads {
@@ -289,11 +294,26 @@ fn build_gateway(
                 .or_else(|| params.map(default_price_cu_per_token))
                 .with_context(|| format!("model {}: no price", model.name))
         };
+        let price_prompt_cu = price(model.price_prompt_cu)?;
+        // An upstream's cached tokens are charged as any prompt token (its caching is not
+        // Stipend's to see), so its cached price is the prompt price.
+        let price_cached_prompt_cu = match (&model.backend, model.price_cached_prompt_cu) {
+            (BackendConfig::Upstream { .. }, _) => price_prompt_cu,
+            (BackendConfig::Embedded { .. }, explicit) => {
+                explicit.unwrap_or(crate::config::CACHED_PROMPT_PRICE_DEFAULT_CU)
+            }
+        };
+        anyhow::ensure!(
+            price_cached_prompt_cu <= price_prompt_cu,
+            "models: {}: price_cached_prompt_cu ({price_cached_prompt_cu}) must be at most the prompt price ({price_prompt_cu})",
+            model.name
+        );
         models.insert(
             model.name.clone(),
             Arc::new(Model {
                 name: model.name.clone(),
-                price_prompt_cu: price(model.price_prompt_cu)?,
+                price_prompt_cu,
+                price_cached_prompt_cu,
                 price_completion_cu: price(model.price_completion_cu)?,
                 sink,
                 backend,
@@ -774,17 +794,26 @@ fn print_summary(
     for model in gateway.models.values() {
         let capacity = match &model.backend {
             Backend::Embedded(engine) => format!(
-                "embedded, {:.1}M parameters, {} slots of {} tokens",
+                "embedded, {:.1}M parameters, {} slots of {} tokens, prefix cache {}",
                 engine.info().params as f64 / 1e6,
                 engine.info().slots,
-                engine.info().n_ctx
+                engine.info().n_ctx,
+                match engine.info().prefix_cache {
+                    stipend_model::PrefixCache::PerOwner => "per person",
+                    stipend_model::PrefixCache::Shared => "shared by everyone",
+                    stipend_model::PrefixCache::Off => "off",
+                }
             ),
             Backend::Upstream { .. } => {
                 format!("upstream, {} in flight at most", model.max_concurrency)
             }
         };
+        let cached = match &model.backend {
+            Backend::Embedded(_) => format!(" ({} cu if cached)", model.price_cached_prompt_cu),
+            Backend::Upstream { .. } => String::new(),
+        };
         models.push_str(&format!(
-            "  {:<20} {} cu/prompt token, {} cu/completion token; {capacity}\n",
+            "  {:<20} {} cu/prompt token{cached}, {} cu/completion token; {capacity}\n",
             model.name, model.price_prompt_cu, model.price_completion_cu
         ));
     }

@@ -182,6 +182,14 @@ impl Drop for Stack {
     }
 }
 
+/// What a call's usage costs at the default model's prices: 1 cu a computed token, nothing for
+/// a prompt token read from the prefix cache.
+fn charge_of(usage: &Value) -> i64 {
+    let count = |value: &Value| value.as_i64().unwrap();
+    count(&usage["prompt_tokens"]) - count(&usage["prompt_tokens_details"]["cached_tokens"])
+        + count(&usage["completion_tokens"])
+}
+
 /// A chat answer's text.
 fn content(answer: &Value) -> &str {
     answer["choices"][0]["message"]["content"]
@@ -223,11 +231,13 @@ async fn it_answers_and_charges_exactly_what_its_tokenizer_counts() {
         tokenizer().count_tokens(&text) as u64,
         "{answer}"
     );
-    // 134.5M parameters: 1 cu per token.
+    // 134.5M parameters: 1 cu per token; nothing was cached yet.
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
     let after = stack.balance(&key).await;
     assert_eq!(before - after, (prompt_tokens + completion_tokens) as i64);
 
-    // The stream at temperature 0 is the same answer, token by token, with the same usage.
+    // The stream at temperature 0 is the same answer, token by token, with the same usage, but
+    // for the prompt read from the prefix cache (all of it but its last token), which is free.
     let (streamed, stream_usage, finish) = stack.stream(&key, &chat(FRANCE, 64)).await;
     assert_eq!(streamed, text);
     assert_eq!(finish, "stop");
@@ -237,8 +247,12 @@ async fn it_answers_and_charges_exactly_what_its_tokenizer_counts() {
         usage["completion_tokens"]
     );
     assert_eq!(
+        stream_usage["prompt_tokens_details"]["cached_tokens"],
+        prompt_tokens - 1
+    );
+    assert_eq!(
         after - stack.balance(&key).await,
-        (prompt_tokens + completion_tokens) as i64
+        (1 + completion_tokens) as i64
     );
 
     // max_tokens ends it with "length" and is charged exactly.
@@ -249,7 +263,7 @@ async fn it_answers_and_charges_exactly_what_its_tokenizer_counts() {
     assert!(text.starts_with(short["choices"][0]["message"]["content"].as_str().unwrap()));
     assert_eq!(
         before - stack.balance(&key).await,
-        (prompt_tokens + 3) as i64
+        charge_of(&short["usage"])
     );
     let (_, usage, finish) = stack.stream(&key, &chat(FRANCE, 3)).await;
     assert_eq!(
@@ -490,7 +504,7 @@ async fn a_client_that_leaves_frees_its_slot_and_pays_only_for_what_was_computed
     );
     assert_eq!(stack.budget(&key).await["reserved_cu"], 0);
 
-    // Waiting for a plain answer, then hanging up: the same.
+    // Waiting for a plain answer, then hanging up: the same, but for the prompt, now cached.
     let before = stack.balance(&key).await;
     let gone = tokio::time::timeout(
         Duration::from_millis(300),
@@ -500,10 +514,7 @@ async fn a_client_that_leaves_frees_its_slot_and_pays_only_for_what_was_computed
     assert!(gone.is_err(), "a 1500-token answer came back in 300 ms");
     stack.wait_idle().await;
     let charged = before - stack.balance(&key).await;
-    assert!(
-        charged > prompt_tokens && charged < prompt_tokens + 300,
-        "charged {charged}"
-    );
+    assert!(charged > 1 && charged < 300, "charged {charged}");
 
     // The model serves on.
     let answer = stack.chat(&key, &chat(FRANCE, 32)).await;
@@ -572,7 +583,7 @@ async fn concurrent_calls_never_overspend_a_small_budget() {
     for (status, answer) in &results {
         match status {
             200 => {
-                charged += answer["usage"]["total_tokens"].as_i64().unwrap();
+                charged += charge_of(&answer["usage"]);
             }
             429 => {
                 refused += 1;
@@ -618,7 +629,7 @@ async fn with_no_config_file_it_serves_the_embedded_model_to_a_demo_person() {
     let output = server.output();
     assert!(
         output.contains("smollm2-135m")
-            && output.contains("1 cu/prompt token, 1 cu/completion token")
+            && output.contains("1 cu/prompt token (0 cu if cached), 1 cu/completion token")
             && output.contains("8 slots of 2048 tokens"),
         "{output}"
     );
@@ -706,10 +717,10 @@ fn random_bodies_are_answered_or_refused_and_charged_exactly() {
                     (200, false) => {
                         let answer: Value = serde_json::from_str(&text).unwrap();
                         prop_assert!(answer["choices"][0]["message"]["content"].is_string());
-                        // 1 cu a token, prompt and completion alike.
+                        // 1 cu a token, prompt and completion alike, but none for a cached one.
                         prop_assert_eq!(
-                            Some(charged),
-                            answer["usage"]["total_tokens"].as_i64(),
+                            charged,
+                            charge_of(&answer["usage"]),
                             "{}: {}",
                             shown,
                             answer
@@ -786,4 +797,263 @@ async fn prompts_reach_no_log_and_no_file() {
     assert!(log.contains("client left"), "the log was not on: {log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log file");
     common::assert_written_nowhere(MARKER, stack.env.dir.path(), &output);
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn cached_tokens(usage: &Value) -> i64 {
+    usage["prompt_tokens_details"]["cached_tokens"]
+        .as_i64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_turn_of_a_conversation_is_read_from_the_cache_and_charged_less() {
+    let stack = Stack::start("10 TFLOP", "slots = 2").await;
+    let key = stack.env.person_with_key("alice");
+    let mut messages = vec![json!({"role": "system", "content": "You are a patient teacher."})];
+    let (mut previous_prompt_tokens, mut cached_total, mut prompt_total) = (0, 0, 0);
+    for turn in 0..10 {
+        messages.push(json!({"role": "user", "content": format!("Tell me one short fact about the number {turn}.")}));
+        let body =
+            json!({"model": MODEL, "messages": messages, "max_tokens": 24, "temperature": 0});
+        let before = stack.balance(&key).await;
+        let answer = stack.chat(&key, &body).await;
+        let usage = &answer["usage"];
+        let cached = cached_tokens(usage);
+        if turn == 0 {
+            assert_eq!(cached, 0, "{answer}");
+        } else {
+            // The earlier turns, questions and answers, come from the cache.
+            assert!(
+                cached >= previous_prompt_tokens,
+                "turn {turn}: {cached} cached, the previous prompt had {previous_prompt_tokens}"
+            );
+        }
+        assert_eq!(before - stack.balance(&key).await, charge_of(usage));
+        previous_prompt_tokens = usage["prompt_tokens"].as_i64().unwrap();
+        prompt_total += previous_prompt_tokens;
+        cached_total += cached;
+        messages.push(json!({"role": "assistant", "content": content(&answer)}));
+    }
+    // Most of what the conversation sent was never computed again.
+    assert!(
+        cached_total * 10 > prompt_total * 8,
+        "{cached_total} of {prompt_total}"
+    );
+    let metrics = common::metrics(&stack.http, &stack.base).await;
+    assert_eq!(
+        common::sample(&metrics, "stipend_prefix_cache_hits_total", MODEL),
+        9
+    );
+    assert_eq!(
+        common::sample(&metrics, "stipend_prefix_cache_tokens_total", MODEL),
+        cached_total as u64
+    );
+    stack.verify();
+}
+
+/// The two-sample Kolmogorov–Smirnov test: the p-value of the largest gap between the two
+/// samples' distribution functions (the asymptotic distribution, with Stephens' correction).
+fn kolmogorov_smirnov(a: &[f64], b: &[f64]) -> f64 {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (n, m) = (a.len() as f64, b.len() as f64);
+    let (mut i, mut j, mut gap) = (0, 0, 0.0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        gap = gap.max((i as f64 / n - j as f64 / m).abs());
+    }
+    let effective = (n * m / (n + m)).sqrt();
+    let lambda = (effective + 0.12 + 0.11 / effective) * gap;
+    let p: f64 = (1..=100)
+        .map(|k| {
+            let k = k as f64;
+            2.0 * (-1.0f64).powf(k - 1.0) * (-2.0 * k * k * lambda * lambda).exp()
+        })
+        .sum();
+    p.clamp(0.0, 1.0)
+}
+
+#[test]
+fn the_kolmogorov_smirnov_test_tells_apart_only_what_differs() {
+    let spread = |offset: f64| -> Vec<f64> { (0..30).map(|i| offset + f64::from(i)).collect() };
+    assert!(kolmogorov_smirnov(&spread(0.0), &spread(0.5)) > 0.5);
+    assert!(kolmogorov_smirnov(&spread(0.0), &spread(100.0)) < 1e-6);
+}
+
+/// A timing audit in the manner of Gu et al. ("Auditing Prompt Caching in Language Model APIs",
+/// 2025): bob sends the prompt alice has just sent, or a fresh one, in random order, and the
+/// times of his calls are compared. With the cache per person they cannot be told apart; alice's
+/// own repeats, the same way, can.
+#[tokio::test(flavor = "multi_thread")]
+async fn nobody_can_time_what_another_person_asked() {
+    const TRIALS: usize = 16;
+    let stack = Stack::start("10 TFLOP", "slots = 4").await;
+    let (alice, bob) = (
+        stack.env.person_with_key("alice"),
+        stack.env.person_with_key("bob"),
+    );
+    // A prompt of about 70 tokens no one has sent before.
+    let secret = |trial: usize, salt: &str| {
+        format!(
+            "Case {trial}{salt}: the vault code is {} and the courier leaves at {} from gate {}. {}",
+            trial * 7919 % 10_000,
+            trial % 24,
+            trial * 31 % 97,
+            "Summarise the plan in one line and keep it secret. ".repeat(2)
+        )
+    };
+    let timed = |key: String, prompt: String| {
+        let stack = &stack;
+        async move {
+            let started = Instant::now();
+            let answer = stack.chat(&key, &chat(&prompt, 1)).await;
+            (
+                started.elapsed().as_secs_f64(),
+                cached_tokens(&answer["usage"]),
+            )
+        }
+    };
+    // The order of the three kinds of trial, shuffled by a fixed permutation.
+    let mut order: Vec<(usize, usize)> = (0..TRIALS)
+        .flat_map(|trial| (0..3).map(move |kind| (trial, kind)))
+        .collect();
+    for index in (1..order.len()).rev() {
+        order.swap(index, (index * 2_654_435_761) % (index + 1));
+    }
+    let (mut after_alice, mut fresh, mut repeated) = (vec![], vec![], vec![]);
+    let mut bob_cached = Vec::new();
+    for (trial, kind) in order {
+        match kind {
+            0 => {
+                let prompt = secret(trial, "");
+                timed(alice.clone(), prompt.clone()).await;
+                let (seconds, cached) = timed(bob.clone(), prompt).await;
+                after_alice.push(seconds);
+                bob_cached.push(cached);
+            }
+            1 => {
+                timed(alice.clone(), secret(trial, "a")).await;
+                let (seconds, cached) = timed(bob.clone(), secret(trial, "b")).await;
+                fresh.push(seconds);
+                bob_cached.push(cached);
+            }
+            _ => {
+                let prompt = secret(trial, "c");
+                timed(alice.clone(), prompt.clone()).await;
+                let (seconds, cached) = timed(alice.clone(), prompt).await;
+                assert!(cached > 50, "alice's own repeat is cached: {cached}");
+                repeated.push(seconds);
+            }
+        }
+    }
+    // Bob reuses only his own calls' template prefix, the same whatever alice sent.
+    let template = chat_prompt_tokens("") as i64;
+    assert!(
+        bob_cached.iter().all(|cached| *cached < template),
+        "bob reused more than a template's worth: {bob_cached:?}"
+    );
+    let unseen = kolmogorov_smirnov(&after_alice, &fresh);
+    let seen = kolmogorov_smirnov(&repeated, &fresh);
+    eprintln!("timing audit: p = {unseen:.3} for another's prompt, {seen:.1e} for one's own");
+    assert!(
+        unseen > 1e-3,
+        "bob's time tells what alice sent (p = {unseen}): {after_alice:?} against {fresh:?}"
+    );
+    assert!(
+        seen < 1e-4,
+        "the audit cannot see a cache hit (p = {seen}): {repeated:?} against {fresh:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_cache_reuses_anyones_prompt_and_says_so() {
+    let stack = Stack::start("10 TFLOP", "slots = 2\nprefix_cache = \"shared\"").await;
+    let (alice, bob) = (
+        stack.env.person_with_key("alice"),
+        stack.env.person_with_key("bob"),
+    );
+    let first = stack.chat(&alice, &chat(FRANCE, 16)).await;
+    assert_eq!(cached_tokens(&first["usage"]), 0);
+    let before = stack.balance(&bob).await;
+    let second = stack.chat(&bob, &chat(FRANCE, 16)).await;
+    let prompt_tokens = chat_prompt_tokens(FRANCE) as i64;
+    assert_eq!(cached_tokens(&second["usage"]), prompt_tokens - 1);
+    assert_eq!(content(&second), content(&first));
+    assert_eq!(
+        before - stack.balance(&bob).await,
+        charge_of(&second["usage"])
+    );
+    let models = common::get_json(&stack.http, &stack.base, "models", &bob).await;
+    assert_eq!(
+        (
+            &models["data"][0]["prefix_cache"],
+            &models["data"][0]["price_cached_prompt_cu"]
+        ),
+        (&json!("shared"), &json!(0))
+    );
+}
+
+/// More people than slots, each with a long prompt, round after round: the least recently used
+/// caches are evicted, a person's repeat right after their call is still a hit, and the server's
+/// memory stays within what the slots' cache took once it was full.
+#[tokio::test(flavor = "multi_thread")]
+async fn more_people_than_slots_evict_each_other_and_memory_stays_put() {
+    const PEOPLE: usize = 8;
+    let stack = Stack::start("10 TFLOP", "slots = 4\ncontext = 1024").await;
+    let keys: Vec<String> = (0..PEOPLE)
+        .map(|person| stack.env.person_with_key(&format!("person{person}")))
+        .collect();
+    let prompt = |person: usize| {
+        format!(
+            "I am person {person}. {}",
+            format!("Here is my long note number {person} about rivers and hills. ").repeat(12)
+        )
+    };
+    let pid = stack.server.as_ref().unwrap().pid();
+    let mut rss = Vec::new();
+    for _round in 0..2 {
+        for (person, key) in keys.iter().enumerate() {
+            let answer = stack.chat(key, &chat(&prompt(person), 2)).await;
+            // Eight people take turns on four slots: each one's cache was evicted before their
+            // turn came round again; only the template's prefix is ever reused.
+            assert!(cached_tokens(&answer["usage"]) < 40, "{}", answer["usage"]);
+        }
+        rss.push(rss_kib(pid));
+    }
+    // The last of the round, again at once: still cached.
+    let last = PEOPLE - 1;
+    let answer = stack.chat(&keys[last], &chat(&prompt(last), 2)).await;
+    let prompt_tokens = answer["usage"]["prompt_tokens"].as_i64().unwrap();
+    assert!(prompt_tokens > 150, "{prompt_tokens}");
+    assert_eq!(cached_tokens(&answer["usage"]), prompt_tokens - 1);
+    let metrics = common::metrics(&stack.http, &stack.base).await;
+    let evictions = common::sample(&metrics, "stipend_prefix_cache_evictions_total", MODEL);
+    assert!(
+        evictions >= (2 * PEOPLE - 4) as u64,
+        "{evictions} evictions"
+    );
+    assert!(
+        rss[1] < rss[0] + 16 * 1024,
+        "the server grew from {} KiB to {} KiB over a round of evictions",
+        rss[0],
+        rss[1]
+    );
+    stack.verify();
 }

@@ -598,7 +598,11 @@ fn admin_page(web: &Web, seen: &Seen, flash: Option<Flash>) -> Markup {
                     dt { "Models" }
                     dd {
                         @for model in web.gateway.models.values() {
-                            (model.name) ": " (model.price_prompt_cu) " cu a prompt token, "
+                            (model.name) ": " (model.price_prompt_cu) " cu a prompt token"
+                            @if model.price_cached_prompt_cu != model.price_prompt_cu {
+                                " (" (model.price_cached_prompt_cu) " if cached)"
+                            }
+                            ", "
                             (model.price_completion_cu) " cu a completion token; "
                             @match seen.access.models.iter().find(|rule| rule.model == model.name) {
                                 None => "open to everyone",

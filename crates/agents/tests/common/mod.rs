@@ -108,6 +108,7 @@ impl World {
         let model = Model {
             name: "script".to_string(),
             price_prompt_cu: 1,
+            price_cached_prompt_cu: 1,
             price_completion_cu: 1,
             sink: ledger.sink("sink:script").unwrap(),
             backend: Backend::Upstream {
