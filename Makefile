@@ -12,7 +12,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 PYENV := $(TARGET)/pyenv
 MCP := $(TARGET)/mcp
 
-.PHONY: serve test bench bench-agents bench-model setup screenshots
+.PHONY: serve test bench bench-agents bench-model bench-cache setup screenshots
 
 setup:
 	@scripts/setup.sh
@@ -53,6 +53,12 @@ bench-model: setup
 	$(CARGO) build --locked -q -p stipend
 	$(TARGET)/debug/stipend model fetch --dir models
 	$(CARGO) bench --locked -p stipend --bench embedded
+
+# The prefix cache against llama.cpp's llama-server built from the same llama.cpp (docs/benchmarks.md).
+bench-cache: setup
+	$(CARGO) build --locked -q -p stipend
+	$(TARGET)/debug/stipend model fetch --dir models
+	STIPEND_LLAMA_SERVER=$$(bench/llama-server.sh | tail -1) $(CARGO) bench --locked -p stipend --bench prefix_cache
 
 # The web pages' screenshots in docs/screenshots/, taken by their browser tests (README shows them).
 screenshots: setup

@@ -54,6 +54,12 @@ class EmbeddedModel(unittest.TestCase):
         self.assertEqual(finish, "stop")
         self.assertEqual(usage.completion_tokens, plain.usage.completion_tokens)
         self.assertEqual(usage.prompt_tokens, plain.usage.prompt_tokens)
+        # The same person's same prompt again: all of it but its last token is read from the
+        # prefix cache, and the SDK reads the count where OpenAI puts it.
+        self.assertEqual(usage.prompt_tokens_details.cached_tokens, plain.usage.prompt_tokens - 1)
+        self.assertLess(
+            plain.usage.prompt_tokens_details.cached_tokens, plain.usage.prompt_tokens - 1
+        )
 
     def test_max_tokens_and_stop(self):
         short = client().chat.completions.create(

@@ -1,6 +1,7 @@
 //! The embedded model's throughput, in one run: a raw llama.cpp decode loop on the same GGUF (the
 //! floor: llama.cpp with nothing around it, the same context, batch and thread settings) and
-//! Stipend over HTTP (the real binary, streaming chat completions on loopback), at 1, 2, 4 and 8
+//! Stipend over HTTP (the real binary, streaming chat completions on loopback, its prefix cache
+//! off as the loop has none: `--bench prefix_cache` measures the cache), at 1, 2, 4 and 8
 //! concurrent streams. Both generate greedily from the same prompts, so they produce the same
 //! tokens. Reports prompt tok/s, generated tok/s per stream and combined, time to first token,
 //! and RSS.
@@ -372,7 +373,7 @@ fn main() {
         format!(
             "listen = \"127.0.0.1:0\"\n[stipend]\namount = \"1 PFLOP\"\n\
              [[models]]\nname = \"smollm2-135m\"\nbackend = \"embedded\"\npath = \"{}\"\n\
-             slots = {}\ncontext = {CONTEXT}\n",
+             slots = {}\ncontext = {CONTEXT}\nprefix_cache = \"off\"\n",
             gguf.display(),
             slots()
         ),

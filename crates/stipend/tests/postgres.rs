@@ -122,7 +122,7 @@ async fn a_call_is_charged_durably_in_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_across_a_network_is_reached_over_verified_tls() {
     // A server of its own that takes TCP over TLS only, its certificate signed by the test CA.
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/tests/data");
+    let data = stipend_testkit::repo_path("crates/gateway/tests/data");
     let database =
         TestServer::start_tls(&data.join("localhost.pem"), &data.join("localhost.key")).unwrap();
     let url = database.fresh_database().unwrap();

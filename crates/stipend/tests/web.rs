@@ -148,7 +148,7 @@ impl Browser {
     async fn screenshot(&self, name: &str) {
         let png = self.client().screenshot().await.unwrap();
         let dir = if std::env::var_os("STIPEND_SCREENSHOTS").is_some() {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots")
+            stipend_testkit::repo_path("docs/screenshots")
         } else {
             PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
         };

@@ -11,8 +11,12 @@ use stipend_ledger::{AccountId, AccountKind, AccountRecord, Batch, Store};
 use stipend_store_postgres::test_server::TestServer;
 use stipend_store_postgres::{PostgresStore, check_url};
 
+/// A file of the gateway's test data. The crate's directory is read at run time (cargo sets it):
+/// a test binary reused from a build in another checkout must not point back into that one.
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../gateway/tests/data/{name}"))
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    crate_dir.join(format!("../gateway/tests/data/{name}"))
 }
 
 fn person(id: u64, name: &str) -> AccountRecord {
