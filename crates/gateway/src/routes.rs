@@ -233,6 +233,14 @@ async fn budget(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     let stats = gateway.ledger.writer_stats();
+    let embedded: Vec<(&String, &Arc<stipend_model::EmbeddedModel>)> = gateway
+        .models
+        .values()
+        .filter_map(|model| match &model.backend {
+            Backend::Embedded(engine) => Some((&model.name, engine)),
+            Backend::Upstream { .. } => None,
+        })
+        .collect();
     let gauges = crate::metrics::Gauges {
         reservations_open: gateway.ledger.open_reservations(),
         ledger_commits: stats.commits,
@@ -243,21 +251,13 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             .values()
             .map(|model| (model.name.clone(), model.queue.load().0))
             .collect(),
-        slots_busy: gateway
-            .models
-            .values()
-            .filter_map(|model| match &model.backend {
-                Backend::Embedded(engine) => Some((model.name.clone(), engine.busy_slots())),
-                Backend::Upstream { .. } => None,
-            })
+        slots_busy: embedded
+            .iter()
+            .map(|(name, engine)| (name.to_string(), engine.busy_slots()))
             .collect(),
-        prefix_cache: gateway
-            .models
-            .values()
-            .filter_map(|model| match &model.backend {
-                Backend::Embedded(engine) => Some((model.name.clone(), engine.cache_stats())),
-                Backend::Upstream { .. } => None,
-            })
+        prefix_cache: embedded
+            .iter()
+            .map(|(name, engine)| (name.to_string(), engine.cache_stats()))
             .collect(),
     };
     let queues: Vec<crate::metrics::QueueView<'_>> = gateway

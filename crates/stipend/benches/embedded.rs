@@ -13,20 +13,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::num::NonZeroU32;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
-use serde_json::{Value, json};
+use serde_json::json;
 use stipend_model::{ChatMessage, EmbeddedModel, LoadOptions};
+
+use common::{env_or, slots};
 
 const CONTEXT: u32 = 2_048;
 const N_BATCH: u32 = 512;
@@ -63,18 +64,6 @@ impl Figures {
     fn prompt_tok_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.ttft.as_secs_f64()
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Slots of the context, both ways (`STIPEND_BENCH_SLOTS`, default 8).
-fn slots() -> u32 {
-    env_or("STIPEND_BENCH_SLOTS", 8)
 }
 
 fn threads() -> i32 {
@@ -232,48 +221,12 @@ async fn stream_call(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let response = http
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut chunks = response.bytes_stream();
-    let mut buffer = String::new();
-    let mut first = None;
-    let mut last = Duration::ZERO;
-    let mut usage = Value::Null;
-    while let Some(bytes) = chunks.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                continue;
-            }
-            let chunk: Value = serde_json::from_str(data).unwrap();
-            let content = chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .unwrap_or_default();
-            if !content.is_empty() {
-                let now = started.elapsed();
-                first.get_or_insert(now);
-                last = now;
-            }
-            if !chunk["usage"].is_null() {
-                usage = chunk["usage"].clone();
-            }
-        }
-    }
+    let call = common::stream_chat(http, base, key, &body, started).await;
     (
-        usage["prompt_tokens"].as_u64().unwrap() as usize,
-        usage["completion_tokens"].as_u64().unwrap() as usize,
-        first.unwrap_or(last),
-        last,
+        call.prompt_tokens,
+        call.completion_tokens,
+        call.first,
+        call.last,
     )
 }
 
@@ -379,42 +332,8 @@ fn main() {
         ),
     )
     .unwrap();
-    let stipend = env!("CARGO_BIN_EXE_stipend");
-    let mut server = Command::new(stipend)
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("the server stopped").unwrap();
-        if let Some(rest) = line.strip_prefix("Stipend is running on ") {
-            break rest.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let key = {
-        let run = |args: &[&str]| {
-            let output = Command::new(stipend)
-                .arg("--config")
-                .arg(&config)
-                .arg("--json")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(output.status.success(), "{output:?}");
-            serde_json::from_slice::<Value>(&output.stdout).unwrap()
-        };
-        run(&["account", "create", "bench"]);
-        run(&["key", "create", "bench"])["key"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let server = common::Served::start(&config, dir.path());
+    let (base, key) = (server.base.clone(), server.person_with_key("bench"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -432,9 +351,8 @@ fn main() {
             served.push(best(runs));
         }
     });
-    let served_rss_kib = rss_kib(server.id());
-    let _ = server.kill();
-    let _ = server.wait();
+    let served_rss_kib = rss_kib(server.child.id());
+    drop(server);
 
     println!(
         "embedded model: SmolLM2-135M-Instruct Q4_1, {} slots × {CONTEXT} tokens, n_batch {N_BATCH}, {} threads, greedy, up to {max_tokens} tokens per stream, best of {rounds}",

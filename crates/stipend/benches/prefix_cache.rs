@@ -17,22 +17,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use stipend_model::{
     ChatMessage, EmbeddedModel, Generate, LoadOptions, PrefixCache, Sampling, collect,
 };
+
+use common::{env_or, slots};
 
 const CONTEXT: u32 = 2_048;
 const N_BATCH: u32 = 512;
 const MODEL: &str = "smollm2-135m";
 const ROUNDS: usize = 3;
 
-/// The repeated prompt: 137 tokens with the template, as in the issue that asked for the cache.
+/// The repeated prompt: 88 tokens with the system message and the template.
 const REPEATED: &str = "You are helping me plan a small vegetable garden behind a terraced house in a rainy northern town. The beds get sun in the morning only, the soil is heavy clay, and I have about two hours a week to spend on it. Suggest what to grow first and why, briefly.";
 
 const PEOPLE: [&str; 8] = [
@@ -45,17 +47,6 @@ const PEOPLE: [&str; 8] = [
     "Describe the history of the bicycle from its invention to the present day.",
     "Write a long essay about why people keep gardens, even in small cities.",
 ];
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-fn slots() -> u32 {
-    env_or("STIPEND_BENCH_SLOTS", 8)
-}
 
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -72,18 +63,23 @@ struct Streamed {
     done: Duration,
 }
 
-/// A server under test: where it is, the key to call it with, and its process.
+/// A server under test: what it is, where, and a key per person to call it with.
 struct Server {
     what: &'static str,
     base: String,
     keys: Vec<String>,
-    child: Child,
+    /// Stipend's process, stopped when dropped.
+    _stipend: Option<common::Served>,
+    /// llama-server's process, stopped with the server.
+    llama_server: Option<Child>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.llama_server {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -101,50 +97,16 @@ fn stipend(dir: &std::path::Path, prefix_cache: &str, what: &'static str) -> Ser
         ),
     )
     .unwrap();
-    let binary = env!("CARGO_BIN_EXE_stipend");
-    let mut child = Command::new(binary)
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("the server stopped").unwrap();
-        if let Some(rest) = line.strip_prefix("Stipend is running on ") {
-            break rest.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let run = |args: &[&str]| {
-        let output = Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .arg("--json")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
-        serde_json::from_slice::<Value>(&output.stdout).unwrap()
-    };
+    let served = common::Served::start(&config, dir);
     let keys = (0..PEOPLE.len())
-        .map(|person| {
-            let name = format!("person{person}");
-            run(&["account", "create", &name]);
-            run(&["key", "create", &name])["key"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|person| served.person_with_key(&format!("person{person}")))
         .collect();
     Server {
         what,
-        base,
+        base: served.base.clone(),
         keys,
-        child,
+        _stipend: Some(served),
+        llama_server: None,
     }
 }
 
@@ -182,7 +144,8 @@ fn llama_server(binary: &str) -> Server {
         what: "llama-server",
         base,
         keys: vec!["none".to_string(); PEOPLE.len()],
-        child,
+        _stipend: None,
+        llama_server: Some(child),
     }
 }
 
@@ -203,55 +166,15 @@ async fn call(
         "stream_options": {"include_usage": true},
     });
     let started = Instant::now();
-    let response = http
-        .post(format!("{}/chat/completions", server.base))
-        .bearer_auth(&server.keys[person])
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", server.what);
-    let mut chunks = response.bytes_stream();
-    let mut buffer = String::new();
-    let (mut first, mut last) = (None, Duration::ZERO);
-    let (mut text, mut pieces, mut usage) = (String::new(), 0, Value::Null);
-    while let Some(bytes) = chunks.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                continue;
-            }
-            let chunk: Value = serde_json::from_str(data).unwrap();
-            let content = chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .unwrap_or_default();
-            if !content.is_empty() {
-                let now = started.elapsed();
-                first.get_or_insert(now);
-                last = now;
-                pieces += 1;
-                text.push_str(content);
-            }
-            if !chunk["usage"].is_null() {
-                usage = chunk["usage"].clone();
-            }
-        }
-    }
-    let first = first.unwrap_or(last);
+    let call = common::stream_chat(http, &server.base, &server.keys[person], &body, started).await;
     let streamed = Streamed {
-        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-        ttft: first,
-        completion_tokens: usage["completion_tokens"]
-            .as_u64()
-            .map_or(pieces, |n| n as usize),
-        generating: last.saturating_sub(first),
+        prompt_tokens: call.prompt_tokens,
+        ttft: call.first,
+        completion_tokens: call.completion_tokens,
+        generating: call.last.saturating_sub(call.first),
         done: started.elapsed(),
     };
-    (streamed, text)
+    (streamed, call.text)
 }
 
 fn user(content: &str) -> Value {
