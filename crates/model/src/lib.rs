@@ -724,6 +724,8 @@ impl Slot {
 struct Kept {
     owner: u64,
     tokens: Vec<LlamaToken>,
+    /// How many of `tokens` were the last request's prompt (the rest, its answer).
+    prompt_tokens: usize,
     /// When a generation last took the slot (an admission count): the least recent is evicted
     /// first.
     used: u64,
@@ -835,7 +837,8 @@ impl Slots<'_> {
     /// Chooses a free slot for `request` and readies its cache. Returns the slot and how many
     /// prompt tokens it already holds. In order of preference:
     /// 1. the slot whose kept tokens begin with the longest part of the prompt that this request
-    ///    may reuse, if that part is at least what reusing it throws away (its tail past it);
+    ///    may reuse, if that part is the slot's whole last prompt (a repeat, or a conversation's
+    ///    next turn) or at least what reusing it throws away (its tail past it);
     /// 2. an empty slot;
     /// 3. the slot with the longest such part, whatever it throws away;
     /// 4. the slot used least recently, cleared (an eviction).
@@ -855,7 +858,9 @@ impl Slots<'_> {
                 0
             };
             let lost = kept.tokens.len() - prefix.min(kept.tokens.len());
-            let rank = if prefix > 0 && lost <= prefix {
+            // The prompt's last token is never reused, so a repeat reuses all but that one.
+            let continues = prefix + 1 >= kept.prompt_tokens;
+            let rank = if prefix > 0 && (continues || lost <= prefix) {
                 (3, prefix, kept.used)
             } else if kept.tokens.is_empty() {
                 (2, 0, 0)
@@ -890,6 +895,7 @@ impl Slots<'_> {
             }
         }
         kept.tokens.truncate(cached);
+        kept.prompt_tokens = prompt.len();
         kept.owner = request.owner;
         self.admissions += 1;
         kept.used = self.admissions;

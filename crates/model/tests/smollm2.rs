@@ -415,6 +415,34 @@ fn a_repeated_prompt_decodes_only_its_last_token() {
 }
 
 #[test]
+fn a_repeat_whose_answer_was_long_still_finds_its_slot_beside_empty_ones() {
+    let model = load_with(PrefixCache::PerOwner, 4);
+    let story = chat(&model, "Write a long story about a lighthouse keeper.");
+    let first = run(&model, owned(greedy(&model, &story, 96, &[]), 1));
+    // The answer is longer than the prompt: reusing the prompt throws more away than it keeps.
+    assert!(
+        first.counts.completion_tokens > first.counts.prompt_tokens,
+        "{first:?}"
+    );
+    let again = run(&model, owned(greedy(&model, &story, 96, &[]), 1));
+    assert_eq!(
+        again.counts.cached_prompt_tokens,
+        first.counts.prompt_tokens - 1,
+        "{again:?}"
+    );
+    // A different question of the same owner, sharing only the system prompt, takes an empty
+    // slot rather than cut the story's cache short…
+    let other = run(&model, owned(greedy(&model, &france(&model), 8, &[]), 1));
+    assert_eq!(other.counts.cached_prompt_tokens, 0, "{other:?}");
+    // …which is still there.
+    let third = run(&model, owned(greedy(&model, &story, 96, &[]), 1));
+    assert_eq!(
+        third.counts.cached_prompt_tokens,
+        first.counts.prompt_tokens - 1
+    );
+}
+
+#[test]
 fn each_turn_of_a_conversation_reuses_the_turns_before() {
     let model = load_with(PrefixCache::PerOwner, 2);
     let mut messages = Vec::new();
