@@ -162,7 +162,7 @@ async fn models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
             if let Backend::Embedded(engine) = &model.backend {
                 entry["context_length"] = json!(engine.info().n_ctx);
                 entry["slots"] = json!(engine.info().slots);
-                entry["prefix_cache"] = json!(prefix_cache_name(engine.info().prefix_cache));
+                entry["prefix_cache"] = json!(engine.info().prefix_cache.name());
                 entry["price_cached_prompt_cu"] = json!(model.price_cached_prompt_cu);
             }
             entry
@@ -420,15 +420,6 @@ async fn serve(
     let waited = gateway.options.body_read_timeout;
     let bytes = read_body(&headers, body, limit, waited).await?;
     serve_bytes(gateway, payer, bytes, endpoint, routed).await
-}
-
-/// A prefix cache mode as the config names it.
-fn prefix_cache_name(mode: stipend_model::PrefixCache) -> &'static str {
-    match mode {
-        stipend_model::PrefixCache::PerOwner => "person",
-        stipend_model::PrefixCache::Shared => "shared",
-        stipend_model::PrefixCache::Off => "off",
-    }
 }
 
 /// Who pays for a call, and whose turn it takes in the fair-share queue.

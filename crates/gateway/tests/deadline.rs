@@ -105,15 +105,7 @@ async fn a_stream_is_ended_before_its_hold_expires_and_charged_for_what_it_made(
 /// (`finish_reason: "length"`), with the text made so far, charged exactly its usage.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedded_call_at_its_time_limit_ends_with_what_it_made() {
-    let gguf = stipend_testkit::model_gguf();
-    let engine = stipend_model::EmbeddedModel::load(
-        &gguf,
-        stipend_model::LoadOptions {
-            slots: 1,
-            ..stipend_model::LoadOptions::default()
-        },
-    )
-    .unwrap();
+    let engine = common::embedded_model(1);
     let Setup {
         _dir,
         ledger,

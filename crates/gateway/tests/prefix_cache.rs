@@ -44,14 +44,7 @@ fn payer(account: AccountId, queued_as: AccountId) -> Payer {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agents_calls_share_their_persons_cache_and_nobody_elses() {
-    let engine = stipend_model::EmbeddedModel::load(
-        &stipend_testkit::model_gguf(),
-        stipend_model::LoadOptions {
-            slots: 2,
-            ..stipend_model::LoadOptions::default()
-        },
-    )
-    .unwrap();
+    let engine = common::embedded_model(2);
     let Setup {
         _dir,
         ledger,

@@ -236,6 +236,25 @@ pub enum PrefixCache {
     Off,
 }
 
+impl PrefixCache {
+    /// Every mode, in the order a config's error message lists them.
+    pub const ALL: [PrefixCache; 3] = [PrefixCache::PerOwner, PrefixCache::Shared, PrefixCache::Off];
+
+    /// The mode's name, as a config file and `/v1/models` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefixCache::PerOwner => "person",
+            PrefixCache::Shared => "shared",
+            PrefixCache::Off => "off",
+        }
+    }
+
+    /// The mode a name spells, if any.
+    pub fn from_name(name: &str) -> Option<PrefixCache> {
+        PrefixCache::ALL.into_iter().find(|mode| mode.name() == name)
+    }
+}
+
 /// What the prefix cache has done since the model was loaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -1180,5 +1199,15 @@ mod tests {
         let (sent, stopped, rest) = run(&["END"], &[b"hello E", b"NOUGH"]);
         assert!(!stopped);
         assert_eq!(sent.concat() + &rest, "hello ENOUGH");
+    }
+
+    #[test]
+    fn every_prefix_cache_mode_is_read_back_from_its_name() {
+        for mode in PrefixCache::ALL {
+            assert_eq!(PrefixCache::from_name(mode.name()), Some(mode));
+        }
+        assert_eq!(PrefixCache::default().name(), "person");
+        assert_eq!(PrefixCache::from_name("everyone"), None);
+        assert_eq!(PrefixCache::from_name("Person"), None);
     }
 }

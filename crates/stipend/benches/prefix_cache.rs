@@ -1,11 +1,13 @@
 //! The embedded model's prefix cache, in one run: Stipend with the cache per person, Stipend
 //! with it off, and llama.cpp's own `llama-server` (its default cache; `bench/llama-server.sh`
 //! builds it from the same vendored llama.cpp), on the same GGUF, slots, context, batch and
-//! threads, taking turns three times. Three workloads, every call streamed, greedy, up to
-//! `STIPEND_BENCH_TOKENS` (128) completion tokens:
+//! threads. Three workloads, every call streamed, greedy, up to `STIPEND_BENCH_TOKENS` (128)
+//! completion tokens:
 //! - *repeat*: one person sends the same chat prompt again and again, one call at a time;
 //! - *conversation*: one person's 10-turn chat, each turn the whole conversation so far;
-//! - *8 people*: eight people at once, each repeating their own prompt, for three rounds.
+//! - *8 people*: eight people at once, each sending their own prompt three times.
+//!
+//! For `STIPEND_BENCH_ROUNDS` (5) rounds, each workload runs on the three servers back to back.
 //!
 //! Then the *flips*: how often a greedy answer read after a cache hit differs from the answer
 //! decoded from scratch (the model in this process, no HTTP), over `STIPEND_BENCH_FLIPS`
@@ -13,7 +15,8 @@
 //!
 //! `cargo bench -p stipend --bench prefix_cache` (or `make bench-cache`). Knobs:
 //! `STIPEND_LLAMA_SERVER` (the llama-server binary; without it, Stipend alone),
-//! `STIPEND_BENCH_ONLY` (`speed` or `flips`), `STIPEND_BENCH_SLOTS` (8), `STIPEND_MODEL_GGUF`.
+//! `STIPEND_BENCH_ONLY` (`speed` or `flips`), `STIPEND_BENCH_ROUNDS` (5), `STIPEND_BENCH_SLOTS`
+//! (8), `STIPEND_MODEL_GGUF`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -32,7 +35,6 @@ use common::{env_or, slots};
 const CONTEXT: u32 = 2_048;
 const N_BATCH: u32 = 512;
 const MODEL: &str = "smollm2-135m";
-const ROUNDS: usize = 3;
 
 /// The repeated prompt: 88 tokens with the system message and the template.
 const REPEATED: &str = "You are helping me plan a small vegetable garden behind a terraced house in a rainy northern town. The beds get sun in the morning only, the soil is heavy clay, and I have about two hours a week to spend on it. Suggest what to grow first and why, briefly.";
@@ -263,8 +265,8 @@ async fn conversation(http: &reqwest::Client, server: &Server, max_tokens: usize
     figures(&calls, wall)
 }
 
-/// Eight people at once, each with their own prompt, three rounds: the figures of rounds 2 and
-/// 3, which can reuse round 1.
+/// Eight people at once, each sending their own prompt three times: the figures of the second
+/// and third, which can reuse the first.
 async fn eight_people(http: &reqwest::Client, server: &Server, max_tokens: usize) -> Figures {
     let mut calls = Vec::new();
     let mut wall = Duration::ZERO;
@@ -323,28 +325,33 @@ fn speed(max_tokens: usize) {
             Box::pin(eight_people(http, server, max))
         }),
     ];
+    let rounds = env_or("STIPEND_BENCH_ROUNDS", 5).max(1);
     // results[workload][server]: one Figures per round.
     let mut results = vec![vec![Vec::new(); servers.len()]; workloads.len()];
     runtime.block_on(async {
         for server in &servers {
             call(&http, server, 0, &[system(), user("Hello")], 8).await;
         }
-        for _ in 0..ROUNDS {
-            for (index, server) in servers.iter().enumerate() {
-                for (workload, (name, run)) in workloads.iter().enumerate() {
-                    eprintln!("{name}: {}", server.what);
-                    results[workload][index].push(run(&http, server, max_tokens).await);
+        // Each workload runs on every server back to back, in an order that turns every round,
+        // so that a server is compared with runs seconds away, not minutes: this machine's
+        // speed drifts by more than the differences measured.
+        for round in 0..rounds {
+            for (workload, (name, run)) in workloads.iter().enumerate() {
+                for offset in 0..servers.len() {
+                    let index = (round + offset) % servers.len();
+                    eprintln!("round {}, {name}: {}", round + 1, servers[index].what);
+                    results[workload][index].push(run(&http, &servers[index], max_tokens).await);
                 }
             }
         }
     });
     println!(
-        "prefix cache: SmolLM2-135M-Instruct Q4_1, {} slots × {CONTEXT} tokens, n_batch {N_BATCH}, {} threads, streamed, greedy, up to {max_tokens} tokens, median of {ROUNDS} alternating rounds",
+        "prefix cache: SmolLM2-135M-Instruct Q4_1, {} slots × {CONTEXT} tokens, n_batch {N_BATCH}, {} threads, streamed, greedy, up to {max_tokens} tokens, median of {rounds} rounds, the servers taking turns at each workload",
         slots(),
         threads()
     );
     println!(
-        "| workload | server | TTFT (median, calls that can hit) | gen tok/s per stream | gen tok/s combined | combined vs llama-server |"
+        "| workload | server | TTFT (median, calls that can hit) | gen tok/s per stream | gen tok/s combined | combined vs llama-server (median, lowest–highest of the rounds) |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
     let middle = |rounds: &Vec<Figures>| {
@@ -361,19 +368,30 @@ fn speed(max_tokens: usize) {
     for (workload, (name, _)) in workloads.iter().enumerate() {
         let baseline = servers
             .iter()
-            .position(|server| server.what == "llama-server")
-            .map(|index| middle(&results[workload][index]));
+            .position(|server| server.what == "llama-server");
         for (index, server) in servers.iter().enumerate() {
             let figures = middle(&results[workload][index]);
+            // Each round's ratio to the baseline's run of the same round, seconds apart.
+            let ratios = baseline.map(|baseline| {
+                let mut ratios: Vec<f64> = results[workload][index]
+                    .iter()
+                    .zip(&results[workload][baseline])
+                    .map(|(run, base)| run.combined_tok_s / base.combined_tok_s)
+                    .collect();
+                ratios.sort_by(f64::total_cmp);
+                ratios
+            });
             println!(
                 "| {name} | {} | {:.0} ms | {:.1} | {:.1} | {} |",
                 server.what,
                 figures.ttft_median.as_secs_f64() * 1e3,
                 figures.per_stream_tok_s,
                 figures.combined_tok_s,
-                baseline.map_or("–".to_string(), |baseline| format!(
-                    "{:.2}×",
-                    figures.combined_tok_s / baseline.combined_tok_s
+                ratios.map_or("–".to_string(), |ratios| format!(
+                    "{:.2}× ({:.2}–{:.2})",
+                    ratios[ratios.len() / 2],
+                    ratios[0],
+                    ratios[ratios.len() - 1]
                 )),
             );
         }

@@ -265,13 +265,18 @@ fn check_embedded(
         only(key, field, present, "openai")?;
     }
     let prefix_cache = match raw.prefix_cache.as_deref() {
-        None | Some("person") => stipend_model::PrefixCache::PerOwner,
-        Some("shared") => stipend_model::PrefixCache::Shared,
-        Some("off") => stipend_model::PrefixCache::Off,
-        Some(other) => bail!(
-            "{}: unknown mode {other:?} (use \"person\", \"shared\" or \"off\")",
-            key("prefix_cache")
-        ),
+        None => stipend_model::PrefixCache::default(),
+        Some(name) => stipend_model::PrefixCache::from_name(name).with_context(|| {
+            let modes: Vec<String> = stipend_model::PrefixCache::ALL
+                .iter()
+                .map(|mode| format!("{:?}", mode.name()))
+                .collect();
+            format!(
+                "{}: unknown mode {name:?} (use {})",
+                key("prefix_cache"),
+                modes.join(", ")
+            )
+        })?,
     };
     // A relative path is the config file's; `join` keeps an absolute one as it is.
     let path = base.join(

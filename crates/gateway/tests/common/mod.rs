@@ -13,6 +13,18 @@ use stipend_ledger::{
 };
 use stipend_store_sqlite::SqliteStore;
 
+/// The test model (SmolLM2), in this process with `slots` slots and the default prefix cache.
+pub fn embedded_model(slots: u32) -> stipend_model::EmbeddedModel {
+    stipend_model::EmbeddedModel::load(
+        &stipend_testkit::model_gguf(),
+        stipend_model::LoadOptions {
+            slots,
+            ..stipend_model::LoadOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A ledger on a temporary store with one person, alice, and her key.
 pub struct Setup {
     pub _dir: tempfile::TempDir,
