@@ -238,7 +238,8 @@ pub enum PrefixCache {
 
 impl PrefixCache {
     /// Every mode, in the order a config's error message lists them.
-    pub const ALL: [PrefixCache; 3] = [PrefixCache::PerOwner, PrefixCache::Shared, PrefixCache::Off];
+    pub const ALL: [PrefixCache; 3] =
+        [PrefixCache::PerOwner, PrefixCache::Shared, PrefixCache::Off];
 
     /// The mode's name, as a config file and `/v1/models` spell it.
     pub fn name(self) -> &'static str {
@@ -251,7 +252,9 @@ impl PrefixCache {
 
     /// The mode a name spells, if any.
     pub fn from_name(name: &str) -> Option<PrefixCache> {
-        PrefixCache::ALL.into_iter().find(|mode| mode.name() == name)
+        PrefixCache::ALL
+            .into_iter()
+            .find(|mode| mode.name() == name)
     }
 }
 
